@@ -1,0 +1,67 @@
+"""Offline tokenizers made by the project (no hub download).
+
+FLUX uses a CLIP BPE tokenizer and a T5 sentencepiece tokenizer. Neither vocabulary can be downloaded here,
+so models built by this project (tests, the toy world) use tokenizers made from a word list:
+
+* ``make_clip_tokenizer``: a ``CLIPTokenizer`` over the 512 byte symbols (with and without the end-of-word
+  mark) plus one BPE merge chain per known word, so every known word is a single token and unknown text
+  still tokenizes (byte by byte).
+* ``make_t5_tokenizer``: a ``T5Tokenizer`` over a unigram vocabulary trained in-process on a corpus.
+
+Both round-trip through ``save_pretrained`` / ``from_pretrained`` like the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP convention)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def make_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
+    """A CLIP tokenizer whose known ``words`` are single tokens (lower-case ASCII words)."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    seen_tokens = set(vocab)
+    for word in sorted({w.lower() for w in words if w.isascii() and w.isalpha()}):
+        chars = list(word[:-1]) + [word[-1] + "</w>"]
+        left = chars[0]
+        for right in chars[1:]:
+            merged = left + right
+            if merged not in seen_tokens:
+                merges.append((left, right))
+                vocab.append(merged)
+                seen_tokens.add(merged)
+            left = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    encoder = {tok: i for i, tok in enumerate(vocab)}
+    return CLIPTokenizer(vocab=encoder, merges=merges, model_max_length=model_max_length)
+
+
+def make_t5_tokenizer(corpus: Iterable[str], vocab_size: int = 256, model_max_length: int = 512):
+    """A T5 tokenizer with a unigram vocabulary trained on ``corpus`` (deterministic for a given corpus)."""
+    import tokenizers
+    from transformers import T5Tokenizer
+
+    trainer = tokenizers.SentencePieceUnigramTokenizer()
+    trainer.train_from_iterator(
+        list(corpus), vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+        show_progress=False,
+    )
+    vocab = [tuple(x) for x in json.loads(trainer.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
