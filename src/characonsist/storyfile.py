@@ -1,0 +1,246 @@
+"""Story files: the official text format and a structured YAML/TOML story, parsed into groups and checked.
+
+Text format (official ``inference.py``): one ``background#character#action`` prompt per line, a blank line
+between groups, the first line of a group is its identity image, the other lines are its frames.
+
+Structured format (``.yaml``/``.yml``/``.toml``)::
+
+    characters: {pip: a small red robot}        # optional names usable in `character:`
+    defaults: {height: 1024, width: 1024, seed: 2025}   # optional story-wide per-image defaults
+    scenes:                                     # one group each
+      - name: park                              # optional, names the output folder
+        background: a sunny park                # default for the images of this scene
+        character: pip
+        identity: {action: standing}            # optional: else the first frame is the identity
+        frames:
+          - {action: waving, caption: Pip says hello, seed: 7, height: 768, width: 1024}
+
+Every problem is reported with its place (``file:line`` or ``file: scenes[0].frames[1]``), all at once,
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .story import StoryImage
+
+FIELDS = ("background", "character", "action")
+IMAGE_KEYS = {*FIELDS, "caption", "seed", "height", "width"}
+SCENE_KEYS = {"name", "background", "character", "action", "identity", "frames", "seed", "height", "width"}
+STORY_KEYS = {"title", "characters", "defaults", "scenes"}
+STRUCTURED_SUFFIXES = (".yaml", ".yml", ".toml")
+
+
+class StoryError(ValueError):
+    """Bad story input; ``problems`` lists every message (each starts with its place in the file)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        shown = self.problems[:20]
+        more = len(self.problems) - len(shown)
+        super().__init__("\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else ""))
+
+
+@dataclass
+class Group:
+    """One identity and its frames, generated together; ``where`` gives each image's place in the file."""
+
+    name: str
+    identity: StoryImage
+    frames: list[StoryImage]
+    captions: list[str | None]
+    where: list[str]
+
+    @property
+    def images(self) -> list[StoryImage]:
+        return [self.identity, *self.frames]
+
+
+@dataclass
+class Story:
+    path: str
+    groups: list[Group]
+    title: str | None = None
+    format: str = "text"
+    extra: dict = field(default_factory=dict)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe lower-case form of ``text``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+
+
+def load_story(path: str | Path) -> Story:
+    """Parse a story file (format chosen by suffix: .yaml/.yml/.toml structured, anything else text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoryError([f"{path}: story file not found"])
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise StoryError([f"{path}: not UTF-8 text ({e})"]) from None
+    if path.suffix.lower() in STRUCTURED_SUFFIXES:
+        return parse_structured(text, str(path), toml=path.suffix.lower() == ".toml")
+    return parse_text(text, str(path))
+
+
+def parse_text(text: str, source: str = "<text>") -> Story:
+    """Parse the official format: ``background#character#action`` lines, blank lines between groups."""
+    problems: list[str] = []
+    blocks: list[list[tuple[int, str]]] = [[]]
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            blocks[-1].append((number, line.strip()))
+        elif blocks[-1]:
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    if not blocks:
+        raise StoryError([f"{source}: the story is empty (no background#character#action lines)"])
+    groups = []
+    for index, block in enumerate(blocks):
+        images, where = [], []
+        for number, line in block:
+            place = f"{source}:{number}"
+            image = _image_from_fields(_split_line(line, place, problems), {}, place, problems)
+            if image is not None:
+                images.append(image)
+                where.append(place)
+        if len(images) == len(block):
+            groups.append(Group(f"group_{index:03d}", images[0], images[1:], [None] * len(images), where))
+    if problems:
+        raise StoryError(problems)
+    return Story(source, groups, format="text")
+
+
+def _split_line(line: str, place: str, problems: list[str]) -> dict | None:
+    parts = line.split("#")
+    if len(parts) != 3:
+        problems.append(f"{place}: {line!r} has {len(parts) - 1} '#' but needs exactly two: background#character#action")
+        return None
+    return dict(zip(FIELDS, parts))
+
+
+def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: list[str]) -> StoryImage | None:
+    """Build one StoryImage from its three text fields and optional seed/height/width; report, don't raise."""
+    if fields is None:
+        return None
+    ok = True
+    for name in FIELDS:
+        value = fields.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            problems.append(f"{place}: the {name} field is empty (every image needs background, character and action)")
+            ok = False
+        elif not isinstance(value, str):
+            problems.append(f"{place}: the {name} field must be text, got {value!r}")
+            ok = False
+    sizes = {}
+    for name in ("seed", "height", "width"):
+        value = extra.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{place}: {name} must be an integer, got {value!r}")
+            ok = False
+        elif name == "seed" and not 0 <= value < 2**63:
+            problems.append(f"{place}: seed {value} is out of range (0 to 2**63-1)")
+            ok = False
+        elif name != "seed" and (value <= 0 or value % 16):
+            problems.append(f"{place}: {name} {value} is not a positive multiple of 16 (FLUX works on 16-pixel patches)")
+            ok = False
+        sizes[name] = value
+    if not ok:
+        return None
+    return StoryImage(*(fields[name].strip() for name in FIELDS), **sizes)
+
+
+def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> Story:
+    """Parse a YAML or TOML story (see the module docstring for the layout)."""
+    try:
+        if toml:
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # both libraries raise their own error types; the message says where
+        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {e}"]) from None
+    if not isinstance(data, dict):
+        raise StoryError([f"{source}: the story must be a mapping with a 'scenes' list"])
+    problems: list[str] = []
+    for key in sorted(set(data) - STORY_KEYS):
+        problems.append(f"{source}: unknown key {key!r} (valid: {', '.join(sorted(STORY_KEYS))})")
+    characters = data.get("characters") or {}
+    if not isinstance(characters, dict) or not all(isinstance(v, str) for v in characters.values()):
+        problems.append(f"{source}: 'characters' must map names to descriptions")
+        characters = {}
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict) or set(defaults) - {"seed", "height", "width"}:
+        problems.append(f"{source}: 'defaults' may only set seed, height and width")
+        defaults = {}
+    scenes = data.get("scenes")
+    if not isinstance(scenes, list) or not scenes:
+        raise StoryError([*problems, f"{source}: 'scenes' must be a non-empty list of scenes"])
+    groups, names = [], set()
+    for s, scene in enumerate(scenes):
+        place = f"{source}: scenes[{s}]"
+        if not isinstance(scene, dict):
+            problems.append(f"{place}: a scene must be a mapping")
+            continue
+        for key in sorted(set(scene) - SCENE_KEYS):
+            problems.append(f"{place}: unknown key {key!r} (valid: {', '.join(sorted(SCENE_KEYS))})")
+        entries = []
+        if scene.get("identity") is not None:
+            entries.append((f"{place}.identity", scene["identity"]))
+        frames = scene.get("frames") or []
+        if not isinstance(frames, list):
+            problems.append(f"{place}: 'frames' must be a list")
+            frames = []
+        entries += [(f"{place}.frames[{f}]", frame) for f, frame in enumerate(frames)]
+        if not entries:
+            problems.append(f"{place}: empty group (no identity and no frames)")
+            continue
+        inherited = {k: scene[k] for k in ("background", "character", "action", "seed", "height", "width") if k in scene}
+        images, captions, where = [], [], []
+        for image_place, entry in entries:
+            if not isinstance(entry, dict):
+                problems.append(f"{image_place}: an image must be a mapping with background, character, action")
+                continue
+            for key in sorted(set(entry) - IMAGE_KEYS):
+                problems.append(f"{image_place}: unknown key {key!r} (valid: {', '.join(sorted(IMAGE_KEYS))})")
+            merged = {**defaults, **inherited, **entry}
+            if isinstance(merged.get("character"), str):
+                merged["character"] = characters.get(merged["character"], merged["character"])
+            caption = merged.get("caption")
+            image = _image_from_fields({k: merged.get(k) for k in FIELDS}, merged, image_place, problems)
+            if image is not None:
+                images.append(image)
+                captions.append(None if caption is None else str(caption))
+                where.append(image_place)
+        if len(images) != len(entries):
+            continue
+        name = f"group_{s:03d}" if not scene.get("name") else f"{s:03d}_{slug(str(scene['name'])) or 'scene'}"
+        if name in names:
+            problems.append(f"{place}: two scenes are named {name!r}")
+        names.add(name)
+        groups.append(Group(name, images[0], images[1:], captions, where))
+    if problems:
+        raise StoryError(problems)
+    return Story(source, groups, title=data.get("title"), format="toml" if toml else "yaml")
+
+
+def check_prompt_lengths(story: Story, tokenizer, max_sequence_length: int) -> list[str]:
+    """Problems for prompts longer than the T5 encoder takes (counted with the end-of-text token)."""
+    problems = []
+    for group in story.groups:
+        for image, place in zip(group.images, group.where):
+            count = len(tokenizer(image.prompt).input_ids)
+            if count > max_sequence_length:
+                problems.append(
+                    f"{place}: prompt is {count} T5 tokens, but the text encoder takes at most {max_sequence_length} "
+                    f"(--max-sequence-length); shorten it by {count - max_sequence_length} tokens")
+    return problems
