@@ -259,22 +259,21 @@ def plan_jobs(stories: list[Story], run: dict, out: Path, save_masks: bool) -> l
 
 
 def _inspect(job: Job, out: Path, save_masks: bool) -> None:
-    job.finished = []
+    job.finished, conflict = [], False
     for record in job.records:
         path = out / record["path"]
-        if not path.exists():
-            job.finished.append(False)
-            continue
-        old = read_png_record(path)
-        if old is not None and old.get("settings_hash") == job.hash:
-            job.finished.append(True)
-            continue
-        job.finished.append(False)
-        job.changes.append(f"{record['path']}: " + _describe_change(old, record))
+        old = read_png_record(path) if path.exists() else None
+        job.finished.append(old is not None and old.get("settings_hash") == job.hash)
+        if path.exists() and not job.finished[-1]:
+            conflict = True
+            for change in _describe_change(old, record):
+                if change not in job.changes:
+                    job.changes.append(change)
     board = read_png_record(out / job.folder / "storyboard.png")
     board_ok = board is not None and board.get("settings_hash") == job.hash
-    if job.changes:
+    if conflict:
         job.state = "conflict"
+        job.changes = job.changes or ["the group's images or their number changed"]
     elif all(job.finished) and board_ok and (board.get("masks_saved") or not save_masks):
         job.state = "done"
         job.masks = board.get("masks", [])
@@ -282,17 +281,17 @@ def _inspect(job: Job, out: Path, save_masks: bool) -> None:
         job.state = "partial"
 
 
-def _describe_change(old: dict | None, new: dict) -> str:
+def _describe_change(old: dict | None, new: dict) -> list[str]:
+    """What differs between an image on disk and the one this run would make (settings first)."""
+    name = Path(new["path"]).stem
     if old is None:
-        return "exists but is not a finished characonsist image"
-    changed = []
-    for key in ("background", "character", "action", "seed", "height", "width"):
-        if old.get(key) != new.get(key):
-            changed.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
-    for key, value in new["settings"].items():
-        if old.get("settings", {}).get(key) != value:
-            changed.append(f"{key} {old.get('settings', {}).get(key)!r} -> {value!r}")
-    return ", ".join(changed) or "other images of its group changed"
+        return [f"{name}.png exists but is not a finished characonsist image"]
+    old_settings = old.get("settings", {})
+    changed = [f"{key} {old_settings.get(key)!r} -> {value!r}" for key, value in new["settings"].items()
+               if old_settings.get(key) != value]
+    changed += [f"{name} {key} {old.get(key)!r} -> {new.get(key)!r}"
+                for key in ("background", "character", "action", "seed", "height", "width") if old.get(key) != new.get(key)]
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -551,7 +550,7 @@ def cmd_generate(args) -> int:
     jobs = plan_jobs(stories, run, out, args.save_masks)
     conflicts = [j for j in jobs if j.state == "conflict"]
     if conflicts and not args.overwrite:
-        lines = [f"  {j.folder}: {j.changes[0]}" + (f" (+{len(j.changes) - 1} more)" if len(j.changes) > 1 else "")
+        lines = [f"  {j.folder}: " + "; ".join(j.changes[:4]) + (f" (+{len(j.changes) - 4} more)" if len(j.changes) > 4 else "")
                  for j in conflicts]
         raise UsageError(f"{len(conflicts)} group(s) in {out} were generated with other settings:\n" + "\n".join(lines)
                          + "\nRerun with --overwrite to replace them, or choose another --out.")

@@ -1,0 +1,325 @@
+"""``characonsist generate``: input checks before the model, outputs, manifest, resume, interruption, OOM.
+
+The engine is replaced by a fake (``cli.load_engine`` monkeypatched) so that these tests exercise the CLI
+alone and count exactly what gets generated; ``test_cli_engine.py`` runs the real engine end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from characonsist import cli
+from characonsist.output import read_png_record
+
+STORY = "park#a cat#sits\npark#a cat#runs\npark#a cat#jumps\n\nbeach#a dog#swims\nbeach#a dog#digs\n"
+
+
+class FakeMatches:
+    def __init__(self, n):
+        self.frame_idx, self.id_idx, self.sim = np.arange(n), np.arange(n)[::-1].copy(), np.linspace(1, 0.5, n)
+
+
+class FakeEngine:
+    """Deterministic images from (prompt, seed); records every group it is asked for; can fail on demand."""
+
+    def __init__(self, fail_on: dict | None = None):
+        self.calls: list[str] = []
+        self.fail_on = fail_on or {}
+        self.tokenizer = None
+
+    def __call__(self, job, step_callback):
+        self.calls.append(job.folder)
+        if job.folder in self.fail_on:
+            raise self.fail_on[job.folder]
+        for step in range(3):
+            step_callback(None, step, 0, {})
+        images, masks = [], []
+        for r in job.records:
+            digest = hashlib.sha256(f"{r['prompt']}|{r['seed']}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            images.append(Image.fromarray(rng.integers(0, 255, (r["height"], r["width"], 3), dtype=np.uint8)))
+            masks.append(rng.random((r["height"] // 16, r["width"] // 16)) > 0.5)
+        matches = [FakeMatches(4) for _ in job.records[1:]]
+        notes = [[] for _ in job.records]
+        return cli.GroupResult(images, masks, matches, notes, {"method": job.records[0]["method"], "fake": True})
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    engine = FakeEngine()
+    loads = []
+
+    def load_engine(ref, run, mode, gpus):
+        loads.append((ref.name, mode, gpus))
+        return engine
+
+    monkeypatch.setattr(cli, "load_engine", load_engine)
+    engine.loads = loads
+    return engine
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model checks (the fake engine never reads it)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    return folder
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def run(tmp_path, model_dir, *extra, story=None, out="out"):
+    story = story or write(tmp_path, "story.txt", STORY)
+    args = ["generate", str(story), "--model", str(model_dir), "--out", str(tmp_path / out), "--height", "32",
+            "--width", "48", "--steps", "3", "--quiet", *extra]
+    return cli.main(args)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--method", "--share-bg", "--token-merge", "--save-masks", "--height", "--width", "--steps",
+                   "--guidance", "--seed", "--memory", "--gpu-ids", "--batch-size", "--quiet", "--overwrite",
+                   "--max-sequence-length"):
+        assert option in text
+
+
+def test_outputs_manifest_and_png_metadata(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir, "--save-masks", "--seed", "5") == 0
+    out = tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [g["name"] for g in manifest["groups"]] == ["group_000", "group_001"]
+    g0 = manifest["groups"][0]
+    assert g0["status"] == "done" and g0["identity"]["path"] == "group_000/identity.png"
+    assert [f["path"] for f in g0["frames"]] == ["group_000/frame_01.png", "group_000/frame_02.png"]
+    assert g0["frames"][1]["prompt"] == "park a cat jumps" and g0["frames"][1]["seed"] == 5
+    assert (g0["identity"]["height"], g0["identity"]["width"]) == (32, 48)
+    settings = manifest["settings"]
+    assert settings["num_inference_steps"] == 3 and settings["method"] == "characonsist" and settings["seed"] == 5
+    assert settings["method_options"] == {"share_bg": True, "use_token_merge": True}
+    assert manifest["versions"]["characonsist"] and manifest["versions"]["diffusers"]
+    assert g0["engine_settings"] == {"method": "characonsist", "fake": True}
+    for item in [g0["identity"], *g0["frames"]]:
+        with Image.open(out / item["path"]) as image:
+            assert image.size == (48, 32)
+            assert image.text["prompt"] == item["prompt"] and image.text["seed"] == "5"
+            assert image.text["method"] == "characonsist"
+            assert json.loads(image.text["settings"])["num_inference_steps"] == 3
+    # masks: overlay | mask, and identity | frame match sheets; storyboard per group
+    assert sorted(Path(p).name for p in g0["masks"]) == [
+        "frame_01_mask.png", "frame_01_match.png", "frame_02_mask.png", "frame_02_match.png", "identity_mask.png"]
+    with Image.open(out / "group_000/masks/identity_mask.png") as sheet:
+        assert sheet.size == (96, 32)
+    with Image.open(out / g0["storyboard"]) as board:
+        assert board.width > 3 * 200
+    assert fake.loads == [(str(model_dir), "none", [0])]
+
+
+def test_rerun_skips_everything_without_loading_the_model(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir) == 0
+    before = snapshot(tmp_path / "out")
+    assert run(tmp_path, model_dir) == 0
+    assert fake.calls == ["group_000", "group_001"] and len(fake.loads) == 1
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_partial_group_regenerated_finished_images_untouched(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir) == 0
+    out = tmp_path / "out"
+    before = snapshot(out)
+    kept = out / "group_000" / "identity.png"
+    mtime = kept.stat().st_mtime_ns
+    (out / "group_000" / "frame_02.png").unlink()
+    assert run(tmp_path, model_dir) == 0
+    assert fake.calls == ["group_000", "group_001", "group_000"]
+    assert kept.stat().st_mtime_ns == mtime  # not rewritten at all
+    assert snapshot(out) == before            # the lost frame came back identical
+
+
+def test_interrupted_run_keeps_finished_groups_and_resumes(tmp_path, model_dir, fake, capsys):
+    fake.fail_on = {"group_001": KeyboardInterrupt()}
+    assert run(tmp_path, model_dir) == cli.EXIT_INTERRUPTED
+    assert "run the same command again" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert (out / "group_000" / "storyboard.png").exists() and not (out / "group_001").exists()
+    assert not list(out.rglob(".*.tmp-*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [g["status"] for g in manifest["groups"]] == ["done", "todo"]
+    first = snapshot(out / "group_000")
+    fake.fail_on = {}
+    assert run(tmp_path, model_dir) == 0
+    assert fake.calls == ["group_000", "group_001", "group_001"]
+    assert snapshot(out / "group_000") == first
+
+
+def test_stale_temporary_files_are_removed(tmp_path, model_dir, fake):
+    out = tmp_path / "out" / "group_000"
+    out.mkdir(parents=True)
+    (out / ".identity.png.tmp-999").write_bytes(b"half a png")
+    assert run(tmp_path, model_dir) == 0
+    assert not (out / ".identity.png.tmp-999").exists()
+
+
+def test_changed_settings_reported_then_overwritten(tmp_path, model_dir, fake, capsys):
+    assert run(tmp_path, model_dir) == 0
+    capsys.readouterr()
+    assert run(tmp_path, model_dir, "--steps", "4") == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "2 group(s)" in err and "num_inference_steps 3 -> 4" in err and "--overwrite" in err
+    assert len(fake.loads) == 1
+    assert run(tmp_path, model_dir, "--steps", "4", "--overwrite") == 0
+    record = read_png_record(tmp_path / "out" / "group_000" / "frame_01.png")
+    assert record["settings"]["num_inference_steps"] == 4
+
+
+def test_changed_prompt_only_affects_its_group(tmp_path, model_dir, fake, capsys):
+    assert run(tmp_path, model_dir) == 0
+    changed = write(tmp_path, "story.txt", STORY.replace("digs", "barks"))
+    assert run(tmp_path, model_dir, story=changed) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "1 group(s)" in err and "group_001" in err and "'digs' -> 'barks'" in err
+
+
+def test_failed_group_does_not_stop_the_run(tmp_path, model_dir, fake, capsys):
+    fake.fail_on = {"group_000": ValueError("boom")}
+    assert run(tmp_path, model_dir) == cli.EXIT_FAILED
+    assert "group group_000 failed: ValueError: boom" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [g["status"] for g in manifest["groups"]] == ["failed", "done"]
+    assert manifest["groups"][0]["error"] == "ValueError: boom"
+
+
+def test_out_of_memory_names_the_modes_that_fit(tmp_path, model_dir, fake, capsys):
+    import torch
+
+    fake.fail_on = {"group_000": torch.OutOfMemoryError("CUDA out of memory")}
+    assert run(tmp_path, model_dir) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--memory model-offload" in err and "--memory sequential-offload" in err
+    assert "--memory balanced" not in err  # needs two GPUs
+    assert "--memory balanced" in cli.oom_advice("model-offload", [0, 1])
+    assert "model-offload" not in cli.oom_advice("model-offload", [0]).split("fit:")[1]
+
+
+def test_structured_story_per_frame_seed_size_caption(tmp_path, model_dir, fake):
+    story = write(tmp_path, "story.yaml", """
+scenes:
+  - name: park
+    background: a park
+    character: a cat
+    frames:
+      - {action: sits, caption: The start}
+      - {action: runs, seed: 9, height: 64, width: 32}
+""")
+    assert run(tmp_path, model_dir, story=story) == 0
+    group = json.loads((tmp_path / "out" / "manifest.json").read_text())["groups"][0]
+    assert group["name"] == "000_park" and group["identity"]["caption"] == "The start"
+    frame = group["frames"][0]
+    assert (frame["seed"], frame["height"], frame["width"]) == (9, 64, 32)
+    assert group["identity"]["seed"] == 2025
+    with Image.open(tmp_path / "out" / frame["path"]) as image:
+        assert image.size == (32, 64)
+
+
+def test_two_story_files_get_their_own_folders(tmp_path, model_dir, fake):
+    a = write(tmp_path, "a.txt", "park#a cat#sits\n")
+    b = write(tmp_path, "b.txt", "beach#a dog#swims\n")
+    assert cli.main(["generate", str(a), str(b), "--model", str(model_dir), "--out", str(tmp_path / "out"),
+                     "--height", "32", "--width", "32", "--quiet"]) == 0
+    assert (tmp_path / "out" / "a" / "group_000" / "identity.png").exists()
+    assert (tmp_path / "out" / "b" / "group_000" / "identity.png").exists()
+
+
+def test_progress_and_messages_unless_quiet(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", str(tmp_path / "o1"),
+                     "--height", "32", "--width", "32", "--steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "2 to generate" in captured.out and "images" in captured.err and "steps" in captured.err
+    assert run(tmp_path, model_dir, out="o2") == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+# ------------------------------------------------------------------ bad input: exit 2, the model never loads
+
+@pytest.mark.parametrize("story, extra, message", [
+    ("park#a cat\n", [], "story.txt:1: 'park#a cat' has 1 '#'"),
+    ("park#a cat#sits\n\n#a dog#swims\n", [], "story.txt:3: the background field is empty"),
+    ("park#a cat#sits\n", ["--height", "40"], "--height 40 is not a positive multiple of 16"),
+    ("park#a cat#sits\n", ["--method", "magic"], "unknown method 'magic'; valid: characonsist, vanilla"),
+    ("park#a cat#sits\n", ["--memory", "cloud"], "unknown memory mode 'cloud'; valid: none, model-offload"),
+    ("park#a cat#sits\n", ["--memory", "model-offload"], "needs a CUDA GPU"),
+    ("park#a cat#sits\n", ["--gpu-ids", "a,b"], "--gpu-ids"),
+])
+def test_bad_input_fails_before_the_model(tmp_path, model_dir, fake, capsys, story, extra, message):
+    path = write(tmp_path, "story.txt", story)
+    assert run(tmp_path, model_dir, *extra, story=path) == cli.EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert fake.loads == [] and not (tmp_path / "out").exists()
+
+
+def test_empty_group_in_yaml(tmp_path, model_dir, fake, capsys):
+    path = write(tmp_path, "story.yaml", "scenes:\n  - {name: nothing}\n")
+    assert run(tmp_path, model_dir, story=path) == cli.EXIT_BAD_INPUT
+    assert "scenes[0]: empty group" in capsys.readouterr().err
+
+
+def test_missing_model_folder(tmp_path, fake, capsys):
+    assert run(tmp_path, tmp_path / "no" / "such" / "model") == cli.EXIT_BAD_INPUT
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(tmp_path, empty) == cli.EXIT_BAD_INPUT
+    assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_gated_hub_model_says_what_to_do(tmp_path, fake, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(repo, filename, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)  # the real constructor wants an HTTP response
+        Exception.__init__(error, "401 Client Error: access to this model is restricted")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    assert run(tmp_path, "black-forest-labs/FLUX.1-dev") == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "gated" in err and "https://huggingface.co/black-forest-labs/FLUX.1-dev" in err and "HF_TOKEN" in err
+    assert fake.loads == []
+
+
+def test_prompt_too_long_for_the_text_encoder(tmp_path, tiny_model, fake, capsys):
+    long = "park#a cat with a red hat and a blue scarf and a green coat#sits in the garden\n"
+    path = write(tmp_path, "story.txt", "park#a cat#sits\n" + long)
+    assert run(tmp_path, tiny_model, "--max-sequence-length", "12", story=path) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "story.txt:2: prompt is" in err and "T5 tokens" in err and "at most 12" in err
+    assert "story.txt:1" not in err and fake.loads == []
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from characonsist.testing import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "flux"
+    tiny_flux_pipeline().save_pretrained(folder)
+    return folder
