@@ -14,6 +14,7 @@ import platform
 import re
 import signal
 import sys
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,22 +308,23 @@ class GroupResult:
     settings: dict | None = None
 
 
-def torch_dtype(name: str, cuda: bool):
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU (recorded resolved, so the settings hash is stable)."""
+    if name != "auto":
+        return name
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if cuda else torch.float32
-    return getattr(torch, name)
+    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int]):
+def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: bool = True):
     """Load the pipeline in the memory mode; return ``generate(job, step_callback) -> GroupResult``."""
     import torch
 
     from . import CharaConsistPipeline
 
     cuda = torch.cuda.is_available()
-    dtype = torch_dtype(run["dtype"], cuda)
+    dtype = getattr(torch, run["dtype"])
     device = f"cuda:{gpus[0]}" if cuda else "cpu"
     if ref.kind == "toy":
         from .toy.model import load_toy_pipeline
@@ -332,28 +334,37 @@ def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int]):
         pipe.to(device, dtype)
     elif mode == "balanced":
         free = {g: f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9 / 2**30)}GiB" for g in gpus}
-        pipe = CharaConsistPipeline.from_pretrained(ref.name, torch_dtype=dtype, device_map="balanced", max_memory=free)
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, torch_dtype=dtype, device_map="balanced",
+                                max_memory=free)
     else:
-        pipe = CharaConsistPipeline.from_pretrained(ref.name, torch_dtype=dtype)
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, torch_dtype=dtype)
         if mode == "model-offload":
             pipe.enable_model_cpu_offload(gpu_id=gpus[0])
         elif mode == "sequential-offload":
             pipe.enable_sequential_cpu_offload(gpu_id=gpus[0])
         else:
             pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)  # the CLI draws its own step bar
+    # the engine's own bar is the step bar (its total counts pre-runs and chunks); under the CLI's image bar
+    pipe.set_progress_bar_config(disable=not progress, desc="steps", position=1, leave=False, dynamic_ncols=True)
 
-    def generate(job: Job, step_callback) -> GroupResult:
+    def generate(job: Job) -> GroupResult:
         images = job.group.images
         out = pipe(identity=images[0], frames=images[1:], method=run["method"], height=run["height"],
                    width=run["width"], num_inference_steps=run["num_inference_steps"],
                    guidance_scale=run["guidance_scale"], seed=[r["seed"] for r in job.records],
                    max_sequence_length=run["max_sequence_length"], batch_size=run["batch_size"],
-                   callback_on_step_end=step_callback, **run["method_options"])
+                   **run["method_options"])
         return GroupResult([out.identity, *out.frames], out.masks, out.matches, out.notes, out.settings)
 
     generate.tokenizer = getattr(pipe, "tokenizer_2", None)
     return generate
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """``from_pretrained`` with ``torch_dtype`` (newer diffusers call it ``dtype`` and warn; older lack it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(name, **kwargs)
 
 
 def oom_advice(mode: str, gpus: list[int]) -> str:
@@ -394,6 +405,7 @@ def _is_oom(error: BaseException) -> bool:
 
 def write_group(job: Job, result: GroupResult, out: Path, save_masks: bool, overwrite: bool) -> None:
     """Save the group's unfinished images (finished ones are never rewritten), masks, and storyboard."""
+    import numpy as np
     from PIL import Image
 
     images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in result.images]
@@ -419,8 +431,9 @@ def write_group(job: Job, result: GroupResult, out: Path, save_masks: bool, over
             if match is not None:
                 path = f"{job.folder}/masks/{stem}_match.png"
                 sim = getattr(match, "sim", None)
+                grids = [None if m is None else tuple(np.shape(m)) for m in (result.masks[0], result.masks[i])]
                 visual = match_visual(images[0], image, _numpy(match.frame_idx), _numpy(match.id_idx),
-                                      None if sim is None else _numpy(sim))
+                                      None if sim is None else _numpy(sim), id_grid=grids[0], frame_grid=grids[1])
                 save_png(out / path, visual, {"settings_hash": job.hash})
                 job.masks.append(path)
     write_storyboard(job, out, save_masks, images)
@@ -492,7 +505,7 @@ def write_manifest(out: Path, stories: list[Story], run: dict, jobs: list[Job]) 
 def resolve_run(args, ref: ModelRef, method: str) -> dict:
     """The full settings of this run: the user's, else the model folder's defaults, else FLUX.1-dev's."""
     defaults = {**FLUX_DEFAULTS, **ref.defaults}
-    run = {"model": ref.name, "dtype": args.dtype, "method": method, "method_options": method_options(method, args),
+    run = {"model": ref.name, "dtype": resolve_dtype(args.dtype), "method": method, "method_options": method_options(method, args),
            "height": args.height or defaults["height"], "width": args.width or defaults["width"],
            "num_inference_steps": args.steps or defaults["num_inference_steps"],
            "guidance_scale": defaults["guidance_scale"] if args.guidance is None else args.guidance,
@@ -505,8 +518,8 @@ def resolve_run(args, ref: ModelRef, method: str) -> dict:
         raise UsageError("--steps must be at least 1")
     if run["max_sequence_length"] < 1 or run["max_sequence_length"] > 512:
         raise UsageError("--max-sequence-length must be between 1 and 512 (FLUX's T5 limit)")
-    if run["batch_size"] is not None and run["batch_size"] < 1:
-        raise UsageError("--batch-size must be at least 1")
+    if run["batch_size"] is not None and run["batch_size"] < 2:
+        raise UsageError("--batch-size must be at least 2 (a batch holds the identity and at least one frame)")
     if not 0 <= args.seed < 2**63:
         raise UsageError(f"--seed {args.seed} is out of range (0 to 2**63-1)")
     return run
@@ -571,26 +584,23 @@ def cmd_generate(args) -> int:
         return 0
 
     # 3. generate
-    generate = load_engine(ref, run, mode, gpus)
+    if args.quiet:
+        _silence_libraries()
+    generate = load_engine(ref, run, mode, gpus, progress=not args.quiet)
     if tokenizer is None and getattr(generate, "tokenizer", None) is not None:
         problems = [p for s in stories for p in check_prompt_lengths(s, generate.tokenizer, run["max_sequence_length"])]
         if problems:
             raise StoryError(problems)
     failed = 0
-    with _progress(args.quiet, sum(len(j.records) for j in todo), "images") as image_bar, \
-            _progress(args.quiet, run["num_inference_steps"], "steps", position=1) as step_bar:
+    with _progress(args.quiet, sum(len(j.records) for j in todo), "images") as image_bar:
         for job in todo:
             image_bar.set_postfix_str(job.folder)
-            step_bar.reset()
-
-            def on_step(pipe, step, timestep, callback_kwargs, bar=step_bar):
-                bar.n = step + 1
-                bar.refresh()
-                return callback_kwargs
-
             try:
-                result = generate(job, on_step)
+                result = generate(job)
                 write_group(job, result, out, args.save_masks, args.overwrite)
+                fallbacks = sum(len(n) for n in job.notes)
+                if fallbacks:
+                    say(f"{job.folder}: {fallbacks} fallback note(s) (empty mask, no match, ...): see manifest.json")
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # one bad group must not end an overnight run
@@ -613,12 +623,12 @@ def _say(message: str, err: bool = False) -> None:
     tqdm.write(message, file=sys.stderr if err else sys.stdout)
 
 
-def _progress(quiet: bool, total: int, unit: str, position: int = 0):
+def _progress(quiet: bool, total: int, unit: str):
     if quiet:
         return nullcontext(_NoBar())
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, desc=unit, position=position, leave=position == 0, dynamic_ncols=True)
+    return tqdm(total=total, unit=unit, desc=unit, position=0, dynamic_ncols=True)
 
 
 class _NoBar:
@@ -626,6 +636,17 @@ class _NoBar:
 
     def __getattr__(self, name):
         return lambda *a, **k: None
+
+
+def _silence_libraries() -> None:
+    """--quiet: no loading bars or warnings from diffusers / transformers."""
+    for name in ("diffusers", "transformers"):
+        try:
+            logging = __import__(f"{name}.utils.logging", fromlist=["logging"])
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
+        except Exception:
+            pass
 
 
 def _free_cuda() -> None:
