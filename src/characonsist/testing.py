@@ -53,6 +53,8 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: in
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     for module in (clip, t5, vae, transformer):
-        module.eval().to(dtype)
+        module.eval()
+        if dtype != torch.float32:
+            module.to(dtype)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok1, text_encoder_2=t5,
                         tokenizer_2=tok2, transformer=transformer)

@@ -1,0 +1,79 @@
+"""Attention with extra (shared) keys per query group, without a dense mask (DESIGN decision 3).
+
+Point-tracking attention gives different query groups of a frame different extra keys: text queries see no
+extra keys, foreground queries see the re-encoded identity foreground keys, background queries see the
+shared background keys. Instead of one attention call with a dense float mask over all keys (which rules out
+flash kernels), each group is gathered and attends to exactly the keys it may see, through diffusers'
+``dispatch_attention_fn`` so any attention backend applies. ``masked_reference_attention`` is the
+straightforward masked computation the grouped one must equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class QueryGroup:
+    """Query rows ``rows`` (indices into the sequence) that also see ``extra_k`` / ``extra_v`` (M, H, D)."""
+
+    rows: torch.Tensor
+    extra_k: torch.Tensor | None = None
+    extra_v: torch.Tensor | None = None
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain attention on (B, S, H, D) tensors (the default ``attend``)."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup],
+                      attend: AttendFn = sdpa_attend) -> torch.Tensor:
+    """Attention of one image's queries (S, H, D) over its own keys plus each group's extra keys.
+
+    Every query row must belong to exactly one group. Groups without extra keys are merged into one call.
+    Returns (S, H, D).
+    """
+    out = torch.empty_like(q)
+    plain_rows = [g.rows for g in groups if g.extra_k is None or g.extra_k.shape[0] == 0]
+    calls = []
+    if plain_rows:
+        calls.append((torch.cat(plain_rows), None, None))
+    calls += [(g.rows, g.extra_k, g.extra_v) for g in groups if g.extra_k is not None and g.extra_k.shape[0] > 0]
+    for rows, ek, ev in calls:
+        if rows.numel() == 0:
+            continue
+        keys, values = (k, v) if ek is None else (torch.cat([k, ek.to(k.dtype)]), torch.cat([v, ev.to(v.dtype)]))
+        res = attend(q.index_select(0, rows).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0))[0]
+        out.index_copy_(0, rows, res.to(out.dtype))
+    return out
+
+
+def masked_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               groups: list[QueryGroup]) -> torch.Tensor:
+    """The same result as ``grouped_attention`` from one dense computation with a boolean mask.
+
+    Keys are [own; extra of group 0; extra of group 1; ...]; a query sees all own keys and the extra keys of
+    its own group. Slow and memory-hungry: for tests only.
+    """
+    extra = [(g.extra_k, g.extra_v) for g in groups if g.extra_k is not None]
+    keys = torch.cat([k] + [e[0] for e in extra])
+    values = torch.cat([v] + [e[1] for e in extra])
+    allow = torch.zeros(q.shape[0], keys.shape[0], dtype=torch.bool)
+    allow[:, : k.shape[0]] = True
+    offset = k.shape[0]
+    for g in groups:
+        if g.extra_k is None:
+            continue
+        n = g.extra_k.shape[0]
+        allow[g.rows.unsqueeze(1), torch.arange(offset, offset + n).unsqueeze(0)] = True
+        offset += n
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                         values.transpose(0, 1)[None], attn_mask=allow[None, None])
+    return out[0].transpose(0, 1)

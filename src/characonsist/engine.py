@@ -1,0 +1,316 @@
+"""The lockstep engine: identity and frames denoise together, one step and one layer at a time.
+
+DESIGN decision 1: instead of caching the identity's keys and values for every layer and step (the official
+code keeps ~71 GiB on the host), the identity image runs in the same batch as its frames, so at every step
+and layer its keys, values and attention outputs are right there. Images of another size than the
+identity run in their own forward pass right after the identity's group; the identity's per-layer tensors
+of *the current step* are kept for them (never across steps).
+
+The engine owns the batch, the token layout (text length, spans, grids), the step schedule and the attention
+processors (installed with ``set_attn_processor`` and restored afterwards). A ``Method`` owns the math of
+one consistency method through ``characonsist.methods.base.Method``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+from .rope import Rotary, apply_rope
+from .story import StoryImage
+
+
+@dataclass
+class Slot:
+    """One image of a chunk: its story position, prompt layout and noise."""
+
+    story_index: int            # 0 = identity, k = k-th frame
+    image: StoryImage
+    height: int
+    width: int
+    seed: int | None
+    generator: torch.Generator | list | None
+    grid: tuple[int, int]       # image token grid (rows, cols)
+    bg_len: int                 # T5 tokens of the background field
+    real_len: int               # T5 tokens of the whole prompt (no end token), <= text length
+    pos: int = 0                # position in the chunk (identity = 0)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.story_index == 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class Group:
+    """Slots of one image size: they share one transformer forward pass per step."""
+
+    slots: list[Slot]
+    latents0: torch.Tensor
+    img_ids: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    latents: torch.Tensor | None = None
+    scheduler: object = None
+    timesteps: torch.Tensor | None = None
+
+    def row_of(self, pos: int) -> int | None:
+        for row, slot in enumerate(self.slots):
+            if slot.pos == pos:
+                return row
+        return None
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A denoising pass over the chunk. ``final`` passes produce the images; others (the layout pre-run)
+    only produce masks and matches and stop after ``steps`` steps."""
+
+    name: str
+    steps: int
+    final: bool
+
+
+@dataclass
+class Run:
+    """What a method sees of the chunk being generated."""
+
+    slots: list[Slot]
+    groups: list[Group]
+    text_len: int
+    num_steps: int
+    num_single_blocks: int
+    num_double_blocks: int
+    group: Group | None = None
+    phase: Phase | None = None
+    step: int = 0
+    notes: dict[int, list[str]] = field(default_factory=dict)
+
+    def note(self, pos: int, message: str) -> None:
+        """Record a fallback for the image at chunk position ``pos`` (each message once)."""
+        bucket = self.notes.setdefault(pos, [])
+        if message not in bucket:
+            bucket.append(message)
+
+
+@dataclass
+class AttnCall:
+    """One attention layer call for the current group: everything a method needs to compute attention.
+
+    ``query``/``key``/``value``: (B, S, H, D) after the q/k RMS norms and *before* RoPE, text tokens first.
+    """
+
+    kind: str                   # "double" or "single"
+    block: int                  # block index within its kind
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    rotary: Rotary
+    text_len: int
+    run: Run
+    backend: object = None
+    parallel_config: object = None
+    _q_rot: torch.Tensor | None = None
+    _k_rot: torch.Tensor | None = None
+
+    @property
+    def q_rot(self) -> torch.Tensor:
+        if self._q_rot is None:
+            self._q_rot = apply_rope(self.query, self.rotary)
+        return self._q_rot
+
+    @property
+    def k_rot(self) -> torch.Tensor:
+        if self._k_rot is None:
+            self._k_rot = apply_rope(self.key, self.rotary)
+        return self._k_rot
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of (B, Sq, H, D) queries over (B, Sk, H, D) keys through diffusers' backend dispatch."""
+        return dispatch_attention_fn(q, k, v, attn_mask=None, backend=self.backend,
+                                     parallel_config=self.parallel_config)
+
+    def plain(self) -> torch.Tensor:
+        """Stock FLUX attention for the whole batch, (B, S, H*D): bit-identical to ``FluxAttnProcessor``."""
+        out = self.attend(self.q_rot, self.k_rot, self.value)
+        return out.flatten(2, 3).to(self.query.dtype)
+
+
+def _heads(attn, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(-1, (-1, attn.head_dim))
+
+
+def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q, k, v of FLUX's joint attention (text first), with the RMS norms, before RoPE."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    q, k, v = attn.norm_q(_heads(attn, q)), attn.norm_k(_heads(attn, k)), _heads(attn, v)
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+            eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            eq = attn.add_q_proj(encoder_hidden_states)
+            ek = attn.add_k_proj(encoder_hidden_states)
+            ev = attn.add_v_proj(encoder_hidden_states)
+        eq, ek, ev = attn.norm_added_q(_heads(attn, eq)), attn.norm_added_k(_heads(attn, ek)), _heads(attn, ev)
+        q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+    return q, k, v
+
+
+class EngineAttnProcessor:
+    """Attention processor installed on every FLUX attention layer while the engine runs.
+
+    It does the projections exactly as diffusers' ``FluxAttnProcessor`` and hands the attention itself to
+    the active method. ``_attention_backend`` / ``_parallel_config`` are kept so
+    ``transformer.set_attention_backend`` keeps working.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, engine: Engine, kind: str, block: int):
+        self.engine, self.kind, self.block = engine, kind, block
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise ValueError("characonsist's attention processor does not take an attention_mask")
+        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
+        run = self.engine.run
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else run.text_len
+        call = AttnCall(self.kind, self.block, q, k, v, image_rotary_emb, text_len, run,
+                        self._attention_backend, self._parallel_config)
+        out = self.engine.method.attention(call)
+        if encoder_hidden_states is None:
+            return out
+        txt, img = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
+        return img, attn.to_add_out(txt.contiguous())
+
+
+def _layer_of(name: str) -> tuple[str, int]:
+    parts = name.split(".")
+    kind = "single" if parts[0] == "single_transformer_blocks" else "double"
+    return kind, int(parts[1])
+
+
+class Engine:
+    """Runs one chunk (identity + frames) of a story through a method, in lockstep."""
+
+    def __init__(self, pipe, method):
+        self.pipe, self.method = pipe, method
+        self.run: Run | None = None
+
+    @contextmanager
+    def installed(self):
+        """Install the engine's processors on every attention layer; restore the originals afterwards."""
+        transformer = self.pipe.transformer
+        original = dict(transformer.attn_processors)
+        new = {}
+        for name, proc in original.items():
+            kind, block = _layer_of(name)
+            p = EngineAttnProcessor(self, kind, block)
+            p._attention_backend = getattr(proc, "_attention_backend", None)
+            p._parallel_config = getattr(proc, "_parallel_config", None)
+            new[name] = p
+        transformer.set_attn_processor(new)
+        try:
+            yield
+        finally:
+            transformer.set_attn_processor(original)
+
+    # ------------------------------------------------------------------ set-up
+    def _groups(self, slots: list[Slot], embeds, pooled, device, dtype) -> list[Group]:
+        pipe = self.pipe
+        channels = pipe.transformer.config.in_channels // 4
+        sizes: list[tuple[int, int]] = []
+        for s in slots:   # identity's size first, then in order of appearance
+            if (s.height, s.width) not in sizes:
+                sizes.append((s.height, s.width))
+        groups = []
+        for h, w in sizes:
+            members = [s for s in slots if (s.height, s.width) == (h, w)]
+            lats, ids = [], None
+            for s in members:
+                lat, ids = pipe.prepare_latents(1, channels, h, w, dtype, device, s.generator)
+                lats.append(lat)
+            rows = torch.tensor([s.pos for s in members], device=embeds.device)
+            groups.append(Group(members, torch.cat(lats), ids, embeds.index_select(0, rows),
+                                pooled.index_select(0, rows)))
+        return groups
+
+    def _reset(self, group: Group, num_steps: int, device) -> None:
+        sched = copy.deepcopy(self.pipe.scheduler)
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        if getattr(sched.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(group.latents0.shape[1], sched.config.get("base_image_seq_len", 256),
+                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                             sched.config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
+        sched.set_begin_index(0)
+        group.scheduler, group.timesteps, group.latents = sched, timesteps, group.latents0.clone()
+
+    # ------------------------------------------------------------------ the loop
+    def generate(self, slots: list[Slot], *, num_inference_steps: int, guidance_scale: float,
+                 max_sequence_length: int, progress=None, callback: Callable | None = None,
+                 callback_tensor_inputs=("latents",)) -> tuple[list[torch.Tensor], Run]:
+        """Denoise the chunk; returns the final packed latents per slot (chunk order) and the run state."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=[s.image.prompt for s in slots], prompt_2=None, device=device, num_images_per_prompt=1,
+            max_sequence_length=max_sequence_length)
+        groups = self._groups(slots, embeds, pooled, device, embeds.dtype)
+        tr_config = pipe.transformer.config
+        run = Run(slots, groups, embeds.shape[1], num_inference_steps, tr_config.num_single_layers,
+                  tr_config.num_layers)
+        self.run = run
+        self.method.start(run)
+        with self.installed():
+            for phase in self.method.phases(num_inference_steps):
+                run.phase = phase
+                for g in groups:
+                    self._reset(g, num_inference_steps, device)
+                for step in range(phase.steps):
+                    run.step = step
+                    self.method.begin_step(run)
+                    for g in groups:
+                        run.group = g
+                        self._forward(g, step, guidance_scale, text_ids, last=not phase.final and
+                                      step == phase.steps - 1)
+                        if callback is not None and phase.final:
+                            t = g.timesteps[step]
+                            kwargs = {k: (g.latents if k == "latents" else None) for k in callback_tensor_inputs}
+                            result = callback(pipe, step, t, kwargs) or {}
+                            g.latents = result.pop("latents", g.latents)
+                    self.method.end_step(run)
+                    if progress is not None:
+                        progress.update()
+        final = {s.pos: g.latents[row:row + 1] for g in groups for row, s in enumerate(g.slots)}
+        return [final[s.pos] for s in slots], run
+
+    def _forward(self, g: Group, step: int, guidance_scale: float, text_ids, last: bool) -> None:
+        transformer = self.pipe.transformer
+        t = g.timesteps[step]
+        batch = g.latents.shape[0]
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=g.latents.device, dtype=torch.float32).expand(batch)
+        timestep = t.expand(batch).to(g.latents.dtype)
+        noise_pred = transformer(hidden_states=g.latents, timestep=timestep / 1000, guidance=guidance,
+                                 pooled_projections=g.pooled, encoder_hidden_states=g.embeds, txt_ids=text_ids,
+                                 img_ids=g.img_ids, return_dict=False)[0]
+        if not last:   # a pre-run stops at its last step's prediction, as the official code does
+            g.latents = g.scheduler.step(noise_pred, t, g.latents, return_dict=False)[0]

@@ -1,0 +1,263 @@
+"""CharaConsist (Wang et al., ICCV 2025) in the lockstep engine.
+
+Components and where they are implemented:
+- mask extraction from text-image attention (paper Sec. 3.2): ``characonsist.mask``;
+- point matching on layer-averaged attention outputs (Sec. 3.1, S_t): ``characonsist.match``;
+- point-tracking attention, identity keys re-encoded with the matched frame positions (Sec. 3.3):
+  ``characonsist.rope.reencode`` + ``characonsist.attention.grouped_attention``;
+- adaptive token merge (Sec. 3.4): ``characonsist.merge``;
+- background kept / changed / mixed: the ``share_bg`` option and the scene rule below.
+
+Only the single-stream blocks are changed (official code): foreground sharing on every ``fg_every``-th single
+block (even ones), background sharing on every ``bg_every``-th (all). Masks and matches are averaged over
+all single blocks. Defaults follow the official code (DESIGN.md Sec. 2), not the paper, where they differ:
+- the mask softmax uses unscaled logits (code) rather than attention weights (paper); ``mask_scaled=True``
+  gives the paper's reading;
+- the layout pre-run (code only): each frame first runs ``mask_step + 1`` steps without foreground sharing;
+  its step-``mask_step`` masks and matches drive the real run's steps 1..mask_step; the real run recomputes
+  them at its own step ``mask_step``. Frame masks are refreshed after every step up to ``mask_step`` (code).
+- Departure forced by lockstep (documented, measured by the toy benchmark): during the pre-run the identity's
+  step-10 mask does not exist yet, so background sharing in the pre-run uses the identity's mask of the
+  previous step; the real run uses the identity's step-10 mask as the official code does.
+
+Scenes (mix mode): with ``share_bg``, a frame takes its background keys from the first earlier image (the
+identity or a frame) whose background text is the same; a frame with a new background starts a scene and
+shares only the foreground, as the official "update background" frame does. Images of another size than
+their scene's first image cannot share its background (token positions differ): they share the foreground
+only and the output notes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import QueryGroup, grouped_attention
+from ..engine import AttnCall, Phase, Run
+from ..mask import foreground_mask, text_attention_spans
+from ..match import Matches, cosine_similarity_matrix, match_points
+from ..merge import merge_tokens, merge_weight
+from ..rope import reencode
+from ..story import StoryImage
+from .base import Method
+
+
+@dataclass
+class CharaConsistConfig:
+    """CharaConsist options; defaults are the official ones."""
+
+    share_bg: bool = True            # keep the background (mix mode when frames' backgrounds differ)
+    use_token_merge: bool = True     # adaptive token merge (official ``use_interpolate``)
+    prerun: bool = True              # layout pre-run of mask_step + 1 steps per frame
+    point_tracking: bool = True      # ablation: False keeps identity keys at their own positions
+    use_mask: bool = True            # ablation: False treats every token as foreground (no bg sharing)
+    share_start: int = 1             # first step with sharing (official attn_start_step)
+    share_end: int = 41              # first step without sharing (official attn_end_step)
+    mask_step: int = 10              # step of masks and matches (official save_mask_point_step)
+    sim_threshold: float = 0.5       # official sim_thr
+    merge_weight: float = 0.8        # official interpolate_weight
+    merge_start: int = 1
+    merge_decay: int = 11
+    merge_end: int = 31
+    fg_every: int = 2                # foreground sharing on single blocks with index % fg_every == 0
+    bg_every: int = 1                # background sharing on single blocks with index % bg_every == 0
+    mask_erode: int = 3
+    mask_dilate: int = 5
+    mask_scaled: bool = False        # softmax of q k^T / sqrt(d) (paper) instead of q k^T (official code)
+
+
+def _scene_key(image: StoryImage) -> str:
+    return " ".join(image.background.lower().split())
+
+
+class CharaConsist(Method):
+    """Point-tracking attention + adaptive token merge on FLUX's single blocks."""
+
+    name = "characonsist"
+    Config = CharaConsistConfig
+
+    # ------------------------------------------------------------------ planning
+    def phases(self, num_steps: int) -> list[Phase]:
+        phases = []
+        if self.config.prerun and num_steps > 1:
+            phases.append(Phase("prerun", min(self.config.mask_step + 1, num_steps), final=False))
+        return phases + [Phase("main", num_steps, final=True)]
+
+    def _scene_anchor(self, images: list[StoryImage], k: int) -> int | None:
+        if not self.config.share_bg or not self.config.use_mask:
+            return None
+        key = _scene_key(images[k])
+        for j in range(k):
+            if _scene_key(images[j]) == key:
+                return j
+        return None
+
+    def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
+        anchor = self._scene_anchor(images, k)
+        return {anchor} if anchor else set()
+
+    def start(self, run: Run) -> None:
+        cfg = self.config
+        images = [s.image for s in run.slots]
+        self.bg_source: dict[int, int | None] = {}
+        for s in run.slots[1:]:
+            src = self._scene_anchor(images, s.pos)
+            if src is not None and run.slots[src].grid != s.grid:
+                run.note(s.pos, "size differs from its scene's first image: background not shared")
+                src = None
+            self.bg_source[s.pos] = src
+        self.masks: dict[int, torch.Tensor] = {}
+        self.id_mask_final: torch.Tensor | None = None
+        self.matches: dict[int, Matches] = {}
+        self.acc_mask: dict[int, list[torch.Tensor]] = {}
+        self.acc_sim: dict[int, torch.Tensor] = {}
+        self.store: dict[int, dict] = {}
+        self.merge_w = 0.0
+        if not cfg.use_mask:
+            for s in run.slots:
+                self.masks[s.pos] = torch.ones(s.num_tokens, dtype=torch.bool)
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, run: Run) -> None:
+        cfg, step, final = self.config, run.step, run.phase.final
+        self.sharing = cfg.share_start <= step < cfg.share_end
+        self.fg_phase = final            # no foreground sharing in the pre-run
+        self.collect_masks = step <= cfg.mask_step and cfg.use_mask
+        self.collect_sim = step == cfg.mask_step
+        self.merge_w = merge_weight(step, cfg.merge_weight, cfg.merge_start, cfg.merge_decay,
+                                    cfg.merge_end) if (cfg.use_token_merge and final) else 0.0
+        self.acc_mask, self.acc_sim, self.store = {}, {}, {}
+
+    def _id_mask(self) -> torch.Tensor | None:
+        return self.id_mask_final if self.id_mask_final is not None else self.masks.get(0)
+
+    def end_step(self, run: Run) -> None:
+        cfg = self.config
+        if self.collect_masks:
+            for s in run.slots:
+                bg, fg = self.acc_mask[s.pos]
+                if s.bg_len == 0 or s.real_len <= s.bg_len:
+                    run.note(s.pos, "no background or no foreground text tokens: whole image taken as foreground")
+                    mask = torch.ones(s.num_tokens, dtype=torch.bool)
+                else:
+                    mask = foreground_mask(bg, fg, s.grid, cfg.mask_erode, cfg.mask_dilate).cpu()
+                self.masks[s.pos] = mask
+                if s.is_identity and run.step == cfg.mask_step:
+                    self.id_mask_final = mask
+        if self.collect_sim:
+            id_fg = self._id_mask()
+            for s in run.slots[1:]:
+                sim = self.acc_sim[s.pos] / run.num_single_blocks
+                frame_fg = self.masks[s.pos]
+                if not bool(frame_fg.any()):
+                    run.note(s.pos, f"{run.phase.name} step {run.step}: foreground mask empty, no foreground sharing")
+                m = match_points(sim, frame_fg, id_fg, cfg.sim_threshold)
+                if len(m) == 0 and bool(frame_fg.any()):
+                    run.note(s.pos, f"{run.phase.name} step {run.step}: no match above sim_threshold="
+                                    f"{cfg.sim_threshold}, no foreground sharing")
+                self.matches[s.pos] = m.to("cpu")
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, call: AttnCall) -> torch.Tensor:
+        if call.kind != "single":
+            return call.plain()
+        cfg, run = self.config, call.run
+        group, T, layer = run.group, call.text_len, call.block
+        fg_layer = self.sharing and self.fg_phase and layer % cfg.fg_every == 0
+        bg_layer = self.sharing and layer % cfg.bg_every == 0
+        id_row = group.row_of(0)
+        if id_row is not None:
+            ident = {"k_raw": call.key[id_row, T:], "k_rot": call.k_rot[id_row, T:], "v": call.value[id_row, T:]}
+        else:
+            ident = self.store[layer]
+
+        plans = {}
+        for row, s in enumerate(group.slots):
+            if s.is_identity:
+                continue
+            plan = self._plan(call, s, row, ident, fg_layer, bg_layer)
+            if plan is not None:
+                plans[row] = plan
+
+        if not plans:
+            out = call.plain()
+        else:
+            plain_rows = [r for r in range(len(group.slots)) if r not in plans]
+            out = torch.empty(call.query.shape[0], call.query.shape[1], call.query.shape[2] * call.query.shape[3],
+                              dtype=call.query.dtype, device=call.query.device)
+            if plain_rows:
+                idx = torch.tensor(plain_rows, device=call.query.device)
+                res = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx])
+                out[idx] = res.flatten(2, 3).to(out.dtype)
+            for row, groups in plans.items():
+                res = grouped_attention(call.q_rot[row], call.k_rot[row], call.value[row], groups,
+                                        attend=call.attend)
+                out[row] = res.flatten(1, 2).to(out.dtype)
+
+        id_out = out[id_row, T:] if id_row is not None else ident["out"]
+        for row, s in enumerate(group.slots):
+            if self.collect_masks:
+                bg, fg = text_attention_spans(call.q_rot[row, T:], call.k_rot[row, :T], s.bg_len, s.real_len,
+                                              cfg.mask_scaled)
+                acc = self.acc_mask.setdefault(s.pos, [torch.zeros_like(bg), torch.zeros_like(fg)])
+                acc[0] += bg
+                acc[1] += fg
+            if s.is_identity:
+                continue
+            if self.collect_sim:
+                sim = cosine_similarity_matrix(out[row, T:], id_out)
+                self.acc_sim[s.pos] = self.acc_sim[s.pos] + sim if s.pos in self.acc_sim else sim
+            m = self.matches.get(s.pos)
+            if self.merge_w > 0 and fg_layer and m is not None and len(m):
+                m = m.to(out.device)
+                out[row, T:] = merge_tokens(out[row, T:], id_out, m.frame_idx, m.id_idx, self.merge_w * m.sim)
+        if id_row is not None and len(run.groups) > 1:
+            ident["out"] = id_out
+            ident["rotary"] = (call.rotary[0][T:], call.rotary[1][T:])
+            self.store[layer] = ident
+        return out
+
+    def _plan(self, call: AttnCall, s, row: int, ident: dict, fg_layer: bool, bg_layer: bool):
+        """Query groups of one frame at this layer, or None when it attends plainly."""
+        cfg, T = self.config, call.text_len
+        mask = self.masks.get(s.pos)
+        if mask is None:
+            return None
+        device = call.query.device
+        mask = mask.to(device)
+        fg_k = fg_v = bg_k = bg_v = None
+        m = self.matches.get(s.pos)
+        if fg_layer and m is not None and len(m):
+            m = m.to(device)
+            if cfg.point_tracking:
+                fg_k = reencode(ident["k_raw"].index_select(0, m.id_idx), call.rotary, T + m.frame_idx)
+            else:
+                fg_k = ident["k_rot"].index_select(0, m.id_idx)
+            fg_v = ident["v"].index_select(0, m.id_idx)
+        src = self.bg_source.get(s.pos)
+        if bg_layer and src is not None:
+            src_mask = self._id_mask() if src == 0 else self.masks.get(src)
+            if src_mask is not None:
+                keep = (~src_mask.to(device)) & (~mask)
+                pos = keep.nonzero(as_tuple=True)[0]
+                if pos.numel():
+                    src_row = call.run.group.row_of(src)
+                    bg_k = call.k_rot[src_row, T:].index_select(0, pos)
+                    bg_v = call.value[src_row, T:].index_select(0, pos)
+        if fg_k is None and bg_k is None:
+            return None
+        img = torch.arange(mask.numel(), device=device)
+        return [QueryGroup(torch.arange(T, device=device)),
+                QueryGroup(T + img[mask], fg_k, fg_v),
+                QueryGroup(T + img[~mask], bg_k, bg_v)]
+
+    def results(self, run: Run) -> dict[int, dict]:
+        out = {}
+        for s in run.slots:
+            mask = self.masks.get(s.pos)
+            out[s.pos] = {
+                "mask": None if mask is None else mask.reshape(s.grid).numpy(),
+                "matches": None if s.is_identity else self.matches.get(s.pos),
+            }
+        return out

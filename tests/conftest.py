@@ -1,0 +1,27 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A tiny random FluxPipeline (shared; tests must not modify it)."""
+    from characonsist.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def story_pipe(tiny_pipe):
+    from characonsist import CharaConsistPipeline
+
+    pipe = CharaConsistPipeline.from_pipe(tiny_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
