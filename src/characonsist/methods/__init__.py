@@ -1,17 +1,34 @@
 """Consistency methods, one file each, behind one interface (``base.Method``).
 
-``METHODS`` maps a name to its class; ``get_method`` builds one from a name and options.
+``METHODS`` maps a name to ``"module:Class"`` (imported on first use, so a method's dependencies load only
+when it runs); ``get_method`` builds one from a name and options.
 """
 
 from __future__ import annotations
 
-from .base import Method, Vanilla
-from .characonsist import CharaConsist
+import importlib
 
-METHODS: dict[str, type[Method]] = {
-    "vanilla": Vanilla,
-    "characonsist": CharaConsist,
+from .base import Method, Vanilla
+
+METHODS: dict[str, str] = {
+    "vanilla": "characonsist.methods.base:Vanilla",
+    "characonsist": "characonsist.methods.characonsist:CharaConsist",
+    "consistory": "characonsist.methods.consistory:ConsiStory",
+    "storysync": "characonsist.methods.storysync:StorySync",
+    "storydiffusion": "characonsist.methods.storydiffusion:StoryDiffusion",
 }
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name``; a clear error lists the valid names."""
+    try:
+        module, cls = METHODS[name].split(":")
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}") from None
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"method {name!r} is registered but not available in this build: {err}") from err
 
 
 def get_method(method: str | Method, **options) -> Method:
@@ -20,11 +37,7 @@ def get_method(method: str | Method, **options) -> Method:
         if options:
             raise ValueError(f"options {sorted(options)} given with a method instance; set them on the instance")
         return method
-    try:
-        cls = METHODS[method]
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}; valid methods: {sorted(METHODS)}") from None
-    return cls(**options)
+    return method_class(method)(**options)
 
 
-__all__ = ["METHODS", "CharaConsist", "Method", "Vanilla", "get_method"]
+__all__ = ["METHODS", "Method", "Vanilla", "get_method", "method_class"]
