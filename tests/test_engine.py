@@ -152,3 +152,24 @@ def test_save_and_load_round_trip(tiny_pipe, story_pipe, tmp_path):
     b = story_pipe(IDENTITY, FRAMES[:2], **KW)
     for x, y in zip(a.images, b.images):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_vanilla_twins_reproduce_plain_flux(story_pipe):
+    from characonsist.methods.base import Vanilla
+
+    class Twins(Vanilla):
+        seen_rows: list = []
+
+        def twin_steps(self, phase):
+            return 5
+
+        def attention(self, call):
+            self.seen_rows.append(call.query.shape[0])
+            return call.plain()
+
+    method = Twins()
+    out = story_pipe(IDENTITY, FRAMES[:2], method=method, **KW)
+    ref = story_pipe(IDENTITY, FRAMES[:2], method="vanilla", **KW)
+    for x, y in zip(out.images, ref.images):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert 6 in method.seen_rows and 3 in method.seen_rows     # twins ran, then were dropped

@@ -40,6 +40,7 @@ class Slot:
     grid: tuple[int, int]       # image token grid (rows, cols)
     bg_len: int                 # T5 tokens of the background field
     real_len: int               # T5 tokens of the whole prompt (no end token), <= text length
+    char_len: int = 0           # T5 tokens of the character field (it starts at bg_len)
     pos: int = 0                # position in the chunk (identity = 0)
 
     @property
@@ -64,11 +65,21 @@ class Group:
     scheduler: object = None
     timesteps: torch.Tensor | None = None
 
+    twins: bool = False         # rows len(slots).. are plain "vanilla twins" of the slots, same order
+
     def row_of(self, pos: int) -> int | None:
         for row, slot in enumerate(self.slots):
             if slot.pos == pos:
                 return row
         return None
+
+    def twin_row(self, pos: int) -> int | None:
+        row = self.row_of(pos)
+        return None if row is None or not self.twins else row + len(self.slots)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.slots) * (2 if self.twins else 1)
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,7 @@ class Engine:
                                 pooled.index_select(0, rows)))
         return groups
 
-    def _reset(self, group: Group, num_steps: int, device) -> None:
+    def _reset(self, group: Group, num_steps: int, device, twin_steps: int = 0) -> None:
         sched = copy.deepcopy(self.pipe.scheduler)
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         if getattr(sched.config, "use_flow_sigmas", False):
@@ -261,6 +272,9 @@ class Engine:
         timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
         sched.set_begin_index(0)
         group.scheduler, group.timesteps, group.latents = sched, timesteps, group.latents0.clone()
+        group.twins = bool(twin_steps)
+        if group.twins:   # the twins start from the same noise and denoise plainly
+            group.latents = torch.cat([group.latents, group.latents])
 
     # ------------------------------------------------------------------ the loop
     def generate(self, slots: list[Slot], *, num_inference_steps: int, guidance_scale: float,
@@ -281,23 +295,30 @@ class Engine:
         with self.installed():
             for phase in self.method.phases(num_inference_steps):
                 run.phase = phase
+                twin_steps = min(self.method.twin_steps(phase), phase.steps)
                 for g in groups:
-                    self._reset(g, num_inference_steps, device)
+                    self._reset(g, num_inference_steps, device, twin_steps)
                 for step in range(phase.steps):
                     run.step = step
+                    if twin_steps and step == twin_steps:
+                        for g in groups:   # twins are no longer needed: drop their rows
+                            g.twins, g.latents = False, g.latents[: len(g.slots)]
                     self.method.begin_step(run)
                     for g in groups:
                         run.group = g
                         self._forward(g, step, guidance_scale, text_ids, last=not phase.final and
                                       step == phase.steps - 1)
                         if callback is not None and phase.final:
-                            t = g.timesteps[step]
-                            kwargs = {k: (g.latents if k == "latents" else None) for k in callback_tensor_inputs}
-                            result = callback(pipe, step, t, kwargs) or {}
-                            g.latents = result.pop("latents", g.latents)
+                            n = len(g.slots)   # the callback sees the images' rows, never the twins'
+                            kwargs = {k: (g.latents[:n] if k == "latents" else None) for k in callback_tensor_inputs}
+                            result = callback(pipe, step, g.timesteps[step], kwargs) or {}
+                            if "latents" in result:
+                                g.latents = torch.cat([result.pop("latents"), g.latents[n:]])
                     self.method.end_step(run)
                     if progress is not None:
                         progress.update()
+        for g in groups:
+            g.twins, g.latents = False, g.latents[: len(g.slots)]
         final = {s.pos: g.latents[row:row + 1] for g in groups for row, s in enumerate(g.slots)}
         return [final[s.pos] for s in slots], run
 
@@ -305,12 +326,15 @@ class Engine:
         transformer = self.pipe.transformer
         t = g.timesteps[step]
         batch = g.latents.shape[0]
+        embeds, pooled = g.embeds, g.pooled
+        if g.twins:
+            embeds, pooled = torch.cat([embeds, embeds]), torch.cat([pooled, pooled])
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=g.latents.device, dtype=torch.float32).expand(batch)
         timestep = t.expand(batch).to(g.latents.dtype)
         noise_pred = transformer(hidden_states=g.latents, timestep=timestep / 1000, guidance=guidance,
-                                 pooled_projections=g.pooled, encoder_hidden_states=g.embeds, txt_ids=text_ids,
+                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                                  img_ids=g.img_ids, return_dict=False)[0]
         if not last:   # a pre-run stops at its last step's prediction, as the official code does
             g.latents = g.scheduler.step(noise_pred, t, g.latents, return_dict=False)[0]

@@ -62,8 +62,8 @@ def _generators(n: int, seed, generator, images: list[StoryImage]):
 class CharaConsistPipeline(FluxPipeline):
     """FLUX.1 story generation with a consistency method (CharaConsist by default)."""
 
-    def token_spans(self, image: StoryImage, max_sequence_length: int) -> tuple[int, int]:
-        """(background tokens, real prompt tokens) in the T5 sequence, without the end token.
+    def token_spans(self, image: StoryImage, max_sequence_length: int) -> tuple[int, int, int]:
+        """(background tokens, real prompt tokens, character tokens) in the T5 sequence, no end token.
 
         Raises if the prompt does not fit ``max_sequence_length`` (FluxPipeline would silently cut it).
         """
@@ -76,7 +76,8 @@ class CharaConsistPipeline(FluxPipeline):
         if real + 1 > max_sequence_length:
             raise ValueError(f"prompt {image.spec()!r} is {real + 1} T5 tokens with the end token; the limit is "
                              f"max_sequence_length={max_sequence_length}: shorten it or raise the limit (<= 512)")
-        return min(count(image.background.strip()), real), real
+        bg = min(count(image.background.strip()), real)
+        return bg, real, min(count(image.character.strip()), real - bg)
 
     @torch.no_grad()
     def __call__(
@@ -115,8 +116,9 @@ class CharaConsistPipeline(FluxPipeline):
             h, w = img.height or default_h, img.width or default_w
             if h % multiple or w % multiple:
                 raise ValueError(f"image {k} ({img.spec()!r}): size {h}x{w} is not a multiple of {multiple}")
-            bg_len, real_len = self.token_spans(img, max_sequence_length)
-            slots.append(Slot(k, img, h, w, seeds[k], gens[k], (h // multiple, w // multiple), bg_len, real_len))
+            bg_len, real_len, char_len = self.token_spans(img, max_sequence_length)
+            slots.append(Slot(k, img, h, w, seeds[k], gens[k], (h // multiple, w // multiple), bg_len, real_len,
+                              char_len))
 
         chunks = self._chunks(images, method, batch_size)
         total = sum(p.steps for p in method.phases(num_inference_steps)) * len(chunks)

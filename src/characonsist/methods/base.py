@@ -39,6 +39,14 @@ class Method:
     def phases(self, num_steps: int) -> list[Phase]:
         return [Phase("main", num_steps, final=True)]
 
+    def twin_steps(self, phase: Phase) -> int:
+        """Run a plain "vanilla twin" of every image in the same batch for the first N steps of ``phase``.
+
+        Twin rows follow the slots' rows (``Group.twin_row``); the method must give them plain attention.
+        They start from the same noise, so they reproduce plain FLUX exactly while they run.
+        """
+        return 0
+
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         """Story indices (besides the identity) that must run in the same chunk as image ``k``."""
         return set()

@@ -183,7 +183,7 @@ class CharaConsist(Method):
         if not plans:
             out = call.plain()
         else:
-            plain_rows = [r for r in range(len(group.slots)) if r not in plans]
+            plain_rows = [r for r in range(call.query.shape[0]) if r not in plans]
             out = torch.empty(call.query.shape[0], call.query.shape[1], call.query.shape[2] * call.query.shape[3],
                               dtype=call.query.dtype, device=call.query.device)
             if plain_rows:
