@@ -216,6 +216,13 @@ def test_out_of_memory_names_the_modes_that_fit(tmp_path, model_dir, fake, capsy
     assert "model-offload" not in cli.oom_advice("model-offload", [0]).split("fit:")[1]
 
 
+def test_method_options_are_settings(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir, "--no-share-bg", "--option", "mask_step=3", "--option", "point_tracking=off") == 0
+    settings = json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]
+    assert settings["method_options"] == {"share_bg": False, "use_token_merge": True, "mask_step": 3,
+                                          "point_tracking": False}
+
+
 def test_structured_story_per_frame_seed_size_caption(tmp_path, model_dir, fake):
     story = write(tmp_path, "story.yaml", """
 scenes:
@@ -262,10 +269,14 @@ def test_progress_and_messages_unless_quiet(tmp_path, model_dir, fake, capsys):
     ("park#a cat\n", [], "story.txt:1: 'park#a cat' has 1 '#'"),
     ("park#a cat#sits\n\n#a dog#swims\n", [], "story.txt:3: the background field is empty"),
     ("park#a cat#sits\n", ["--height", "40"], "--height 40 is not a positive multiple of 16"),
-    ("park#a cat#sits\n", ["--method", "magic"], "unknown method 'magic'; valid: characonsist, vanilla"),
+    ("park#a cat#sits\n", ["--method", "magic"], "unknown method 'magic'; valid: characonsist, "),
     ("park#a cat#sits\n", ["--memory", "cloud"], "unknown memory mode 'cloud'; valid: none, model-offload"),
     ("park#a cat#sits\n", ["--memory", "model-offload"], "needs a CUDA GPU"),
     ("park#a cat#sits\n", ["--gpu-ids", "a,b"], "--gpu-ids"),
+    ("park#a cat#sits\n", ["--batch-size", "1"], "--batch-size must be at least 2"),
+    ("park#a cat#sits\n", ["--method", "vanilla", "--share-bg"], "--share-bg: method 'vanilla' has no option share_bg"),
+    ("park#a cat#sits\n", ["--option", "colour=red"], "KEY one of the options of method 'characonsist': share_bg"),
+    ("park#a cat#sits\n", ["--option", "mask_step=ten"], "'ten' is not a int"),
 ])
 def test_bad_input_fails_before_the_model(tmp_path, model_dir, fake, capsys, story, extra, message):
     path = write(tmp_path, "story.txt", story)

@@ -86,6 +86,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="share the identity's background with frames of the same scene (official --share_bg; default on)")
     p.add_argument("--token-merge", action=argparse.BooleanOptionalAction,
                    help="adaptive token merge (official --use_interpolate; default on)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any other method option, e.g. mask_step=10 or point_tracking=false (repeatable; for ablations)")
     p.add_argument("--save-masks", action="store_true", help="also save mask and point-match visualisations per image")
     p.add_argument("--height", type=int, help="image height, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
@@ -115,15 +117,45 @@ def method_names() -> list[str]:
 
 
 def method_options(method: str, args) -> dict:
-    """The method's share_bg / use_token_merge options: the user's choice, else the method's own default."""
-    wanted = {"share_bg": args.share_bg, "use_token_merge": args.token_merge}
+    """The method's options: --share-bg / --token-merge / --option as given, else the method's own defaults
+    (only share_bg and use_token_merge are recorded when left at their defaults)."""
     try:
-        from .methods import METHODS
-
-        config = {f.name: f.default for f in dataclasses.fields(METHODS[method].Config)}
-    except (ImportError, KeyError, AttributeError, TypeError):
+        from .methods import method_class
+    except ImportError:
         config = {"share_bg": True, "use_token_merge": True} if method == "characonsist" else {}
-    return {k: (config[k] if v is None else bool(v)) for k, v in wanted.items() if k in config}
+    else:
+        try:
+            cls = method_class(method)
+        except ValueError as e:  # registered but not built yet / its dependencies missing
+            raise UsageError(str(e)) from None
+        config = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    options = {k: config[k] for k in ("share_bg", "use_token_merge") if k in config}
+    for name, flag, value in (("share_bg", "--share-bg", args.share_bg),
+                              ("use_token_merge", "--token-merge", args.token_merge)):
+        if value is not None:
+            if name not in config:
+                raise UsageError(f"{flag}: method {method!r} has no option {name}; its options: "
+                                 f"{', '.join(config) or 'none'}")
+            options[name] = bool(value)
+    for item in args.option or []:
+        key, sep, text = item.partition("=")
+        if not sep or key not in config:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE, KEY one of the options of method {method!r}: "
+                             f"{', '.join(config) or 'none'}")
+        options[key] = _parse_value(text, config[key], item)
+    return options
+
+
+def _parse_value(text: str, default, item: str):
+    """A --option value in the type of the option's default."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes", "on")
+        return type(default)(text) if default is not None else text
+    except ValueError:
+        raise UsageError(f"--option {item!r}: {text!r} is not a {type(default).__name__}") from None
 
 
 def check_memory(args) -> tuple[str, list[int]]:
@@ -260,11 +292,12 @@ def plan_jobs(stories: list[Story], run: dict, out: Path, save_masks: bool) -> l
 
 
 def _inspect(job: Job, out: Path, save_masks: bool) -> None:
-    job.finished, conflict = [], False
+    job.finished, conflict, kept = [], False, []
     for record in job.records:
         path = out / record["path"]
         old = read_png_record(path) if path.exists() else None
         job.finished.append(old is not None and old.get("settings_hash") == job.hash)
+        kept.append(old if job.finished[-1] else None)
         if path.exists() and not job.finished[-1]:
             conflict = True
             for change in _describe_change(old, record):
@@ -278,6 +311,9 @@ def _inspect(job: Job, out: Path, save_masks: bool) -> None:
     elif all(job.finished) and board_ok and (board.get("masks_saved") or not save_masks):
         job.state = "done"
         job.masks = board.get("masks", [])
+    if all(job.finished):  # what the manifest says about images made by an earlier run
+        job.notes = [old.get("notes", []) for old in kept]
+        job.engine_settings = kept[0].get("engine_settings")
     elif any(job.finished) or board_ok:
         job.state = "partial"
 
@@ -475,12 +511,9 @@ def versions() -> dict:
 def write_manifest(out: Path, stories: list[Story], run: dict, jobs: list[Job]) -> None:
     groups = []
     for job in jobs:
-        old = {}
-        if job.engine_settings is None and job.state == "done":  # skipped this run: settings from its identity PNG
-            old = read_png_record(out / job.records[0]["path"]) or {}
         entry = {"name": job.folder, "status": job.state, "settings_hash": job.hash,
                  "storyboard": f"{job.folder}/storyboard.png" if job.state == "done" else None,
-                 "masks": job.masks, "engine_settings": job.engine_settings or old.get("engine_settings")}
+                 "masks": job.masks, "engine_settings": job.engine_settings}
         images = []
         for i, r in enumerate(job.records):
             item = {k: r[k] for k in ("path", "prompt", "background", "character", "action", "seed", "height",
