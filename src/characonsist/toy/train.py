@@ -1,0 +1,466 @@
+"""Train the toy FLUX model of the toy world: seeded, resumable, and the recipe of the shipped weights.
+
+Stages (``python -m characonsist.toy.train --out RUN --stage vae|transformer|all|export``):
+
+1. ``vae``: render a fixed, seeded data set of the toy world, train an ``AutoencoderKL`` (128 px -> 16 x 32 x 32
+   latents, scale factor 4 like FLUX's 8 at 1024 px), measure the latents' ``shift_factor`` and
+   ``scaling_factor``, and save a ``FluxPipeline`` folder (random frozen CLIP and T5 encoders, project-made
+   tokenizers, a fresh transformer) to ``RUN/pipeline``.
+2. ``transformer``: rectified flow matching as in FLUX (``x_t = (1 - s) x_0 + s n``, the model predicts
+   ``n - x_0`` at timestep ``s``; ``s`` logit-normal, then shifted by the same ``mu`` the pipeline's scheduler
+   uses at this image size), with the pipeline's own packing, position ids and prompt encoding, so that
+   ``FluxPipeline.__call__`` samples it as it is. Resumes from ``RUN`` and stops after ``--minutes``; the
+   learning rate schedule is counted in steps (warm up, hold, then decay over the last ``decay_frac`` of
+   ``--steps``), so the result depends on the step count, not on where a run was cut.
+3. ``export``: cast to float16 and save the shipped folder with ``characonsist_defaults.json``.
+
+Everything that the text encoders and the VAE produce is rounded to float16 first, so the float16 folder that
+ships is exactly the one the transformer was trained with. The checkpoint keeps Adam's second moment only
+(in bfloat16): it must travel between GPU sessions under a size limit; the first moment rebuilds in a few
+steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULTS = {"height": 128, "width": 128, "num_inference_steps": 20, "guidance_scale": 0.0,
+            "max_sequence_length": 32}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained model (the shipped one was made with these defaults)."""
+
+    seed: int = 0
+    size: int = 128
+    n_images: int = 80_000           # fixed rendered data set (72 captions x ~1100 random identities)
+    render_chunk: int = 500
+    max_sequence_length: int = 32
+    # VAE
+    vae_steps: int = 3000
+    vae_batch: int = 64
+    vae_lr: float = 4e-4
+    kl_weight: float = 1e-4          # on the per-element mean KL: keeps the latents smooth and near unit scale
+    # transformer
+    steps: int = 12_000
+    batch: int = 256
+    lr: float = 4e-4
+    warmup: int = 300
+    decay_frac: float = 0.25         # linear decay to zero over the last quarter of the steps
+    uniform_frac: float = 0.1        # share of timesteps drawn uniformly (covers s near 0 and 1)
+
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 128), layers_per_block=1,
+    latent_channels=16, norm_num_groups=16, sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
+)
+TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=32,
+    num_attention_heads=6, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+    axes_dims_rope=(8, 12, 12),
+)
+CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                   max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu")
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+                 dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+SCHEDULER_CONFIG = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                        base_image_seq_len=256, max_image_seq_len=4096)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def all_prompts() -> list[str]:
+    """Every prompt of the toy world (the three caption fields joined by spaces, as ``StoryImage.prompt``)."""
+    from ..story import StoryImage
+    from . import world
+
+    return [StoryImage.parse(world.caption(s, k, a)).prompt
+            for s in world.SCENES for k in world.KINDS for a in world.ACTIONS]
+
+
+def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Render ``n`` examples from the chunk's own seeded generator (independent of the worker count)."""
+    from ..story import StoryImage
+    from . import world
+
+    seed, chunk, n, size = args
+    rng = np.random.default_rng([seed, chunk])
+    images, prompts = np.empty((n, size, size, 3), np.uint8), []
+    for i in range(n):
+        images[i], _, cap = world.sample_example(rng, size=size)
+        prompts.append(StoryImage.parse(cap).prompt)
+    return images, prompts
+
+
+def render_dataset(n: int, seed: int, size: int = 128, chunk: int = 500,
+                   workers: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """``n`` seeded examples: uint8 images (n, size, size, 3) and their prompts. Call before CUDA starts."""
+    jobs = [(seed, c, min(chunk, n - c * chunk), size) for c in range(math.ceil(n / chunk))]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        parts = [_render_chunk(j) for j in jobs]
+    else:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_render_chunk, jobs, chunksize=1)
+    return np.concatenate([p[0] for p in parts]), [q for p in parts for q in p[1]]
+
+
+def to_pixels(images: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the VAE's input range)."""
+    x = torch.as_tensor(images, device=device)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+
+def _round_fp16(module: torch.nn.Module) -> torch.nn.Module:
+    """Round the weights to float16 values (kept in float32): what ships is what was used."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.half().float())
+    return module
+
+
+def make_word_t5_tokenizer(words, model_max_length: int = 512):
+    """A T5 (unigram) tokenizer with every known word one piece, and single characters for anything else.
+
+    ``characonsist.tokenizers.make_t5_tokenizer`` trained on the toy world's 72 prompts keeps only single
+    characters (the unigram trainer finds no multi-character piece in so small a corpus): 43 tokens a prompt,
+    and a 2-layer random T5 gives the transformer little to read words from. Here the word pieces outscore any
+    spelling of them, so Viterbi picks whole words.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -2.0) for w in sorted({w.lower() for w in words})]
+    vocab += [("\u2581", -8.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_config: dict | None = None,
+                   clip_config: dict | None = None, t5_config: dict | None = None):
+    """A fresh seeded ``FluxPipeline`` of the toy architecture (text encoders random and frozen)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ..tokenizers import make_clip_tokenizer
+    from . import world
+
+    tok1 = make_clip_tokenizer(world.VOCAB_WORDS, model_max_length=77)
+    tok2 = make_word_t5_tokenizer(world.VOCAB_WORDS)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok1), bos_token_id=tok1.bos_token_id, eos_token_id=tok1.eos_token_id,
+        pad_token_id=tok1.pad_token_id, attention_dropout=0.0, **(clip_config or CLIP_CONFIG)))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok2), pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id,
+        decoder_start_token_id=tok2.pad_token_id, **(t5_config or T5_CONFIG)))
+    vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
+    transformer = FluxTransformer2DModel(**(transformer_config or TRANSFORMER_CONFIG))
+    for m in (clip, t5):
+        _round_fp16(m.eval()).requires_grad_(False)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
+                        tokenizer=tok1, text_encoder_2=t5, tokenizer_2=tok2, transformer=transformer)
+
+
+def load_run_pipeline(run: Path, device: str = "cpu"):
+    """The run's pipeline, every part in float32 (the transformer's weights are the float32 masters)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(run / "pipeline", torch_dtype=torch.float32)
+    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.eval().requires_grad_(False)
+    return pipe.to(device)
+
+
+def save_run_pipeline(pipe, run: Path) -> None:
+    """Save with the frozen parts in float16 (exact: their weights are float16 values) and the transformer in
+    float32."""
+    parts = (pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
+    for m in parts:
+        m.to(torch.float16)
+    pipe.save_pretrained(run / "pipeline", safe_serialization=True)
+    for m in parts:
+        m.to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None) -> tuple:
+    """L1 + MSE reconstruction of a posterior sample, plus ``kl_weight`` x the mean KL to N(0, 1)."""
+    post = vae.encode(x).latent_dist
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=generator, device=x.device,
+                                           dtype=post.mean.dtype)
+    rec = vae.decode(z).sample
+    recon = (rec.float() - x).abs().mean() + F.mse_loss(rec.float(), x)
+    kl = 0.5 * (post.mean.float() ** 2 + post.var.float() - 1.0 - post.logvar.float()).mean()
+    return recon + kl_weight * kl, recon.detach(), kl.detach()
+
+
+def pipeline_mu(image_seq_len: int) -> float:
+    """The ``mu`` the pipeline's scheduler uses for this many image tokens (FLUX's resolution shift)."""
+    c = SCHEDULER_CONFIG
+    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return c["base_shift"] + m * (image_seq_len - c["base_image_seq_len"])
+
+
+def sample_sigmas(n: int, mu: float, uniform_frac: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Training noise levels: logit-normal (some uniform), then FLUX's shift ``e^mu / (e^mu + 1/u - 1)``."""
+    u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    uni = torch.rand(n, generator=generator, device=device)
+    pick = torch.rand(n, generator=generator, device=device) < uniform_frac
+    u = torch.where(pick, uni, u).clamp(1e-4, 1.0)
+    return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
+
+
+def flow_loss(transformer, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+              prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Rectified flow matching on scaled latents (B, C, h, w), packed and positioned like ``FluxPipeline``."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
+    n = FluxPipeline._pack_latents(noise, b, c, h, w)
+    s = sigmas.view(b, 1, 1).to(x0.dtype)
+    xt = (1.0 - s) * x0 + s * n
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+    txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+    pred = transformer(hidden_states=xt, timestep=sigmas.to(x0.dtype), guidance=None, pooled_projections=pooled,
+                       encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
+                       return_dict=False)[0]
+    return F.mse_loss(pred.float(), (n - x0).float())
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warm up, hold, then decay linearly to zero over the last ``decay_frac`` of the steps."""
+    decay_start = int(cfg.steps * (1 - cfg.decay_frac))
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr * max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+def _log(run: Path, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    with open(run / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def _state(run: Path) -> dict:
+    p = run / "state.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_state(run: Path, state: dict) -> None:
+    tmp = run / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(run / "state.json")
+
+
+@torch.no_grad()
+def encode_images(vae, images: np.ndarray, device, batch: int = 512) -> torch.Tensor:
+    """Posterior means of uint8 images (N, H, W, 3), float16 on ``device``."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_pixels(images[i:i + batch], device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(vae.encode(x).latent_dist.mean.to(torch.float16))
+    return torch.cat(out)
+
+
+def train_vae(run: Path, cfg: TrainConfig, images: np.ndarray, device, deadline: float) -> None:
+    """Stage 1: the VAE, its latent statistics, and the saved starting pipeline."""
+    pipe = build_pipeline(cfg.seed)
+    vae = pipe.vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    pool = torch.as_tensor(images).to(device)
+    t0, step = time.time(), 0
+    for step in range(cfg.vae_steps):
+        if time.time() > deadline:
+            _log(run, f"vae: out of time at step {step}")
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * (1 - step / cfg.vae_steps))
+        idx = torch.randint(0, len(pool), (cfg.vae_batch,), generator=gen, device=device)
+        x = to_pixels(pool[idx])
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss, recon, kl = vae_loss(vae, x, cfg.kl_weight, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 250 == 0 or step == cfg.vae_steps - 1:
+            _log(run, f"vae step {step} recon {recon.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    _round_fp16(vae)
+    lat = encode_images(vae, images[:4096], device).float()
+    shift, std = lat.mean().item(), lat.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=1.0 / std)
+    with torch.no_grad():
+        x = to_pixels(images[:256], device)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+        err = (rec - x).abs().mean().item() * 127.5
+    _log(run, f"vae done: {step + 1} steps, shift {shift:.4f}, scale {1 / std:.4f}, "
+              f"mean abs error {err:.2f}/255 ({time.time() - t0:.0f} s)")
+    pipe.vae = vae.cpu()
+    save_run_pipeline(pipe, run)
+    state = _state(run)
+    state.update(vae_done=True, vae_steps=step + 1, vae_error_255=err, config=asdict(cfg), transformer_step=0)
+    _save_state(run, state)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 sequence embeddings and CLIP pooled embeddings, exactly as ``FluxPipeline.encode_prompt`` makes them."""
+    embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device,
+                                           max_sequence_length=max_sequence_length)
+    return embeds.float(), pooled.float()
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, names: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for p, st in opt.state.items():
+        if "exp_avg_sq" in st:
+            tensors[names[p]] = st["exp_avg_sq"].to(torch.bfloat16).contiguous().cpu()
+    save_file(tensors, str(path))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path, step: int) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    for name, p in named.items():
+        if name in saved:
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": saved[name].to(p.device, torch.float32)}
+
+
+def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
+                      deadline: float) -> None:
+    """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes)."""
+    state = _state(run)
+    step = int(state.get("transformer_step", 0))
+    if step >= cfg.steps:
+        _log(run, f"transformer: already at step {step}")
+        return
+    pipe = load_run_pipeline(run, device)
+    vae, transformer = pipe.vae, pipe.transformer.train()
+    t0 = time.time()
+    latents = encode_images(vae, images, device)
+    lat_shift, lat_scale = vae.config.shift_factor, vae.config.scaling_factor
+    uniq = sorted(set(prompts))
+    index = {p: i for i, p in enumerate(uniq)}
+    prompt_idx = torch.tensor([index[p] for p in prompts], device=device)
+    embeds, pooled = encode_prompts(pipe, uniq, cfg.max_sequence_length, device)
+    _log(run, f"transformer: {len(latents)} latents, {len(uniq)} prompts encoded ({time.time() - t0:.0f} s)")
+    named = dict(transformer.named_parameters())
+    opt = torch.optim.AdamW(named.values(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if step > 0 and (run / "optimizer.safetensors").exists():
+        _load_optimizer(opt, named, run / "optimizer.safetensors", step)
+        _log(run, f"transformer: resumed at step {step}")
+    mu = pipeline_mu((cfg.size // 8) ** 2)
+    losses, t1, start = [], time.time(), step
+    while step < cfg.steps and time.time() < deadline:
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen, device=device)
+        x0 = (latents[idx].float() - lat_shift) * lat_scale
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        sig = sample_sigmas(cfg.batch, mu, cfg.uniform_frac, gen, device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = flow_loss(transformer, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item() if step % 50 == 0 else None)
+        step += 1
+        if step % 500 == 0:
+            recent = [v for v in losses[-500:] if v is not None]
+            rate = (step - start) / (time.time() - t1)
+            _log(run, f"transformer step {step}/{cfg.steps} loss {np.mean(recent):.4f} lr {lr_at(step, cfg):.2e} "
+                      f"({rate:.1f} steps/s)")
+    _log(run, f"transformer: stopped at step {step}/{cfg.steps} after {time.time() - t1:.0f} s of training")
+    transformer.eval()
+    pipe.to("cpu")
+    save_run_pipeline(pipe, run)
+    _save_optimizer(opt, {p: n for n, p in named.items()}, run / "optimizer.safetensors")
+    state = _state(run)
+    state.update(transformer_step=step, config=asdict(cfg))
+    state.setdefault("transformer_seconds", 0.0)
+    state["transformer_seconds"] += time.time() - t1
+    _save_state(run, state)
+
+
+def export(run: Path, weights: Path) -> None:
+    """Stage 3: the shipped float16 folder (``FluxPipeline.save_pretrained``) and its defaults file."""
+    pipe = load_run_pipeline(run)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(weights, safe_serialization=True)
+    cfg = _state(run).get("config", {})
+    defaults = dict(DEFAULTS, max_sequence_length=cfg.get("max_sequence_length", DEFAULTS["max_sequence_length"]))
+    (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoint; resumed if present)")
+    ap.add_argument("--stage", choices=("vae", "transformer", "all", "export"), default="all")
+    ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this invocation")
+    ap.add_argument("--steps", type=int, default=None, help="total transformer steps (schedule length)")
+    ap.add_argument("--n-images", type=int, default=None)
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--weights", type=Path, default=None, help="export: target folder (default: the package's)")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    deadline = t_start + args.minutes * 60 - 45        # keep time to save
+    run = args.out
+    run.mkdir(parents=True, exist_ok=True)
+    if args.stage == "export":
+        from .model import TOY_MODEL_DIR
+        export(run, args.weights or TOY_MODEL_DIR)
+        return
+    cfg = TrainConfig(**_state(run).get("config", {}))
+    for key in ("steps", "n_images", "vae_steps", "batch", "seed"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk)  # before CUDA starts
+    _log(run, f"rendered {len(images)} images in {time.time() - t_start:.0f} s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if args.stage in ("vae", "all") and not _state(run).get("vae_done"):
+        vae_deadline = deadline if args.stage == "vae" else min(deadline, time.time() + 240)
+        train_vae(run, cfg, images, device, vae_deadline)
+    if args.stage in ("transformer", "all"):
+        train_transformer(run, cfg, images, prompts, device, deadline)
+    _log(run, f"done in {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
