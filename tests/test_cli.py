@@ -332,3 +332,20 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "flux"
     tiny_flux_pipeline().save_pretrained(folder)
     return folder
+
+
+def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch):
+    import sys
+    import types
+
+    import characonsist.toy
+
+    seen = {}
+    bench = types.ModuleType("characonsist.toy.bench")
+    bench.add_arguments = lambda parser: parser.add_argument("--frames", type=int, default=3)
+    bench.run = lambda args: seen.setdefault("frames", args.frames) and 0
+    monkeypatch.setitem(sys.modules, "characonsist.toy.bench", bench)
+    monkeypatch.setattr(characonsist.toy, "bench", bench, raising=False)
+    assert cli.main(["bench", "toy", "--frames", "7"]) == 0
+    assert seen == {"frames": 7}
+    assert cli.main(["bench"]) == cli.EXIT_BAD_INPUT

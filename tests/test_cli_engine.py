@@ -95,3 +95,24 @@ def test_characonsist_masks_matches_and_interrupted_run(tmp_path, tiny_model, mo
     with Image.open(out / "group_000/masks/identity_mask.png") as sheet:
         assert sheet.size == (128, 64)
     assert (out / "group_000/masks/frame_01_match.png").exists()
+
+
+def test_demo_runs_the_packaged_story_on_the_toy_model(tmp_path, tiny_model, monkeypatch, capsys):
+    import shutil
+
+    from characonsist.toy import model as toy
+
+    folder = tmp_path / "toy"
+    shutil.copytree(tiny_model, folder)
+    (folder / "characonsist_defaults.json").write_text(json.dumps(
+        {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 3.5, "max_sequence_length": 64}))
+    monkeypatch.setattr(toy, "TOY_MODEL_DIR", folder)  # stands in for the shipped weights
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "demo" / "manifest.json").read_text())
+    assert manifest["settings"]["model"] == "toy" and manifest["settings"]["save_masks"] is True
+    assert manifest["settings"]["num_inference_steps"] == 2  # the toy model's defaults
+    group = manifest["groups"][0]
+    assert len(group["frames"]) == 4 and group["identity"]["prompt"].startswith("a sunny beach a robot")
+    assert f"storyboard: {tmp_path / 'demo' / 'group_000' / 'storyboard.png'}" in printed
+    assert "masks:" in printed and "images:" in printed

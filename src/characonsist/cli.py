@@ -186,11 +186,14 @@ def resolve_model(name: str) -> ModelRef:
     """Find the model without loading it: toy, an existing folder, or a hub id (access checked on the hub)."""
     if name == "toy":
         try:
-            from .toy.model import TOY_MODEL_DIR
+            from .toy import model as toy
         except ImportError as e:
             raise UsageError(f"the toy model is not available in this install ({e})") from None
-        folder = Path(TOY_MODEL_DIR)
-        return ModelRef(name, "toy", folder, _folder_defaults(folder))
+        try:
+            defaults = toy.load_toy_defaults(toy.TOY_MODEL_DIR)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        return ModelRef(name, "toy", Path(toy.TOY_MODEL_DIR), {k: v for k, v in defaults.items() if k in FLUX_DEFAULTS})
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -365,9 +368,8 @@ def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: 
     if ref.kind == "toy":
         from .toy.model import load_toy_pipeline
 
-        flux, _ = load_toy_pipeline()
+        flux, _ = load_toy_pipeline(device=device, dtype=dtype, path=ref.folder)
         pipe = CharaConsistPipeline.from_pipe(flux)
-        pipe.to(device, dtype)
     elif mode == "balanced":
         free = {g: f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9 / 2**30)}GiB" for g in gpus}
         pipe = _from_pretrained(CharaConsistPipeline, ref.name, torch_dtype=dtype, device_map="balanced",
