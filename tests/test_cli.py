@@ -138,17 +138,28 @@ def test_rerun_skips_everything_without_loading_the_model(tmp_path, model_dir, f
     assert snapshot(tmp_path / "out") == before
 
 
-def test_partial_group_regenerated_finished_images_untouched(tmp_path, model_dir, fake):
-    assert run(tmp_path, model_dir) == 0
+def test_partial_group_regenerated_finished_files_untouched(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir, "--save-masks") == 0
     out = tmp_path / "out"
     before = snapshot(out)
-    kept = out / "group_000" / "identity.png"
-    mtime = kept.stat().st_mtime_ns
-    (out / "group_000" / "frame_02.png").unlink()
-    assert run(tmp_path, model_dir) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    lost = out / "group_000" / "frame_02.png"
+    lost.unlink()
+    assert run(tmp_path, model_dir, "--save-masks") == 0
     assert fake.calls == ["group_000", "group_001", "group_000"]
-    assert kept.stat().st_mtime_ns == mtime  # not rewritten at all
-    assert snapshot(out) == before            # the lost frame came back identical
+    assert snapshot(out) == before  # the lost frame came back identical
+    assert [p for p, t in mtimes.items() if p.stat().st_mtime_ns != t] == [lost]  # nothing else was rewritten
+
+
+def test_overwrite_replaces_a_shorter_group(tmp_path, model_dir, fake, capsys):
+    assert run(tmp_path, model_dir) == 0
+    shorter = write(tmp_path, "story.txt", STORY.replace("park#a cat#jumps\n", ""))
+    assert run(tmp_path, model_dir, story=shorter) == cli.EXIT_BAD_INPUT
+    assert "group_000: the group's images or their number changed" in capsys.readouterr().err
+    assert run(tmp_path, model_dir, "--overwrite", story=shorter) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "group_000").glob("*.png")) == [
+        "frame_01.png", "identity.png", "storyboard.png"]
+    assert fake.calls == ["group_000", "group_001", "group_000"]
 
 
 def test_interrupted_run_keeps_finished_groups_and_resumes(tmp_path, model_dir, fake, capsys):

@@ -314,11 +314,11 @@ def _inspect(job: Job, out: Path, save_masks: bool) -> None:
     elif all(job.finished) and board_ok and (board.get("masks_saved") or not save_masks):
         job.state = "done"
         job.masks = board.get("masks", [])
+    elif any(job.finished) or board_ok:
+        job.state = "partial"
     if all(job.finished):  # what the manifest says about images made by an earlier run
         job.notes = [old.get("notes", []) for old in kept]
         job.engine_settings = kept[0].get("engine_settings")
-    elif any(job.finished) or board_ok:
-        job.state = "partial"
 
 
 def _describe_change(old: dict | None, new: dict) -> list[str]:
@@ -441,7 +441,7 @@ def _is_oom(error: BaseException) -> bool:
 
 # ---------------------------------------------------------------------------------------------- writing
 
-def write_group(job: Job, result: GroupResult, out: Path, save_masks: bool, overwrite: bool) -> None:
+def write_group(job: Job, result: GroupResult, out: Path, save_masks: bool) -> None:
     """Save the group's unfinished images (finished ones are never rewritten), masks, and storyboard."""
     import numpy as np
     from PIL import Image
@@ -452,7 +452,7 @@ def write_group(job: Job, result: GroupResult, out: Path, save_masks: bool, over
     job.notes = [list(n) for n in (result.notes or [[] for _ in images])]
     job.engine_settings = result.settings
     for i, (image, record) in enumerate(zip(images, job.records)):
-        if job.finished[i] and not overwrite:
+        if job.finished[i]:  # made by an earlier run: never rewritten
             continue
         record = {**record, "notes": job.notes[i], "engine_settings": result.settings}
         save_png(out / record["path"], image, record)
@@ -602,9 +602,13 @@ def cmd_generate(args) -> int:
                  for j in conflicts]
         raise UsageError(f"{len(conflicts)} group(s) in {out} were generated with other settings:\n" + "\n".join(lines)
                          + "\nRerun with --overwrite to replace them, or choose another --out.")
-    for job in conflicts:  # --overwrite: start the group from scratch
+    for job in conflicts:  # --overwrite: start the group from scratch, without the old group's extra files
         job.finished = [False] * len(job.records)
         job.state = "todo"
+        expected = {r["path"] for r in job.records}
+        for old in [*(out / job.folder).glob("frame_*.png"), *(out / job.folder / "masks").glob("*.png")]:
+            if old.relative_to(out).as_posix() not in expected:
+                old.unlink()
     todo = [j for j in jobs if j.state != "done"]
     # groups whose images are all there but whose storyboard was lost need no model
     for job in list(todo):
@@ -632,7 +636,7 @@ def cmd_generate(args) -> int:
             image_bar.set_postfix_str(job.folder)
             try:
                 result = generate(job)
-                write_group(job, result, out, args.save_masks, args.overwrite)
+                write_group(job, result, out, args.save_masks)
                 fallbacks = sum(len(n) for n in job.notes)
                 if fallbacks:
                     say(f"{job.folder}: {fallbacks} fallback note(s) (empty mask, no match, ...): see manifest.json")

@@ -22,8 +22,12 @@ META_KEY = "characonsist"  # PNG text chunk holding the JSON record of the image
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (fsync'd, so it survives a crash)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (fsync'd, so it survives a crash).
+
+    A file that already holds exactly ``data`` is left alone (not even its modification time changes)."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
