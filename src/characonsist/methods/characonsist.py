@@ -113,6 +113,7 @@ class CharaConsist(Method):
         self.acc_mask: dict[int, list[torch.Tensor]] = {}
         self.acc_sim: dict[int, torch.Tensor] = {}
         self.store: dict[int, dict] = {}
+        self.layouts: dict[tuple, dict | None] = {}
         self.merge_w = 0.0
         if not cfg.use_mask:
             for s in run.slots:
@@ -127,7 +128,7 @@ class CharaConsist(Method):
         self.collect_sim = step == cfg.mask_step
         self.merge_w = merge_weight(step, cfg.merge_weight, cfg.merge_start, cfg.merge_decay,
                                     cfg.merge_end) if (cfg.use_token_merge and final) else 0.0
-        self.acc_mask, self.acc_sim, self.store = {}, {}, {}
+        self.acc_mask, self.acc_sim, self.store, self.layouts = {}, {}, {}, {}
 
     def _id_mask(self) -> torch.Tensor | None:
         return self.id_mask_final if self.id_mask_final is not None else self.masks.get(0)
@@ -176,7 +177,7 @@ class CharaConsist(Method):
         for row, s in enumerate(group.slots):
             if s.is_identity:
                 continue
-            plan = self._plan(call, s, row, ident, fg_layer, bg_layer)
+            plan = self._plan(call, s, ident, fg_layer, bg_layer)
             if plan is not None:
                 plans[row] = plan
 
@@ -208,9 +209,9 @@ class CharaConsist(Method):
             if self.collect_sim:
                 sim = cosine_similarity_matrix(out[row, T:], id_out)
                 self.acc_sim[s.pos] = self.acc_sim[s.pos] + sim if s.pos in self.acc_sim else sim
-            m = self.matches.get(s.pos)
-            if self.merge_w > 0 and fg_layer and m is not None and len(m):
-                m = m.to(out.device)
+            lay = self._layout(s, T, out.device) if self.merge_w > 0 and fg_layer else None
+            if lay is not None and lay["matches"] is not None:
+                m = lay["matches"]
                 out[row, T:] = merge_tokens(out[row, T:], id_out, m.frame_idx, m.id_idx, self.merge_w * m.sim)
         if id_row is not None and len(run.groups) > 1:
             ident["out"] = id_out
@@ -218,39 +219,60 @@ class CharaConsist(Method):
             self.store[layer] = ident
         return out
 
-    def _plan(self, call: AttnCall, s, row: int, ident: dict, fg_layer: bool, bg_layer: bool):
-        """Query groups of one frame at this layer, or None when it attends plainly."""
-        cfg, T = self.config, call.text_len
+    def _layout(self, s, T: int, device) -> dict | None:
+        """Index tensors of one frame for the current step, built once per step on the device.
+
+        Masks and matches change only between steps, so the boolean-to-index conversions (which wait for the
+        device) happen once per step instead of at every layer.
+        """
+        key = (s.pos, T, str(device))
+        if key in self.layouts:
+            return self.layouts[key]
         mask = self.masks.get(s.pos)
         if mask is None:
+            self.layouts[key] = None
             return None
-        device = call.query.device
         mask = mask.to(device)
-        fg_k = fg_v = bg_k = bg_v = None
+        img = torch.arange(mask.numel(), device=device)
+        layout = {"text": torch.arange(T, device=device), "fg": T + img[mask], "bg": T + img[~mask],
+                  "matches": None, "bg_pos": None}
         m = self.matches.get(s.pos)
-        if fg_layer and m is not None and len(m):
+        if m is not None and len(m):
             m = m.to(device)
+            layout["matches"] = m
+            layout["fg_pos"] = T + m.frame_idx
+            layout["alpha"] = m.sim
+        src = self.bg_source.get(s.pos)
+        if src is not None:
+            src_mask = self._id_mask() if src == 0 else self.masks.get(src)
+            if src_mask is not None:
+                pos = ((~src_mask.to(device)) & (~mask)).nonzero(as_tuple=True)[0]
+                if pos.numel():
+                    layout["bg_pos"], layout["bg_src"] = pos, src
+        self.layouts[key] = layout
+        return layout
+
+    def _plan(self, call: AttnCall, s, ident: dict, fg_layer: bool, bg_layer: bool):
+        """Query groups of one frame at this layer, or None when it attends plainly."""
+        cfg, T = self.config, call.text_len
+        lay = self._layout(s, T, call.query.device)
+        if lay is None:
+            return None
+        fg_k = fg_v = bg_k = bg_v = None
+        m = lay["matches"]
+        if fg_layer and m is not None:
             if cfg.point_tracking:
-                fg_k = reencode(ident["k_raw"].index_select(0, m.id_idx), call.rotary, T + m.frame_idx)
+                fg_k = reencode(ident["k_raw"].index_select(0, m.id_idx), call.rotary, lay["fg_pos"])
             else:
                 fg_k = ident["k_rot"].index_select(0, m.id_idx)
             fg_v = ident["v"].index_select(0, m.id_idx)
-        src = self.bg_source.get(s.pos)
-        if bg_layer and src is not None:
-            src_mask = self._id_mask() if src == 0 else self.masks.get(src)
-            if src_mask is not None:
-                keep = (~src_mask.to(device)) & (~mask)
-                pos = keep.nonzero(as_tuple=True)[0]
-                if pos.numel():
-                    src_row = call.run.group.row_of(src)
-                    bg_k = call.k_rot[src_row, T:].index_select(0, pos)
-                    bg_v = call.value[src_row, T:].index_select(0, pos)
+        if bg_layer and lay["bg_pos"] is not None:
+            src_row = call.run.group.row_of(lay["bg_src"])
+            bg_k = call.k_rot[src_row, T:].index_select(0, lay["bg_pos"])
+            bg_v = call.value[src_row, T:].index_select(0, lay["bg_pos"])
         if fg_k is None and bg_k is None:
             return None
-        img = torch.arange(mask.numel(), device=device)
-        return [QueryGroup(torch.arange(T, device=device)),
-                QueryGroup(T + img[mask], fg_k, fg_v),
-                QueryGroup(T + img[~mask], bg_k, bg_v)]
+        return [QueryGroup(lay["text"]), QueryGroup(lay["fg"], fg_k, fg_v), QueryGroup(lay["bg"], bg_k, bg_v)]
 
     def results(self, run: Run) -> dict[int, dict]:
         out = {}
