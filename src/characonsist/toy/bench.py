@@ -1,0 +1,388 @@
+"""``characonsist bench toy``: consistency methods on toy-world stories, scored by the readout.
+
+For each method, every story (identity + frames) is generated in one pipeline call, every image is read back
+(:mod:`characonsist.toy.readout`), and the metrics below are computed (docs/TOY_WORLD.md defines them):
+
+- identity consistency: fraction of frames whose four unnamed attributes all equal the identity image's
+  (read from both), with the agreement per attribute and per story mode;
+- prompt adherence: fraction of named fields (scene, kind, position, size) read back as the caption says,
+  over all images, identity included;
+- background consistency (``fixed`` stories): fraction of background pixels (outside both characters'
+  boxes) whose colour stays within 32/255 of the identity's in every channel; and scene-readout agreement;
+- position diversity: fraction of frame pairs of a story whose read actions differ (the prompts' own
+  fraction is reported beside it);
+- seconds per story (one pipeline call, decoding included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import world
+from .suite import MODES, ToyStory, load_stories, make_suite, reduced_suite
+
+# ablations of CharaConsist: name -> (registry name, options); the option names are the engine's contract
+ALIASES: dict[str, tuple[str, dict]] = {
+    "characonsist-no-tracking": ("characonsist", {"point_tracking": False}),
+    "characonsist-no-merge": ("characonsist", {"use_token_merge": False}),
+    "characonsist-no-mask": ("characonsist", {"use_mask": False}),
+}
+ORACLE = "oracle"            # pseudo-method: the renderer draws the truth (the readout's ceiling)
+ADHERENCE_FIELDS = ("scene", "kind", "position", "size")
+BG_TOLERANCE = 32            # per-channel colour difference (0-255) under which a background pixel "agrees"
+BOX_MARGIN = 0.05            # of the image size, around the nominal character box (covers the renderer's jitter)
+
+
+# ---------------------------------------------------------------- methods
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name+option=value+...`` (or an ablation alias) -> (registry name, options)."""
+    name, *opts = spec.strip().split("+")
+    base, options = ALIASES.get(name, (name, {}))
+    options = dict(options)
+    for opt in opts:
+        key, sep, val = opt.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method {spec!r}: option {opt!r} is not key=value (e.g. characonsist+share_bg=false)")
+        options[key.strip()] = _value(val.strip())
+    return base, options
+
+
+# ---------------------------------------------------------------- metrics (pure functions)
+
+def character_box(action: str, size: int = 128) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) that holds a character doing ``action`` (nominal geometry + margin)."""
+    cx, feet, h = world.action_geometry(action, size)
+    m = BOX_MARGIN * size
+    x0, x1 = cx - 0.5 * h - m, cx + 0.5 * h + m
+    y0, y1 = feet - 1.25 * h - m, feet + m
+    return (max(int(x0), 0), max(int(y0), 0), min(int(np.ceil(x1)), size), min(int(np.ceil(y1)), size))
+
+
+def background_mask(actions: list[str], size: int = 128) -> np.ndarray:
+    """True where no character doing any of ``actions`` can be."""
+    mask = np.ones((size, size), bool)
+    for a in actions:
+        x0, y0, x1, y1 = character_box(a, size)
+        mask[y0:y1, x0:x1] = False
+    return mask
+
+
+def background_agreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, tol: int = BG_TOLERANCE) -> float:
+    """Fraction of ``mask`` pixels where images ``a`` and ``b`` (uint8) differ by at most ``tol`` in every channel."""
+    if not mask.any():
+        return float("nan")
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(-1)
+    return float((diff[mask] <= tol).mean())
+
+
+def to_uint8(image) -> np.ndarray:
+    """A pipeline image (PIL, float array in [0, 1] or uint8 array) as uint8 (H, W, 3)."""
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image.convert("RGB"))
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return image[..., :3]
+
+
+def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
+                images: list[np.ndarray] | None = None, mode: str | None = None) -> dict:
+    """Counts and sums for one story (identity first in ``truth``, ``reads`` and ``images``); see module doc."""
+    ident, frames = reads[0], reads[1:]
+    out: dict = {"frames": len(frames)}
+    out["identity_hits"] = sum(all(r[a] == ident[a] for a in world.ATTRIBUTES) for r in frames)
+    out["attribute_hits"] = {a: sum(r[a] == ident[a] for r in frames) for a in world.ATTRIBUTES}
+    named = {f: 0 for f in ADHERENCE_FIELDS}
+    for (scene, kind, action), r in zip(truth, reads):
+        size, position = action.split("-")
+        for f, v in zip(ADHERENCE_FIELDS, (scene, kind, position, size)):
+            named[f] += r[f] == v
+    out["adherence_hits"] = named
+    out["images"] = len(reads)
+    pairs = list(itertools.combinations(range(1, len(reads)), 2))
+    out["pairs"] = len(pairs)
+    out["diverse_pairs"] = sum(reads[i]["action"] != reads[j]["action"] for i, j in pairs)
+    out["prompted_diverse_pairs"] = sum(truth[i][2] != truth[j][2] for i, j in pairs)
+    mode = mode or ("fixed" if all(t[0] == truth[0][0] for t in truth) else "other")
+    if mode == "fixed" and frames:
+        out["bg_scene_hits"] = sum(r["scene"] == ident["scene"] for r in frames)
+        if images is not None:
+            size = images[0].shape[0]
+            agree = []
+            for k in range(1, len(images)):
+                acts = [truth[0][2], ident["action"], truth[k][2], reads[k]["action"]]
+                agree.append(background_agreement(images[0], images[k], background_mask(acts, size)))
+            out["bg_pixel"] = float(np.nanmean(agree)) if not np.all(np.isnan(agree)) else float("nan")
+    return out
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def aggregate(stories: list[dict]) -> dict:
+    """Method-level metrics from :func:`score_story` results (each with ``mode`` and ``seconds``)."""
+    ok = [s for s in stories if "error" not in s]
+    frames = sum(s["frames"] for s in ok)
+    images = sum(s["images"] for s in ok)
+    fixed = [s for s in ok if "bg_scene_hits" in s]
+    bg_pix = [s["bg_pixel"] for s in fixed if "bg_pixel" in s and not np.isnan(s["bg_pixel"])]
+    m = {
+        "stories": len(stories), "failed": len(stories) - len(ok),
+        "identity_consistency": _ratio(sum(s["identity_hits"] for s in ok), frames),
+        "attribute_agreement": {a: _ratio(sum(s["attribute_hits"][a] for s in ok), frames)
+                                for a in world.ATTRIBUTES},
+        "prompt_adherence": _ratio(sum(sum(s["adherence_hits"].values()) for s in ok),
+                                   images * len(ADHERENCE_FIELDS)),
+        "adherence_per_field": {f: _ratio(sum(s["adherence_hits"][f] for s in ok), images)
+                                for f in ADHERENCE_FIELDS},
+        "background_consistency": float(np.mean(bg_pix)) if bg_pix else float("nan"),
+        "background_scene_agreement": _ratio(sum(s["bg_scene_hits"] for s in fixed),
+                                             sum(s["frames"] for s in fixed)),
+        "position_diversity": _ratio(sum(s["diverse_pairs"] for s in ok), sum(s["pairs"] for s in ok)),
+        "prompted_diversity": _ratio(sum(s["prompted_diverse_pairs"] for s in ok), sum(s["pairs"] for s in ok)),
+        "seconds_per_story": float(np.mean([s["seconds"] for s in ok])) if ok else float("nan"),
+    }
+    m["identity_by_mode"] = {
+        mode: _ratio(sum(s["identity_hits"] for s in ok if s["mode"] == mode),
+                     sum(s["frames"] for s in ok if s["mode"] == mode)) for mode in MODES}
+    return m
+
+
+# ---------------------------------------------------------------- running
+
+def _oracle_images(story: ToyStory, seed: int, size: int) -> list[np.ndarray]:
+    """The truth: one sampled identity drawn into every image; a scene keeps its layout within the story."""
+    rng = np.random.default_rng(seed)
+    truth = story.truth
+    ch = world.sample_character(rng, kind=truth[0][1])
+    out = []
+    for scene, _, action in truth:
+        layout = np.random.default_rng([seed, list(world.SCENES).index(scene)])
+        out.append(world.render(scene, ch, action, size=size, rng=layout))
+    return out
+
+
+def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
+              width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
+              log=None, readout_net=None, **gen_kwargs) -> dict:
+    """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
+
+    Story ``i`` is generated with seed ``seed + story.seed`` for every image (the official convention: identity
+    and frames start from the same noise). ``gen_kwargs`` go to the pipeline call (e.g. ``guidance_scale``).
+    Returns ``{"settings": ..., "methods": {spec: {"method", "options", "metrics", "stories"}}}``.
+    """
+    from .readout import read_batch
+
+    settings = {"seed": seed, "height": height, "width": width, "num_inference_steps": num_inference_steps,
+                "max_sequence_length": max_sequence_length, "stories": len(stories), **gen_kwargs}
+    result: dict = {"settings": settings, "methods": {}}
+    if pipe is not None and hasattr(pipe, "token_spans"):    # prompt lengths, before any generation
+        problems = set()
+        for story in stories:
+            for im in story.images:
+                try:
+                    pipe.token_spans(im, max_sequence_length)
+                except ValueError as e:
+                    problems.add(str(e))
+        if problems:
+            raise ValueError("\n".join(sorted(problems)))
+    for spec in methods:
+        name, options = parse_method(spec)
+        records = []
+        for n, story in enumerate(stories):
+            s = seed + story.seed
+            t0 = time.perf_counter()
+            try:
+                if name == ORACLE:
+                    images = _oracle_images(story, s, height)
+                else:
+                    out = pipe(identity=story.identity, frames=list(story.frames), method=name, seed=s,
+                               num_inference_steps=num_inference_steps, height=height, width=width,
+                               max_sequence_length=max_sequence_length, output_type="np", **gen_kwargs, **options)
+                    images = [to_uint8(im) for im in (out.identity, *out.frames)]
+            except Exception as e:  # a failing story is reported, the others still count
+                records.append({"name": story.name, "mode": story.mode, "error": f"{type(e).__name__}: {e}"})
+                if log:
+                    log(f"[{spec}] {story.name}: FAILED {type(e).__name__}: {e}")
+                continue
+            seconds = time.perf_counter() - t0
+            reads = read_batch(images, readout_net)
+            rec = score_story(story.truth, reads, images, story.mode)
+            rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, reads=reads,
+                       prompts=[im.spec() for im in story.images])
+            records.append(rec)
+            if log:
+                log(f"[{spec}] {n + 1}/{len(stories)} {story.name}: identity {rec['identity_hits']}/{rec['frames']}"
+                    f" in {seconds:.1f}s")
+        result["methods"][spec] = {"method": name, "options": options, "metrics": aggregate(records),
+                                   "stories": records}
+    return result
+
+
+def _pct(x: float) -> str:
+    return "   -" if x != x else f"{100 * x:5.1f}"
+
+
+def format_tables(result: dict) -> str:
+    """Two aligned tables: the headline metrics, then identity consistency by mode and by attribute."""
+    names = list(result["methods"])
+    w = max([len("method"), *map(len, names)])
+    head = (f"{'method':<{w}}  {'identity':>8}  {'adhere':>6}  {'bg-pix':>6}  {'bg-scene':>8}  {'divers':>6}  "
+            f"{'(prompt)':>8}  {'s/story':>7}  {'failed':>6}")
+    lines = [head, "-" * len(head)]
+    for n in names:
+        m = result["methods"][n]["metrics"]
+        lines.append(f"{n:<{w}}  {_pct(m['identity_consistency']):>8}  {_pct(m['prompt_adherence']):>6}  "
+                     f"{_pct(m['background_consistency']):>6}  {_pct(m['background_scene_agreement']):>8}  "
+                     f"{_pct(m['position_diversity']):>6}  {_pct(m['prompted_diversity']):>8}  "
+                     f"{m['seconds_per_story']:>7.2f}  {m['failed']:>6}")
+    cols = [*MODES, *world.ATTRIBUTES]
+    head2 = f"{'identity by':<{w}}  " + "  ".join(f"{c:>15}" for c in cols)
+    lines += ["", head2, "-" * len(head2)]
+    for n in names:
+        m = result["methods"][n]["metrics"]
+        vals = [m["identity_by_mode"][c] for c in MODES] + [m["attribute_agreement"][a] for a in world.ATTRIBUTES]
+        lines.append(f"{n:<{w}}  " + "  ".join(f"{_pct(v):>15}" for v in vals))
+    lines.append("(percent; identity = frames whose unnamed attributes all match the identity image; "
+                 "bg-* on fixed-background stories)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``characonsist bench toy``."""
+    parser.add_argument("--methods", default="vanilla,characonsist",
+                        help="comma-separated: registry names, ablations (characonsist-no-tracking, "
+                             "characonsist-no-merge, characonsist-no-mask), name+option=value, or 'oracle' "
+                             "(the renderer's truth: the readout's ceiling)")
+    parser.add_argument("--stories", default=None,
+                        help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
+    parser.add_argument("--reduced", action="store_true", help="the 12-story CPU subset of the suite")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
+    parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
+    parser.add_argument("--model", default="toy",
+                        help="'toy' (shipped toy model), 'tiny' (random tiny FLUX, plumbing only) or a diffusers folder")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
+    parser.add_argument("--quiet", action="store_true", help="no per-story progress lines")
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
+    """(CharaConsistPipeline, defaults) for ``toy``, ``tiny`` or a diffusers folder."""
+    import torch
+
+    from ..pipeline import CharaConsistPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    defaults = {"height": 128, "width": 128, "num_inference_steps": 20, "max_sequence_length": 32}
+    if model == "toy":
+        from .model import load_toy_pipeline
+        flux, d = load_toy_pipeline(device=device, dtype=torch_dtype)
+        defaults.update(d)
+    elif model == "tiny":
+        from ..testing import tiny_flux_pipeline
+        flux = tiny_flux_pipeline(dtype=torch_dtype).to(device)
+        defaults.update(num_inference_steps=2, max_sequence_length=64)  # its T5 vocabulary spells toy words out
+    else:
+        from diffusers import FluxPipeline
+        flux = FluxPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
+    pipe = CharaConsistPipeline.from_pipe(flux)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, defaults
+
+
+def _plain(x):
+    """JSON-safe copy: NaN -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if x != x else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def run(args: argparse.Namespace) -> int:
+    """``characonsist bench toy``: print the tables, optionally write JSON; 0 on success."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        print("bench toy: --methods is empty", file=sys.stderr)
+        return 2
+    try:
+        for m in methods:
+            parse_method(m)
+        if args.stories:
+            stories = load_stories(args.stories)
+            suite = str(args.stories)
+        else:
+            stories = reduced_suite() if args.reduced else make_suite()
+            suite = "reduced" if args.reduced else "full"
+    except ValueError as e:  # StoryError is a ValueError
+        print(f"bench toy: {e}", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        stories = stories[:args.limit]
+    pipe = None
+    defaults = {"height": 128, "width": 128, "num_inference_steps": 20, "max_sequence_length": 32}
+    if any(parse_method(m)[0] != ORACLE for m in methods):
+        pipe, defaults = load_pipeline(args.model, args.device, args.dtype)
+    gen = {k: defaults[k] for k in ("height", "width", "num_inference_steps", "max_sequence_length")}
+    if args.steps is not None:
+        gen["num_inference_steps"] = args.steps
+    if "guidance_scale" in defaults:
+        gen["guidance_scale"] = defaults["guidance_scale"]
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    try:
+        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, **gen)
+    except ValueError as e:
+        print(f"bench toy: {e}", file=sys.stderr)
+        return 2
+    result["settings"].update(suite=suite, model=args.model, device=args.device, dtype=args.dtype,
+                              total_seconds=time.perf_counter() - t0)
+    print(f"toy bench: {len(stories)} stories ({suite}), model {args.model}, {gen['num_inference_steps']} steps, "
+          f"{result['settings']['total_seconds']:.0f}s")
+    print(format_tables(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_plain(result), indent=1))
+        print(f"wrote {args.json}")
+    failed = sum(m["metrics"]["failed"] for m in result["methods"].values())
+    if failed:
+        print(f"bench toy: {failed} story runs failed (see the log above / the JSON)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m characonsist.toy.bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

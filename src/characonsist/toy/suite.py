@@ -1,0 +1,134 @@
+"""The toy benchmark's stories: a fixed seeded suite, or any story file written in the toy vocabulary.
+
+A story is one identity image and its frames, all of the same character kind. Three modes, a third each:
+
+- ``fixed``: every frame keeps the identity's scene; the actions vary.
+- ``changing``: every frame is in another scene than the identity; consecutive frames differ.
+- ``mixed``: some frames keep the identity's scene, others switch, and a switched scene comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..story import StoryImage
+from . import world
+
+MODES = ("fixed", "changing", "mixed")
+SUITE_SEED = 2025
+
+
+@dataclass(frozen=True)
+class ToyStory:
+    """An identity and its frames; ``truth`` gives (scene, kind, action) of each image, identity first."""
+
+    name: str
+    mode: str
+    identity: StoryImage
+    frames: tuple[StoryImage, ...]
+    seed: int = 0       # offset added to the run's base seed
+
+    @property
+    def images(self) -> list[StoryImage]:
+        return [self.identity, *self.frames]
+
+    @property
+    def truth(self) -> list[tuple[str, str, str]]:
+        return [world.parse_caption(im.spec()) for im in self.images]
+
+
+def _image(scene: str, kind: str, action: str) -> StoryImage:
+    return StoryImage.parse(world.caption(scene, kind, action))
+
+
+def _frame_scenes(mode: str, home: str, rng: np.random.Generator, n: int) -> list[str]:
+    others = [s for s in world.SCENES if s != home]
+    if mode == "fixed":
+        return [home] * n
+    if mode == "changing":                      # never home, no scene twice in a row
+        out: list[str] = []
+        while len(out) < n:
+            choices = [s for s in others if not out or s != out[-1]]
+            out.append(str(rng.choice(choices)))
+        return out
+    while True:                                 # mixed: home and away frames, an away scene repeated
+        away = [str(s) for s in rng.choice(others, size=2, replace=False)]
+        pool = [home, home, away[0], away[0]] if rng.random() < 0.5 else [home, away[0], away[0], away[1]]
+        pool = (pool * n)[:n] if n != 4 else pool
+        out = [str(s) for s in rng.permutation(pool)]
+        if home in out and any(s != home for s in out):
+            return out
+
+
+def make_suite(n_per_mode: int = 20, frames: int = 4, seed: int = SUITE_SEED) -> list[ToyStory]:
+    """The fixed suite: ``n_per_mode`` stories per mode (60 by default), interleaved fixed, changing, mixed.
+
+    Kinds cycle through :data:`world.KINDS` in each mode; identity scenes and actions are drawn from ``seed``; frame actions
+    are distinct within a story (drawn without replacement from the 6 actions).
+    """
+    rng = np.random.default_rng(seed)
+    kinds = list(world.KINDS)
+    stories = []
+    for i in range(n_per_mode):
+        for m, mode in enumerate(MODES):
+            k = len(stories)
+            kind = kinds[(i + m) % len(kinds)]          # every mode sees every kind
+            home = str(rng.choice(list(world.SCENES)))
+            actions = [str(a) for a in rng.choice(list(world.ACTIONS), size=frames + 1, replace=frames + 1 > 6)]
+            scenes = _frame_scenes(mode, home, rng, frames)
+            stories.append(ToyStory(
+                name=f"{mode}-{i:02d}", mode=mode, identity=_image(home, kind, actions[0]),
+                frames=tuple(_image(s, kind, a) for s, a in zip(scenes, actions[1:])), seed=k))
+    return stories
+
+
+def reduced_suite(n_per_mode: int = 4) -> list[ToyStory]:
+    """The CPU subset: the first ``n_per_mode`` stories of each mode of :func:`make_suite` (12)."""
+    return make_suite()[:n_per_mode * len(MODES)]
+
+
+def story_mode(truth: list[tuple[str, str, str]]) -> str:
+    """``fixed`` if every frame keeps the identity's scene, ``changing`` if none does, else ``mixed``."""
+    home = truth[0][0]
+    keep = [t[0] == home for t in truth[1:]]
+    return "fixed" if all(keep) else "changing" if not any(keep) else "mixed"
+
+
+def load_stories(path: str | Path) -> list[ToyStory]:
+    """Stories from a story file (official text format, or the structured YAML/TOML of ``storyfile``).
+
+    Every image must be in the toy vocabulary (:mod:`characonsist.toy.world`) and the frames' kind must be
+    the identity's; all problems are reported at once with their places.
+    """
+    from ..storyfile import StoryError, load_story
+
+    story = load_story(path)
+    problems: list[str] = []
+    out = []
+    for gi, group in enumerate(story.groups):
+        truth = []
+        for img, where in zip(group.images, group.where):
+            try:
+                truth.append(world.parse_caption(img.spec()))
+            except ValueError as e:
+                problems.append(f"{where}: {e}")
+        if len(truth) != len(group.images):
+            continue
+        if len(truth) < 2:
+            problems.append(f"{group.where[0]}: a toy story needs an identity and at least one frame")
+        if any(t[1] != truth[0][1] for t in truth):
+            problems.append(f"{group.where[0]}: every image of a story must show the identity's kind "
+                            f"({world.KINDS[truth[0][1]]!r})")
+        out.append(ToyStory(name=group.name or f"story-{gi:02d}", mode=story_mode(truth),
+                            identity=group.identity, frames=tuple(group.frames), seed=gi))
+    if problems:
+        raise StoryError(problems)
+    return out
+
+
+def write_stories(stories: list[ToyStory], path: str | Path) -> None:
+    """Write stories in the official text format (one ``bg#fg#act`` per line, a blank line between stories)."""
+    Path(path).write_text("\n\n".join("\n".join(im.spec() for im in s.images) for s in stories) + "\n")
