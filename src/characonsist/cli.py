@@ -625,7 +625,13 @@ def cmd_generate(args) -> int:
     # 3. generate
     if args.quiet:
         _silence_libraries()
-    generate = load_engine(ref, run, mode, gpus, progress=not args.quiet)
+    try:
+        generate = load_engine(ref, run, mode, gpus, progress=not args.quiet)
+    except Exception as error:
+        if _is_oom(error):
+            _say(f"loading the model failed: {oom_advice(mode, gpus)}", err=True)
+            return EXIT_FAILED
+        raise
     if tokenizer is None and getattr(generate, "tokenizer", None) is not None:
         problems = [p for s in stories for p in check_prompt_lengths(s, generate.tokenizer, run["max_sequence_length"])]
         if problems:
