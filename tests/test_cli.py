@@ -234,6 +234,24 @@ def test_method_options_are_settings(tmp_path, model_dir, fake):
                                           "point_tracking": False}
 
 
+def test_defaults_follow_the_model(tmp_path, model_dir, fake):
+    """FLUX.1-dev's defaults; FLUX.1-schnell's for a transformer without guidance; the folder's own file wins."""
+    story = write(tmp_path, "story.txt", "park#a cat#sits\n")
+    base = ["generate", str(story), "--model", str(model_dir), "--height", "32", "--width", "32", "--quiet"]
+
+    def settings(out):
+        assert cli.main([*base, "--out", str(tmp_path / out)]) == 0
+        found = json.loads((tmp_path / out / "manifest.json").read_text())["settings"]
+        return found["num_inference_steps"], found["guidance_scale"], found["max_sequence_length"]
+
+    assert settings("dev") == (50, 3.5, 512)
+    (model_dir / "transformer").mkdir()
+    (model_dir / "transformer" / "config.json").write_text('{"guidance_embeds": false}')
+    assert settings("schnell") == (4, 0.0, 256)
+    (model_dir / "characonsist_defaults.json").write_text('{"num_inference_steps": 7}')
+    assert settings("own") == (7, 0.0, 256)
+
+
 def test_structured_story_per_frame_seed_size_caption(tmp_path, model_dir, fake):
     story = write(tmp_path, "story.yaml", """
 scenes:

@@ -204,12 +204,31 @@ def resolve_model(name: str) -> ModelRef:
         raise UsageError(f"model folder {name!r} does not exist (a hub id looks like owner/name, e.g. "
                          "black-forest-labs/FLUX.1-dev; `toy` is the model shipped with the package)")
     check_hub_access(name)
-    return ModelRef(name, "hub")
+    return ModelRef(name, "hub", None, _schnell_defaults(_hub_file(name, "transformer/config.json")))
 
 
 def _folder_defaults(folder: Path) -> dict:
     data = read_json(folder / DEFAULTS_FILE) or {}
-    return {k: v for k, v in data.items() if k in FLUX_DEFAULTS}
+    own = {k: v for k, v in data.items() if k in FLUX_DEFAULTS}
+    return {**_schnell_defaults(folder / "transformer" / "config.json"), **own}
+
+
+def _schnell_defaults(config_path: Path | None) -> dict:
+    """FLUX.1-schnell's defaults for a transformer without guidance embedding (distilled: 4 steps, no guidance,
+    256 T5 tokens, as its model card runs it); {} for guidance-distilled models like FLUX.1-dev."""
+    config = read_json(config_path) if config_path else None
+    if config and config.get("guidance_embeds") is False:
+        return {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}
+    return {}
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception:  # defaults only: FLUX.1-dev's are used when the file cannot be had
+        return None
 
 
 def check_hub_access(repo: str) -> None:
