@@ -1,0 +1,461 @@
+"""StorySync (Gaur, Zolfaghari, Brox; seed 004) in the lockstep engine, on FLUX.1's joint attention.
+
+Components (paper equations) and where they act on FLUX:
+
+- **Subject masks** (Eqs. 2-4 + Otsu): image-query x text-key attention of the joint attention (FLUX's
+  image->text part is its cross-attention), softmax over the real T5 tokens with the 1/sqrt(d) of Eq. 2, summed
+  over the subject tokens (the ``character`` field; Eq. 4), averaged over heads and over the ``mask_blocks``
+  (single blocks by default, the blocks CharaConsist found to carry the subject's layout on FLUX), then
+  Otsu-thresholded (``mask.otsu_threshold``). The paper aggregates the current timestep only; in lockstep a
+  step's map is complete only after the step, so the mask of step s is used at step s + 1 (hence sharing
+  starts at step 1).
+- **Masked cross-image attention sharing** (Eqs. 5-8): every image query of image i attends to its own joint
+  keys (text + image) plus the subject keys of the other images of the batch (propagation mask Gamma_i of
+  Eq. 5); text queries see no extra keys. Computed with ``attention.grouped_attention`` over gathered keys,
+  never a dense mask. Shared keys keep their own RoPE positions (post-RoPE ``k_rot``), as StorySync does.
+  Default blocks: the single blocks (``share_blocks``); the double blocks run plainly, they lay out the image
+  and FLUX's RoPE already pulls poses together when keys are shared (paper Sec. 4.1).
+- **Regional Feature Harmonization** (Eqs. 9-11): the region features R are the attention outputs of the
+  single blocks (before the output projection). DIFT-like block outputs do not give correspondences on FLUX,
+  layer-averaged attention outputs do (CharaConsist, seeds 000/002), so by default the correspondence
+  (Eq. 10, the argmax of Eq. 9's softmax = the argmax of the cosine similarity over the target's subject
+  tokens Omega_j) comes from the single-block-averaged attention outputs of the previous step (lockstep, as the
+  masks); ``rfh_features="layer"`` uses the current layer's outputs (the paper's real-time reading). Each
+  single block's outputs are then pulled toward their correspondents by Eq. 11 with gamma = 0.3, restricted to
+  subject tokens (M_i) and, with Otsu on the correspondence similarity, to well-matched tokens.
+- **Base Layout Interpolation** (Eq. 12, lambda = 0.7): the engine's vanilla twins give the plain pass's
+  activations at the same step and layer without a cache; the image-token attention outputs (the patch
+  embeddings of the layer) are blended (1 - lambda) X_consist + lambda X_vanilla in the ``bli_blocks`` (all
+  by default, as the paper blends in every self-attention layer) for the first ``bli_end`` of the steps,
+  where the layout forms.
+- **Dropouts** (Sec. 3.3): of the shared subject keys (per receiving image, source image, step and block),
+  of RFH updates, and of the subject masks (per image and step). Seeded, deterministic.
+- **Subset references** (Eq. 13): with ``num_references = K`` the first K story images (identity first) are
+  the references: they share among themselves, every other image sees (and harmonizes toward) the references
+  only. The references run in every chunk (``dependencies``), so long stories go in chunks of K + frames.
+
+Images of another size than the others run in another group: they share only within their own group; the
+output notes an image that is left without anyone to share with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import AttendFn, QueryGroup, grouped_attention, sdpa_attend
+from ..engine import AttnCall, Phase, Run, Slot
+from ..mask import otsu_threshold
+from ..match import Matches
+from ..story import StoryImage
+from .base import Method
+
+BLOCKS = ("single", "double", "all")
+FEATURES = ("averaged", "layer")
+
+
+# ============================================================================ pure functions
+
+def subject_attention(q_img: torch.Tensor, k_txt: torch.Tensor, start: int, end: int, real_len: int) -> torch.Tensor:
+    """Eqs. 2 and 4 for one layer: attention of every image token to the subject tokens, summed over them.
+
+    ``q_img`` (N, H, D) image queries, ``k_txt`` (T, H, D) text keys, both after RoPE. The softmax of Eq. 2 runs
+    over the ``real_len`` real text tokens (padding and the end token excluded); the subject tokens are
+    [start, end). Returns (N,) float32, averaged over heads. (Eq. 3's layer average is the caller's.)
+    """
+    q = q_img.float().transpose(0, 1)                                  # (H, N, D)
+    k = k_txt[:real_len].float().transpose(0, 1)                       # (H, R, D)
+    probs = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+    return probs[:, :, start:end].sum(dim=-1).mean(dim=0)
+
+
+def subject_mask(aggregated: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold on the aggregated subject map A_i (Eq. 3 -> M_i). A flat map gives an empty mask."""
+    if aggregated.numel() == 0 or float(aggregated.max() - aggregated.min()) <= 1e-12:
+        return torch.zeros(aggregated.shape, dtype=torch.bool, device=aggregated.device)
+    return aggregated > otsu_threshold(aggregated)
+
+
+def propagation_mask(masks: list[torch.Tensor], i: int, sources: list[int] | None = None) -> torch.Tensor:
+    """Eq. 5: Gamma_i, the concatenation over images j of 1 (j = i) or M_j (j != i).
+
+    With subset references (Eq. 13) only the images in ``sources`` contribute their masks, the others 0.
+    ``masks``: one (N_j,) bool mask per image. Returns a bool vector over all images' tokens.
+    """
+    parts = []
+    for j, m in enumerate(masks):
+        if j == i:
+            parts.append(torch.ones_like(m, dtype=torch.bool))
+        elif sources is None or j in sources:
+            parts.append(m.bool())
+        else:
+            parts.append(torch.zeros_like(m, dtype=torch.bool))
+    return torch.cat(parts)
+
+
+def shared_keys(k_img: torch.Tensor, v_img: torch.Tensor, masks: list[torch.Tensor], i: int,
+                sources: list[int], keep: list[torch.Tensor] | None = None):
+    """Eq. 6 restricted by Gamma_i: the other images' keys and values where their (kept) subject mask is set.
+
+    ``k_img``, ``v_img``: (B, N, H, D) image-token keys (after RoPE) and values of the batch. ``keep``: optional
+    per-source bool dropout masks. Returns (M, H, D) keys and values, or (None, None) when nothing is shared.
+    """
+    ks, vs = [], []
+    for n, j in enumerate(sources):
+        if j == i:
+            continue
+        sel = masks[j].to(k_img.device)
+        if keep is not None:
+            sel = sel & keep[n].to(k_img.device)
+        idx = sel.nonzero(as_tuple=True)[0]
+        if idx.numel():
+            ks.append(k_img[j].index_select(0, idx))
+            vs.append(v_img[j].index_select(0, idx))
+    if not ks:
+        return None, None
+    return torch.cat(ks), torch.cat(vs)
+
+
+def cross_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, masks: list[torch.Tensor],
+                          i: int, sources: list[int], keep: list[torch.Tensor] | None = None,
+                          attend: AttendFn = sdpa_attend) -> torch.Tensor:
+    """Eqs. 7-8 for image i of a batch, without a dense mask.
+
+    ``q``, ``k``, ``v``: (B, S, H, D) joint sequences (text first, after RoPE). Image queries of image i see its
+    own keys plus the shared subject keys of ``sources`` (Eq. 6 under Gamma_i); its text queries see its own keys
+    only. Returns (S, H, D). Equal to softmax(Q_i K_all^T / sqrt(d) + log Gamma_i) V_all.
+    """
+    ek, ev = shared_keys(k[:, text_len:], v[:, text_len:], masks, i, sources, keep)
+    S = q.shape[1]
+    rows = torch.arange(S, device=q.device)
+    groups = [QueryGroup(rows[:text_len]), QueryGroup(rows[text_len:], ek, ev)]
+    return grouped_attention(q[i], k[i], v[i], groups, attend=attend)
+
+
+def correspond(feat: torch.Tensor, targets: torch.Tensor, target_masks: torch.Tensor):
+    """Eqs. 9-10: the best region of the target images' subject tokens for every region of image i.
+
+    ``feat`` (N, C) features of image i; ``targets`` (K, N', C) features of the K target images;
+    ``target_masks`` (K, N') their subject masks (Omega_j). The argmax of Eq. 9's softmax over Omega_j is the
+    argmax of the normalized inner product, whatever tau, so tau is not needed. Returns ``best`` (N,) float32
+    cosine similarity (-inf where no target has a subject token) and ``index`` (N,) long, a flat index into the
+    K x N' target tokens.
+    """
+    n = feat.shape[0]
+    flat_mask = target_masks.reshape(-1).to(feat.device)
+    cols = flat_mask.nonzero(as_tuple=True)[0]
+    if cols.numel() == 0:
+        return (torch.full((n,), float("-inf"), device=feat.device),
+                torch.zeros(n, dtype=torch.long, device=feat.device))
+    cand = targets.reshape(-1, targets.shape[-1]).index_select(0, cols)
+    sim = F.normalize(feat.float(), dim=-1) @ F.normalize(cand.float(), dim=-1).T
+    best, arg = sim.max(dim=1)
+    return best, cols[arg]
+
+
+def otsu_limit(best: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold on the correspondence similarity of image i's subject tokens (Sec. 3.2.2).
+
+    Returns the subject tokens whose best similarity lies above the threshold (all of them when their
+    similarities are all equal, none when there is no correspondence).
+    """
+    valid = mask.to(best.device) & torch.isfinite(best)
+    vals = best[valid]
+    if vals.numel() < 2 or float(vals.max() - vals.min()) <= 1e-6:
+        return valid
+    return valid & (best > otsu_threshold(vals))
+
+
+def harmonize(r_i: torch.Tensor, r_match: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Eq. 11: R^_i(r) = R_i(r) + weight(r) (R_j(C_i(r)) - R_i(r)), weight = gamma M_i(r) [Otsu] [dropout].
+
+    ``r_i``, ``r_match`` (N, C); ``weight`` (N,). Computed in float32, returned in ``r_i``'s dtype.
+    """
+    w = weight.float().unsqueeze(-1)
+    return (r_i.float() + w * (r_match.float() - r_i.float())).to(r_i.dtype)
+
+
+def layout_interpolate(x_consist: torch.Tensor, x_vanilla: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 12: X_final = (1 - lambda) X_consist + lambda X_vanilla (Base Layout Interpolation)."""
+    return ((1.0 - lam) * x_consist.float() + lam * x_vanilla.float()).to(x_consist.dtype)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash randomization."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+def dropout_keep(n: int, p: float, seed: int) -> torch.Tensor:
+    """A seeded dropout draw (Sec. 3.3's dropouts): (n,) bool, True = kept (probability 1 - p). CPU tensor."""
+    if p <= 0:
+        return torch.ones(n, dtype=torch.bool)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.rand(n, generator=gen) >= p
+
+
+# ============================================================================ the method
+
+@dataclass
+class StorySyncConfig:
+    """StorySync options. Paper defaults where the paper gives one (gamma, lambda, Otsu); ours otherwise."""
+
+    share: bool = True               # masked cross-image attention sharing (Eqs. 5-8)
+    rfh: bool = True                 # Regional Feature Harmonization (Eqs. 9-11)
+    bli: bool = True                 # Base Layout Interpolation (Eq. 12)
+    gamma: float = 0.3               # harmonization coefficient (paper Table 3b)
+    bli_lambda: float = 0.7          # interpolation weight toward the vanilla pass (paper Table 3b)
+    share_start: int = 1             # first step of sharing and RFH: the first mask exists after step 0
+    share_end: float = 1.0           # sharing and RFH on steps < round(share_end * steps) (paper: all steps)
+    bli_end: float = 0.2             # BLI on steps < round(bli_end * steps): the layout steps (ours)
+    share_blocks: str = "single"     # blocks with cross-image sharing: single | double | all
+    mask_blocks: str = "single"      # blocks whose image->text attention makes the masks (Eq. 3's L)
+    bli_blocks: str = "all"          # blocks whose image attention outputs are interpolated (Eq. 12's l)
+    rfh_features: str = "averaged"   # correspondence features: single-block-averaged (previous step) | layer
+    rfh_otsu: bool = True            # Otsu on the correspondence similarity limits RFH
+    attn_dropout: float = 0.5        # dropout of shared subject keys (paper: rate not given; ConsiStory's 0.5)
+    rfh_dropout: float = 0.0         # dropout of RFH updates (rate not given in the paper)
+    mask_dropout: float = 0.0        # dropout of subject-mask tokens (rate not given in the paper)
+    num_references: int = 0          # Eq. 13: first K images are the references; 0 = every image shares
+    seed: int = -1                   # dropout seed; -1 = each image's own seed
+
+
+def _kind_in(kind: str, blocks: str) -> bool:
+    return blocks == "all" or blocks == kind
+
+
+def _steps(fraction: float, num_steps: int) -> int:
+    return int(round(fraction * num_steps))
+
+
+class StorySync(Method):
+    """Masked cross-image attention sharing + RFH + BLI on FLUX's joint attention (see the module docstring)."""
+
+    name = "storysync"
+    Config = StorySyncConfig
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        cfg = self.config
+        for key in ("share_blocks", "mask_blocks", "bli_blocks"):
+            if getattr(cfg, key) not in BLOCKS:
+                raise ValueError(f"storysync: {key}={getattr(cfg, key)!r}; valid: {list(BLOCKS)}")
+        if cfg.rfh_features not in FEATURES:
+            raise ValueError(f"storysync: rfh_features={cfg.rfh_features!r}; valid: {list(FEATURES)}")
+        for key in ("gamma", "bli_lambda", "share_end", "bli_end", "attn_dropout", "rfh_dropout", "mask_dropout"):
+            if not 0.0 <= getattr(cfg, key) <= 1.0:
+                raise ValueError(f"storysync: {key}={getattr(cfg, key)} must lie in [0, 1]")
+        if cfg.num_references < 0 or cfg.share_start < 0:
+            raise ValueError("storysync: num_references and share_start must be >= 0")
+
+    # ------------------------------------------------------------------ planning
+    def twin_steps(self, phase: Phase) -> int:
+        """BLI needs the vanilla pass at the same step and layer: plain twins for the BLI steps."""
+        cfg = self.config
+        return _steps(cfg.bli_end, phase.steps) if cfg.bli and cfg.bli_lambda > 0 else 0
+
+    def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
+        """Eq. 13: every chunk holds the references (story images 0..K-1), so every frame can see them."""
+        K = self.config.num_references
+        return set(range(1, min(K, len(images)))) if K > 1 and k >= K else set()
+
+    def _is_ref(self, s: Slot) -> bool:
+        K = self.config.num_references
+        return K == 0 or s.story_index < K
+
+    def start(self, run: Run) -> None:
+        cfg = self.config
+        self.sources: dict[int, list[int]] = {}      # pos -> positions whose subject keys it sees / harmonizes to
+        group_of = {s.pos: g for g in run.groups for s in g.slots}
+        for s in run.slots:
+            wanted = [o for o in run.slots if o.pos != s.pos and self._is_ref(o)]   # Eq. 13: references only
+            same = [o.pos for o in wanted if group_of[o.pos] is group_of[s.pos]]
+            if len(same) < len(wanted) and (cfg.share or cfg.rfh):
+                lost = [o.story_index for o in wanted if o.pos not in same]
+                run.note(s.pos, f"images {lost} have another size: no cross-image sharing with them")
+            self.sources[s.pos] = same
+        self.masks_raw: dict[int, torch.Tensor | None] = {}
+        self.masks: dict[int, torch.Tensor | None] = {}
+        self.corr: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        n = run.num_steps
+        self.active = range(cfg.share_start, _steps(cfg.share_end, n))   # steps with sharing / RFH
+        self.bli_stop = self.twin_steps(Phase("main", n, True))
+
+    def _base_seed(self, s: Slot) -> int:
+        return self.config.seed if self.config.seed >= 0 else (s.seed if s.seed is not None else 0)
+
+    # ------------------------------------------------------------------ per step
+    def begin_step(self, run: Run) -> None:
+        cfg, step = self.config, run.step
+        on = step in self.active
+        self.sharing = cfg.share and on
+        self.harmonizing = cfg.rfh and cfg.gamma > 0 and on
+        self.blending = cfg.bli and cfg.bli_lambda > 0 and step < self.bli_stop
+        nxt = step + 1 in self.active
+        self.collect_masks = (cfg.share or cfg.rfh) and nxt
+        self.collect_feats = cfg.rfh and cfg.gamma > 0 and cfg.rfh_features == "averaged" and nxt
+        self.acc_mask: dict[int, list] = {}
+        self.acc_feat: dict[int, list] = {}
+
+    def end_step(self, run: Run) -> None:
+        cfg = self.config
+        if self.collect_masks:
+            for s in run.slots:
+                if s.char_len == 0:
+                    run.note(s.pos, "no character tokens: no subject mask, the image only receives shared keys")
+                    self.masks_raw[s.pos] = self.masks[s.pos] = None
+                    continue
+                total, count = self.acc_mask[s.pos]
+                mask = subject_mask(total / count).cpu()
+                if not bool(mask.any()):
+                    run.note(s.pos, f"step {run.step}: subject mask empty, nothing shared from this image")
+                self.masks_raw[s.pos] = mask
+                keep = dropout_keep(mask.numel(), cfg.mask_dropout,
+                                    mix_seed(self._base_seed(s), s.story_index, run.step, 3))
+                self.masks[s.pos] = mask & keep
+        if self.collect_feats:
+            self.corr = {}
+            for s in run.slots:
+                mask, targets = self.masks.get(s.pos), self.sources[s.pos]
+                targets = [t for t in targets if self.masks.get(t) is not None]
+                if mask is None or not targets or s.pos not in self.acc_feat:
+                    continue
+                feat, count = self.acc_feat[s.pos]
+                tfeat = torch.stack([self.acc_feat[t][0] / self.acc_feat[t][1] for t in targets])
+                tmask = torch.stack([self.masks[t] for t in targets])
+                best, index = correspond(feat / count, tfeat, tmask.to(tfeat.device))
+                keep = otsu_limit(best, mask) if cfg.rfh_otsu else (mask.to(best.device) & torch.isfinite(best))
+                self.corr[s.pos] = (best.cpu(), index.cpu(), keep.cpu())
+        self.acc_feat = {}
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, call: AttnCall) -> torch.Tensor:
+        cfg, run = self.config, call.run
+        group, T = run.group, call.text_len
+        n = len(group.slots)
+        share = self.sharing and _kind_in(call.kind, cfg.share_blocks)
+        rfh = self.harmonizing and call.kind == "single"
+        bli = self.blending and group.twins and _kind_in(call.kind, cfg.bli_blocks)
+
+        plans = {}
+        if share:
+            masks = [self._row_mask(s, call) for s in group.slots]
+            for row, s in enumerate(group.slots):
+                plan = self._plan(call, s, masks)
+                if plan is not None:
+                    plans[row] = plan
+        if not plans:
+            out = call.plain()
+        else:
+            B = call.query.shape[0]
+            out = torch.empty(B, call.query.shape[1], call.query.shape[2] * call.query.shape[3],
+                              dtype=call.query.dtype, device=call.query.device)
+            plain_rows = [r for r in range(B) if r not in plans]
+            if plain_rows:   # images that share nothing here, and every twin: plain attention
+                idx = torch.tensor(plain_rows, device=call.query.device)
+                out[idx] = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
+            for row, (sources, keep) in plans.items():
+                res = cross_image_attention(call.q_rot, call.k_rot, call.value, T, masks, row, sources, keep,
+                                            attend=call.attend)
+                out[row] = res.flatten(1, 2).to(out.dtype)
+
+        if self.collect_masks and _kind_in(call.kind, cfg.mask_blocks):
+            for row, s in enumerate(group.slots):
+                if s.char_len == 0:
+                    continue
+                a = subject_attention(call.q_rot[row, T:], call.k_rot[row, :T], s.bg_len, s.bg_len + s.char_len,
+                                      s.real_len)
+                acc = self.acc_mask.setdefault(s.pos, [torch.zeros_like(a), 0])
+                acc[0] += a
+                acc[1] += 1
+        if self.collect_feats and call.kind == "single":
+            for row, s in enumerate(group.slots):
+                f = out[row, T:].float()
+                acc = self.acc_feat.setdefault(s.pos, [torch.zeros_like(f), 0])
+                acc[0] += f
+                acc[1] += 1
+        if rfh:
+            self._harmonize(call, out, n)
+        if bli:   # Eq. 12 on the image tokens; twin rows follow the slots' rows
+            out[:n, T:] = layout_interpolate(out[:n, T:], out[n:2 * n, T:], cfg.bli_lambda)
+        return out
+
+    def _row_mask(self, s: Slot, call: AttnCall) -> torch.Tensor:
+        mask = self.masks.get(s.pos)
+        n = call.query.shape[1] - call.text_len
+        return torch.zeros(n, dtype=torch.bool) if mask is None else mask
+
+    def _plan(self, call: AttnCall, s: Slot, masks: list[torch.Tensor]):
+        """Source rows and their seeded key dropouts for image ``s`` at this layer (Eqs. 5-7, 13), or None."""
+        cfg, run = self.config, call.run
+        group = run.group
+        sources, keep = [], []
+        for src in self.sources[s.pos]:
+            row = group.row_of(src)
+            if not bool(masks[row].any()):
+                continue
+            sources.append(row)
+            if cfg.attn_dropout > 0:
+                kind = 0 if call.kind == "double" else 1
+                keep.append(dropout_keep(masks[row].numel(), cfg.attn_dropout,
+                                         mix_seed(self._base_seed(s), s.story_index, run.slots[src].story_index,
+                                                  run.step, kind, call.block, 1)))
+        if not sources:
+            return None
+        return sources, (keep if cfg.attn_dropout > 0 else None)
+
+    def _harmonize(self, call: AttnCall, out: torch.Tensor, n: int) -> None:
+        """Eq. 11 on the image tokens of every image with a correspondence, from one snapshot of the outputs."""
+        cfg, run, T = self.config, call.run, call.text_len
+        group = run.group
+        feats = out[:n, T:]
+        snapshot = None
+        for row, s in enumerate(group.slots):
+            mask = self.masks.get(s.pos)
+            targets = [t for t in self.sources[s.pos] if self.masks.get(t) is not None]
+            if mask is None or not targets:
+                continue
+            t_rows = torch.tensor([group.row_of(t) for t in targets], device=out.device)
+            if snapshot is None:
+                snapshot = feats.clone()
+            if cfg.rfh_features == "layer":
+                tmask = torch.stack([self.masks[t] for t in targets]).to(out.device)
+                best, index = correspond(snapshot[row], snapshot.index_select(0, t_rows), tmask)
+                keep = otsu_limit(best, mask) if cfg.rfh_otsu else (mask.to(out.device) & torch.isfinite(best))
+            elif s.pos in self.corr:
+                _, index, keep = self.corr[s.pos]
+                index, keep = index.to(out.device), keep.to(out.device)
+            else:
+                continue
+            N = snapshot.shape[1]
+            match = snapshot[t_rows[index // N], index % N]
+            weight = cfg.gamma * keep.float()
+            if cfg.rfh_dropout > 0:
+                kind = 0 if call.kind == "double" else 1
+                drop = dropout_keep(N, cfg.rfh_dropout, mix_seed(self._base_seed(s), s.story_index, run.step, kind,
+                                                                  call.block, 2))
+                weight = weight * drop.to(out.device).float()
+            out[row, T:] = harmonize(snapshot[row], match, weight)
+
+    def results(self, run: Run) -> dict[int, dict]:
+        out = {}
+        for s in run.slots:
+            mask = self.masks_raw.get(s.pos)
+            matches = None
+            if self.sources.get(s.pos) == [0] and s.pos in self.corr:   # harmonized toward the identity only
+                best, index, keep = self.corr[s.pos]
+                frame_idx = keep.nonzero(as_tuple=True)[0]
+                matches = Matches(frame_idx, index[frame_idx], best[frame_idx])
+            out[s.pos] = {"mask": None if mask is None else mask.reshape(s.grid).numpy(), "matches": matches}
+        return out
