@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+
+from characonsist.toy import bench, suite, world
+from characonsist.toy.bench import aggregate, background_agreement, background_mask, parse_method, score_story
+
+
+def test_method_specs_and_ablations():
+    assert parse_method("vanilla") == ("vanilla", {})
+    assert parse_method("characonsist-no-tracking") == ("characonsist", {"point_tracking": False})
+    assert parse_method("characonsist-no-merge") == ("characonsist", {"use_token_merge": False})
+    assert parse_method("characonsist-no-mask") == ("characonsist", {"use_mask": False})
+    assert parse_method("characonsist+share_bg=false+sim_thr=0.4+merge_end=31") == (
+        "characonsist", {"share_bg": False, "sim_thr": 0.4, "merge_end": 31})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("characonsist+share_bg")
+
+
+def _read(scene="beach", kind="cat", action="small-left", **attrs):
+    base = {"color": "red", "pattern": "plain", "accessory": "hat", "accessory_color": "white"}
+    size, pos = action.split("-")
+    return {"scene": scene, "kind": kind, "action": action, "position": pos, "size": size, **base, **attrs}
+
+
+def test_score_story_arithmetic():
+    truth = [("beach", "cat", "small-left"), ("beach", "cat", "big-right"), ("beach", "cat", "big-right"),
+             ("beach", "cat", "small-centre")]
+    reads = [_read(), _read(action="big-right", color="teal"),          # one attribute off
+             _read(action="big-right"),                                  # consistent
+             _read(scene="city", kind="bird", action="small-left", pattern="dots", accessory="bow")]  # 2 off
+    s = score_story(truth, reads)
+    assert s["frames"] == 3 and s["identity_hits"] == 1
+    assert s["attribute_hits"] == {"color": 2, "pattern": 2, "accessory": 2, "accessory_color": 3}
+    # last frame: scene, kind and position wrong (size right); everything else right
+    assert s["adherence_hits"] == {"scene": 3, "kind": 3, "position": 3, "size": 4}
+    # read actions of frames: big-right, big-right, small-left -> 2 of 3 pairs differ; prompted: 2 of 3
+    assert (s["pairs"], s["diverse_pairs"], s["prompted_diverse_pairs"]) == (3, 2, 2)
+    assert s["bg_scene_hits"] == 2                                      # fixed story (all truth scenes equal)
+    m = aggregate([{**s, "mode": "fixed", "seconds": 2.0},
+                   {**score_story(truth[:2], reads[:2]), "mode": "fixed", "seconds": 4.0},
+                   {"name": "x", "mode": "mixed", "error": "boom"}])
+    assert m["identity_consistency"] == pytest.approx(1 / 4)
+    assert m["attribute_agreement"]["color"] == pytest.approx(2 / 4)
+    assert m["prompt_adherence"] == pytest.approx((13 + 8) / (6 * 4))
+    assert m["seconds_per_story"] == 3.0 and m["failed"] == 1 and m["stories"] == 3
+    assert m["identity_by_mode"]["fixed"] == pytest.approx(1 / 4) and np.isnan(m["identity_by_mode"]["changing"])
+
+
+def test_background_agreement_sees_layout_changes_but_not_characters():
+    a_ch = world.Character("cat", "red", "plain", "hat", "white")
+    b_ch = world.Character("cat", "teal", "checks", "bow", "pink")
+    a = world.render("forest", a_ch, "big-left", rng=np.random.default_rng(1))
+    same = world.render("forest", b_ch, "big-left", rng=np.random.default_rng(1))
+    moved = world.render("forest", a_ch, "big-left", rng=np.random.default_rng(2))
+    mask = background_mask(["big-left"])
+    assert 0.5 < mask.mean() < 0.85
+    assert background_agreement(a, same, mask) == 1.0      # only the character differs, and it is masked out
+    assert background_agreement(a, moved, mask) < 0.9       # trees moved
+    assert background_agreement(a, 255 - a, mask) == 0.0
+
+
+def test_suite_composition():
+    stories = suite.make_suite()
+    assert len(stories) == 60 and suite.make_suite() == stories
+    assert len({s.name for s in stories}) == 60
+    for mode in suite.MODES:
+        these = [s for s in stories if s.mode == mode]
+        assert len(these) == 20 and {t[1] for s in these for t in s.truth[:1]} == set(world.KINDS)
+    for s in stories:
+        truth = s.truth
+        assert len(truth) == 5 and len({t[1] for t in truth}) == 1
+        home, scenes = truth[0][0], [t[0] for t in truth[1:]]
+        assert suite.story_mode(truth) == s.mode
+        assert len({t[2] for t in truth[1:]}) == 4                     # the frames' actions vary
+        if s.mode == "changing":
+            assert all(a != b for a, b in zip(scenes, scenes[1:]))
+        if s.mode == "mixed":
+            away = [x for x in scenes if x != home]
+            assert len(away) > len(set(away))                           # a switched scene comes back
+    red = suite.reduced_suite()
+    assert len(red) == 12 and [s.mode for s in red].count("fixed") == 4 and red == stories[:12]
+
+
+def test_story_file_round_trip_and_errors(tmp_path):
+    from characonsist.storyfile import StoryError
+
+    path = tmp_path / "s.txt"
+    suite.write_stories(suite.make_suite()[:3], path)
+    loaded = suite.load_stories(path)
+    assert [s.truth for s in loaded] == [s.truth for s in suite.make_suite()[:3]]
+    assert [s.mode for s in loaded] == ["fixed", "changing", "mixed"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a sunny beach#a cat#small on the left\na moon base#a cat#big on the left\n\n"
+                   "a grey city#a robot#big on the left\na grey city#a bird#big on the right\n\n"
+                   "a grey city#a robot#big on the left\n")
+    with pytest.raises(StoryError) as err:
+        suite.load_stories(bad)
+    msg = str(err.value)
+    assert "bad.txt:2" in msg and "a starry night" in msg            # unknown scene, valid ones listed
+    assert "bad.txt:4" in msg and "kind" in msg                       # kind changes inside a story
+    assert "bad.txt:7" in msg and "at least one frame" in msg
+
+
+def test_oracle_run_and_cli_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert bench.main(["--methods", "oracle", "--limit", "3", "--quiet", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "oracle" in printed and "identity" in printed
+    m = json.loads(out.read_text())["methods"]["oracle"]["metrics"]
+    assert m["identity_consistency"] == 1.0 and m["prompt_adherence"] == 1.0
+    assert m["background_consistency"] == 1.0 and m["stories"] == 3
+    assert bench.main(["--methods", "oracle+x", "--quiet"]) == 2
+
+
+def test_engine_plumbing_with_tiny_pipeline():
+    from characonsist import CharaConsistPipeline
+    from characonsist.testing import tiny_flux_pipeline
+
+    pipe = CharaConsistPipeline.from_pipe(tiny_flux_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    story = suite.make_suite()[:1]
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        bench.run_bench(pipe, story, ["vanilla"], max_sequence_length=8)
+    res = bench.run_bench(pipe, story, ["vanilla", "characonsist"], height=32, width=32, num_inference_steps=1,
+                          max_sequence_length=64)
+    for spec in ("vanilla", "characonsist"):
+        rec = res["methods"][spec]["stories"][0]
+        assert "error" not in rec, rec
+        assert len(rec["reads"]) == 5 and rec["seconds"] > 0
+        assert res["methods"][spec]["metrics"]["stories"] == 1
