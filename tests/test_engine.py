@@ -26,7 +26,7 @@ def test_vanilla_equals_flux_pipeline_exactly(story_pipe, tiny_pipe):
 
 
 def test_characonsist_switched_off_equals_flux_pipeline(story_pipe, tiny_pipe):
-    off = dict(share_start=KW["num_inference_steps"], use_token_merge=False)   # sharing never starts
+    off = dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False)   # never shares
     out = story_pipe(IDENTITY, FRAMES, method="characonsist", **off, **KW)
     ref = _plain(tiny_pipe, [IDENTITY, *FRAMES], [2025] * 4, **KW)
     assert np.array_equal(np.stack(out.images), ref)

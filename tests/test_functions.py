@@ -139,3 +139,16 @@ def test_otsu_separates_two_modes():
     t = otsu_threshold(x)
     assert float(low.max()) <= t < float(high.min())     # any cut in the gap is optimal
     assert int((x > t).sum()) == 300
+
+
+def test_step_schedule_rescales_from_50_steps():
+    from characonsist.methods.characonsist import CharaConsistConfig, step_schedule
+
+    cfg = CharaConsistConfig()
+    assert step_schedule(cfg, 50) == dict(share_start=1, share_end=41, mask_step=10, merge_start=1, merge_decay=11,
+                                          merge_end=31)
+    s4 = step_schedule(cfg, 4)
+    assert s4["share_start"] == 1 and s4["mask_step"] == 1 and s4["share_end"] == 3
+    s20 = step_schedule(cfg, 20)
+    assert s20["mask_step"] == 4 and s20["share_end"] == 16 and s20["merge_end"] == 12
+    assert step_schedule(CharaConsistConfig(schedule_steps=None), 20)["mask_step"] == 10

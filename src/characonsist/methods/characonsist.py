@@ -65,6 +65,30 @@ class CharaConsistConfig:
     mask_erode: int = 3
     mask_dilate: int = 5
     mask_scaled: bool = False        # softmax of q k^T / sqrt(d) (paper) instead of q k^T (official code)
+    schedule_steps: int | None = 50  # the step options above are written for this many steps and rescaled
+                                     # to num_inference_steps (None: use them as given)
+
+
+_STEP_OPTIONS = ("share_start", "share_end", "mask_step", "merge_start", "merge_decay", "merge_end")
+
+
+def step_schedule(config: CharaConsistConfig, num_steps: int) -> dict[str, int]:
+    """The step options for ``num_steps`` steps: ``round(v * num_steps / schedule_steps)``.
+
+    At the official 50 steps nothing changes; FLUX.1-schnell's 4 steps get masks and matches at step 1 and
+    sharing on steps 1-2 instead of never reaching step 10. Sharing never starts at step 0 (no mask yet),
+    and the mask step stays inside the run.
+    """
+    values = {name: getattr(config, name) for name in _STEP_OPTIONS}
+    if config.schedule_steps and num_steps != config.schedule_steps:
+        values = {k: int(round(v * num_steps / config.schedule_steps)) for k, v in values.items()}
+    if config.share_start >= 1:
+        values["share_start"] = max(values["share_start"], 1)
+        values["merge_start"] = max(values["merge_start"], 1)
+    values["mask_step"] = min(values["mask_step"], num_steps - 1)
+    values["merge_decay"] = max(values["merge_decay"], values["merge_start"])
+    values["merge_end"] = max(values["merge_end"], values["merge_decay"] + 1)
+    return values
 
 
 def _scene_key(image: StoryImage) -> str:
@@ -81,8 +105,15 @@ class CharaConsist(Method):
     def phases(self, num_steps: int) -> list[Phase]:
         phases = []
         if self.config.prerun and num_steps > 1:
-            phases.append(Phase("prerun", min(self.config.mask_step + 1, num_steps), final=False))
+            mask_step = step_schedule(self.config, num_steps)["mask_step"]
+            phases.append(Phase("prerun", mask_step + 1, final=False))
         return phases + [Phase("main", num_steps, final=True)]
+
+    def settings(self) -> dict:
+        out = super().settings()
+        if getattr(self, "schedule", None):
+            out["effective_schedule"] = dict(self.schedule)
+        return out
 
     def _scene_anchor(self, images: list[StoryImage], k: int) -> int | None:
         if not self.config.share_bg or not self.config.use_mask:
@@ -99,6 +130,7 @@ class CharaConsist(Method):
 
     def start(self, run: Run) -> None:
         cfg = self.config
+        self.schedule = step_schedule(cfg, run.num_steps)
         images = [s.image for s in run.slots]
         self.bg_source: dict[int, int | None] = {}
         for s in run.slots[1:]:
@@ -121,13 +153,13 @@ class CharaConsist(Method):
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, run: Run) -> None:
-        cfg, step, final = self.config, run.step, run.phase.final
-        self.sharing = cfg.share_start <= step < cfg.share_end
+        cfg, step, final, sch = self.config, run.step, run.phase.final, self.schedule
+        self.sharing = sch["share_start"] <= step < sch["share_end"]
         self.fg_phase = final            # no foreground sharing in the pre-run
-        self.collect_masks = step <= cfg.mask_step and cfg.use_mask
-        self.collect_sim = step == cfg.mask_step
-        self.merge_w = merge_weight(step, cfg.merge_weight, cfg.merge_start, cfg.merge_decay,
-                                    cfg.merge_end) if (cfg.use_token_merge and final) else 0.0
+        self.collect_masks = step <= sch["mask_step"] and cfg.use_mask
+        self.collect_sim = step == sch["mask_step"]
+        self.merge_w = merge_weight(step, cfg.merge_weight, sch["merge_start"], sch["merge_decay"],
+                                    sch["merge_end"]) if (cfg.use_token_merge and final) else 0.0
         self.acc_mask, self.acc_sim, self.store, self.layouts = {}, {}, {}, {}
 
     def _id_mask(self) -> torch.Tensor | None:
@@ -144,7 +176,7 @@ class CharaConsist(Method):
                 else:
                     mask = foreground_mask(bg, fg, s.grid, cfg.mask_erode, cfg.mask_dilate).cpu()
                 self.masks[s.pos] = mask
-                if s.is_identity and run.step == cfg.mask_step:
+                if s.is_identity and run.step == self.schedule["mask_step"]:
                     self.id_mask_final = mask
         if self.collect_sim:
             id_fg = self._id_mask()
