@@ -178,6 +178,32 @@ def test_interrupted_run_keeps_finished_groups_and_resumes(tmp_path, model_dir, 
     assert snapshot(out / "group_000") == first
 
 
+def test_sigterm_is_an_interrupt(tmp_path, model_dir, fake):
+    import os
+    import signal
+
+    original = FakeEngine.__call__
+
+    def terminate_on_second(self, job):
+        if job.folder == "group_001":
+            os.kill(os.getpid(), signal.SIGTERM)  # what a batch scheduler sends
+        return original(self, job)
+
+    fake.__class__ = type("TermEngine", (FakeEngine,), {"__call__": terminate_on_second})
+    assert run(tmp_path, model_dir) == cli.EXIT_INTERRUPTED
+    assert (tmp_path / "out" / "group_000" / "storyboard.png").exists()
+    assert signal.getsignal(signal.SIGTERM) is not cli._raise_interrupt  # handler restored
+
+
+def test_lost_storyboard_is_rebuilt_without_the_model(tmp_path, model_dir, fake):
+    assert run(tmp_path, model_dir) == 0
+    board = tmp_path / "out" / "group_001" / "storyboard.png"
+    data = board.read_bytes()
+    board.unlink()
+    assert run(tmp_path, model_dir) == 0
+    assert board.read_bytes() == data and len(fake.loads) == 1
+
+
 def test_stale_temporary_files_are_removed(tmp_path, model_dir, fake):
     out = tmp_path / "out" / "group_000"
     out.mkdir(parents=True)
