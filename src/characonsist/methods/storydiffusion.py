@@ -143,9 +143,11 @@ class StoryDiffusion(Method):
         return attend_rows(call, plans)
 
 
-def attend_rows(call: AttnCall, plans: dict[int, list[QueryGroup]]) -> torch.Tensor:
+def attend_rows(call: AttnCall, plans: dict[int, list[QueryGroup]],
+                queries: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The layer's attention output (B, S, H*D): rows in ``plans`` through ``grouped_attention`` with their query
-    groups, all other rows (other images, vanilla twins) in one plain batched call."""
+    groups (and their query ``queries[row]`` (S, H, D) after RoPE where given), all other rows (other images,
+    vanilla twins) in one plain batched call."""
     if not plans:
         return call.plain()
     B, S, H, D = call.query.shape
@@ -156,6 +158,7 @@ def attend_rows(call: AttnCall, plans: dict[int, list[QueryGroup]]) -> torch.Ten
         res = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx])
         out[idx] = res.flatten(2, 3).to(out.dtype)
     for row, groups in plans.items():
-        res = grouped_attention(call.q_rot[row], call.k_rot[row], call.value[row], groups, attend=call.attend)
+        q = call.q_rot[row] if queries is None or row not in queries else queries[row]
+        res = grouped_attention(q, call.k_rot[row], call.value[row], groups, attend=call.attend)
         out[row] = res.flatten(1, 2).to(out.dtype)
     return out
