@@ -579,9 +579,20 @@ def resolve_run(args, ref: ModelRef, method: str) -> dict:
     return run
 
 
-def cmd_generate(args) -> int:
-    say = (lambda *a: None) if args.quiet else _say
-    # 1. everything that can be checked without the model
+@dataclass
+class Checked:
+    """Everything ``generate`` found out before loading the model."""
+
+    stories: list[Story]
+    ref: ModelRef
+    run: dict
+    mode: str
+    gpus: list[int]
+    tokenizer: object | None
+
+
+def check_inputs(args) -> Checked:
+    """Step 1: every check that needs no model (raises UsageError / StoryError)."""
     methods = method_names()
     if args.method not in methods:
         raise UsageError(f"unknown method {args.method!r}; valid: {', '.join(methods)}")
@@ -609,12 +620,14 @@ def cmd_generate(args) -> int:
         problems = [p for s in stories for p in check_prompt_lengths(s, tokenizer, run["max_sequence_length"])]
         if problems:
             raise StoryError(problems)
+    return Checked(stories, ref, run, mode, gpus, tokenizer)
 
-    # 2. what is already done
-    out = Path(args.out)
+
+def plan_output(args, checked: Checked, out: Path) -> list[Job]:
+    """Step 2: what is already on disk; stop on groups made with other settings unless --overwrite."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    jobs = plan_jobs(stories, run, out, args.save_masks)
+    jobs = plan_jobs(checked.stories, checked.run, out, args.save_masks)
     conflicts = [j for j in jobs if j.state == "conflict"]
     if conflicts and not args.overwrite:
         lines = [f"  {j.folder}: " + "; ".join(j.changes[:4]) + (f" (+{len(j.changes) - 4} more)" if len(j.changes) > 4 else "")
@@ -628,31 +641,37 @@ def cmd_generate(args) -> int:
         for old in [*(out / job.folder).glob("frame_*.png"), *(out / job.folder / "masks").glob("*.png")]:
             if old.relative_to(out).as_posix() not in expected:
                 old.unlink()
-    todo = [j for j in jobs if j.state != "done"]
-    # groups whose images are all there but whose storyboard was lost need no model
-    for job in list(todo):
-        if all(job.finished) and not args.save_masks:
+    for job in jobs:  # all images there, only the storyboard lost: no model needed
+        if job.state != "done" and all(job.finished) and not args.save_masks:
             write_storyboard(job, out, args.save_masks)
             job.state = "done"
-            todo.remove(job)
-    done_before = len(jobs) - len(todo)
-    say(f"{len(jobs)} group(s), {done_before} already done, {len(todo)} to generate -> {out}")
-    write_manifest(out, stories, run, jobs)
+    return jobs
+
+
+def cmd_generate(args) -> int:
+    say = (lambda *a: None) if args.quiet else _say
+    checked = check_inputs(args)
+    run, mode, gpus, out = checked.run, checked.mode, checked.gpus, Path(args.out)
+    jobs = plan_output(args, checked, out)
+    todo = [j for j in jobs if j.state != "done"]
+    say(f"{len(jobs)} group(s), {len(jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
+    write_manifest(out, checked.stories, run, jobs)
     if not todo:
         return 0
 
-    # 3. generate
+    # step 3: generate, one group at a time, saving each as soon as it is done
     if args.quiet:
         _silence_libraries()
     try:
-        generate = load_engine(ref, run, mode, gpus, progress=not args.quiet)
+        generate = load_engine(checked.ref, run, mode, gpus, progress=not args.quiet)
     except Exception as error:
         if _is_oom(error):
             _say(f"loading the model failed: {oom_advice(mode, gpus)}", err=True)
             return EXIT_FAILED
         raise
-    if tokenizer is None and getattr(generate, "tokenizer", None) is not None:
-        problems = [p for s in stories for p in check_prompt_lengths(s, generate.tokenizer, run["max_sequence_length"])]
+    if checked.tokenizer is None and getattr(generate, "tokenizer", None) is not None:
+        problems = [p for s in checked.stories
+                    for p in check_prompt_lengths(s, generate.tokenizer, run["max_sequence_length"])]
         if problems:
             raise StoryError(problems)
     failed = 0
@@ -660,8 +679,7 @@ def cmd_generate(args) -> int:
         for job in todo:
             image_bar.set_postfix_str(job.folder)
             try:
-                result = generate(job)
-                write_group(job, result, out, args.save_masks)
+                write_group(job, generate(job), out, args.save_masks)
                 fallbacks = sum(len(n) for n in job.notes)
                 if fallbacks:
                     say(f"{job.folder}: {fallbacks} fallback note(s) (empty mask, no match, ...): see manifest.json")
@@ -675,7 +693,7 @@ def cmd_generate(args) -> int:
                 if _is_oom(error):
                     _free_cuda()
             finally:
-                write_manifest(out, stories, run, jobs)
+                write_manifest(out, checked.stories, run, jobs)
             image_bar.update(len(job.records))
     say(f"done: {len(jobs) - failed}/{len(jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
     return EXIT_FAILED if failed else 0
