@@ -49,7 +49,7 @@ class TrainConfig:
     render_chunk: int = 500
     max_sequence_length: int = 32
     # VAE
-    vae_steps: int = 3000
+    vae_steps: int = 2500
     vae_batch: int = 64
     vae_lr: float = 4e-4
     kl_weight: float = 1e-4          # on the per-element mean KL: keeps the latents smooth and near unit scale
@@ -358,8 +358,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path, step: i
 
 
 def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
-                      deadline: float) -> None:
-    """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes)."""
+                      deadline: float, precision: str = "bf16", auto_steps: bool = False,
+                      save_every: int = 1000) -> None:
+    """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes).
+
+    With ``auto_steps`` the schedule's length is fixed after 200 steps from the measured speed so that it ends
+    by ``deadline`` (logged and stored in the run's config: rerun with ``--steps N`` to reproduce).
+    """
     state = _state(run)
     step = int(state.get("transformer_step", 0))
     if step >= cfg.steps:
@@ -382,7 +387,23 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         _log(run, f"transformer: resumed at step {step}")
     mu = pipeline_mu((cfg.size // 8) ** 2)
     losses, t1, start = [], time.time(), step
+    use_bf16 = precision == "bf16" and device.type == "cuda"
+
+    def save() -> None:
+        transformer.to("cpu")
+        transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True)
+        transformer.to(device)
+        _save_optimizer(opt, {p: n for n, p in named.items()}, run / "optimizer.safetensors")
+        state = _state(run)
+        state.update(transformer_step=step, config=asdict(cfg), precision=precision)
+        state["transformer_seconds"] = state.get("transformer_seconds_done", 0.0) + time.time() - t1
+        _save_state(run, state)
+
     while step < cfg.steps and time.time() < deadline:
+        if auto_steps and step == start + 200:
+            rate = 200 / (time.time() - t1)
+            cfg.steps = step + int(rate * (deadline - time.time()) * 0.97) // 100 * 100
+            _log(run, f"transformer: {rate:.1f} steps/s -> schedule of {cfg.steps} steps")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -390,7 +411,7 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         x0 = (latents[idx].float() - lat_shift) * lat_scale
         noise = torch.randn(x0.shape, generator=gen, device=device)
         sig = sample_sigmas(cfg.batch, mu, cfg.uniform_frac, gen, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
             loss = flow_loss(transformer, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -403,16 +424,38 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
             rate = (step - start) / (time.time() - t1)
             _log(run, f"transformer step {step}/{cfg.steps} loss {np.mean(recent):.4f} lr {lr_at(step, cfg):.2e} "
                       f"({rate:.1f} steps/s)")
+        if step % save_every == 0:
+            save()
     _log(run, f"transformer: stopped at step {step}/{cfg.steps} after {time.time() - t1:.0f} s of training")
     transformer.eval()
-    pipe.to("cpu")
-    save_run_pipeline(pipe, run)
-    _save_optimizer(opt, {p: n for n, p in named.items()}, run / "optimizer.safetensors")
+    save()
     state = _state(run)
-    state.update(transformer_step=step, config=asdict(cfg))
-    state.setdefault("transformer_seconds", 0.0)
-    state["transformer_seconds"] += time.time() - t1
+    state["transformer_seconds_done"] = state["transformer_seconds"]
     _save_state(run, state)
+
+
+def probe(precision: str, batch: int) -> None:
+    """Fwd/bwd/step of the full-size transformer on random inputs, then its speed (a GPU smoke test)."""
+    from diffusers import FluxTransformer2DModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(**TRANSFORMER_CONFIG).to(device).train()
+    opt = torch.optim.AdamW(tr.parameters(), lr=1e-4)
+    x0 = torch.randn(batch, 16, 32, 32, device=device)
+    emb, pooled = torch.randn(batch, 32, 64, device=device), torch.randn(batch, 64, device=device)
+    t0 = time.time()
+    for i in range(13):
+        if i == 3:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            t0 = time.time()
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16" and device.type == "cuda"):
+            loss = flow_loss(tr, x0, torch.randn_like(x0), torch.rand(batch, device=device), emb, pooled)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    print(f"probe {precision} batch {batch}: loss {loss.item():.3f}, {10 / (time.time() - t0):.1f} steps/s", flush=True)
 
 
 def export(run: Path, weights: Path) -> None:
@@ -425,12 +468,27 @@ def export(run: Path, weights: Path) -> None:
     (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
 
 
+def _dataset(cfg: TrainConfig, cache: Path | None) -> tuple[np.ndarray, list[str]]:
+    """The seeded data set, from ``cache`` when it holds it (same seed, size and count), else rendered."""
+    key = f"seed{cfg.seed}_n{cfg.n_images}_s{cfg.size}"
+    if cache is not None and (cache / f"{key}.json").exists():
+        return np.load(cache / f"{key}.npy"), json.loads((cache / f"{key}.json").read_text())
+    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cache / f"{key}.npy", images)
+        (cache / f"{key}.json").write_text(json.dumps(prompts))
+    return images, prompts
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoint; resumed if present)")
-    ap.add_argument("--stage", choices=("vae", "transformer", "all", "export"), default="all")
+    ap.add_argument("--stage", choices=("vae", "transformer", "all", "export", "render", "probe"), default="all")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this invocation")
-    ap.add_argument("--steps", type=int, default=None, help="total transformer steps (schedule length)")
+    ap.add_argument("--steps", default=None, help="total transformer steps (schedule length), or 'auto'")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="transformer training")
+    ap.add_argument("--cache", type=Path, default=None, help="folder for the rendered data set (reused)")
     ap.add_argument("--n-images", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -445,12 +503,20 @@ def main(argv: list[str] | None = None) -> None:
         from .model import TOY_MODEL_DIR
         export(run, args.weights or TOY_MODEL_DIR)
         return
+    if args.stage == "probe":
+        probe(args.precision, args.batch or TrainConfig.batch)
+        return
     cfg = TrainConfig(**_state(run).get("config", {}))
-    for key in ("steps", "n_images", "vae_steps", "batch", "seed"):
+    auto_steps = args.steps == "auto"
+    if args.steps is not None and not auto_steps:
+        cfg.steps = int(args.steps)
+    for key in ("n_images", "vae_steps", "batch", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
-    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk)  # before CUDA starts
-    _log(run, f"rendered {len(images)} images in {time.time() - t_start:.0f} s")
+    images, prompts = _dataset(cfg, args.cache)  # before CUDA starts (the renderer forks)
+    _log(run, f"data set of {len(images)} images ready in {time.time() - t_start:.0f} s")
+    if args.stage == "render":
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -458,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_deadline = deadline if args.stage == "vae" else min(deadline, time.time() + 240)
         train_vae(run, cfg, images, device, vae_deadline)
     if args.stage in ("transformer", "all"):
-        train_transformer(run, cfg, images, prompts, device, deadline)
+        train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps)
     _log(run, f"done in {time.time() - t_start:.0f} s")
 
 
