@@ -26,13 +26,19 @@ Components (paper equations) and where they act on FLUX:
 - **Base Layout Interpolation** (Eq. 12, lambda = 0.7): the engine's vanilla twins give the plain pass's
   activations at the same step and layer without a cache; the image-token attention outputs (the patch
   embeddings of the layer) are blended (1 - lambda) X_consist + lambda X_vanilla in the ``bli_blocks`` (all
-  by default, as the paper blends in every self-attention layer) for the first ``bli_end`` of the steps,
-  where the layout forms.
+  by default, as the paper blends in every self-attention layer) on steps < ``bli_end`` (10 of 50: the
+  layout-forming steps, where the pose is decided; the paper leaves its "T steps" open). The twins run only
+  for those steps, so the batch is doubled for the first fifth of the run only.
 - **Dropouts** (Sec. 3.3): of the shared subject keys (per receiving image, source image, step and block),
   of RFH updates, and of the subject masks (per image and step). Seeded, deterministic.
 - **Subset references** (Eq. 13): with ``num_references = K`` the first K story images (identity first) are
   the references: they share among themselves, every other image sees (and harmonizes toward) the references
   only. The references run in every chunk (``dependencies``), so long stories go in chunks of K + frames.
+
+Steps: sharing and RFH on steps [``share_start``, ``share_end``) = 1-49 of 50 (the paper shares at every step;
+step 0 has no mask yet). Step options are written for 50 steps and rescaled to the step count
+(``schedule_steps``), as CharaConsist's are, so FLUX.1-schnell's 4 steps and the toy model's 20 get the same
+fractions of the schedule.
 
 Images of another size than the others run in another group: they share only within their own group; the
 output notes an image that is left without anyone to share with.
@@ -217,8 +223,8 @@ class StorySyncConfig:
     gamma: float = 0.3               # harmonization coefficient (paper Table 3b)
     bli_lambda: float = 0.7          # interpolation weight toward the vanilla pass (paper Table 3b)
     share_start: int = 1             # first step of sharing and RFH: the first mask exists after step 0
-    share_end: float = 1.0           # sharing and RFH on steps < round(share_end * steps) (paper: all steps)
-    bli_end: float = 0.2             # BLI on steps < round(bli_end * steps): the layout steps (ours)
+    share_end: int = 50              # first step without sharing and RFH (paper: every step)
+    bli_end: int = 10                # first step without BLI: BLI on the layout steps (ours; paper: "T steps")
     share_blocks: str = "single"     # blocks with cross-image sharing: single | double | all
     mask_blocks: str = "single"      # blocks whose image->text attention makes the masks (Eq. 3's L)
     bli_blocks: str = "all"          # blocks whose image attention outputs are interpolated (Eq. 12's l)
@@ -229,14 +235,28 @@ class StorySyncConfig:
     mask_dropout: float = 0.0        # dropout of subject-mask tokens (rate not given in the paper)
     num_references: int = 0          # Eq. 13: first K images are the references; 0 = every image shares
     seed: int = -1                   # dropout seed; -1 = each image's own seed
+    schedule_steps: int | None = 50  # the step options are written for this many steps and rescaled to
+                                     # num_inference_steps (None: use them as given), as CharaConsist's
+
+
+def step_schedule(config: StorySyncConfig, num_steps: int) -> dict[str, int]:
+    """The step options for ``num_steps`` steps: ``round(v * num_steps / schedule_steps)``.
+
+    Sharing and RFH never start at step 0 (no mask exists yet); BLI keeps at least one step after the first
+    shared one when it is on, otherwise it would only blend two identical plain passes.
+    """
+    values = {k: getattr(config, k) for k in ("share_start", "share_end", "bli_end")}
+    if config.schedule_steps and num_steps != config.schedule_steps:
+        values = {k: int(round(v * num_steps / config.schedule_steps)) for k, v in values.items()}
+    values["share_start"] = max(values["share_start"], 1)
+    if config.bli_end > config.share_start:
+        values["bli_end"] = max(values["bli_end"], values["share_start"] + 1)
+    values = {k: min(v, num_steps) for k, v in values.items()}
+    return values
 
 
 def _kind_in(kind: str, blocks: str) -> bool:
     return blocks == "all" or blocks == kind
-
-
-def _steps(fraction: float, num_steps: int) -> int:
-    return int(round(fraction * num_steps))
 
 
 class StorySync(Method):
@@ -253,17 +273,20 @@ class StorySync(Method):
                 raise ValueError(f"storysync: {key}={getattr(cfg, key)!r}; valid: {list(BLOCKS)}")
         if cfg.rfh_features not in FEATURES:
             raise ValueError(f"storysync: rfh_features={cfg.rfh_features!r}; valid: {list(FEATURES)}")
-        for key in ("gamma", "bli_lambda", "share_end", "bli_end", "attn_dropout", "rfh_dropout", "mask_dropout"):
+        for key in ("gamma", "bli_lambda", "attn_dropout", "rfh_dropout", "mask_dropout"):
             if not 0.0 <= getattr(cfg, key) <= 1.0:
                 raise ValueError(f"storysync: {key}={getattr(cfg, key)} must lie in [0, 1]")
-        if cfg.num_references < 0 or cfg.share_start < 0:
-            raise ValueError("storysync: num_references and share_start must be >= 0")
+        for key in ("num_references", "share_start", "share_end", "bli_end"):
+            if getattr(cfg, key) < 0:
+                raise ValueError(f"storysync: {key}={getattr(cfg, key)} must be >= 0")
+        if cfg.schedule_steps is not None and cfg.schedule_steps < 1:
+            raise ValueError(f"storysync: schedule_steps={cfg.schedule_steps} must be >= 1 or None")
 
     # ------------------------------------------------------------------ planning
     def twin_steps(self, phase: Phase) -> int:
         """BLI needs the vanilla pass at the same step and layer: plain twins for the BLI steps."""
         cfg = self.config
-        return _steps(cfg.bli_end, phase.steps) if cfg.bli and cfg.bli_lambda > 0 else 0
+        return step_schedule(cfg, phase.steps)["bli_end"] if cfg.bli and cfg.bli_lambda > 0 else 0
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         """Eq. 13: every chunk holds the references (story images 0..K-1), so every frame can see them."""
@@ -288,9 +311,15 @@ class StorySync(Method):
         self.masks_raw: dict[int, torch.Tensor | None] = {}
         self.masks: dict[int, torch.Tensor | None] = {}
         self.corr: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        n = run.num_steps
-        self.active = range(cfg.share_start, _steps(cfg.share_end, n))   # steps with sharing / RFH
-        self.bli_stop = self.twin_steps(Phase("main", n, True))
+        self.schedule = step_schedule(cfg, run.num_steps)
+        self.active = range(self.schedule["share_start"], self.schedule["share_end"])   # sharing / RFH steps
+        self.bli_stop = self.twin_steps(Phase("main", run.num_steps, True))
+
+    def settings(self) -> dict:
+        out = super().settings()
+        if getattr(self, "schedule", None):
+            out["effective_schedule"] = dict(self.schedule)
+        return out
 
     def _base_seed(self, s: Slot) -> int:
         return self.config.seed if self.config.seed >= 0 else (s.seed if s.seed is not None else 0)
