@@ -63,7 +63,7 @@ from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
 from .base import Method
-from .storydiffusion import attend_rows, image_generator, sharing_sources, uses_block
+from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources, uses_block
 
 
 @dataclass
@@ -87,6 +87,10 @@ class ConsiStoryConfig:
     feature_step: int | None = None     # step of the correspondence features; None = round(0.72 * num_steps)
     blocks: str = "single"              # FLUX blocks of SDSA, blending, injection, masks and features
     seed: int | None = None             # seed of the dropout draws; None = each image's own seed
+
+    def __post_init__(self):
+        coerce_optional(self, {"share_end": int, "blend_steps": int, "inject_start": int, "inject_end": int,
+                               "inject_threshold": float, "feature_step": int, "seed": int})
 
 
 # ---------------------------------------------------------------------------------------------- pure functions

@@ -55,6 +55,20 @@ class StoryDiffusionConfig:
     blocks: str = "single"          # "single" | "double" | "all": FLUX blocks with consistent self-attention
     seed: int | None = None         # seed of the token sampling; None = each image's own seed
 
+    def __post_init__(self):
+        coerce_optional(self, {"share_end": int, "seed": int})
+
+
+def coerce_optional(config, types: dict[str, type]) -> None:
+    """Options whose default is None arrive as text from ``--option KEY=VALUE``: convert them ("none" = None)."""
+    for name, typ in types.items():
+        value = getattr(config, name)
+        if isinstance(value, str):
+            try:
+                setattr(config, name, None if value.strip().lower() in ("", "none") else typ(value))
+            except ValueError:
+                raise ValueError(f"option {name}={value!r} is not a {typ.__name__}") from None
+
 
 def sample_tokens(num_tokens: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """RandSample of Algorithm 1 for one other image: indices of the tokens kept, each with probability ``rate``.
