@@ -1,9 +1,9 @@
 """StoryDiffusion's Consistent Self-Attention (Zhou et al., 2024) on FLUX.1, in the lockstep engine.
 
-StoryDiffusion (seed 002 lists it as the SDXL baseline of CharaConsist; "inter-image attention" in CharaConsist
-Sec. 3) makes a batch of images consistent without training: in each self-attention layer, image i's queries
-attend to its own tokens *and* to tokens randomly sampled from the other images of the batch (paper Sec. 3.1,
-Eq. for Consistent Self-Attention / Algorithm 1)::
+StoryDiffusion (seeds 000 and 002 list it as an SDXL baseline of CharaConsist; "inter-image attention" in
+CharaConsist Sec. 3) makes a batch of images consistent without training: in each self-attention layer, image
+i's queries attend to its own tokens *and* to tokens randomly sampled from the other images of the batch (paper
+Sec. 3.1, Consistent Self-Attention, Algorithm 1)::
 
     S_i = RandSample(I_1, ..., I_{i-1}, I_{i+1}, ..., I_B; rate)      # tokens of the other images
     P_i = [I_i ; S_i]                                                   # own tokens + sampled tokens
