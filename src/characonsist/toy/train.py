@@ -468,6 +468,22 @@ def export(run: Path, weights: Path) -> None:
     (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
 
 
+def probe_auto(batch: int) -> tuple[str, int]:
+    """The first (precision, batch) whose probe runs, each in its own process (a CUDA error is fatal)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+    for precision, b in (("bf16", batch), ("fp32", batch), ("bf16", batch // 2), ("fp32", batch // 2)):
+        res = subprocess.run([sys.executable, "-m", "characonsist.toy.train", "--out", "/tmp/probe", "--stage",
+                              "probe", "--precision", precision, "--batch", str(b)], env=env,
+                             capture_output=True, text=True)
+        print("\n".join((res.stdout + res.stderr).strip().splitlines()[-12:]), flush=True)
+        if res.returncode == 0:
+            return precision, b
+    raise RuntimeError("no probe ran: see the errors above")
+
+
 def _dataset(cfg: TrainConfig, cache: Path | None) -> tuple[np.ndarray, list[str]]:
     """The seeded data set, from ``cache`` when it holds it (same seed, size and count), else rendered."""
     key = f"seed{cfg.seed}_n{cfg.n_images}_s{cfg.size}"
@@ -487,7 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage", choices=("vae", "transformer", "all", "export", "render", "probe"), default="all")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this invocation")
     ap.add_argument("--steps", default=None, help="total transformer steps (schedule length), or 'auto'")
-    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="transformer training")
+    ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16",
+                    help="transformer training; 'auto' (probe stage): try bf16 then fp32, at the batch then half")
     ap.add_argument("--cache", type=Path, default=None, help="folder for the rendered data set (reused)")
     ap.add_argument("--n-images", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
@@ -502,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "export":
         from .model import TOY_MODEL_DIR
         export(run, args.weights or TOY_MODEL_DIR)
+        return
+    if args.stage == "probe" and args.precision == "auto":
+        choice = probe_auto(args.batch or TrainConfig.batch)
+        (run / "probe.txt").write_text(" ".join(map(str, choice)) + "\n")
         return
     if args.stage == "probe":
         probe(args.precision, args.batch or TrainConfig.batch)
