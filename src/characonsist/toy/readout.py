@@ -3,12 +3,14 @@
 It reads the scene, the kind, the position and size (the action is ``size-position``) and the four identity
 attributes. It is trained on clean renders and on renders degraded the way a small VAE and a few diffusion
 steps degrade them (:func:`degrade_batch`: small shifts, blur, 2x down/up-sampling, colour gain and offset,
-noise), so it also reads generated images. Train (seeded, about 4 minutes on 2 CPU cores)::
+noise), so it also reads generated images. Train (seeded) and measure::
 
-    python -m characonsist.toy.readout train
-    python -m characonsist.toy.readout eval --n 2000
+    python -m characonsist.toy.readout train        # CPU defaults: 2500 steps of 48, a 6000-render pool
+    python -m characonsist.toy.readout train --steps 4000 --batch 128 --pool 24000 --workers 14 --device cuda
+    python -m characonsist.toy.readout eval --n 2000 --strength 1 1.5 2
 
-The shipped weights (float16, ``readout_weights/readout.pt``) are loaded on first use.
+The shipped weights come from the second command (4 minutes on one H100); docs/TOY_WORLD.md has the figures.
+The shipped weights (float16, ``readout_weights/readout.pt``, under 1 MB) are loaded on first use.
 """
 
 from __future__ import annotations
