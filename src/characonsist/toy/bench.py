@@ -365,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result["settings"].update(suite=suite, model=args.model, device=args.device, dtype=args.dtype,
                               total_seconds=time.perf_counter() - t0)
-    print(f"toy bench: {len(stories)} stories ({suite}), model {args.model}, {gen['num_inference_steps']} steps, "
+    model = f"model {args.model}, {gen['num_inference_steps']} steps" if pipe is not None else "no model"
+    print(f"toy bench: {len(stories)} stories ({suite}), {model}, "
           f"{result['settings']['total_seconds']:.0f}s")
     print(format_tables(result))
     if args.json:

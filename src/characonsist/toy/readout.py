@@ -9,8 +9,8 @@ noise), so it also reads generated images. Train (seeded) and measure::
     python -m characonsist.toy.readout train --steps 4000 --batch 128 --pool 24000 --workers 14 --device cuda
     python -m characonsist.toy.readout eval --n 2000 --strength 1 1.5 2
 
-The shipped weights come from the second command (4 minutes on one H100); docs/TOY_WORLD.md has the figures.
-The shipped weights (float16, ``readout_weights/readout.pt``, under 1 MB) are loaded on first use.
+The shipped weights (float16, ``readout_weights/readout.pt``, under 1 MB, loaded on first use) come from the
+second command (4 minutes on one H100); docs/TOY_WORLD.md has the measured accuracy.
 """
 
 from __future__ import annotations
