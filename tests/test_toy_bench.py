@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from characonsist.toy import bench, suite, world
 from characonsist.toy.bench import aggregate, background_agreement, background_mask, parse_method, score_story
@@ -105,7 +106,10 @@ def test_story_file_round_trip_and_errors(tmp_path):
 
 def test_oracle_run_and_cli_json(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert bench.main(["--methods", "oracle", "--limit", "3", "--quiet", "--json", str(out)]) == 0
+    assert bench.main(["--methods", "oracle", "--limit", "3", "--quiet", "--json", str(out),
+                       "--images", str(tmp_path / "img")]) == 0
+    strip = np.asarray(Image.open(tmp_path / "img" / "oracle" / "fixed-00.png"))
+    assert strip.shape == (128, 5 * 128, 3)
     printed = capsys.readouterr().out
     assert "oracle" in printed and "identity" in printed
     m = json.loads(out.read_text())["methods"]["oracle"]["metrics"]

@@ -184,11 +184,12 @@ def _oracle_images(story: ToyStory, seed: int, size: int) -> list[np.ndarray]:
 
 def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
-              log=None, readout_net=None, **gen_kwargs) -> dict:
+              log=None, readout_net=None, image_dir: str | Path | None = None, **gen_kwargs) -> dict:
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
     Story ``i`` is generated with seed ``seed + story.seed`` for every image (the official convention: identity
     and frames start from the same noise). ``gen_kwargs`` go to the pipeline call (e.g. ``guidance_scale``).
+    With ``image_dir``, each story is saved as one strip ``image_dir/<method>/<story>.png`` (identity first).
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "metrics", "stories"}}}``.
     """
     from .readout import read_batch
@@ -226,6 +227,11 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                     log(f"[{spec}] {story.name}: FAILED {type(e).__name__}: {e}")
                 continue
             seconds = time.perf_counter() - t0
+            if image_dir is not None:
+                from PIL import Image
+                folder = Path(image_dir) / spec.replace("/", "_")
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.concatenate(images, axis=1)).save(folder / f"{story.name}.png")
             reads = read_batch(images, readout_net)
             rec = score_story(story.truth, reads, images, story.mode)
             rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, reads=reads,
@@ -281,6 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reduced", action="store_true", help="the 12-story CPU subset of the suite")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
     parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
+    parser.add_argument("--images", default=None, metavar="DIR",
+                        help="save each story as a strip DIR/<method>/<story>.png (identity first)")
     parser.add_argument("--model", default="toy",
                         help="'toy' (shipped toy model), 'tiny' (random tiny FLUX, plumbing only) or a diffusers folder")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -359,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     try:
-        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, **gen)
+        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images, **gen)
     except ValueError as e:
         print(f"bench toy: {e}", file=sys.stderr)
         return 2
