@@ -35,6 +35,9 @@ Components (paper equations) and where they act on FLUX:
   the references: they share among themselves, every other image sees (and harmonizes toward) the references
   only. The references run in every chunk (``dependencies``), so long stories go in chunks of K + frames.
 
+Chunks: with ``num_references = 0`` every image of a chunk shares with every other (the paper's batch), so the
+way a long story is cut into chunks (``batch_size``) changes its frames; with ``num_references = K`` it does not.
+
 Steps: sharing and RFH on steps [``share_start``, ``share_end``) = 1-49 of 50 (the paper shares at every step;
 step 0 has no mask yet). Step options are written for 50 steps and rescaled to the step count
 (``schedule_steps``), as CharaConsist's are, so FLUX.1-schnell's 4 steps and the toy model's 20 get the same
@@ -82,7 +85,7 @@ def subject_mask(aggregated: torch.Tensor) -> torch.Tensor:
     """Otsu's threshold on the aggregated subject map A_i (Eq. 3 -> M_i). A flat map gives an empty mask."""
     if aggregated.numel() == 0 or float(aggregated.max() - aggregated.min()) <= 1e-12:
         return torch.zeros(aggregated.shape, dtype=torch.bool, device=aggregated.device)
-    return aggregated > otsu_threshold(aggregated)
+    return aggregated > otsu_threshold(aggregated.cpu())     # mask.otsu_threshold builds its bins on the CPU
 
 
 def propagation_mask(masks: list[torch.Tensor], i: int, sources: list[int] | None = None) -> torch.Tensor:
@@ -172,7 +175,7 @@ def otsu_limit(best: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     vals = best[valid]
     if vals.numel() < 2 or float(vals.max() - vals.min()) <= 1e-6:
         return valid
-    return valid & (best > otsu_threshold(vals))
+    return valid & (best > otsu_threshold(vals.cpu()))
 
 
 def harmonize(r_i: torch.Tensor, r_match: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -346,7 +349,7 @@ class StorySync(Method):
                     self.masks_raw[s.pos] = self.masks[s.pos] = None
                     continue
                 total, count = self.acc_mask[s.pos]
-                mask = subject_mask(total / count).cpu()
+                mask = subject_mask((total / count).cpu())
                 if not bool(mask.any()):
                     run.note(s.pos, f"step {run.step}: subject mask empty, nothing shared from this image")
                 self.masks_raw[s.pos] = mask
