@@ -195,6 +195,8 @@ def test_effect_on_changes_frames_stays_finite_and_is_deterministic(story_pipe, 
     assert all(np.abs(x - y).max() > 1e-4 for x, y in zip(a.frames, vanilla.frames))
     assert a.method == "storysync" and a.settings["method_options"]["gamma"] == 0.3
     assert [m.shape for m in a.masks] == [(8, 8)] * 3
+    c = story_pipe(IDENTITY, FRAMES[:1], method="storysync", dropout_seed=7, **KW)   # another dropout draw
+    assert all(np.isfinite(x).all() for x in c.images) and c.settings["method_options"]["dropout_seed"] == 7
 
 
 @pytest.mark.parametrize("options", [dict(share=False, bli=False), dict(rfh=False, bli=False),

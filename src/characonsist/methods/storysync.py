@@ -237,7 +237,7 @@ class StorySyncConfig:
     rfh_dropout: float = 0.0         # dropout of RFH updates (rate not given in the paper)
     mask_dropout: float = 0.0        # dropout of subject-mask tokens (rate not given in the paper)
     num_references: int = 0          # Eq. 13: first K images are the references; 0 = every image shares
-    seed: int = -1                   # dropout seed; -1 = each image's own seed
+    dropout_seed: int = -1           # seed of the dropouts; -1 = each image's own seed
     schedule_steps: int | None = 50  # the step options are written for this many steps and rescaled to
                                      # num_inference_steps (None: use them as given), as CharaConsist's
 
@@ -325,7 +325,8 @@ class StorySync(Method):
         return out
 
     def _base_seed(self, s: Slot) -> int:
-        return self.config.seed if self.config.seed >= 0 else (s.seed if s.seed is not None else 0)
+        cfg = self.config
+        return cfg.dropout_seed if cfg.dropout_seed >= 0 else (s.seed if s.seed is not None else 0)
 
     # ------------------------------------------------------------------ per step
     def begin_step(self, run: Run) -> None:
