@@ -17,6 +17,9 @@ def test_reads_held_out_renders(sample):
         acc = np.mean([p[field] == t[field] for p, t in zip(pred, labels)])
         assert acc >= 0.95, (field, acc)
     assert all(p["action"] == f"{p['size']}-{p['position']}" for p in pred)
+    again, conf = readout.read_batch(imgs[:8], confidence=True)
+    assert again == pred[:8] and set(conf[0]) == set(world.FIELDS)
+    assert all(0.5 < c <= 1.0 for d in conf for c in d.values())
 
 
 def test_reads_degraded_renders(sample):

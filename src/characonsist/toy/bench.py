@@ -161,6 +161,8 @@ def aggregate(stories: list[dict]) -> dict:
         "position_diversity": _ratio(sum(s["diverse_pairs"] for s in ok), sum(s["pairs"] for s in ok)),
         "prompted_diversity": _ratio(sum(s["prompted_diverse_pairs"] for s in ok), sum(s["pairs"] for s in ok)),
         "seconds_per_story": float(np.mean([s["seconds"] for s in ok])) if ok else float("nan"),
+        # images whose least sure field is under 0.9: the readout has seldom seen such an image
+        "unsure_reads": _ratio(sum(sum(c < 0.9 for c in s.get("confidence", [])) for s in ok), images),
     }
     m["identity_by_mode"] = {
         mode: _ratio(sum(s["identity_hits"] for s in ok if s["mode"] == mode),
@@ -232,10 +234,11 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                 folder = Path(image_dir) / spec.replace("/", "_")
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.concatenate(images, axis=1)).save(folder / f"{story.name}.png")
-            reads = read_batch(images, readout_net)
+            reads, conf = read_batch(images, readout_net, confidence=True)
             rec = score_story(story.truth, reads, images, story.mode)
             rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, reads=reads,
-                       prompts=[im.spec() for im in story.images])
+                       prompts=[im.spec() for im in story.images],
+                       confidence=[min(c.values()) for c in conf])
             records.append(rec)
             if log:
                 log(f"[{spec}] {n + 1}/{len(stories)} {story.name}: identity {rec['identity_hits']}/{rec['frames']}"
@@ -254,14 +257,14 @@ def format_tables(result: dict) -> str:
     names = list(result["methods"])
     w = max([len("method"), *map(len, names)])
     head = (f"{'method':<{w}}  {'identity':>8}  {'adhere':>6}  {'bg-pix':>6}  {'bg-scene':>8}  {'divers':>6}  "
-            f"{'(prompt)':>8}  {'s/story':>7}  {'failed':>6}")
+            f"{'(prompt)':>8}  {'s/story':>7}  {'unsure':>6}  {'failed':>6}")
     lines = [head, "-" * len(head)]
     for n in names:
         m = result["methods"][n]["metrics"]
         lines.append(f"{n:<{w}}  {_pct(m['identity_consistency']):>8}  {_pct(m['prompt_adherence']):>6}  "
                      f"{_pct(m['background_consistency']):>6}  {_pct(m['background_scene_agreement']):>8}  "
                      f"{_pct(m['position_diversity']):>6}  {_pct(m['prompted_diversity']):>8}  "
-                     f"{m['seconds_per_story']:>7.2f}  {m['failed']:>6}")
+                     f"{m['seconds_per_story']:>7.2f}  {_pct(m['unsure_reads']):>6}  {m['failed']:>6}")
     cols = [*MODES, *world.ATTRIBUTES]
     head2 = f"{'identity by':<{w}}  " + "  ".join(f"{c:>15}" for c in cols)
     lines += ["", head2, "-" * len(head2)]
@@ -269,8 +272,8 @@ def format_tables(result: dict) -> str:
         m = result["methods"][n]["metrics"]
         vals = [m["identity_by_mode"][c] for c in MODES] + [m["attribute_agreement"][a] for a in world.ATTRIBUTES]
         lines.append(f"{n:<{w}}  " + "  ".join(f"{_pct(v):>15}" for v in vals))
-    lines.append("(percent; identity = frames whose unnamed attributes all match the identity image; "
-                 "bg-* on fixed-background stories)")
+    lines.append("(percent; identity = frames whose unnamed attributes all match the identity image; bg-* on "
+                 "fixed-background stories; unsure = images whose least sure readout field is under 0.9)")
     return "\n".join(lines)
 
 

@@ -140,19 +140,26 @@ def load_readout(path: str | Path | None = None) -> ReadoutNet:
 
 
 @torch.no_grad()
-def read_batch(images, net: ReadoutNet | None = None, batch: int = 64) -> list[dict[str, str]]:
-    """Read every field of each image (uint8 HxWx3 arrays, float arrays in [0, 1], or PIL images)."""
+def read_batch(images, net: ReadoutNet | None = None, batch: int = 64, confidence: bool = False):
+    """Read every field of each image (uint8 HxWx3 arrays, float arrays in [0, 1], or PIL images).
+
+    With ``confidence`` also return, per image, a dict of the softmax probability of each field's answer
+    (``action``: the product of size and position); low values flag images unlike any render.
+    """
     net = net or load_readout()
     images = list(images)
-    out = []
+    out, conf = [], []
     for i in range(0, len(images), batch):
         logits = net(_to_tensor(images[i:i + batch]))
-        idx = {f: lg.argmax(1).tolist() for f, lg in logits.items()}
-        for j in range(len(idx["scene"])):
-            d = {f: HEADS[f][idx[f][j]] for f in HEADS}
+        probs = {f: lg.softmax(1).max(1) for f, lg in logits.items()}
+        for j in range(len(probs["scene"][0])):
+            d = {f: HEADS[f][int(probs[f][1][j])] for f in HEADS}
             d["action"] = f"{d['size']}-{d['position']}"
             out.append({f: d[f] for f in world.FIELDS})
-    return out
+            c = {f: float(probs[f][0][j]) for f in HEADS}
+            c["action"] = c["size"] * c["position"]
+            conf.append({f: c[f] for f in world.FIELDS})
+    return (out, conf) if confidence else out
 
 
 def read(image) -> dict[str, str]:
