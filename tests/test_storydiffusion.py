@@ -1,4 +1,4 @@
-"""StoryDiffusion (Consistent Self-Attention) in the engine: equivalence when off, effect, determinism, pure functions."""
+"""StoryDiffusion in the engine: equivalence when off, effect, determinism, pure functions."""
 
 import numpy as np
 import pytest

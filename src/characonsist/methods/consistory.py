@@ -242,8 +242,8 @@ class ConsiStory(Method):
                 run.note(s.pos, "some images have another size: subject shared only with images of the same size")
             self.sources[s.pos] = same
             if s.char_len == 0:
-                run.note(s.pos, "no character tokens within max_sequence_length: no subject mask; its patches are not shared and "
-                                "it gets no feature injection")
+                run.note(s.pos, "no character tokens within max_sequence_length: no subject mask; its patches are "
+                                "not shared and it gets no feature injection")
         self.masks: dict[int, torch.Tensor] = {}
         self.pairs: dict[int, dict] = {}
 
@@ -273,7 +273,7 @@ class ConsiStory(Method):
                 continue
             mask = subject_mask(self.acc_map[s.pos]).cpu()
             if not bool(mask.any()):
-                run.note(s.pos, f"{run.phase.name} step {run.step}: subject mask empty, no subject patches shared")
+                run.note(s.pos, f"{run.phase.name} pass: subject mask empty at some step(s), nothing shared then")
             new[s.pos] = mask
         self.masks = new
         if self.collect_features:
