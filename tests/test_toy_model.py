@@ -1,0 +1,98 @@
+"""The shipped toy model loads as a plain FluxPipeline and samples; the training recipe's pieces run on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from characonsist.toy import train, world
+from characonsist.toy.model import TOY_MODEL_DIR, load_toy_defaults, load_toy_pipeline
+
+PROMPT = "a sunny beach a cat big in the middle"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy_pipeline()
+
+
+def _sample(pipe, defaults, seed: int, steps: int = 2) -> np.ndarray:
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                height=defaults["height"], width=defaults["width"], guidance_scale=defaults["guidance_scale"],
+                max_sequence_length=defaults["max_sequence_length"], output_type="np").images[0]
+
+
+def test_shipped_folder_is_a_flux_pipeline():
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
+    assert pipe.transformer.config.num_layers >= 1 and pipe.transformer.config.num_single_layers >= 1
+    assert pipe.transformer.config.guidance_embeds is False
+    assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
+    defaults = json.loads((TOY_MODEL_DIR / "characonsist_defaults.json").read_text())
+    assert defaults == load_toy_defaults()
+    assert set(defaults) >= {"height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"}
+    size = sum(p.stat().st_size for p in TOY_MODEL_DIR.rglob("*") if p.is_file())
+    assert size <= 30 * 2 ** 20
+
+
+def test_samples_128px_deterministic(toy):
+    pipe, defaults = toy
+    a, b, c = _sample(pipe, defaults, 0), _sample(pipe, defaults, 0), _sample(pipe, defaults, 1)
+    assert a.shape == (128, 128, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_every_vocabulary_word_is_one_t5_token(toy):
+    pipe, _ = toy
+    for word in world.VOCAB_WORDS:
+        assert len(pipe.tokenizer_2(word, add_special_tokens=False).input_ids) == 1, word
+        assert len(pipe.tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="toy model weights are missing"):
+        load_toy_pipeline(path=tmp_path)
+
+
+def test_training_step_runs_on_cpu():
+    tiny_tr = dict(train.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=1, num_attention_heads=2)
+    tiny_vae = dict(train.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
+    pipe = train.build_pipeline(0, transformer_config=tiny_tr, vae_config=tiny_vae)
+    images, prompts = train.render_dataset(2, seed=0, chunk=2, workers=1)
+    assert images.shape == (2, 128, 128, 3) and images.dtype == np.uint8
+    assert all(p == " ".join(p.split()) and "#" not in p for p in prompts)
+
+    x = train.to_pixels(images)
+    assert x.shape == (2, 3, 128, 128) and -1 <= x.min() and x.max() <= 1
+    loss, _, _ = train.vae_loss(pipe.vae, x, 1e-4, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+    with torch.no_grad():
+        lat = pipe.vae.encode(x).latent_dist.mean
+    assert lat.shape == (2, 16, 32, 32)
+    embeds, pooled = train.encode_prompts(pipe, prompts, 32, torch.device("cpu"))
+    assert embeds.shape == (2, 32, 64) and pooled.shape == (2, 64)
+    gen = torch.Generator().manual_seed(0)
+    sig = train.sample_sigmas(2, train.pipeline_mu(256), 0.1, gen, "cpu")
+    assert ((sig > 0) & (sig <= 1)).all()
+    loss = train.flow_loss(pipe.transformer, lat, torch.randn(lat.shape, generator=gen), sig, embeds, pooled)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in pipe.transformer.parameters() if p.requires_grad)
+
+
+def test_schedule_and_shift_match_the_pipeline():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = train.TrainConfig(steps=1000, warmup=100, decay_frac=0.25)
+    lrs = [train.lr_at(s, cfg) for s in range(1000)]
+    assert lrs[0] < lrs[99] == cfg.lr == lrs[749] and lrs[999] < 0.01 * cfg.lr
+    c = train.SCHEDULER_CONFIG
+    assert train.pipeline_mu(256) == pytest.approx(calculate_shift(
+        256, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]))
