@@ -95,10 +95,16 @@ def test_subject_mask_from_constructed_text_attention():
     q = torch.zeros(16, 2, d)
     q[~truth, :, 0] = 6.0
     q[truth, :, 1] = 6.0
-    a = subject_attention(q, k_txt, start=2, end=4, real_len=5)
+    a = subject_attention(q[None], k_txt[None], [(2, 4, 5)])[0]
     assert a.shape == (16,) and float(a.max()) <= 1.0 + 1e-6
     assert torch.equal(subject_mask(a), truth)
     assert not subject_mask(torch.full((16,), 0.3)).any()               # a flat map: empty mask, no crash
+    # batched over images with other spans and real lengths: each row as if alone
+    k2 = k_txt.clone()
+    k2[3] = 0.0
+    both = subject_attention(torch.stack([q, q.flip(0)]), torch.stack([k_txt, k2]), [(2, 4, 5), (1, 3, 4)])
+    alone = subject_attention(q.flip(0)[None], k2[:4][None], [(1, 3, 4)])[0]
+    assert torch.allclose(both[0], a) and torch.allclose(both[1], alone, atol=1e-6)
 
 
 def test_rfh_recovers_known_correspondence_and_applies_eq11():

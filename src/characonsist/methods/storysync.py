@@ -11,8 +11,9 @@ Components (paper equations) and where they act on FLUX:
   starts at step 1).
 - **Masked cross-image attention sharing** (Eqs. 5-8): every image query of image i attends to its own joint
   keys (text + image) plus the subject keys of the other images of the batch (propagation mask Gamma_i of
-  Eq. 5); text queries see no extra keys. Computed with ``attention.grouped_attention`` over gathered keys,
-  never a dense mask. Shared keys keep their own RoPE positions (post-RoPE ``k_rot``), as StorySync does.
+  Eq. 5); text queries see no extra keys. Computed per image over its own keys concatenated with the gathered
+  shared keys, through diffusers' attention dispatch (flash kernels apply), never a dense mask; the text
+  queries of all sharing images go in one batched call. Shared keys keep their own RoPE positions (post-RoPE ``k_rot``), as StorySync does.
   Default blocks: the single blocks (``share_blocks``); the double blocks run plainly, they lay out the image
   and FLUX's RoPE already pulls poses together when keys are shared (paper Sec. 4.1).
 - **Regional Feature Harmonization** (Eqs. 9-11): the region features R are the attention outputs of the
@@ -55,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttendFn, QueryGroup, grouped_attention, sdpa_attend
+from ..attention import AttendFn, sdpa_attend
 from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
@@ -68,17 +69,23 @@ FEATURES = ("averaged", "layer")
 
 # ============================================================================ pure functions
 
-def subject_attention(q_img: torch.Tensor, k_txt: torch.Tensor, start: int, end: int, real_len: int) -> torch.Tensor:
+def subject_attention(q_img: torch.Tensor, k_txt: torch.Tensor, spans: list[tuple[int, int, int]]) -> torch.Tensor:
     """Eqs. 2 and 4 for one layer: attention of every image token to the subject tokens, summed over them.
 
-    ``q_img`` (N, H, D) image queries, ``k_txt`` (T, H, D) text keys, both after RoPE. The softmax of Eq. 2 runs
-    over the ``real_len`` real text tokens (padding and the end token excluded); the subject tokens are
-    [start, end). Returns (N,) float32, averaged over heads. (Eq. 3's layer average is the caller's.)
+    ``q_img`` (B, N, H, D) image queries, ``k_txt`` (B, T, H, D) text keys, both after RoPE; ``spans[b]`` =
+    (start, end, real_len) of image b. The softmax of Eq. 2 runs over the ``real_len`` real text tokens
+    (padding and the end token excluded); the subject tokens are [start, end). All images in one batched
+    product. Returns (B, N) float32, averaged over heads. (Eq. 3's layer average is the caller's.)
     """
-    q = q_img.float().transpose(0, 1)                                  # (H, N, D)
-    k = k_txt[:real_len].float().transpose(0, 1)                       # (H, R, D)
-    probs = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(dim=-1)
-    return probs[:, :, start:end].sum(dim=-1).mean(dim=0)
+    R = max(r for _, _, r in spans)
+    q = q_img.float().transpose(1, 2)                                  # (B, H, N, D)
+    k = k_txt[:, :R].float().transpose(1, 2)                           # (B, H, R, D)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])          # (B, H, N, R)
+    pos = torch.arange(R, device=q.device)
+    real = torch.stack([pos < r for _, _, r in spans])                 # (B, R)
+    subject = torch.stack([(pos >= a) & (pos < e) for a, e, _ in spans]).float()
+    probs = logits.masked_fill(~real[:, None, None], float("-inf")).softmax(dim=-1)
+    return (probs * subject[:, None, None]).sum(dim=-1).mean(dim=1)
 
 
 def subject_mask(aggregated: torch.Tensor) -> torch.Tensor:
@@ -105,43 +112,40 @@ def propagation_mask(masks: list[torch.Tensor], i: int, sources: list[int] | Non
     return torch.cat(parts)
 
 
-def shared_keys(k_img: torch.Tensor, v_img: torch.Tensor, masks: list[torch.Tensor], i: int,
-                sources: list[int], keep: list[torch.Tensor] | None = None):
-    """Eq. 6 restricted by Gamma_i: the other images' keys and values where their (kept) subject mask is set.
+def extended_keys(k: torch.Tensor, v: torch.Tensor, text_len: int, masks: list[torch.Tensor], i: int,
+                  sources: list[int], keep: list[torch.Tensor] | None = None):
+    """Eq. 6 restricted by Gamma_i (Eq. 5): image i's own joint keys, then the sources' subject image keys.
 
-    ``k_img``, ``v_img``: (B, N, H, D) image-token keys (after RoPE) and values of the batch. ``keep``: optional
-    per-source bool dropout masks. Returns (M, H, D) keys and values, or (None, None) when nothing is shared.
+    ``k``, ``v``: (B, S, H, D) joint sequences of the batch (text first, keys after RoPE: a shared key keeps its
+    own image's positions). ``keep``: optional per-source bool dropout masks. Returns (S + M, H, D) keys and
+    values in one concatenation each.
     """
-    ks, vs = [], []
+    ks, vs = [k[i]], [v[i]]
     for n, j in enumerate(sources):
         if j == i:
             continue
-        sel = masks[j].to(k_img.device)
+        sel = masks[j].to(k.device)
         if keep is not None:
-            sel = sel & keep[n].to(k_img.device)
-        idx = sel.nonzero(as_tuple=True)[0]
+            sel = sel & keep[n].to(k.device)
+        idx = text_len + sel.nonzero(as_tuple=True)[0]
         if idx.numel():
-            ks.append(k_img[j].index_select(0, idx))
-            vs.append(v_img[j].index_select(0, idx))
-    if not ks:
-        return None, None
+            ks.append(k[j].index_select(0, idx))
+            vs.append(v[j].index_select(0, idx))
     return torch.cat(ks), torch.cat(vs)
 
 
 def cross_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len: int, masks: list[torch.Tensor],
                           i: int, sources: list[int], keep: list[torch.Tensor] | None = None,
                           attend: AttendFn = sdpa_attend) -> torch.Tensor:
-    """Eqs. 7-8 for image i of a batch, without a dense mask.
+    """Eqs. 7-8 for image i of a batch, without a dense mask: h_i = softmax(Q_i K_all^T / sqrt(d) + log Gamma_i) V_all.
 
-    ``q``, ``k``, ``v``: (B, S, H, D) joint sequences (text first, after RoPE). Image queries of image i see its
-    own keys plus the shared subject keys of ``sources`` (Eq. 6 under Gamma_i); its text queries see its own keys
-    only. Returns (S, H, D). Equal to softmax(Q_i K_all^T / sqrt(d) + log Gamma_i) V_all.
+    ``q``, ``k``, ``v``: (B, S, H, D). Image queries of image i see its own keys plus the shared subject keys of
+    ``sources``; its text queries see its own keys only (the method batches those over images). Returns (S, H, D).
     """
-    ek, ev = shared_keys(k[:, text_len:], v[:, text_len:], masks, i, sources, keep)
-    S = q.shape[1]
-    rows = torch.arange(S, device=q.device)
-    groups = [QueryGroup(rows[:text_len]), QueryGroup(rows[text_len:], ek, ev)]
-    return grouped_attention(q[i], k[i], v[i], groups, attend=attend)
+    keys, values = extended_keys(k, v, text_len, masks, i, sources, keep)
+    txt = attend(q[i:i + 1, :text_len], k[i:i + 1], v[i:i + 1])[0]
+    img = attend(q[i:i + 1, text_len:], keys[None], values[None])[0]
+    return torch.cat([txt, img])
 
 
 def correspond(feat: torch.Tensor, targets: torch.Tensor, target_masks: torch.Tensor):
@@ -398,20 +402,25 @@ class StorySync(Method):
             if plain_rows:   # images that share nothing here, and every twin: plain attention
                 idx = torch.tensor(plain_rows, device=call.query.device)
                 out[idx] = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
-            for row, (sources, keep) in plans.items():
-                res = cross_image_attention(call.q_rot, call.k_rot, call.value, T, masks, row, sources, keep,
-                                            attend=call.attend)
-                out[row] = res.flatten(1, 2).to(out.dtype)
+            rows = sorted(plans)
+            idx = torch.tensor(rows, device=call.query.device)   # text queries of sharing images: own keys only
+            out[idx, :T] = call.attend(call.q_rot[idx, :T], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
+            for row in rows:   # image queries: own keys + the sources' subject keys (Eqs. 5-8)
+                sources, keep = plans[row]
+                keys, values = extended_keys(call.k_rot, call.value, T, masks, row, sources, keep)
+                res = call.attend(call.q_rot[row:row + 1, T:], keys[None], values[None])[0]
+                out[row, T:] = res.flatten(1, 2).to(out.dtype)
 
         if self.collect_masks and _kind_in(call.kind, cfg.mask_blocks):
-            for row, s in enumerate(group.slots):
-                if s.char_len == 0:
-                    continue
-                a = subject_attention(call.q_rot[row, T:], call.k_rot[row, :T], s.bg_len, s.bg_len + s.char_len,
-                                      s.real_len)
-                acc = self.acc_mask.setdefault(s.pos, [torch.zeros_like(a), 0])
-                acc[0] += a
-                acc[1] += 1
+            rows = [row for row, s in enumerate(group.slots) if s.char_len > 0]
+            if rows:
+                idx = torch.tensor(rows, device=call.query.device)
+                spans = [(s.bg_len, s.bg_len + s.char_len, s.real_len) for s in (group.slots[r] for r in rows)]
+                maps = subject_attention(call.q_rot[idx, T:], call.k_rot[idx, :T], spans)
+                for a, row in zip(maps, rows):
+                    acc = self.acc_mask.setdefault(group.slots[row].pos, [torch.zeros_like(a), 0])
+                    acc[0] += a
+                    acc[1] += 1
         if self.collect_feats and call.kind == "single":
             for row, s in enumerate(group.slots):
                 f = out[row, T:].float()
