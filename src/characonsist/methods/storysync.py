@@ -5,7 +5,7 @@ Components (paper equations) and where they act on FLUX:
 - **Subject masks** (Eqs. 2-4 + Otsu): image-query x text-key attention of the joint attention (FLUX's
   image->text part is its cross-attention), softmax over the real T5 tokens with the 1/sqrt(d) of Eq. 2, summed
   over the subject tokens (the ``character`` field; Eq. 4), averaged over heads and over the ``mask_blocks``
-  (single blocks by default, the blocks CharaConsist found to carry the subject's layout on FLUX), then
+  (single blocks by default, where the official CharaConsist code takes its FLUX masks from), then
   Otsu-thresholded (``mask.otsu_threshold``). The paper aggregates the current timestep only; in lockstep a
   step's map is complete only after the step, so the mask of step s is used at step s + 1 (hence sharing
   starts at step 1).
@@ -13,7 +13,8 @@ Components (paper equations) and where they act on FLUX:
   keys (text + image) plus the subject keys of the other images of the batch (propagation mask Gamma_i of
   Eq. 5); text queries see no extra keys. Computed per image over its own keys concatenated with the gathered
   shared keys, through diffusers' attention dispatch (flash kernels apply), never a dense mask; the text
-  queries of all sharing images go in one batched call. Shared keys keep their own RoPE positions (post-RoPE ``k_rot``), as StorySync does.
+  queries of all sharing images go in one batched call. Shared keys keep their own RoPE positions (post-RoPE
+  ``k_rot``), as StorySync does (re-encoding them is CharaConsist's contribution, not StorySync's).
   Default blocks: the single blocks (``share_blocks``); the double blocks run plainly, they lay out the image
   and FLUX's RoPE already pulls poses together when keys are shared (paper Sec. 4.1).
 - **Regional Feature Harmonization** (Eqs. 9-11): the region features R are the attention outputs of the
@@ -31,7 +32,10 @@ Components (paper equations) and where they act on FLUX:
   layout-forming steps, where the pose is decided; the paper leaves its "T steps" open). The twins run only
   for those steps, so the batch is doubled for the first fifth of the run only.
 - **Dropouts** (Sec. 3.3): of the shared subject keys (per receiving image, source image, step and block),
-  of RFH updates, and of the subject masks (per image and step). Seeded, deterministic.
+  of RFH updates, and of the subject masks (per image and step). Seeded from the image seeds (or
+  ``dropout_seed``), story index, step and block, so they do not depend on chunking. The paper gives no rates:
+  shared-key dropout defaults to 0.5 (ConsiStory's attention dropout, the mechanism StorySync cites), the other
+  two to 0.
 - **Subset references** (Eq. 13): with ``num_references = K`` the first K story images (identity first) are
   the references: they share among themselves, every other image sees (and harmonizes toward) the references
   only. The references run in every chunk (``dependencies``), so long stories go in chunks of K + frames.
@@ -404,7 +408,8 @@ class StorySync(Method):
                 out[idx] = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
             rows = sorted(plans)
             idx = torch.tensor(rows, device=call.query.device)   # text queries of sharing images: own keys only
-            out[idx, :T] = call.attend(call.q_rot[idx, :T], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
+            txt = call.attend(call.q_rot[idx, :T], call.k_rot[idx], call.value[idx])
+            out[idx, :T] = txt.flatten(2, 3).to(out.dtype)
             for row in rows:   # image queries: own keys + the sources' subject keys (Eqs. 5-8)
                 sources, keep = plans[row]
                 keys, values = extended_keys(call.k_rot, call.value, T, masks, row, sources, keep)
