@@ -1,0 +1,123 @@
+"""A FLUX.1-dev ``FluxPipeline`` with random weights, built directly on the target device (no download, no disk).
+
+``size="full"`` is the real architecture at the real widths (transformer 11.9 B parameters, T5-XXL encoder 4.8 B,
+CLIP-L, the 16-channel VAE), so timings and GPU memory match a real checkpoint's; the images are noise.
+``size="tiny"`` is the same construction path at toy widths, so the whole benchmark runs on a CPU in seconds.
+
+Parameters are created in ``dtype`` on ``device`` (default dtype switched while the modules are built), never
+in float32 first: the full transformer would need 48 GB in float32. PyTorch's default initialisers (uniform
+with std about 1/sqrt(3 fan_in) for linears) and transformers' T5/CLIP initialisers keep the activations finite
+over 50 steps; ``gpu_bench.py`` checks every transformer output for NaN/inf anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# FLUX.1-dev: black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56))
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+
+# vae/config.json (16 latent channels, 8x downsampling)
+FLUX_DEV_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=0.3611, shift_factor=0.1159)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
+    norm_num_groups=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=0.3611, shift_factor=0.1159)
+
+# text_encoder (CLIP ViT-L/14 text tower) and text_encoder_2 (T5 v1.1 XXL encoder)
+FLUX_DEV_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                     num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu")
+TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                 projection_dim=32, hidden_act="quick_gelu")
+FLUX_DEV_T5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   relative_attention_num_buckets=32, relative_attention_max_distance=128)
+TINY_T5 = dict(vocab_size=32128, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16)
+
+
+@contextlib.contextmanager
+def _building(device: torch.device, dtype: torch.dtype):
+    """Create parameters straight in ``dtype`` on ``device``; restore the default dtype afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def transformer_flops_per_image_step(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one transformer forward for one image (2 FLOPs per multiply-add).
+
+    Per token, with D = heads * head_dim:
+      double block (two streams, each token in one stream): qkv 3D^2 + out D^2 + MLP 8D^2 = 12 D^2
+      single block: qkv 3D^2 + MLP-in 4D^2 + fused out (D + 4D) -> D = 5D^2          = 12 D^2
+    Attention per block over L = text + image tokens: QK^T and AV, 2 L^2 D multiply-adds.
+    Plus x_embedder (64 -> D per image token), context_embedder (4096 -> D per text token), proj_out (D -> 64).
+    The per-image modulation linears (D -> 6D / 3D, once per image, not per token) are negligible (< 0.1%).
+    """
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    blocks = config["num_layers"] + config["num_single_layers"]
+    length = image_tokens + text_tokens
+    macs = blocks * (12 * d * d * length + 2 * length * length * d)
+    macs += image_tokens * config["in_channels"] * d + text_tokens * config["joint_attention_dim"] * d
+    macs += image_tokens * d * config["in_channels"]
+    return 2.0 * macs
+
+
+def build_random_flux(size: str = "full", device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                      seed: int = 0):
+    """A ``FluxPipeline`` of FLUX.1-dev's architecture (``size="full"``) or toy widths (``"tiny"``), random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from characonsist.testing import CORPUS, WORDS
+    from characonsist.tokenizers import make_clip_tokenizer, make_t5_tokenizer
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size={size!r}: choose 'full' or 'tiny'")
+    full = size == "full"
+    device = torch.device(device)
+    tok1 = make_clip_tokenizer(WORDS, model_max_length=77)
+    tok2 = make_t5_tokenizer(CORPUS * 20, vocab_size=160, model_max_length=512)
+    assert len(tok1) <= 49408 and len(tok2) <= 32128, "tokenizer vocabularies must fit the model vocabularies"
+    torch.manual_seed(seed)
+    with _building(device, dtype):
+        clip = CLIPTextModel(CLIPTextConfig(
+            **(FLUX_DEV_CLIP if full else TINY_CLIP), max_position_embeddings=77, bos_token_id=tok1.bos_token_id,
+            eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id))
+        t5 = T5EncoderModel(T5Config(
+            **(FLUX_DEV_T5 if full else TINY_T5), feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+            pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id, decoder_start_token_id=tok2.pad_token_id))
+        vae = AutoencoderKL(**(FLUX_DEV_VAE if full else TINY_VAE))
+        transformer = FluxTransformer2DModel(**(FLUX_DEV_TRANSFORMER if full else TINY_TRANSFORMER))
+    for module in (clip, t5, vae, transformer):
+        module.eval().requires_grad_(False)
+        stray = {p.dtype for p in module.parameters()} - {dtype}
+        assert not stray, f"{type(module).__name__} has parameters in {stray}, expected {dtype}"
+    # FLUX.1-dev scheduler/scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok1, text_encoder_2=t5,
+                        tokenizer_2=tok2, transformer=transformer)
+
+
+def parameter_counts(pipe) -> dict[str, float]:
+    """Billions of parameters per module."""
+    names = ("transformer", "text_encoder_2", "text_encoder", "vae")
+    return {n: sum(p.numel() for p in getattr(pipe, n).parameters()) / 1e9 for n in names}
