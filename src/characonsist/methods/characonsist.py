@@ -146,6 +146,7 @@ class CharaConsist(Method):
         self.acc_sim: dict[int, torch.Tensor] = {}
         self.store: dict[int, dict] = {}
         self.layouts: dict[tuple, dict | None] = {}
+        self.row_index: dict[tuple, torch.Tensor] = {}
         self.merge_w = 0.0
         if not cfg.use_mask:
             for s in run.slots:
@@ -220,7 +221,7 @@ class CharaConsist(Method):
             out = torch.empty(call.query.shape[0], call.query.shape[1], call.query.shape[2] * call.query.shape[3],
                               dtype=call.query.dtype, device=call.query.device)
             if plain_rows:
-                idx = torch.tensor(plain_rows, device=call.query.device)
+                idx = self._rows(plain_rows, call.query.device)
                 res = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx])
                 out[idx] = res.flatten(2, 3).to(out.dtype)
             for row, groups in plans.items():
@@ -250,6 +251,16 @@ class CharaConsist(Method):
             ident["rotary"] = (call.rotary[0][T:], call.rotary[1][T:])
             self.store[layer] = ident
         return out
+
+    def _rows(self, rows: list[int], device) -> slice | torch.Tensor:
+        """Batch rows as a slice when contiguous (a view, no copy), else a cached index tensor: building an
+        index tensor from a Python list at every layer would copy to the device and wait for it."""
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            return slice(rows[0], rows[-1] + 1)
+        key = (tuple(rows), str(device))
+        if key not in self.row_index:
+            self.row_index[key] = torch.tensor(rows, device=device)
+        return self.row_index[key]
 
     def _layout(self, s, T: int, device) -> dict | None:
         """Index tensors of one frame for the current step, built once per step on the device.
