@@ -173,3 +173,12 @@ def test_vanilla_twins_reproduce_plain_flux(story_pipe):
     for x, y in zip(out.images, ref.images):
         np.testing.assert_allclose(x, y, atol=1e-5)
     assert 6 in method.seen_rows and 3 in method.seen_rows     # twins ran, then were dropped
+
+
+def test_from_pipe_keeps_the_dtype():
+    from characonsist.testing import tiny_flux_pipeline
+
+    base = tiny_flux_pipeline(dtype=torch.bfloat16)
+    pipe = CharaConsistPipeline.from_pipe(base)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert pipe.transformer is base.transformer
