@@ -191,11 +191,26 @@ def render_set(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, list[di
     return np.stack(imgs), labels
 
 
+@torch.no_grad()
+def vae_roundtrip(images: np.ndarray, vae, batch: int = 64) -> list[np.ndarray]:
+    """Encode and decode uint8 images (N, H, W, 3) with a diffusers ``AutoencoderKL`` (posterior mean)."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.array(images[i:i + batch])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = x.to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out += list(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return out
+
+
 def measure_accuracy(n: int = 1000, seed: int = 12345, degrade: bool = False,
-                     net: ReadoutNet | None = None, strength: float = 1.0) -> dict[str, float]:
+                     net: ReadoutNet | None = None, strength: float = 1.0, vae=None) -> dict[str, float]:
     """Per-field accuracy on ``n`` held-out renders (training uses other seeds); ``degrade`` applies
-    :func:`degrade_batch` at ``strength``. Also ``all_identity``: the four identity attributes all right."""
+    :func:`degrade_batch` at ``strength``; ``vae`` (an ``AutoencoderKL``) round-trips the renders through it
+    first. Also ``all_identity``: the four identity attributes all right."""
     imgs, labels = render_set(n, seed)
+    if vae is not None:
+        imgs = np.stack(vae_roundtrip(imgs, vae))
     if degrade:
         gen = torch.Generator().manual_seed(seed)
         x = torch.cat([degrade_batch(_to_tensor(imgs[i:i + 256]), gen, strength) for i in range(0, n, 256)])
@@ -264,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--strength", type=float, nargs="+", default=[1.0],
                    help="degradation strengths to measure (1 = the training distribution)")
+    e.add_argument("--vae", action="store_true", help="also through the shipped toy model's VAE (encode + decode)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "train":
@@ -277,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         acc = measure_accuracy(args.n, args.seed, degrade=st > 0, net=net, strength=st)
         name = f"degraded x{st:g}" if st > 0 else "clean"
         print(f"{name:13s} n={args.n} seed={args.seed} ({time.time() - t0:.0f}s):", _report(acc), flush=True)
+    if args.vae:
+        from .model import load_toy_pipeline
+        vae = load_toy_pipeline()[0].vae
+        acc = measure_accuracy(args.n, args.seed, net=net, vae=vae)
+        print(f"{'toy VAE':13s} n={args.n} seed={args.seed}:", _report(acc), flush=True)
     return 0
 
 
