@@ -122,13 +122,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the model's")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: adherence,diversity,time")
+    ap.add_argument("--base-shift", type=float, default=None, help="override the scheduler's base_shift (mu)")
     ap.add_argument("--device", default="cpu", help="where to sample (the CPU time part always reports this)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     pipe, defaults = load_toy_pipeline(device=args.device, path=args.model_dir)
     steps = args.steps or defaults["num_inference_steps"]
+    if args.base_shift is not None:
+        pipe.scheduler.register_to_config(base_shift=args.base_shift)
     skip = set(filter(None, args.skip.split(",")))
-    result = {"model_dir": args.model_dir, "steps": steps, "device": args.device, "threads": torch.get_num_threads(), "defaults": defaults}
+    result = {"model_dir": args.model_dir, "steps": steps, "device": args.device, "base_shift": pipe.scheduler.config.base_shift, "threads": torch.get_num_threads(), "defaults": defaults}
     t0 = time.perf_counter()
     if "adherence" not in skip:
         result["adherence"] = adherence(pipe, defaults, args.n, steps, args.batch)

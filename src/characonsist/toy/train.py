@@ -369,11 +369,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path, step: i
 
 def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
                       deadline: float, precision: str = "bf16", auto_steps: bool = False,
-                      save_every: int = 1000) -> None:
+                      save_every: int = 1000, rewarm: int = 0) -> None:
     """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes).
 
     With ``auto_steps`` the schedule's length is fixed after 200 steps from the measured speed so that it ends
-    by ``deadline`` (logged and stored in the run's config: rerun with ``--steps N`` to reproduce).
+    by ``deadline`` (logged and stored in the run's config: rerun with ``--steps N`` to reproduce). ``rewarm``
+    ramps the learning rate up again over that many steps after a resume (to continue a finished schedule
+    with a longer one).
     """
     state = _state(run)
     step = int(state.get("transformer_step", 0))
@@ -416,7 +418,7 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
             _log(run, f"transformer: {rate:.1f} steps/s -> schedule of {cfg.steps} steps")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * (min(1.0, (step - start + 1) / rewarm) if rewarm else 1.0)
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen, device=device)
         x0 = (latents[idx].float() - lat_shift) * lat_scale
         noise = torch.randn(x0.shape, generator=gen, device=device)
@@ -515,6 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", default=None, help="total transformer steps (schedule length), or 'auto'")
     ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="fp32",
                     help="transformer training; 'auto' (probe stage): try bf16 then fp32, at the batch then half")
+    ap.add_argument("--rewarm", type=int, default=0, help="warm the learning rate up again after a resume")
     ap.add_argument("--cache", type=Path, default=None, help="folder for the rendered data set (reused)")
     ap.add_argument("--n-images", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
@@ -558,7 +561,13 @@ def main(argv: list[str] | None = None) -> None:
         vae_deadline = deadline if args.stage == "vae" else min(deadline, time.time() + 240)
         train_vae(run, cfg, images, device, vae_deadline)
     if args.stage in ("transformer", "all"):
-        train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps)
+        if args.rewarm:
+            state = _state(run)
+            state.setdefault("resumes", []).append({"from_step": state.get("transformer_step", 0),
+                                                    "to_steps": cfg.steps, "rewarm": args.rewarm})
+            _save_state(run, state)
+        train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps,
+                          rewarm=args.rewarm)
     _log(run, f"done in {time.time() - t_start:.0f} s")
 
 
