@@ -1,7 +1,5 @@
 """Train the toy FLUX model of the toy world: seeded, resumable, and the recipe of the shipped weights.
 
-Stages (``python -m characonsist.toy.train --out RUN --stage vae|transformer|all|export``).
-
 The shipped weights came from two GPU calls (one H100; each under the 10-minute limit)::
 
     python -m characonsist.toy.train --out RUN --stage vae --minutes 8.4           # 2500 VAE steps, ~3 min
@@ -11,6 +9,7 @@ The shipped weights came from two GPU calls (one H100; each under the 10-minute 
 ``--cache DIR`` keeps the rendered data set (80k images, ~1 min on 16 cores) for a later call on the same
 machine. GPU runs are not bit-exact, so a rerun gives an equivalent model, not the identical bytes.
 
+Stages (``--stage vae|transformer|all|export``; ``all`` = vae then transformer in one call):
 
 1. ``vae``: render a fixed, seeded data set of the toy world, train an ``AutoencoderKL`` (128 px -> 16 x 32 x 32
    latents, scale factor 4 like FLUX's 8 at 1024 px), measure the latents' ``shift_factor`` and
