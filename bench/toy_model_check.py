@@ -8,6 +8,13 @@
     the CharaConsist engine when it is importable.
 
     python bench/toy_model_check.py --n 100 --seeds 32 --json out/toy_model_check.json
+
+Measured on the shipped weights (4300 steps; 2 shared CPU cores, load average 4-10, 20 steps):
+adherence 0.97 of 100 images with every named field right (scene 1.00, kind 0.97, position 1.00, size 1.00);
+diversity: most common value's share 0.28-0.50 for 14 of the 16 (prompt, attribute) pairs, but pattern
+'stripes' 0.66 (beach cat big centre) and accessory colour 'blue' 0.56 (night cat small right): FAILS the
+<= 0.5 bar (a base_shift of 1.0 instead of 0.5 changed nothing); story of 5 images: 37 s vanilla, 41 s
+CharaConsist (under load; about 5 s of transformer compute on an idle 2-core CPU).
 """
 
 from __future__ import annotations
