@@ -404,3 +404,13 @@ def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch):
     assert cli.main(["bench", "toy", "--frames", "7"]) == 0
     assert seen == {"frames": 7}
     assert cli.main(["bench"]) == cli.EXIT_BAD_INPUT
+
+
+def test_optional_method_options_are_read_as_literals():
+    from characonsist.cli import _parse_value
+
+    assert _parse_value("3", None, "feature_step=3") == 3
+    assert _parse_value("0.25", None, "x=0.25") == 0.25
+    assert _parse_value("none", None, "x=none") is None
+    assert _parse_value("single", None, "blocks=single") == "single"
+    assert _parse_value("7", 1, "x=7") == 7 and _parse_value("off", True, "x=off") is False

@@ -153,7 +153,16 @@ def _parse_value(text: str, default, item: str):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError
             return text.lower() in ("true", "1", "yes", "on")
-        return type(default)(text) if default is not None else text
+        if default is None:   # an optional option (int | None, float | None, ...): read the literal
+            if text.lower() == "none":
+                return None
+            for kind in (int, float):
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+            return text
+        return type(default)(text)
     except ValueError:
         raise UsageError(f"--option {item!r}: {text!r} is not a {type(default).__name__}") from None
 
