@@ -414,3 +414,4 @@ def test_optional_method_options_are_read_as_literals():
     assert _parse_value("none", None, "x=none") is None
     assert _parse_value("single", None, "blocks=single") == "single"
     assert _parse_value("7", 1, "x=7") == 7 and _parse_value("off", True, "x=off") is False
+    assert _parse_value("none", 50, "schedule_steps=none") is None

@@ -149,13 +149,13 @@ def method_options(method: str, args) -> dict:
 def _parse_value(text: str, default, item: str):
     """A --option value in the type of the option's default."""
     try:
+        if text.lower() == "none":   # e.g. schedule_steps=none; the method's config checks what it accepts
+            return None
         if isinstance(default, bool):
             if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError
             return text.lower() in ("true", "1", "yes", "on")
         if default is None:   # an optional option (int | None, float | None, ...): read the literal
-            if text.lower() == "none":
-                return None
             for kind in (int, float):
                 try:
                     return kind(text)

@@ -72,7 +72,7 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     if hi <= lo:
         return lo
     hist = torch.histc(v, bins=bins, min=lo, max=hi)
-    centers = torch.linspace(lo, hi, bins + 1)[:-1] + (hi - lo) / bins / 2
+    centers = torch.linspace(lo, hi, bins + 1, device=v.device)[:-1] + (hi - lo) / bins / 2
     weight0 = hist.cumsum(0)
     weight1 = hist.sum() - weight0
     sum0 = (hist * centers).cumsum(0)

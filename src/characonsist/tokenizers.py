@@ -7,6 +7,8 @@ so models built by this project (tests, the toy world) use tokenizers made from 
   mark) plus one BPE merge chain per known word, so every known word is a single token and unknown text
   still tokenizes (byte by byte).
 * ``make_t5_tokenizer``: a ``T5Tokenizer`` over a unigram vocabulary trained in-process on a corpus.
+* ``make_word_t5_tokenizer``: a ``T5Tokenizer`` whose known words are single pieces (no training; the toy
+  model's).
 
 Both round-trip through ``save_pretrained`` / ``from_pretrained`` like the real ones.
 """
@@ -64,4 +66,22 @@ def make_t5_tokenizer(corpus: Iterable[str], vocab_size: int = 256, model_max_le
         show_progress=False,
     )
     vocab = [tuple(x) for x in json.loads(trainer.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def make_word_t5_tokenizer(words, model_max_length: int = 512):
+    """A T5 (unigram) tokenizer with every known word one piece, and single characters for anything else.
+
+    ``make_t5_tokenizer`` trained on a corpus as small as the toy world's 72 prompts keeps only single
+    characters (the unigram trainer finds no multi-character piece in so small a corpus): 43 tokens a prompt,
+    and a 2-layer random T5 gives the transformer little to read words from. Here the word pieces outscore any
+    spelling of them, so Viterbi picks whole words.
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -2.0) for w in sorted({w.lower() for w in words})]
+    vocab += [("\u2581", -8.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

@@ -143,31 +143,13 @@ def _round_fp16(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def make_word_t5_tokenizer(words, model_max_length: int = 512):
-    """A T5 (unigram) tokenizer with every known word one piece, and single characters for anything else.
-
-    ``characonsist.tokenizers.make_t5_tokenizer`` trained on the toy world's 72 prompts keeps only single
-    characters (the unigram trainer finds no multi-character piece in so small a corpus): 43 tokens a prompt,
-    and a 2-layer random T5 gives the transformer little to read words from. Here the word pieces outscore any
-    spelling of them, so Viterbi picks whole words.
-    """
-    import string
-
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -2.0) for w in sorted({w.lower() for w in words})]
-    vocab += [("\u2581", -8.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-
-
 def build_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_config: dict | None = None,
                    clip_config: dict | None = None, t5_config: dict | None = None):
     """A fresh seeded ``FluxPipeline`` of the toy architecture (text encoders random and frozen)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from ..tokenizers import make_clip_tokenizer
+    from ..tokenizers import make_clip_tokenizer, make_word_t5_tokenizer
     from . import world
 
     tok1 = make_clip_tokenizer(world.VOCAB_WORDS, model_max_length=77)
