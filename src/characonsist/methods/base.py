@@ -20,6 +20,13 @@ class VanillaConfig:
     """Plain FLUX: no options."""
 
 
+def uses_block(blocks: str, kind: str) -> bool:
+    """Whether a layer of ``kind`` ("single"/"double") is in the ``blocks`` selection."""
+    if blocks not in ("single", "double", "all"):
+        raise ValueError(f"blocks={blocks!r}; valid: 'single', 'double', 'all'")
+    return blocks == "all" or blocks == kind
+
+
 class Method:
     """Base class: plain attention everywhere, one final pass."""
 

@@ -64,8 +64,8 @@ from ..mask import otsu_threshold
 from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
-from .base import Method
-from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources, uses_block
+from .base import Method, uses_block
+from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources
 
 
 @dataclass

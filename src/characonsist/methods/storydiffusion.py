@@ -41,7 +41,7 @@ import torch
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
-from .base import Method
+from .base import Method, uses_block
 
 
 @dataclass
@@ -92,13 +92,6 @@ def sharing_sources(slots: list[Slot], pos: int, identities: int) -> list[int]:
         return [s.pos for s in slots if s.pos != pos]
     ids = [s.pos for s in slots if s.story_index < identities]
     return [p for p in ids if p != pos] if me.story_index < identities else ids
-
-
-def uses_block(blocks: str, kind: str) -> bool:
-    """Whether a layer of ``kind`` ("single"/"double") is in the ``blocks`` selection."""
-    if blocks not in ("single", "double", "all"):
-        raise ValueError(f"blocks={blocks!r}; valid: 'single', 'double', 'all'")
-    return blocks == "all" or blocks == kind
 
 
 class StoryDiffusion(Method):

@@ -65,7 +65,7 @@ from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
 from ..story import StoryImage
-from .base import Method
+from .base import Method, uses_block
 
 BLOCKS = ("single", "double", "all")
 FEATURES = ("averaged", "layer")
@@ -266,10 +266,6 @@ def step_schedule(config: StorySyncConfig, num_steps: int) -> dict[str, int]:
     return values
 
 
-def _kind_in(kind: str, blocks: str) -> bool:
-    return blocks == "all" or blocks == kind
-
-
 class StorySync(Method):
     """Masked cross-image attention sharing + RFH + BLI on FLUX's joint attention (see the module docstring)."""
 
@@ -385,9 +381,9 @@ class StorySync(Method):
         cfg, run = self.config, call.run
         group, T = run.group, call.text_len
         n = len(group.slots)
-        share = self.sharing and _kind_in(call.kind, cfg.share_blocks)
+        share = self.sharing and uses_block(cfg.share_blocks, call.kind)
         rfh = self.harmonizing and call.kind == "single"
-        bli = self.blending and group.twins and _kind_in(call.kind, cfg.bli_blocks)
+        bli = self.blending and group.twins and uses_block(cfg.bli_blocks, call.kind)
 
         plans = {}
         if share:
@@ -416,7 +412,7 @@ class StorySync(Method):
                 res = call.attend(call.q_rot[row:row + 1, T:], keys[None], values[None])[0]
                 out[row, T:] = res.flatten(1, 2).to(out.dtype)
 
-        if self.collect_masks and _kind_in(call.kind, cfg.mask_blocks):
+        if self.collect_masks and uses_block(cfg.mask_blocks, call.kind):
             rows = [row for row, s in enumerate(group.slots) if s.char_len > 0]
             if rows:
                 idx = torch.tensor(rows, device=call.query.device)
