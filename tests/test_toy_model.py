@@ -96,3 +96,54 @@ def test_schedule_and_shift_match_the_pipeline():
     c = train.SCHEDULER_CONFIG
     assert train.pipeline_mu(256) == pytest.approx(calculate_shift(
         256, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"]))
+
+
+def _tiny_pipe():
+    tiny_tr = dict(train.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=1, num_attention_heads=2)
+    tiny_vae = dict(train.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
+    return train.build_pipeline(0, transformer_config=tiny_tr, vae_config=tiny_vae)
+
+
+def test_text_reaches_the_image_through_attention_only():
+    """Pooled CLIP output is the same (zero) for every prompt; T5 tokens are context free."""
+    pipe = _tiny_pipe()
+    prompts = ["a sunny beach a cat big on the left", "a grey city a robot small in the middle"]
+    embeds, pooled = train.encode_prompts(pipe, prompts, 32, torch.device("cpu"))
+    assert torch.count_nonzero(pooled) == 0
+    # "a" is the first token of both prompts, "big"/"small" differ in context but "a" must not
+    assert torch.equal(embeds[0, 0], embeds[1, 0])
+    assert not torch.equal(embeds[0, 1], embeds[1, 1])
+    _, pooled_v1 = train.encode_prompts(train.build_pipeline(0, null_pooled=False), prompts, 32,
+                                        torch.device("cpu"))
+    assert not torch.equal(pooled_v1[0], pooled_v1[1])
+
+
+def test_ema_export_round_trip(tmp_path):
+    from characonsist.toy.model import load_toy_pipeline
+
+    pipe = _tiny_pipe()
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / "pipeline" / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old shard")
+    train.save_run_pipeline(pipe, run)
+    assert not stale.exists()
+    named = dict(pipe.transformer.named_parameters())
+    ema = {n: torch.full_like(p, 0.25) for n, p in named.items()}
+    train._save_ema(ema, run / "ema.safetensors")
+    train._save_state(run, {"config": {"max_sequence_length": 32}})
+    train.export(run, tmp_path / "shipped")
+    loaded, defaults = load_toy_pipeline(path=tmp_path / "shipped")
+    assert defaults["max_sequence_length"] == 32
+    assert all(torch.all(p == 0.25) for p in loaded.transformer.parameters())
+    train.export(run, tmp_path / "raw", use_ema=False)
+    raw, _ = load_toy_pipeline(path=tmp_path / "raw")
+    first = next(iter(named))
+    assert torch.equal(dict(raw.transformer.named_parameters())[first], named[first].detach().half().float())
+    assert train._load_ema(named, run / "ema.safetensors")[first].eq(0.25).all()
+
+
+def test_ema_decay_warms_up():
+    assert train.ema_decay(0, 0.999) == pytest.approx(0.1)
+    assert train.ema_decay(10**6, 0.999) == 0.999

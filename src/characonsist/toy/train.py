@@ -1,32 +1,41 @@
 """Train the toy FLUX model of the toy world: seeded, resumable, and the recipe of the shipped weights.
 
-The shipped weights came from two GPU calls (one H100; each under the 10-minute limit)::
+The shipped weights (toy model v2) were made so (GPU calls on one H100, each under the 10-minute limit)::
 
-    python -m characonsist.toy.train --out RUN --stage vae --minutes 8.4           # 2500 VAE steps, ~3 min
-    python -m characonsist.toy.train --out RUN --stage transformer --precision fp32 --steps 4300   # ~7 min
-    python -m characonsist.toy.train --out RUN --stage export                      # on any machine
+    python -m characonsist.toy.train --out RUN --stage vae --minutes 8.4       # 2500 VAE steps, ~3 min (v1's VAE)
+    # or, to keep a trained VAE (v2 kept v1's, the shipped one):
+    python -m characonsist.toy.train --out RUN --stage init --vae-from src/characonsist/toy/weights/vae   # CPU
+    python -m characonsist.toy.train --out RUN --stage transformer --precision bf16 --compile \
+        --steps auto --extra-minutes 6.3 --minutes 9.2                       # call 1: fixes the schedule length
+    python -m characonsist.toy.train --out RUN --stage transformer --precision bf16 --compile \
+        --rewarm 300 --minutes 9.2                                           # call 2: resumes, finishes
+    python -m characonsist.toy.train --out RUN --stage export                 # on any machine (ships the EMA)
 
+The figures of the shipped run (steps, speed, losses) are in ``docs/TOY_WORLD.md`` and its ``train.log``.
 ``--cache DIR`` keeps the rendered data set (80k images, ~1 min on 16 cores) for a later call on the same
 machine. GPU runs are not bit-exact, so a rerun gives an equivalent model, not the identical bytes.
 
-Stages (``--stage vae|transformer|all|export``; ``all`` = vae then transformer in one call):
+Stages (``--stage vae|init|transformer|all|export``; ``all`` = vae then transformer in one call):
 
 1. ``vae``: render a fixed, seeded data set of the toy world, train an ``AutoencoderKL`` (128 px -> 16 x 32 x 32
    latents, scale factor 4 like FLUX's 8 at 1024 px), measure the latents' ``shift_factor`` and
    ``scaling_factor``, and save a ``FluxPipeline`` folder (random frozen CLIP and T5 encoders, project-made
-   tokenizers, a fresh transformer) to ``RUN/pipeline``.
+   tokenizers, a fresh transformer) to ``RUN/pipeline``. ``init`` does the same around an existing VAE.
 2. ``transformer``: rectified flow matching as in FLUX (``x_t = (1 - s) x_0 + s n``, the model predicts
    ``n - x_0`` at timestep ``s``; ``s`` logit-normal, then shifted by the same ``mu`` the pipeline's scheduler
    uses at this image size), with the pipeline's own packing, position ids and prompt encoding, so that
    ``FluxPipeline.__call__`` samples it as it is. Resumes from ``RUN`` and stops after ``--minutes``; the
    learning rate schedule is counted in steps (warm up, hold, then decay over the last ``decay_frac`` of
-   ``--steps``), so the result depends on the step count, not on where a run was cut.
+   ``--steps``), so the result depends on the step count, not on where a run was cut. An EMA of the weights
+   is kept and is what ships.
 3. ``export``: cast to float16 and save the shipped folder with ``characonsist_defaults.json``.
 
+Text conditioning (v2): the prompt reaches the image through FLUX's joint attention only (context-free T5
+tokens, a constant pooled CLIP vector; ``build_pipeline``), the premise of every mask in the methods.
 Everything that the text encoders and the VAE produce is rounded to float16 first, so the float16 folder that
-ships is exactly the one the transformer was trained with. The checkpoint keeps Adam's second moment only
-(in bfloat16): it must travel between GPU sessions under a size limit; the first moment rebuilds in a few
-steps.
+ships is exactly the one the transformer was trained with. The run folder travels between GPU calls under a
+size limit: the transformer's float32 weights in 15 MB shards, the EMA in float16; Adam's moments are rebuilt
+after a resume (``--rewarm``).
 """
 
 from __future__ import annotations
@@ -68,6 +77,7 @@ class TrainConfig:
     lr: float = 4e-4
     warmup: int = 300
     decay_frac: float = 0.25         # linear decay to zero over the last quarter of the steps
+    ema: float = 0.999               # EMA decay of the shipped weights (``ema_decay``)
     uniform_frac: float = 0.1        # share of timesteps drawn uniformly (covers s near 0 and 1)
 
 
@@ -83,7 +93,9 @@ TRANSFORMER_CONFIG = dict(
 )
 CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
                    max_position_embeddings=77, projection_dim=64, hidden_act="quick_gelu")
-T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=16,
+# num_layers=0: the T5 stand-in is context free (each token's embedding, RMS-normed), so a word's token carries
+# that word only and the image tokens must look it up where they need it (see ``build_pipeline``).
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=0, num_heads=4, relative_attention_num_buckets=16,
                  dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
 SCHEDULER_CONFIG = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                         base_image_seq_len=256, max_image_seq_len=4096)
@@ -144,8 +156,15 @@ def _round_fp16(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_config: dict | None = None,
-                   clip_config: dict | None = None, t5_config: dict | None = None):
-    """A fresh seeded ``FluxPipeline`` of the toy architecture (text encoders random and frozen)."""
+                   clip_config: dict | None = None, t5_config: dict | None = None, null_pooled: bool = True):
+    """A fresh seeded ``FluxPipeline`` of the toy architecture (text encoders random and frozen).
+
+    The prompt reaches the image through the joint attention only, as the masks of CharaConsist, ConsiStory
+    and StorySync assume: T5 is context free (``T5_CONFIG``) and, with ``null_pooled``, CLIP's pooled output
+    is zero for every prompt (its final layer norm is zeroed), so FLUX's pooled-text modulation carries no
+    prompt. The first toy model (v1) had a 2-layer random T5 and an informative pooled vector: its text-image
+    attention did not localise the character (masks ~all foreground, BENCHMARKS.md).
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -163,6 +182,11 @@ def build_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_co
         decoder_start_token_id=tok2.pad_token_id, **(t5_config or T5_CONFIG)))
     vae = AutoencoderKL(**(vae_config or VAE_CONFIG))
     transformer = FluxTransformer2DModel(**(transformer_config or TRANSFORMER_CONFIG))
+    if null_pooled:
+        with torch.no_grad():   # pooled output = final norm of the end token = 0 for every prompt
+            norm = getattr(clip, "text_model", clip).final_layer_norm   # transformers 4 / 5 layouts
+            norm.weight.zero_()
+            norm.bias.zero_()
     for m in (clip, t5):
         _round_fp16(m.eval()).requires_grad_(False)
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae, text_encoder=clip,
@@ -173,19 +197,26 @@ def load_run_pipeline(run: Path, device: str = "cpu"):
     """The run's pipeline, every part in float32 (the transformer's weights are the float32 masters)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(run / "pipeline", torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(str(run / "pipeline"), torch_dtype=torch.float32)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
     return pipe.to(device)
 
 
+def _clear_weights(folder: Path) -> None:
+    """Remove a model folder's weight files (a sharded save must not sit beside an older unsharded one)."""
+    for f in folder.glob("diffusion_pytorch_model*.safetensors*"):
+        f.unlink()
+
+
 def save_run_pipeline(pipe, run: Path) -> None:
     """Save with the frozen parts in float16 (exact: their weights are float16 values) and the transformer in
-    float32."""
+    float32, in shards of at most 15 MB (files that come back from a GPU call must be under 16 MB)."""
     parts = (pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
     for m in parts:
         m.to(torch.float16)
-    pipe.save_pretrained(run / "pipeline", safe_serialization=True)
+    _clear_weights(run / "pipeline" / "transformer")
+    pipe.save_pretrained(run / "pipeline", safe_serialization=True, max_shard_size="15MB")
     for m in parts:
         m.to(torch.float32)
 
@@ -328,35 +359,40 @@ def encode_prompts(pipe, prompts: list[str], max_sequence_length: int, device) -
     return embeds.float(), pooled.float()
 
 
-def _save_optimizer(opt: torch.optim.Optimizer, names: dict, path: Path) -> None:
+def _save_ema(ema: dict[str, torch.Tensor], path: Path) -> None:
+    """The EMA weights in float16 (what ships is float16; the run folder must travel between GPU calls)."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    for p, st in opt.state.items():
-        if "exp_avg_sq" in st:
-            tensors[names[p]] = st["exp_avg_sq"].to(torch.bfloat16).contiguous().cpu()
-    save_file(tensors, str(path))
+    save_file({n: t.to(torch.float16).contiguous().cpu() for n, t in ema.items()}, str(path))
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, named: dict, path: Path, step: int) -> None:
+def _load_ema(named: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    saved = load_file(str(path))
-    for name, p in named.items():
-        if name in saved:
-            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
-                            "exp_avg_sq": saved[name].to(p.device, torch.float32)}
+    saved = load_file(str(path)) if path.exists() else {}
+    return {n: (saved[n].to(p.device, torch.float32) if n in saved else p.detach().float().clone())
+            for n, p in named.items()}
+
+
+def ema_decay(k: int, decay: float) -> float:
+    """EMA decay after ``k`` updates: ``min(decay, (1 + k) / (10 + k))`` (short memory at the start)."""
+    return min(decay, (1.0 + k) / (10.0 + k))
 
 
 def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
                       deadline: float, precision: str = "bf16", auto_steps: bool = False,
-                      save_every: int = 1000, rewarm: int = 0) -> None:
+                      save_every: int = 1000, rewarm: int = 0, extra_minutes: float = 0.0,
+                      compile: bool = False) -> None:
     """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes).
 
+    The run keeps the float32 weights and an exponential moving average of them (``ema_decay``, saved in
+    float16 as ``ema.safetensors``; the EMA is what ``export`` ships). Adam's moments are not kept (the run
+    folder must travel between GPU calls under a size limit): after a resume they rebuild while ``rewarm``
+    ramps the learning rate up again.
+
     With ``auto_steps`` the schedule's length is fixed after 200 steps from the measured speed so that it ends
-    by ``deadline`` (logged and stored in the run's config: rerun with ``--steps N`` to reproduce). ``rewarm``
-    ramps the learning rate up again over that many steps after a resume (to continue a finished schedule
-    with a longer one).
+    by ``deadline`` plus ``extra_minutes`` of training in later calls (logged and stored in the run's config:
+    rerun with ``--steps N`` to reproduce).
     """
     state = _state(run)
     step = int(state.get("transformer_step", 0))
@@ -374,28 +410,42 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
     embeds, pooled = encode_prompts(pipe, uniq, cfg.max_sequence_length, device)
     _log(run, f"transformer: {len(latents)} latents, {len(uniq)} prompts encoded ({time.time() - t0:.0f} s)")
     named = dict(transformer.named_parameters())
-    opt = torch.optim.AdamW(named.values(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    if step > 0 and (run / "optimizer.safetensors").exists():
-        _load_optimizer(opt, named, run / "optimizer.safetensors", step)
-        _log(run, f"transformer: resumed at step {step}")
+    params = list(named.values())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = _load_ema(named, run / "ema.safetensors")
+    ema_list = [ema[n] for n in named]
+    ema_updates = int(state.get("ema_updates", 0))
+    if step > 0:
+        _log(run, f"transformer: resumed at step {step} (EMA of {ema_updates} updates)")
+    forward = transformer
+    if compile:
+        forward = torch.compile(transformer)
     mu = pipeline_mu((cfg.size // 8) ** 2)
     losses, t1, start = [], time.time(), step
     use_bf16 = precision == "bf16" and device.type == "cuda"
 
     def save() -> None:
         transformer.to("cpu")
-        transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True)
+        _clear_weights(run / "pipeline" / "transformer")
+        transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True,
+                                    max_shard_size="15MB")
         transformer.to(device)
-        _save_optimizer(opt, {p: n for n, p in named.items()}, run / "optimizer.safetensors")
+        _save_ema(ema, run / "ema.safetensors")
         state = _state(run)
-        state.update(transformer_step=step, config=asdict(cfg), precision=precision)
+        state.update(transformer_step=step, ema_updates=ema_updates, config=asdict(cfg), precision=precision)
         state["transformer_seconds"] = state.get("transformer_seconds_done", 0.0) + time.time() - t1
         _save_state(run, state)
 
+    rate_t = None
     while step < cfg.steps and time.time() < deadline:
-        if auto_steps and step == start + 200:
-            rate = 200 / (time.time() - t1)
-            cfg.steps = step + int(rate * (deadline - time.time()) * 0.97) // 100 * 100
+        if step == start + 20:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rate_t = time.time()     # the rate excludes compilation and warm-up
+        if auto_steps and step == start + 220:
+            rate = 200 / (time.time() - rate_t)
+            left = deadline - time.time() + 60.0 * extra_minutes
+            cfg.steps = step + int(rate * left * 0.97) // 100 * 100
             _log(run, f"transformer: {rate:.1f} steps/s -> schedule of {cfg.steps} steps")
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         for g in opt.param_groups:
@@ -404,12 +454,23 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         x0 = (latents[idx].float() - lat_shift) * lat_scale
         noise = torch.randn(x0.shape, generator=gen, device=device)
         sig = sample_sigmas(cfg.batch, mu, cfg.uniform_frac, gen, device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-            loss = flow_loss(transformer, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
+        try:
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                loss = flow_loss(forward, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
+        except Exception as exc:   # torch.compile failing on its first call: train eagerly instead
+            if forward is transformer or step != start:
+                raise
+            _log(run, f"transformer: torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
+            forward = transformer
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
+                loss = flow_loss(forward, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1.0 - ema_decay(ema_updates, cfg.ema))
+        ema_updates += 1
         losses.append(loss.item() if step % 50 == 0 else None)
         step += 1
         if step % 500 == 0:
@@ -451,14 +512,40 @@ def probe(precision: str, batch: int) -> None:
     print(f"probe {precision} batch {batch}: loss {loss.item():.3f}, {10 / (time.time() - t0):.1f} steps/s", flush=True)
 
 
-def export(run: Path, weights: Path) -> None:
-    """Stage 3: the shipped float16 folder (``FluxPipeline.save_pretrained``) and its defaults file."""
+def export(run: Path, weights: Path, use_ema: bool = True) -> None:
+    """Stage 3: the shipped float16 folder (``FluxPipeline.save_pretrained``) and its defaults file; the
+    transformer's weights are the run's EMA (``ema.safetensors``) unless ``use_ema`` is False or there is
+    none."""
+    from safetensors.torch import load_file
+
     pipe = load_run_pipeline(run)
+    ema_path = run / "ema.safetensors"
+    if use_ema and ema_path.exists():
+        missing, unexpected = pipe.transformer.load_state_dict(load_file(str(ema_path)), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{ema_path}: does not match the transformer (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
     pipe.to(torch.float16)
     pipe.save_pretrained(weights, safe_serialization=True)
     cfg = _state(run).get("config", {})
     defaults = dict(DEFAULTS, max_sequence_length=cfg.get("max_sequence_length", DEFAULTS["max_sequence_length"]))
     (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+
+
+def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path) -> None:
+    """Stage ``init`` (any machine): a fresh pipeline of this recipe around an already trained VAE (e.g. the
+    shipped one, ``--vae-from``), so that a new transformer/text-encoder recipe need not retrain the VAE."""
+    from diffusers import AutoencoderKL
+
+    if _state(run).get("vae_done"):
+        raise FileExistsError(f"{run} already has a pipeline; use a new --out folder")
+    pipe = build_pipeline(cfg.seed)
+    pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
+    save_run_pipeline(pipe, run)
+    state = _state(run)
+    state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=0)
+    _save_state(run, state)
+    _log(run, f"init: pipeline with the VAE of {vae_dir}")
 
 
 def probe_auto(batch: int) -> tuple[str, int]:
@@ -493,7 +580,8 @@ def _dataset(cfg: TrainConfig, cache: Path | None) -> tuple[np.ndarray, list[str
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="run folder (checkpoint; resumed if present)")
-    ap.add_argument("--stage", choices=("vae", "transformer", "all", "export", "render", "probe"), default="all")
+    ap.add_argument("--stage", choices=("vae", "init", "transformer", "all", "export", "render", "probe"),
+                    default="all")
     ap.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this invocation")
     ap.add_argument("--steps", default=None, help="total transformer steps (schedule length), or 'auto'")
     ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="fp32",
@@ -505,11 +593,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--weights", type=Path, default=None, help="export: target folder (default: the package's)")
+    ap.add_argument("--vae-from", type=Path, default=None, help="init: the trained VAE folder to start from")
+    ap.add_argument("--extra-minutes", type=float, default=0.0,
+                    help="with --steps auto: minutes of training planned in later calls (the schedule spans them)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
+    ap.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights, not the EMA")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     # On the lent H100 (torch 2.11, cu130) the cuDNN attention backward failed in bf16
-    # ("mha_graph.execute(...).is_good()"); fp32 trained the shipped model. Flash attention is left for bf16.
+    # ("mha_graph.execute(...).is_good()"); with cuDNN attention off, bf16 autocast uses flash attention.
     torch.backends.cuda.enable_cudnn_sdp(False)
     t_start = time.time()
     deadline = t_start + args.minutes * 60 - 45        # keep time to save
@@ -517,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     if args.stage == "export":
         from .model import TOY_MODEL_DIR
-        export(run, args.weights or TOY_MODEL_DIR)
+        export(run, args.weights or TOY_MODEL_DIR, use_ema=args.ema)
         return
     if args.stage == "probe" and args.precision == "auto":
         choice = probe_auto(args.batch or TrainConfig.batch)
@@ -533,6 +626,11 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("n_images", "vae_steps", "batch", "seed"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.stage == "init":
+        if args.vae_from is None:
+            ap.error("--stage init needs --vae-from DIR (a trained AutoencoderKL folder)")
+        init_from_vae(run, cfg, args.vae_from)
+        return
     images, prompts = _dataset(cfg, args.cache)  # before CUDA starts (the renderer forks)
     _log(run, f"data set of {len(images)} images ready in {time.time() - t_start:.0f} s")
     if args.stage == "render":
@@ -548,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
                                                     "to_steps": cfg.steps, "rewarm": args.rewarm})
             _save_state(run, state)
         train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps,
-                          rewarm=args.rewarm)
+                          rewarm=args.rewarm, extra_minutes=args.extra_minutes, compile=args.compile)
     _log(run, f"done in {time.time() - t_start:.0f} s")
 
 
