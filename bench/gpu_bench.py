@@ -1,4 +1,4 @@
-"""GPU benchmark of the CharaConsist engine against plain FLUX (issue 4).
+"""GPU benchmark of the CharaConsist engine against plain FLUX (issues 4 and 6).
 
 Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``random_flux.py``), 1024x1024,
 50 steps, seed 2025 for every image. Phases run in the order given (``--phases``, comma-separated, ``:N`` or
@@ -6,8 +6,17 @@ Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``r
 
 * ``main``: for each frame count N: the baseline, plain ``FluxPipeline`` generating the same N + 1 prompts as
   one batch (one generator per image); then ``CharaConsistPipeline.from_pipe`` with CharaConsist defaults
-  (pre-run, token merge) with ``share_bg`` on and off. Also the measured bf16 matmul rate and the baseline's
-  achieved TFLOP/s (``random_flux.transformer_flops_per_image_step``).
+  (pre-run, token merge) with ``share_bg`` on and off (``main:N/on`` or ``/off``: only one), then each
+  ``--ours-variants`` entry ``name:key=value;key=value``: share_bg on plus those method options as keyword
+  arguments of the pipeline call (values read as Python literals where they parse, else strings). Also the
+  measured bf16 matmul rate and the baseline's achieved TFLOP/s (``random_flux.transformer_flops_per_image_step``).
+* ``peers``: the ``--peer-methods`` (default ConsiStory, StorySync, StoryDiffusion) on the same story and seed
+  through the same ``from_pipe`` pipeline, each measured like ours in ``main``. Compared to the baseline of the
+  same N from earlier in the process (``main:4,peers:4`` runs it once), else to one run right before them.
+* ``plans``: SDPA alone (``sdpa_check.plan_cost`` / ``mask_check``): the first call on a new (query length, key
+  length) pair against repeats of it, PyTorch's default backend (cuDNN on H100), flash and cuDNN forced, batch 1,
+  24 heads x 128, Sq 1000-3500, Sk 4608 + 0-3000; and whether cuDNN takes a (1, 1, 1, Sk) key-padding mask
+  (bool and float), its speed and its error against unpadded attention. Seconds; run it first.
 * ``profile``: short profiled runs (baseline, ours): which attention kernels ran; GPU time of the method's
   components (``record_function`` ranges wrapped around them here, see ``instrument_engine``).
 * ``breakdown``: ablations at N frames: the engine with method "vanilla" (pure engine overhead), then
@@ -17,13 +26,28 @@ Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``r
   sequential CPU offload) for plain FLUX and ours, ``--mode-steps`` steps (sequential: ``--seq-steps``, it
   is slow) and time per step.
 
-Device (what BENCHMARKS.md reports; each process builds the pipeline once, modes in its own process):
+Every ours / peer record names the baseline it is compared to (``baseline``, its index ``baseline_record``,
+``baseline_reused``: measured before the phase that ran this one) and holds ``x_baseline`` (wall),
+``gpu_peak_alloc_x_baseline``, ``gpu_peak_reserved_x_baseline``, ``host_peak_delta_gib``. ``--budget-s`` skips
+any run (and a baseline whose first compared run would not fit) that would end past that many seconds after the
+build, by the speed measured so far; the records say so.
+
+Device (each process builds the pipeline once; ``.bench_src/`` = ``git archive COMMIT src``, ``.whl/`` the
+wheels, both carried; about 8 minutes each, the order is the priority, the budget guard drops the tail):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:.bench_src/src BENCH_ENGINE_COMMIT=$(cat .bench_src/COMMIT) PYTHONUNBUFFERED=1
+    A: timeout 470 python3 bench/gpu_bench.py --phases plans,main:4/on,peers:4,main:4/off \
+           --ours-variants cudnn:volatile_backend=default --budget-s 395 --out $OUT --tag peers
+    B: timeout 470 python3 bench/gpu_bench.py --phases main:8/on,profile:4,breakdown:4 --budget-s 395 \
+           --out $OUT --tag eight
+Earlier (BENCHMARKS.md, 2026-11-22):
          python3 bench/gpu_bench.py --phases main:4,profile:4,main:8/on,breakdown:4,main:8/off --budget-s 425 \
              --out $OUT --tag final
          python3 bench/gpu_bench.py --phases modes:4 --modes ours:model,ours:sequential --skip-check --no-matmul \
              --out $OUT --tag modes
 Report:  python bench/report.py bench/results/h100-2026-11-22/bench_final.json
-CPU:     python bench/gpu_bench.py --tiny --phases main:1,profile:1,breakdown:1,modes:1 --out /tmp/bench
+CPU:     python bench/gpu_bench.py --tiny --phases plans,main:1,peers:1,profile:1,breakdown:1,modes:1 \
+             --ours-variants nomerge:use_token_merge=False --out /tmp/bench
 Results: ``<out>/bench_<tag>.json`` (every record, written after each run), ``log_<tag>.txt``, profiler tables;
 a summary is printed last.
 """
@@ -31,6 +55,7 @@ a summary is printed last.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -56,7 +81,15 @@ from random_flux import (  # noqa: E402
     parameter_counts,
     transformer_flops_per_image_step,
 )
-from sdpa_check import apply_policy, diagnose, forward_profile, policy  # noqa: E402
+from sdpa_check import (  # noqa: E402
+    apply_policy,
+    diagnose,
+    forward_profile,
+    mask_check,
+    plan_cost,
+    plans_lines,
+    policy,
+)
 
 SEED = 2025
 BACKGROUND, CHARACTER = "a sunny park with green trees", "a small red robot with a blue hat"
@@ -76,6 +109,62 @@ def story(n_frames: int) -> tuple[str, list[str]]:
 def full_prompt(spec: str) -> str:
     """The prompt the model sees (``StoryImage.prompt``: the three fields joined by spaces)."""
     return " ".join(p.strip() for p in spec.split("#") if p.strip())
+
+
+def literal(text: str):
+    """A method option's value: a Python literal where it parses (True, None, 3, 0.5), else the string."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``name:key=value;key=value,name2:...`` -> [(name, {key: value})]; values through ``literal``."""
+    variants = []
+    for item in (x.strip() for x in (text or "").split(",")):
+        if not item:
+            continue
+        name, sep, body = item.partition(":")
+        options = {}
+        for pair in (x.strip() for x in body.split(";")):
+            key, eq, value = pair.partition("=")
+            if not pair or not eq or not key.strip():
+                raise ValueError(f"variant {item!r}: expected name:key=value[;key=value...]")
+            options[key.strip()] = literal(value)
+        if not sep or not name.strip() or not options:
+            raise ValueError(f"variant {item!r}: expected name:key=value[;key=value...]")
+        if name.strip() in {n for n, _ in variants}:
+            raise ValueError(f"variant name {name.strip()!r} given twice")
+        variants.append((name.strip(), options))
+    return variants
+
+
+def comparison(record: dict, base: dict) -> dict:
+    """A run's figures relative to its baseline (the same N + 1 prompts through plain FluxPipeline)."""
+    out = {"x_baseline": record["wall_s"] / base["wall_s"],
+           "transformer_x_baseline": record["transformer_s"] / max(base["transformer_s"], 1e-9),
+           "host_peak_delta_gib": record["rss_peak_gib"] - base["rss_peak_gib"]}
+    for key in ("gpu_peak_alloc_gib", "gpu_peak_reserved_gib"):
+        if key in record and key in base:
+            out[key.replace("_gib", "_x_baseline")] = record[key] / base[key]
+    return out
+
+
+def baseline_of(records: list[dict], record: dict) -> dict | None:
+    """The baseline a run is compared to: the record it names (``baseline_record``), else (older results) the
+    latest one-GPU baseline with the same frame count."""
+    idx = record.get("baseline_record")
+    if isinstance(idx, int) and 0 <= idx < len(records):
+        return records[idx]
+    if record.get("kind") not in ("ours", "peer") or record.get("mode"):
+        return None
+    for r in reversed(records):
+        if r.get("kind") == "baseline" and r.get("frames") == record.get("frames") and "wall_s" in r \
+                and not r.get("mode"):
+            return r
+    return None
 
 
 def instrument_engine():
@@ -223,17 +312,43 @@ class Bench:
         for k in prof["top_kernels"]:
             self.log(f"    {k['ms']:9.1f} ms {k['calls']:5d}x  {k['kernel']}")
 
-    def fits(self, name: str, n_images: int, steps: int, factor: float) -> bool:
-        """False (and a note) when the run would overrun ``--budget-s`` by the current speed estimate."""
+    def estimate(self, n_images: int, steps: int, factor: float) -> float:
+        """Seconds a run of ``steps`` steps (warm-up included) should take at the current speed, plus slack."""
+        return self.per_image_step * n_images * steps * factor + 15 if self.per_image_step else 0.0
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t_start) if self.args.budget_s else float("inf")
+
+    def fits(self, name: str, n_images: int, steps: int, factor: float, extra_s: float = 0.0) -> bool:
+        """False (and a note) when the run would overrun ``--budget-s`` by the current speed estimate.
+
+        ``extra_s``: seconds that must fit after it as well (a baseline is only worth running when the first run
+        compared to it fits too)."""
         if not self.args.budget_s or not self.per_image_step:
             return True
-        estimate = self.per_image_step * n_images * steps * factor + 15
-        left = self.args.budget_s - (time.perf_counter() - self.t_start)
+        estimate, left = self.estimate(n_images, steps, factor) + extra_s, self.left()
         if estimate <= left:
             return True
         self.log(f"[{name}] SKIPPED: needs about {estimate:.0f} s, {left:.0f} s left of --budget-s")
         self.records.append({"name": name, "skipped": f"estimate {estimate:.0f} s > {left:.0f} s left"})
         return False
+
+    def compare(self, record: dict, base: dict | None, reused: bool):
+        """Name the baseline a run is compared to (``baseline``, its index ``baseline_record``, whether it ran
+        before the phase that measured this run: ``baseline_reused``) and add the ratios (``comparison``)."""
+        index = next((i for i, r in enumerate(self.records) if r is base), None)
+        if index is None or "wall_s" not in record or not any(r is record for r in self.records):
+            return record
+        record.update(baseline=base["name"], baseline_record=index, baseline_phase=base.get("phase"),
+                      baseline_reused=reused)
+        if "wall_s" in base:
+            record.update(comparison(record, base))
+            gpu = (f"GPU peak x{record['gpu_peak_alloc_x_baseline']:.3f}, " if "gpu_peak_alloc_x_baseline" in record
+                   else "")
+            self.log(f"    vs {base['name']} ({'reused, ' if reused else ''}phase {base.get('phase')}): "
+                     f"x{record['x_baseline']:.3f} wall, {gpu}host {record['host_peak_delta_gib']:+.2f} GiB")
+        self.save()
+        return record
 
     def log(self, msg: str):
         print(msg, flush=True)
@@ -269,10 +384,15 @@ class Bench:
 
         return fn
 
+    @staticmethod
+    def factor(kind) -> float:
+        """Time of a run relative to the baseline's, for the budget guard (ours at 4 frames: 1.52)."""
+        return 1.0 if kind == "baseline" else 1.6
+
     def run(self, name: str, fn_of_steps, n_images: int, steps: int, warmup_steps: int | None = None, **meta):
         """Warm up with a short call of the same shape, then measure the full call."""
         warmup_steps = self.args.warmup_steps if warmup_steps is None else warmup_steps
-        factor = 1.0 if meta.get("kind") == "baseline" else 1.6
+        factor = self.factor(meta.get("kind"))
         if not self.fits(name, n_images, steps + warmup_steps, factor):
             return {"name": name, "skipped": True}
         if warmup_steps:
@@ -318,6 +438,8 @@ class Bench:
         return base
 
     def phase_main(self, frames: list[int], share_bg: tuple[bool, ...] = (True, False)):
+        """Baseline, ours with ``share_bg`` on/off, then each ``--ours-variants`` entry (share_bg on plus its
+        options); runs an earlier phase measured (same N, same settings) are not repeated."""
         steps = self.args.steps
         if self.ours is not None and self.args.first_warmup_steps and not self._warm:
             measure("first-warmup", self.ours_fn(frames[0], self.args.first_warmup_steps), self.flux.transformer,
@@ -327,17 +449,79 @@ class Bench:
             if self.ours is None:
                 self.baseline(n, "main")
                 continue
-            if self.find("baseline", n) is None:
-                self.baseline(n, "main")
+            base = self.find("baseline", n)
+            reused = base is not None
+            base = base or self.baseline(n, "main")
             for bg in share_bg:
                 if self.find("ours", n, share_bg=bg, options={}) is not None:
                     continue
-                self.run(f"ours/{n}frames/share_bg={'on' if bg else 'off'}",
-                         lambda s, n=n, b=bg: self.ours_fn(n, s, share_bg=b), n + 1, steps,
-                         phase="main", kind="ours", frames=n, share_bg=bg, method="characonsist", options={})
+                record = self.run(f"ours/{n}frames/share_bg={'on' if bg else 'off'}",
+                                  lambda s, n=n, b=bg: self.ours_fn(n, s, share_bg=b), n + 1, steps,
+                                  phase="main", kind="ours", frames=n, share_bg=bg, method="characonsist", options={})
+                self.compare(record, base, reused)
+            for name, options in self.args.ours_variants:
+                if self.find("ours", n, variant=name) is not None:
+                    continue
+                options = {"share_bg": True, **options}
+                record = self.run(f"ours/{n}frames/{name}", lambda s, n=n, o=options: self.ours_fn(n, s, **o), n + 1,
+                                  steps, phase="main", kind="ours", frames=n, share_bg=options["share_bg"],
+                                  method="characonsist", options=options, variant=name)
+                self.compare(record, base, reused)
+
+    def phase_peers(self, frames: list[int]):
+        """The peer methods (``--peer-methods``) on the same story and seed, each against plain FLUX: the
+        baseline of the same N from earlier in this process when there is one, else one run right here."""
+        steps = self.args.steps
+        if self.ours is None:
+            self.log("peers: engine not available; skipped")
+            return
+        for n in frames:
+            base = self.find("baseline", n)
+            reused = base is not None
+            if base is None:
+                first = self.estimate(n + 1, steps + self.args.warmup_steps, self.factor("peer"))
+                if not self.fits(f"baseline/{n + 1}img (peers)", n + 1, steps + self.args.warmup_steps, 1.0, first):
+                    continue
+                base = self.baseline(n, "peers")
+            for method in self.args.peer_methods:
+                record = self.run(f"peers/{n}frames/{method}", lambda s, n=n, m=method: self.ours_fn(n, s, m), n + 1,
+                                  steps, phase="peers", kind="peer", frames=n, method=method, options={})
+                self.compare(record, base, reused)
+
+    def phase_plans(self, frames: list[int]):
+        """How long SDPA's first call on a new (query, key) length pair takes against repeats, per backend, and
+        whether cuDNN takes a key-padding mask (``sdpa_check.plan_cost`` / ``mask_check``). FLUX's widths on
+        CUDA; toy widths and lengths with ``--tiny``; skipped on a CPU otherwise."""
+        record = {"name": "plans/sdpa", "phase": "plans", "sdpa_policy": self.env.get("sdpa_policy")}
+        if self.device.type != "cuda" and not self.args.tiny:
+            self.log("plans: needs CUDA (or --tiny for the toy path); skipped")
+            record["skipped"] = "no CUDA"
+        elif self.args.budget_s and self.left() < 30:
+            self.log(f"plans: SKIPPED, {self.left():.0f} s left of --budget-s")
+            record["skipped"] = "budget"
+        else:
+            device = self.device.type
+            if self.args.tiny:
+                shape = {"heads": 2, "head_dim": 16, "dtype": self.args.dtype}
+                record["plan_cost"] = plan_cost(device, **shape, n_shapes=4, reps=2, q_range=(10, 40), k_base=64,
+                                                k_extra=30)
+                record["mask"] = mask_check(device, **shape, sq=20, sk=70, pad_to=32, reps=2)
+            else:
+                record["plan_cost"] = plan_cost(device, n_shapes=self.args.plan_shapes)
+                record["mask"] = mask_check(device)
+            self.log("[plans/sdpa] first SDPA call on a new (Sq, Sk) shape vs repeats; cuDNN with a key-padding mask:")
+            for line in plans_lines(record):
+                self.log(line)
+        self.records.append(record)
+        self.save()
+
+    PROFILE_OVERHEAD_S = 80  # H100: the profile phase took 95 s for 16 s of profiled runs (trace processing)
 
     def phase_profile(self, frames: list[int]):
         n = frames[0]
+        steps = self.args.profile_base_steps + self.factor("ours") * self.args.profile_steps * (1 if self._warm else 2)
+        if not self.fits(f"profile/{n}frames", n + 1, steps, 1.0, self.PROFILE_OVERHEAD_S):
+            return
         runs = [("baseline", self.baseline_fn(n, self.args.profile_base_steps))]
         if self.ours is not None:
             runs.append(("ours", self.ours_fn(n, self.args.profile_steps, share_bg=True)))
@@ -377,17 +561,24 @@ class Bench:
     def phase_breakdown(self, frames: list[int]):
         n, steps = frames[0], self.args.steps
         if self.find("baseline", n) is None:
+            first = self.estimate(n + 1, steps + self.args.warmup_steps, self.factor("ours")) if self.ours else 0.0
+            if not self.fits(f"baseline/{n + 1}img (breakdown)", n + 1, steps + self.args.warmup_steps, 1.0, first):
+                return
             self.baseline(n, "breakdown")
         if self.ours is None:
             return
+        base = self.find("baseline", n)
         variants = {name: (method, options) for name, method, options in self.BREAKDOWN}
         for name in self.args.breakdown:
             method, options = variants[name]
-            self.run(f"breakdown/{n}frames/{name}", lambda s, m=method, o=options: self.ours_fn(n, s, m, **o),
-                     n + 1, steps, phase="breakdown", kind="ours", frames=n, method=method, options=options)
+            record = self.run(f"breakdown/{n}frames/{name}", lambda s, m=method, o=options: self.ours_fn(n, s, m, **o),
+                              n + 1, steps, phase="breakdown", kind="ours", frames=n, method=method, options=options)
+            self.compare(record, base, base is not None and base.get("phase") != "breakdown")
         if self.find("ours", n, share_bg=True, options={}) is None:  # the full method, unless main measured it
-            self.run(f"ours/{n}frames/share_bg=on", lambda s: self.ours_fn(n, s, share_bg=True), n + 1, steps,
-                     phase="breakdown", kind="ours", frames=n, share_bg=True, method="characonsist", options={})
+            record = self.run(f"ours/{n}frames/share_bg=on", lambda s: self.ours_fn(n, s, share_bg=True), n + 1,
+                              steps, phase="breakdown", kind="ours", frames=n, share_bg=True, method="characonsist",
+                              options={})
+            self.compare(record, base, base is not None and base.get("phase") != "breakdown")
 
     def phase_modes(self, frames: list[int]):
         """``--modes`` entries ``pipe:mode`` in order; pipe ours|plain-flux, mode one-gpu|model|sequential."""
@@ -427,14 +618,19 @@ class Bench:
         if self.rate:
             self.log(f"bf16 matmul rate measured: {self.rate:.0f} TFLOP/s")
         for r in self.records:
+            if r.get("phase") == "plans" and "skipped" not in r:
+                self.log(f"{r['name']:<48} first SDPA call on a new shape vs repeats:")
+                for line in plans_lines(r):
+                    self.log(line)
+                continue
             if "wall_s" not in r:
                 if "error" in r:
                     self.log(f"{r['name']:<48} ERROR {r['error'][:150]}")
                 continue
-            base = self.find("baseline", r.get("frames")) if r.get("kind") == "ours" and not r.get("mode") else None
+            base = baseline_of(self.records, r)
             line = f"{r['name']:<48} {r['wall_s']:8.2f} s"
-            if base:
-                line += f"  x{r['wall_s'] / base['wall_s']:.3f} base"
+            if base and "wall_s" in base:
+                line += f"  x{r['wall_s'] / base['wall_s']:.3f} {base['name']}{' (reused)' if r.get('baseline_reused') else ''}"
                 line += f"  host +{r['rss_peak_gib'] - base['rss_peak_gib']:.2f} GiB"
                 if "gpu_peak_alloc_gib" in r:
                     line += f"  GPU x{r['gpu_peak_alloc_gib'] / base['gpu_peak_alloc_gib']:.3f}"
@@ -463,8 +659,8 @@ class Bench:
                          f"{cur['transformer_s'] - prev['transformer_s']:+8.2f} s")
         for r in self.records:
             if r.get("kind") == "ours" and not r.get("mode") and "wall_s" in r:
-                base = self.find("baseline", r["frames"])
-                if base:
+                base = baseline_of(self.records, r)
+                if base and "wall_s" in base:
                     for line in segment_lines(r, base):
                         self.log(line)
 
@@ -518,6 +714,13 @@ def parse_args(argv=None):
                    help="pipe:mode entries, pipe ours|plain-flux, mode one-gpu|model|sequential")
     p.add_argument("--breakdown", default="vanilla-engine,cc-noprerun-bg-merge,cc-noprerun-nobg-nomerge,"
                    "cc-noprerun-bg-nomerge", help="breakdown variants, in the order to run them")
+    p.add_argument("--peer-methods", default="consistory,storysync,storydiffusion",
+                   help="methods the peers phase runs, in order (engine registry names)")
+    p.add_argument("--ours-variants", default="",
+                   help="extra CharaConsist runs in main (share_bg on plus these method options), comma-separated "
+                   "name:key=value[;key=value], values as Python literals where they parse, e.g. "
+                   "'cudnn:volatile_backend=default,nomerge:use_token_merge=False'")
+    p.add_argument("--plan-shapes", type=int, default=10, help="plans phase: new (Sq, Sk) pairs per backend")
     p.add_argument("--skip-check", action="store_true", help="no SDPA check / one-step profile on CUDA")
     p.add_argument("--seq-steps", type=int, default=2)
     p.add_argument("--profile-steps", type=int, default=8)
@@ -548,6 +751,11 @@ def parse_args(argv=None):
     args.phases = phases
     args.modes = [m for m in args.modes.split(",") if m]
     args.breakdown = [b for b in args.breakdown.split(",") if b]
+    args.peer_methods = [m.strip() for m in args.peer_methods.split(",") if m.strip()]
+    try:
+        args.ours_variants = parse_variants(args.ours_variants)
+    except ValueError as exc:
+        p.error(f"--ours-variants: {exc}")
     args.steps = args.steps or (12 if args.tiny else 50)
     args.size = args.size or (64 if args.tiny else 1024)
     args.max_sequence_length = args.max_sequence_length or (128 if args.tiny else 512)
@@ -556,7 +764,7 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads or 1)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.tag = args.tag or "-".join(name for name, _, _ in args.phases)
-    valid = {"main", "profile", "breakdown", "modes"}
+    valid = {"main", "peers", "plans", "profile", "breakdown", "modes"}
     names = [name for name, _, _ in args.phases]
     if set(names) - valid:
         p.error(f"unknown phases {sorted(set(names) - valid)}; valid: {sorted(valid)}")
