@@ -60,6 +60,69 @@ def test_bench_tiny_all_phases(tmp_path):
     assert any(r["range"].startswith("cc::") for r in profiled["ranges"])
 
 
+def test_parse_variants():
+    gpu_bench = _load_bench()
+    assert gpu_bench.parse_variants("cudnn:volatile_backend=default,nm:use_token_merge=False;merge_weight=0.5;x=none") \
+        == [("cudnn", {"volatile_backend": "default"}), ("nm", {"use_token_merge": False, "merge_weight": 0.5, "x": None})]
+    assert gpu_bench.parse_variants("") == []
+    for bad in ("novalue", "a:b", "a:=1", ":b=1", "a:b=1,a:c=2"):
+        with pytest.raises(ValueError):
+            gpu_bench.parse_variants(bad)
+
+
+def test_bench_tiny_peers_variants_plans(tmp_path):
+    """main then peers in one process: the peers reuse main's baseline; a variant passes its options; plans runs
+    its toy path; a peers phase alone runs its own baseline; the report prints every ratio."""
+    gpu_bench = _load_bench()
+    threads = torch.get_num_threads()
+    common = ["--tiny", "--steps", "4", "--warmup-steps", "1", "--first-warmup-steps", "0", "--no-vae-slicing"]
+    try:
+        bench = gpu_bench.main([*common, "--phases", "main:1,peers:1,plans", "--ours-variants",
+                                "nomerge:use_token_merge=False", "--out", str(tmp_path), "--tag", "p"])
+        if bench.ours is None:
+            pytest.skip("engine not importable: only the baseline ran")
+        gpu_bench.main([*common, "--phases", "peers:1", "--peer-methods", "storydiffusion", "--out", str(tmp_path),
+                        "--tag", "alone"])
+    finally:
+        torch.set_num_threads(threads)
+    records = json.loads((tmp_path / "bench_p.json").read_text())["records"]
+    by_name = {r["name"]: r for r in records}
+    errors = [(r["name"], r.get("error")) for r in records if "error" in r]
+    assert not errors, errors
+    base = by_name["baseline/2img"]
+    assert [r["name"] for r in records].count("baseline/2img") == 1     # peers reused main's baseline
+    expected = ["ours/1frames/share_bg=on", "ours/1frames/share_bg=off", "ours/1frames/nomerge",
+                "peers/1frames/consistory", "peers/1frames/storysync", "peers/1frames/storydiffusion"]
+    for name in expected:
+        r = by_name[name]
+        assert r["baseline"] == "baseline/2img" and records[r["baseline_record"]] is not None, name
+        assert records[r["baseline_record"]]["name"] == "baseline/2img", name
+        assert r["x_baseline"] == pytest.approx(r["wall_s"] / base["wall_s"]), name
+        assert r["host_peak_delta_gib"] == pytest.approx(r["rss_peak_gib"] - base["rss_peak_gib"]), name
+        assert r["nonfinite_outputs"] == 0 and r["nonfinite_images"] == 0, name
+    assert by_name["ours/1frames/nomerge"]["options"] == {"share_bg": True, "use_token_merge": False}
+    assert by_name["ours/1frames/nomerge"]["settings"]["method_options"]["use_token_merge"] is False
+    assert all(by_name[n]["baseline_reused"] for n in expected[3:])
+    assert {by_name[n]["method"] for n in expected[3:]} == {"consistory", "storysync", "storydiffusion"}
+    plans = by_name["plans/sdpa"]
+    assert plans["plan_cost"]["backends"]["default"]["shapes"][0]["first_ms"] > 0
+    assert len({(s["sq"], s["sk"]) for b in plans["plan_cost"]["backends"].values() for s in b["shapes"]}) \
+        == sum(len(b["shapes"]) for b in plans["plan_cost"]["backends"].values())    # every shape new
+    assert plans["mask"]["runs"]["default/bool"]["max_abs_diff"] < 1e-4
+    assert "error" in plans["mask"]["runs"]["cudnn/bool"]                          # no cuDNN on a CPU
+
+    alone = json.loads((tmp_path / "bench_alone.json").read_text())["records"]
+    peer = next(r for r in alone if r["name"] == "peers/1frames/storydiffusion")
+    assert peer["baseline_reused"] is False and peer["baseline_phase"] == "peers" and "x_baseline" in peer
+
+    from report import report
+
+    text = "\n".join(report(str(tmp_path / "bench_p.json")))
+    for name in expected:
+        assert f"    {name}" in text, name
+    assert "against baseline/2img" in text and "sdpa flash" in text
+
+
 def test_report_of_stored_h100_results():
     results = BENCH.parent / "results" / "h100-2026-11-22"
     _load_bench()  # puts bench/ on sys.path
