@@ -182,3 +182,35 @@ def test_from_pipe_keeps_the_dtype():
     pipe = CharaConsistPipeline.from_pipe(base)
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
     assert pipe.transformer is base.transformer
+
+
+def test_main_run_takes_step0_over_from_the_prerun_bit_exactly(story_pipe):
+    from characonsist.methods import get_method
+
+    phases = get_method("characonsist").phases(KW["num_inference_steps"])
+    assert [(p.name, p.start) for p in phases] == [("prerun", 0), ("main", 1)]
+    assert get_method("characonsist", reuse_prerun_step0=False).phases(12)[1].start == 0
+    assert get_method("characonsist", share_start=0, schedule_steps=None).phases(12)[1].start == 0
+    forwards = []
+    hook = story_pipe.transformer.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        reused = story_pipe(IDENTITY, FRAMES, **KW)
+        n_reused = len(forwards)
+        full = story_pipe(IDENTITY, FRAMES, reuse_prerun_step0=False, **KW)
+    finally:
+        hook.remove()
+    assert n_reused == len(forwards) - n_reused - 1      # one forward of the chunk fewer
+    for x, y in zip(reused.images, full.images):
+        assert np.array_equal(x, y)
+    for x, y in zip(reused.masks, full.masks):
+        assert np.array_equal(x, y)
+    for x, y in zip(reused.matches, full.matches):
+        assert torch.equal(x.frame_idx, y.frame_idx) and torch.equal(x.id_idx, y.id_idx)
+
+
+def test_volatile_backend_option_is_checked(story_pipe):
+    with pytest.raises(ValueError, match="volatile_backend"):
+        story_pipe(IDENTITY, FRAMES[:1], volatile_backend="fast", **KW)
+    a = story_pipe(IDENTITY, FRAMES[:1], **KW)
+    b = story_pipe(IDENTITY, FRAMES[:1], volatile_backend="default", **KW)   # on the CPU: same kernels
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))

@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rope import Rotary, apply_rope
 from .story import StoryImage
+
+_VOLATILE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Group:
     timesteps: torch.Tensor | None = None
 
     twins: bool = False         # rows len(slots).. are plain "vanilla twins" of the slots, same order
+    kept: list = field(default_factory=list)   # latents after steps 0..k-1, for a next phase starting at k
 
     def row_of(self, pos: int) -> int | None:
         for row, slot in enumerate(self.slots):
@@ -85,11 +89,17 @@ class Group:
 @dataclass(frozen=True)
 class Phase:
     """A denoising pass over the chunk. ``final`` passes produce the images; others (the layout pre-run)
-    only produce masks and matches and stop after ``steps`` steps."""
+    only produce masks and matches and stop after ``steps`` steps.
+
+    ``start`` > 0: the pass begins at that step from the latents the *previous* pass had after step
+    ``start - 1`` (the engine keeps them). A method may ask for it only where its steps before ``start`` are
+    the same computation in both passes (CharaConsist: the pre-run's step 0 is its main run's step 0).
+    """
 
     name: str
     steps: int
     final: bool
+    start: int = 0
 
 
 @dataclass
@@ -106,6 +116,8 @@ class Run:
     phase: Phase | None = None
     step: int = 0
     notes: dict[int, list[str]] = field(default_factory=dict)
+    volatile: bool = False            # this step's shared-attention shapes are new (set by the method)
+    volatile_backend: str = "flash"   # SDPA kernels for volatile calls: "flash" or "default" (see AttnCall)
 
     def note(self, pos: int, message: str) -> None:
         """Record a fallback for the image at chunk position ``pos`` (each message once)."""
@@ -147,7 +159,18 @@ class AttnCall:
         return self._k_rot
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of (B, Sq, H, D) queries over (B, Sk, H, D) keys through diffusers' backend dispatch."""
+        """Attention of (B, Sq, H, D) queries over (B, Sk, H, D) keys through diffusers' backend dispatch.
+
+        While ``run.volatile`` (query/key counts that change from step to step, e.g. while masks are being
+        refreshed) and no backend was chosen, PyTorch's SDPA is limited to the flash kernel (then memory-
+        efficient, then math): its cuDNN kernel, PyTorch's first choice on Hopper, builds an execution plan for
+        every new shape, which costs more than it saves on shapes used for one step only.
+        """
+        if (self.run.volatile and self.run.volatile_backend == "flash" and self.backend is None
+                and q.is_cuda):
+            with sdpa_kernel(_VOLATILE_KERNELS):
+                return dispatch_attention_fn(q, k, v, attn_mask=None, backend=None,
+                                             parallel_config=self.parallel_config)
         return dispatch_attention_fn(q, k, v, attn_mask=None, backend=self.backend,
                                      parallel_config=self.parallel_config)
 
@@ -292,13 +315,29 @@ class Engine:
                   tr_config.num_layers)
         self.run = run
         self.method.start(run)
+        phases = self.method.phases(num_inference_steps)
         with self.installed():
-            for phase in self.method.phases(num_inference_steps):
+            for i, phase in enumerate(phases):
                 run.phase = phase
                 twin_steps = min(self.method.twin_steps(phase), phase.steps)
+                nxt = phases[i + 1] if i + 1 < len(phases) else None
+                keep = nxt.start if nxt is not None else 0
+                if (phase.start and twin_steps) or (keep and (twin_steps or self.method.twin_steps(nxt))):
+                    raise ValueError(f"phase {phase.name!r}: taking steps over from another phase needs no twins")
+                taken = {}
                 for g in groups:
                     self._reset(g, num_inference_steps, device, twin_steps)
-                for step in range(phase.steps):
+                    if phase.start:
+                        taken[id(g)] = g.kept
+                        g.latents = g.kept[phase.start - 1].clone()
+                        g.scheduler.set_begin_index(phase.start)
+                    g.kept = []
+                for step in range(phase.start):   # steps taken over from the previous phase
+                    for g in groups:
+                        if callback is not None and phase.final:
+                            self._callback(callback, g, step, callback_tensor_inputs, taken[id(g)][step],
+                                           apply=step == phase.start - 1)
+                for step in range(phase.start, phase.steps):
                     run.step = step
                     if twin_steps and step == twin_steps:
                         for g in groups:   # twins are no longer needed: drop their rows
@@ -308,12 +347,10 @@ class Engine:
                         run.group = g
                         self._forward(g, step, guidance_scale, text_ids, last=not phase.final and
                                       step == phase.steps - 1)
+                        if step < keep:
+                            g.kept.append(g.latents.clone())
                         if callback is not None and phase.final:
-                            n = len(g.slots)   # the callback sees the images' rows, never the twins'
-                            kwargs = {k: (g.latents[:n] if k == "latents" else None) for k in callback_tensor_inputs}
-                            result = callback(pipe, step, g.timesteps[step], kwargs) or {}
-                            if "latents" in result:
-                                g.latents = torch.cat([result.pop("latents"), g.latents[n:]])
+                            self._callback(callback, g, step, callback_tensor_inputs, g.latents)
                     self.method.end_step(run)
                     if progress is not None:
                         progress.update()
@@ -321,6 +358,18 @@ class Engine:
             g.twins, g.latents = False, g.latents[: len(g.slots)]
         final = {s.pos: g.latents[row:row + 1] for g in groups for row, s in enumerate(g.slots)}
         return [final[s.pos] for s in slots], run
+
+    def _callback(self, callback, g: Group, step: int, names, latents: torch.Tensor, apply: bool = True) -> None:
+        """``callback_on_step_end`` for one group; it sees the images' rows, never the twins'. Latents it
+        returns replace the group's (``apply``; for a step taken over from an earlier phase only the last one's
+        can, the later ones already ran)."""
+        n = len(g.slots)
+        kwargs = {k: (latents[:n] if k == "latents" else None) for k in names}
+        result = callback(self.pipe, step, g.timesteps[step], kwargs) or {}
+        if "latents" in result:
+            if not apply:
+                raise ValueError(f"step {step} was taken over from the pre-run: its latents cannot be changed")
+            g.latents = torch.cat([result.pop("latents"), g.latents[n:]])
 
     def _forward(self, g: Group, step: int, guidance_scale: float, text_ids, last: bool) -> None:
         transformer = self.pipe.transformer

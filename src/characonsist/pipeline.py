@@ -136,7 +136,7 @@ class CharaConsistPipeline(FluxPipeline):
                               char_len))
 
         chunks = self._chunks(images, method, batch_size)
-        total = sum(p.steps for p in method.phases(num_inference_steps)) * len(chunks)
+        total = sum(p.steps - p.start for p in method.phases(num_inference_steps)) * len(chunks)
         results: dict[int, dict] = {}
         notes: dict[int, list[str]] = {}
         with self.progress_bar(total=total) as progress:

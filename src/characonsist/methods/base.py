@@ -27,6 +27,16 @@ def uses_block(blocks: str, kind: str) -> bool:
     return blocks == "all" or blocks == kind
 
 
+VOLATILE_BACKENDS = ("flash", "default")
+
+
+def use_volatile_backend(run: Run, backend: str) -> None:
+    """Check a method's ``volatile_backend`` option and hand it to the engine (``AttnCall.attend``)."""
+    if backend not in VOLATILE_BACKENDS:
+        raise ValueError(f"volatile_backend={backend!r}; valid: {', '.join(map(repr, VOLATILE_BACKENDS))}")
+    run.volatile_backend = backend
+
+
 class Method:
     """Base class: plain attention everywhere, one final pass."""
 

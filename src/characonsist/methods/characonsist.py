@@ -40,7 +40,7 @@ from ..match import Matches, cosine_similarity_matrix, match_points
 from ..merge import merge_tokens, merge_weight
 from ..rope import reencode
 from ..story import StoryImage
-from .base import Method
+from .base import Method, use_volatile_backend
 
 
 @dataclass
@@ -67,6 +67,9 @@ class CharaConsistConfig:
     mask_scaled: bool = False        # softmax of q k^T / sqrt(d) (paper) instead of q k^T (official code)
     schedule_steps: int | None = 50  # the step options above are written for this many steps and rescaled
                                      # to num_inference_steps (None: use them as given)
+    reuse_prerun_step0: bool = True  # the main run takes step 0 over from the pre-run (same computation)
+    volatile_backend: str = "flash"  # SDPA kernels while masks change (steps <= mask_step + 1): "flash" or
+                                     # "default" (PyTorch's choice: cuDNN on Hopper, a new plan per shape)
 
 
 _STEP_OPTIONS = ("share_start", "share_end", "mask_step", "merge_start", "merge_decay", "merge_end")
@@ -103,11 +106,18 @@ class CharaConsist(Method):
 
     # ------------------------------------------------------------------ planning
     def phases(self, num_steps: int) -> list[Phase]:
-        phases = []
-        if self.config.prerun and num_steps > 1:
-            mask_step = step_schedule(self.config, num_steps)["mask_step"]
-            phases.append(Phase("prerun", mask_step + 1, final=False))
-        return phases + [Phase("main", num_steps, final=True)]
+        """The layout pre-run (``mask_step + 1`` steps) and the main run.
+
+        Step 0 has no sharing and no merge (``share_start``, ``merge_start`` >= 1), so the pre-run's step 0 is
+        the main run's step 0, batch for batch: with ``reuse_prerun_step0`` the main run starts at step 1 from
+        the pre-run's latents and step-0 masks (one forward of the whole chunk saved, bit-identical images).
+        """
+        cfg, sch = self.config, step_schedule(self.config, num_steps)
+        if not (cfg.prerun and num_steps > 1):
+            return [Phase("main", num_steps, final=True)]
+        start = int(cfg.reuse_prerun_step0 and sch["share_start"] >= 1 and (
+            not cfg.use_token_merge or sch["merge_start"] >= 1))
+        return [Phase("prerun", sch["mask_step"] + 1, final=False), Phase("main", num_steps, final=True, start=start)]
 
     def settings(self) -> dict:
         out = super().settings()
@@ -148,6 +158,8 @@ class CharaConsist(Method):
         self.layouts: dict[tuple, dict | None] = {}
         self.row_index: dict[tuple, torch.Tensor] = {}
         self.merge_w = 0.0
+        self.masks_step0: dict[int, torch.Tensor] = {}
+        use_volatile_backend(run, cfg.volatile_backend)
         if not cfg.use_mask:
             for s in run.slots:
                 self.masks[s.pos] = torch.ones(s.num_tokens, dtype=torch.bool)
@@ -155,6 +167,9 @@ class CharaConsist(Method):
     # ------------------------------------------------------------------ per step
     def begin_step(self, run: Run) -> None:
         cfg, step, final, sch = self.config, run.step, run.phase.final, self.schedule
+        if final and run.phase.start and step == run.phase.start and cfg.use_mask:
+            self.masks.update(self.masks_step0)   # step 0 was taken over from the pre-run: its masks too
+        run.volatile = step <= sch["mask_step"] + 1   # masks and matches change: new attention shapes
         self.sharing = sch["share_start"] <= step < sch["share_end"]
         self.fg_phase = final            # no foreground sharing in the pre-run
         self.collect_masks = step <= sch["mask_step"] and cfg.use_mask
@@ -179,6 +194,8 @@ class CharaConsist(Method):
                 self.masks[s.pos] = mask
                 if s.is_identity and run.step == self.schedule["mask_step"]:
                     self.id_mask_final = mask
+            if run.step == 0 and not run.phase.final:
+                self.masks_step0 = dict(self.masks)
         if self.collect_sim:
             id_fg = self._id_mask()
             for s in run.slots[1:]:
@@ -263,10 +280,11 @@ class CharaConsist(Method):
         return self.row_index[key]
 
     def _layout(self, s, T: int, device) -> dict | None:
-        """Index tensors of one frame for the current step, built once per step on the device.
+        """Index tensors of one frame for the current step, built once per step.
 
-        Masks and matches change only between steps, so the boolean-to-index conversions (which wait for the
-        device) happen once per step instead of at every layer.
+        Masks and matches live on the host and change only between steps; the indices are computed there and
+        copied with ``non_blocking=True`` (from pageable memory: staged at once, no wait for the device), so
+        the attention path never makes the host wait for the GPU.
         """
         key = (s.pos, T, str(device))
         if key in self.layouts:
@@ -275,23 +293,25 @@ class CharaConsist(Method):
         if mask is None:
             self.layouts[key] = None
             return None
-        mask = mask.to(device)
-        img = torch.arange(mask.numel(), device=device)
-        layout = {"text": torch.arange(T, device=device), "fg": T + img[mask], "bg": T + img[~mask],
-                  "matches": None, "bg_pos": None}
+
+        def up(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=True)
+
+        mask = mask.cpu()
+        layout = {"text": torch.arange(T, device=device), "fg": up(mask.nonzero(as_tuple=True)[0] + T),
+                  "bg": up((~mask).nonzero(as_tuple=True)[0] + T), "matches": None, "bg_pos": None}
         m = self.matches.get(s.pos)
         if m is not None and len(m):
-            m = m.to(device)
-            layout["matches"] = m
-            layout["fg_pos"] = T + m.frame_idx
-            layout["alpha"] = m.sim
+            m = m.to("cpu")
+            layout["matches"] = Matches(up(m.frame_idx), up(m.id_idx), up(m.sim))
+            layout["fg_pos"] = up(m.frame_idx + T)
         src = self.bg_source.get(s.pos)
         if src is not None:
             src_mask = self._id_mask() if src == 0 else self.masks.get(src)
             if src_mask is not None:
-                pos = ((~src_mask.to(device)) & (~mask)).nonzero(as_tuple=True)[0]
+                pos = ((~src_mask.cpu()) & (~mask)).nonzero(as_tuple=True)[0]
                 if pos.numel():
-                    layout["bg_pos"], layout["bg_src"] = pos, src
+                    layout["bg_pos"], layout["bg_src"] = up(pos), src
         self.layouts[key] = layout
         return layout
 
