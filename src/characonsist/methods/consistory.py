@@ -64,7 +64,7 @@ from ..mask import otsu_threshold
 from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
-from .base import Method, uses_block
+from .base import Method, use_volatile_backend, uses_block
 from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources
 
 
@@ -89,6 +89,8 @@ class ConsiStoryConfig:
     feature_step: int | None = None     # step of the correspondence features; None = round(0.72 * num_steps)
     blocks: str = "single"              # FLUX blocks of SDSA, blending, injection, masks and features
     seed: int | None = None             # seed of the dropout draws; None = each image's own seed
+    volatile_backend: str = "flash"     # SDPA kernels of the shared calls (masks and dropout change every
+                                        # step): "flash", or "default" (cuDNN on Hopper: a new plan per shape)
 
     def __post_init__(self):
         coerce_optional(self, {"share_end": int, "blend_steps": int, "inject_start": int, "inject_end": int,
@@ -230,6 +232,7 @@ class ConsiStory(Method):
     # ------------------------------------------------------------------ state
     def start(self, run: Run) -> None:
         cfg = self.config
+        use_volatile_backend(run, cfg.volatile_backend)
         self._num_steps = run.num_steps
         self.gens = {s.pos: image_generator(cfg.seed if cfg.seed is not None else s.seed, s.story_index)
                      for s in run.slots}
@@ -253,6 +256,7 @@ class ConsiStory(Method):
             self.masks = {}
         end = run.num_steps if cfg.share_end is None else cfg.share_end
         self.sharing = cfg.sdsa and cfg.share_start <= step < end and bool(self.masks)
+        run.volatile = self.sharing
         self.strength = blend_strength(step, self._blend_steps(run.num_steps), cfg.blend_start, cfg.blend_end)
         lo, hi = self._inject_range(run.num_steps)
         self.inject = phase.final and self._injecting() and lo <= step <= hi and bool(self.pairs)

@@ -65,7 +65,7 @@ from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
 from ..story import StoryImage
-from .base import Method, uses_block
+from .base import Method, use_volatile_backend, uses_block
 
 BLOCKS = ("single", "double", "all")
 FEATURES = ("averaged", "layer")
@@ -246,6 +246,8 @@ class StorySyncConfig:
     mask_dropout: float = 0.0        # dropout of subject-mask tokens (rate not given in the paper)
     num_references: int = 0          # Eq. 13: first K images are the references; 0 = every image shares
     dropout_seed: int = -1           # seed of the dropouts; -1 = each image's own seed
+    volatile_backend: str = "flash"  # SDPA kernels of the shared calls (masks change every step): "flash",
+                                     # or "default" (cuDNN on Hopper: a new plan per shape)
     schedule_steps: int | None = 50  # the step options are written for this many steps and rescaled to
                                      # num_inference_steps (None: use them as given), as CharaConsist's
 
@@ -306,6 +308,7 @@ class StorySync(Method):
 
     def start(self, run: Run) -> None:
         cfg = self.config
+        use_volatile_backend(run, cfg.volatile_backend)
         self.sources: dict[int, list[int]] = {}      # pos -> positions whose subject keys it sees / harmonizes to
         group_of = {s.pos: g for g in run.groups for s in g.slots}
         for s in run.slots:
@@ -337,6 +340,7 @@ class StorySync(Method):
         cfg, step = self.config, run.step
         on = step in self.active
         self.sharing = cfg.share and on
+        run.volatile = self.sharing
         self.harmonizing = cfg.rfh and cfg.gamma > 0 and on
         self.blending = cfg.bli and cfg.bli_lambda > 0 and step < self.bli_stop
         nxt = step + 1 in self.active
