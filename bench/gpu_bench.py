@@ -400,6 +400,8 @@ class Bench:
         if warmup_steps:
             measure(name + ":warmup", fn_of_steps(warmup_steps), self.flux.transformer, self.device,
                     log=lambda m: None)
+        if meta.get("method") == "characonsist" and not meta.get("mode"):
+            meta.update(characonsist_forwards(steps, meta.get("options") or {}))
         record = measure(name, fn_of_steps(steps), self.flux.transformer, self.device, log=self.log,
                          n_images=n_images, steps=steps, size=self.size, **meta)
         if meta.get("kind") == "baseline" and "wall_s" in record and not meta.get("mode"):
@@ -667,6 +669,15 @@ class Bench:
                         self.log(line)
 
 
+def characonsist_forwards(steps: int, options: dict) -> dict:
+    """Forwards of the pre-run and the main run's first step, from the method's own phase plan."""
+    from characonsist.methods import get_method
+
+    phases = get_method("characonsist", **options).phases(steps)
+    return {"prerun_forwards": sum(p.steps - p.start for p in phases if not p.final),
+            "main_start": phases[-1].start}
+
+
 def segments(record: dict, base: dict, mask_step: int = 10, share_end: int = 41) -> list[tuple[str, int, float, float]]:
     """Where an ours run's transformer time goes, from its per-forward times (CharaConsist's default schedule).
 
@@ -677,14 +688,18 @@ def segments(record: dict, base: dict, mask_step: int = 10, share_end: int = 41)
     """
     calls = [ms / 1e3 for ms in record["transformer_call_ms"]]
     plain = sum(base["transformer_call_ms"]) / len(base["transformer_call_ms"]) / 1e3
-    pre = len(calls) - record["steps"]
-    cuts = [("pre-run", 0, pre), (f"main steps 0-{mask_step}", pre, pre + mask_step + 1),
-            (f"main steps {mask_step + 1}-{share_end - 1}", pre + mask_step + 1, pre + share_end),
-            (f"main steps {share_end}-{record['steps'] - 1}", pre + share_end, len(calls))]
+    start = record.get("main_start", 0)                    # main steps taken over from the pre-run
+    pre = record.get("prerun_forwards", len(calls) - record["steps"])
+    main = pre - start                                     # index of main step k is main + k
+    cuts = [("pre-run", 0, pre), (f"main steps {start}-{mask_step}", pre, main + mask_step + 1),
+            (f"main steps {mask_step + 1}-{share_end - 1}", main + mask_step + 1, main + share_end),
+            (f"main steps {share_end}-{record['steps'] - 1}", main + share_end, len(calls))]
     out = []
     for name, lo, hi in cuts:
         part = calls[lo:hi]
-        out.append((name, len(part), sum(part), sum(part) - (0 if name == "pre-run" else len(part) * plain)))
+        # the pre-run is all extra, except the steps the main run takes over from it
+        plain_part = start * plain if name == "pre-run" else len(part) * plain
+        out.append((name, len(part), sum(part), sum(part) - plain_part))
     outside = (record["wall_s"] - record["transformer_s"]) - (base["wall_s"] - base["transformer_s"])
     out.append(("outside the transformer", 0, record["wall_s"] - record["transformer_s"], outside))
     return out
