@@ -1,3 +1,5 @@
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -77,3 +79,67 @@ def test_small_character_is_tall_enough_and_in_place():
         cx = (x0 + x1) / 2
         expect = {"left": 32, "centre": 64, "right": 96}[action.split("-")[1]]
         assert abs(cx - expect) < 6
+
+
+def test_renders_are_byte_identical_to_the_shipped_renderer():
+    # hashes of renders made by the renderer the shipped readout and toy model were trained on (commit f9da52a)
+    h = hashlib.sha256()
+    rng = np.random.default_rng(7)
+    for _ in range(24):
+        h.update(sample_example(rng)[0].tobytes())
+    assert h.hexdigest() == "75a20f90871dc33060069d6efb8f738b3982357f4412a96d8f22a49f6f032e6d"
+    h = hashlib.sha256()
+    for scene in SCENES:
+        for kind in KINDS:
+            h.update(render(scene, Character(kind, "purple", "checks", "bow", "yellow"), "small-right", size=64).tobytes())
+    assert h.hexdigest() == "5183ed196aac6b62ef5d7765dd839110513103c3f768f391f34bca70d9053583"
+
+
+def _interior(img: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood has one colour (no blended edge)."""
+    p = np.pad(img.astype(np.int16), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    same = np.ones(img.shape[:2], bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            same &= (p[dy:dy + img.shape[0], dx:dx + img.shape[1]] == img).all(-1)
+    return same
+
+
+def test_true_mask_leaves_the_image_unchanged_and_covers_the_character():
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        scene, ch, action = str(rng.choice(list(SCENES))), world.sample_character(rng), str(rng.choice(list(ACTIONS)))
+        seed = int(rng.integers(1000))
+        plain, box = render(scene, ch, action, rng=np.random.default_rng(seed), return_box=True)
+        img, box2, mask = render(scene, ch, action, rng=np.random.default_rng(seed), return_box=True,
+                                 return_mask=True)
+        img3, mask3 = render(scene, ch, action, rng=np.random.default_rng(seed), return_mask=True)
+        assert np.array_equal(plain, img) and np.array_equal(img, img3) and box == box2
+        assert np.array_equal(mask, mask3) and mask.dtype == bool and mask.shape == (128, 128)
+        # inside the character's box; its flat pixels have character colours, and the flat pixels outside it have
+        # the scene's colours
+        x0, y0, x1, y1 = box
+        ys, xs = np.nonzero(mask)
+        assert xs.min() >= np.floor(x0) - 1 and xs.max() <= np.ceil(x1) and ys.min() >= np.floor(y0) - 1
+        assert ys.max() <= np.ceil(y1)
+        flat = _interior(img)
+        char_colors = {tuple(c) for c in world.CHARACTER_COLORS}
+        scene_colors = {tuple(c) for c in world.SCENE_COLORS[scene]}
+        inside = {tuple(c) for c in img[mask & flat]}
+        outside = {tuple(c) for c in img[~mask & flat]}
+        assert inside <= char_colors, inside - char_colors
+        assert outside <= scene_colors, outside - scene_colors
+        assert world.BODY_COLORS[ch.color] in inside
+        assert 0.01 < mask.mean() < 0.3                                   # a character, far from the whole image
+
+
+def test_scene_palette_is_every_scene_colour():
+    # every flat background colour of every scene is in SCENE_COLORS and every listed colour is drawn (at 384 px,
+    # where the stars are wider than a blended edge)
+    ch = Character("cat", "red", "plain", "hat", "white")
+    for scene in SCENES:
+        seen = set()
+        for seed in range(3):
+            img, mask = render(scene, ch, "small-left", size=384, rng=np.random.default_rng(seed), return_mask=True)
+            seen |= {tuple(c) for c in img[~mask & _interior(img)]}
+        assert seen == set(world.SCENE_COLORS[scene]), (scene, seen ^ set(world.SCENE_COLORS[scene]))

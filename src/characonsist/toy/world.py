@@ -42,6 +42,17 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "accessory_color": tuple(ACCESSORY_COLORS),
 }
 INK = (30, 30, 30)  # pattern, eyes and limbs
+# every flat colour a character is painted with (body, accessory and ink)
+CHARACTER_COLORS: tuple[tuple[int, int, int], ...] = (*BODY_COLORS.values(), *ACCESSORY_COLORS.values(), INK)
+# every flat colour each scene is painted with (the renderer's own; tests/test_toy_world.py checks they match):
+# beach: sky, sea, sand, sun; forest: wood, trunk, canopy, floor; city: sky, two wall shades, windows, road;
+# night: sky, stars, moon, ground
+SCENE_COLORS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "beach": ((135, 200, 245), (40, 90, 180), (240, 220, 160), (255, 240, 120)),
+    "forest": ((30, 85, 40), (100, 60, 30), (65, 145, 60), (85, 115, 45)),
+    "city": ((170, 190, 215), (105, 105, 115), (140, 140, 150), (225, 225, 150), (75, 75, 80)),
+    "night": ((20, 30, 90), (255, 255, 255), (240, 240, 200), (35, 40, 60)),
+}
 
 # every field a readout returns, with its values
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -190,6 +201,27 @@ class _Canvas:
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+class _TrackingCanvas(_Canvas):
+    """A canvas that, once ``track`` is set, also records every supersampled pixel painted (the character's
+    coverage). Painting itself is :class:`_Canvas`'s, so the image is byte-identical to an untracked render."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.track = False
+        self.cover = np.zeros((self.n, self.n), bool)
+
+    def paint(self, mask: _Mask, color) -> None:
+        super().paint(mask, color)
+        if self.track:
+            ys, xs = mask.window
+            self.cover[ys, xs] |= mask.full[ys, xs]
+
+    def coverage(self) -> np.ndarray:
+        """Fraction (float32, 0-1) of each output pixel's supersamples painted while tracking."""
+        s, n = _SS, self.n // _SS
+        return self.cover.reshape(n, s, n, s).mean(axis=(1, 3), dtype=np.float32)
+
+
 # ---------------------------------------------------------------- scenes
 
 def _scene(cv: _Canvas, scene: str, size: int, rng: np.random.Generator) -> None:
@@ -336,25 +368,33 @@ def action_geometry(action: str, size: int = 128) -> tuple[float, float, float]:
 
 
 def render(scene: str, character: Character, action: str, size: int = 128,
-           rng: np.random.Generator | None = None, return_box: bool = False):
+           rng: np.random.Generator | None = None, return_box: bool = False, return_mask: bool = False):
     """Draw ``character`` doing ``action`` in ``scene``: uint8 (size, size, 3).
 
     ``rng`` jitters the scene layout and the character's place and size a little; ``None`` draws the nominal
-    image. With ``return_box`` also return the character's box (x0, y0, x1, y1) in pixels.
+    image. With ``return_box`` also return the character's box (x0, y0, x1, y1) in pixels. With
+    ``return_mask`` also return the character's true pixel mask: bool (size, size), True where at least half
+    of the pixel's supersamples belong to the character (its body, pattern, eyes, limbs and accessory). The
+    image is the same, byte for byte, with or without it. Extras come in that order: ``(img, box, mask)``.
     """
     _check("scene", scene, SCENES)
     jitter = rng is not None
     rng = rng if rng is not None else np.random.default_rng(0)
-    cv = _Canvas(size)
+    cv = _TrackingCanvas(size) if return_mask else _Canvas(size)
     _scene(cv, scene, size, rng)
     cx, feet, H = action_geometry(action, size)
     if jitter:
         cx += rng.uniform(-0.03, 0.03) * size
         feet += rng.uniform(-0.02, 0.02) * size
         H *= rng.uniform(0.95, 1.05)
+    if return_mask:
+        cv.track = True
     box = _character(cv, character, cx, feet, H)
     img = cv.result()
-    return (img, box) if return_box else img
+    if not (return_box or return_mask):
+        return img
+    extras = ((box,) if return_box else ()) + ((cv.coverage() >= 0.5,) if return_mask else ())
+    return (img, *extras)
 
 
 def labels_of(scene: str, character: Character, action: str) -> dict[str, str]:
