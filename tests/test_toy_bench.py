@@ -81,7 +81,11 @@ def test_suite_composition():
             away = [x for x in scenes if x != home]
             assert len(away) > len(set(away))                           # a switched scene comes back
     red = suite.reduced_suite()
-    assert len(red) == 12 and [s.mode for s in red].count("fixed") == 4 and red == stories[:12]
+    assert len(red) == 9 and red == stories[:9] and suite.reduced_suite() == red
+    # balanced: every mode with every kind exactly once; the stories keep their names and seeds from the full suite
+    assert sorted((s.mode, s.truth[0][1]) for s in red) == sorted(
+        (m, k) for m in suite.MODES for k in world.KINDS)
+    assert [s.seed for s in red] == list(range(9))
 
 
 def test_story_file_round_trip_and_errors(tmp_path):
