@@ -2,8 +2,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from characonsist.methods import METHODS
 from characonsist.toy import bench, suite, world
 from characonsist.toy.bench import aggregate, background_agreement, background_mask, parse_method, score_story
 
@@ -115,11 +117,105 @@ def test_oracle_run_and_cli_json(tmp_path, capsys):
     strip = np.asarray(Image.open(tmp_path / "img" / "oracle" / "fixed-00.png"))
     assert strip.shape == (128, 5 * 128, 3)
     printed = capsys.readouterr().out
-    assert "oracle" in printed and "identity" in printed
-    m = json.loads(out.read_text())["methods"]["oracle"]["metrics"]
+    assert "oracle" in printed and "identity" in printed and "mask IoU" in printed and "total" in printed
+    res = json.loads(out.read_text())
+    m = res["methods"]["oracle"]["metrics"]
     assert m["identity_consistency"] == 1.0 and m["prompt_adherence"] == 1.0
     assert m["background_consistency"] == 1.0 and m["stories"] == 3
+    # the oracle's masks are the truth pooled to tokens: all inside the boxes, a small share of the image, and the
+    # IoU is the token grid's ceiling (well under 1, well over what an all-foreground mask gets)
+    assert m["mask_in_box"] == 1.0 and 0.03 < m["mask_fg"] < 0.25 and 0.6 < m["mask_iou"] < 0.95
+    assert m["masked_images"] == 15 and m["wall_seconds"] > 0
+    rec = res["methods"]["oracle"]["stories"][0]
+    assert len(rec["masks"]) == 5 and len(rec["masks"][0]) == 16 and set("".join(rec["masks"][0])) <= {"0", "1"}
+    st = res["settings"]
+    assert st["device"] == "cpu" and "torch threads" in st["device_name"] and st["torch_threads"] >= 1
+    assert st["total_seconds"] >= st["run_seconds"] > 0
     assert bench.main(["--methods", "oracle+x", "--quiet"]) == 2
+
+
+def test_methods_all_and_device_checks(tmp_path, capsys):
+    assert bench.expand_methods("all") == list(bench.ALL_METHODS)
+    assert bench.ALL_METHODS == ("vanilla", "characonsist", "characonsist-no-tracking", "characonsist-no-merge",
+                                 "characonsist-no-mask", "consistory", "storysync", "storydiffusion")
+    assert bench.expand_methods("oracle, all,vanilla,") == ["oracle", *bench.ALL_METHODS]
+    assert all(parse_method(spec)[0] in METHODS for spec in bench.ALL_METHODS)
+    assert bench.check_device("cpu") is None
+    assert "use cpu" in bench.check_device("xla")
+    assert bench.main(["--methods", "oracle", "--device", "nonsense", "--quiet"]) == 2
+    assert bench.main(["--methods", "oracle", "--threads", "0", "--quiet"]) == 2
+    before, out = torch.get_num_threads(), tmp_path / "t.json"
+    assert bench.main(["--methods", "oracle", "--limit", "1", "--threads", "1", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before                       # the caller's setting is restored
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in bench.check_device("cuda")
+        assert bench.main(["--methods", "oracle", "--device", "cuda", "--quiet"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+
+
+def test_device_readout_wrapper_reads_like_the_plain_readout():
+    from characonsist.toy.readout import load_readout, read_batch
+
+    rng = np.random.default_rng(4)
+    images = [world.sample_example(rng)[0] for _ in range(3)]
+    net = load_readout()
+    wrapped = bench.device_readout(net, "cpu")
+    assert wrapped.net is not net and next(net.parameters()).device.type == "cpu"
+    assert read_batch(images, wrapped) == read_batch(images, net)
+    assert bench.readout_on("cpu") is None
+
+
+def test_character_pixels_follow_the_true_mask():
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(21)
+    clean, blurred = [], []
+    for _ in range(16):
+        scene, ch, action = str(rng.choice(list(world.SCENES))), world.sample_character(rng), str(
+            rng.choice(list(world.ACTIONS)))
+        img, truth = world.render(scene, ch, action, rng=rng, return_mask=True)
+        region = bench.character_region([action])
+        assert not (truth & ~region).any()                          # the boxes hold the whole character
+        soft = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1)))
+        for out, im in ((clean, img), (blurred, soft)):
+            seg = bench.character_pixels(im, [scene], region)
+            out.append((seg & truth).sum() / (seg | truth).sum())
+    assert np.mean(clean) > 0.93 and min(clean) > 0.8
+    assert np.mean(blurred) > 0.8
+    # nothing outside the region, and an image of the bare scene has (almost) no character pixels in it
+    assert not bench.character_pixels(img, [scene], np.zeros_like(region)).any()
+
+
+def test_mask_scores_tell_all_foreground_from_a_good_mask():
+    ch = world.Character("robot", "orange", "stripes", "scarf", "blue")
+    img, truth = world.render("city", ch, "big-centre", rng=np.random.default_rng(2), return_mask=True)
+    region = bench.character_region(["big-centre"])
+    chars = bench.character_pixels(img, ["city"], region)
+    good = bench.mask_scores(bench.pool_mask(truth), chars, region)
+    everything = bench.mask_scores(np.ones((16, 16), bool), chars, region)
+    nothing = bench.mask_scores(np.zeros((16, 16), bool), chars, region)
+    assert good["in_box"] == 1.0 and good["iou"] > 0.7 and good["covered"] > 0.8 and good["fg"] < 0.3
+    assert everything["fg"] == 1.0 and everything["covered"] == 1.0
+    assert everything["in_box"] == pytest.approx(region.mean()) and everything["iou"] < 0.3
+    assert nothing["fg"] == 0.0 and np.isnan(nothing["in_box"]) and nothing["iou"] == 0.0
+    # a token grid of another size is upsampled to the image
+    assert bench.upsample_mask(np.eye(2, dtype=bool), 4, 6).tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2
+    # in a story: images without a mask are skipped, methods without masks get no mask metrics ("-" in the table)
+    truth3 = [("city", "robot", "big-centre")] * 3
+    reads = [{**dict(zip(("scene", "kind", "action"), t)), "position": "centre", "size": "big",
+              **ch.attributes()} for t in truth3]
+    s = score_story(truth3, reads, [img] * 3, "fixed", [np.ones((16, 16), bool), None, bench.pool_mask(truth)])
+    assert s["mask_scores"][1] is None
+    m = aggregate([{**s, "mode": "fixed", "seconds": 1.0}])
+    assert m["masked_images"] == 2 and m["mask_fg"] == pytest.approx((1 + good["fg"]) / 2)
+    plain = aggregate([{**score_story(truth3, reads, [img] * 3, "fixed"), "mode": "fixed", "seconds": 1.0}])
+    assert plain["masked_images"] == 0 and np.isnan(plain["mask_iou"])
+    table = bench.format_tables({"methods": {"a": {"metrics": {**m, "wall_seconds": 2.0}},
+                                             "b": {"metrics": {**plain, "wall_seconds": 1.0}}}})
+    row_a, row_b = (line.split() for line in table.splitlines()[2:4])
+    assert row_a[7:10] == [f"{100 * m['mask_fg']:.1f}", f"{100 * m['mask_in_box']:.1f}", f"{100 * m['mask_iou']:.1f}"]
+    assert row_b[7:10] == ["-", "-", "-"]
 
 
 def test_engine_plumbing_with_tiny_pipeline():
@@ -138,3 +234,9 @@ def test_engine_plumbing_with_tiny_pipeline():
         assert "error" not in rec, rec
         assert len(rec["reads"]) == 5 and rec["seconds"] > 0
         assert res["methods"][spec]["metrics"]["stories"] == 1
+        assert res["methods"][spec]["metrics"]["wall_seconds"] >= rec["seconds"]
+    # CharaConsist returns a token mask per image (a 2x2 grid at 32 px on the tiny model), vanilla none
+    assert "mask_scores" not in res["methods"]["vanilla"]["stories"][0]
+    rec = res["methods"]["characonsist"]["stories"][0]
+    assert len(rec["mask_scores"]) == 5 and all(x is not None for x in rec["mask_scores"])
+    assert res["methods"]["characonsist"]["metrics"]["masked_images"] == 5

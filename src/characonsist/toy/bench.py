@@ -11,7 +11,10 @@ For each method, every story (identity + frames) is generated in one pipeline ca
   boxes) whose colour stays within 32/255 of the identity's in every channel; and scene-readout agreement;
 - position diversity: fraction of frame pairs of a story whose read actions differ (the prompts' own
   fraction is reported beside it);
-- seconds per story (one pipeline call, decoding included).
+- mask quality (methods that return foreground masks: CharaConsist, ConsiStory, StorySync): how much of the
+  image the token mask marks as foreground, the fraction of it inside the character boxes, and its IoU with the
+  character's pixels as segmented from the image's own colours (:func:`character_pixels`);
+- seconds per story (one pipeline call, decoding included) and wall seconds per method.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +39,10 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "characonsist-no-mask": ("characonsist", {"use_mask": False}),
 }
 ORACLE = "oracle"            # pseudo-method: the renderer draws the truth (the readout's ceiling)
+# --methods all: every registry method and every CharaConsist ablation (the GPU run)
+ALL_METHODS = ("vanilla", "characonsist", "characonsist-no-tracking", "characonsist-no-merge", "characonsist-no-mask",
+               "consistory", "storysync", "storydiffusion")
+ORACLE_TOKEN_PX = 8          # the oracle's mask grid: one token per 8x8 pixels, the toy model's (VAE 4x, 2x2 patches)
 ADHERENCE_FIELDS = ("scene", "kind", "position", "size")
 BG_TOLERANCE = 32            # per-channel colour difference (0-255) under which a background pixel "agrees"
 BOX_MARGIN = 0.05            # of the image size, around the nominal character box (covers the renderer's jitter)
@@ -52,6 +60,16 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def expand_methods(text: str) -> list[str]:
+    """``--methods`` -> method specs; ``all`` stands for :data:`ALL_METHODS` (and may be combined with others)."""
+    out: list[str] = []
+    for m in (m.strip() for m in text.split(",")):
+        for spec in (ALL_METHODS if m == "all" else (m,) if m else ()):
+            if spec not in out:
+                out.append(spec)
+    return out
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -95,6 +113,71 @@ def background_agreement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, tol: in
     return float((diff[mask] <= tol).mean())
 
 
+def character_region(actions: list[str], size: int = 128) -> np.ndarray:
+    """True inside the character box of any of ``actions`` (the complement of :func:`background_mask`)."""
+    return ~background_mask(actions, size)
+
+
+def character_pixels(image: np.ndarray, scenes: list[str], region: np.ndarray) -> np.ndarray:
+    """The character's pixels in ``image`` (uint8), estimated from colour: inside ``region`` and nearer (RGB) to a
+    colour a character is painted with (:data:`world.CHARACTER_COLORS`) than to any colour of ``scenes``.
+
+    The renderer's palettes are far apart, so on renders this matches the true mask (``world.render(...,
+    return_mask=True)``; tests/test_toy_bench.py measures it, clean and blurred; docs/TOY_WORLD.md gives the figures). On generated images it follows
+    the character the model drew, wherever inside ``region`` it drew it.
+    """
+    ys, xs = np.nonzero(region)
+    out = np.zeros(region.shape, bool)
+    if not len(ys):
+        return out
+    x = image[ys, xs, :3].astype(np.float32)
+
+    def nearest(colors: np.ndarray) -> np.ndarray:
+        return ((x[:, None, :] - colors[None]) ** 2).sum(-1).min(-1)
+
+    scene = np.asarray([c for sc in dict.fromkeys(scenes) for c in world.SCENE_COLORS[sc]], np.float32)
+    body, ink = np.asarray(list(world.BODY_COLORS.values()), np.float32), np.asarray([world.INK], np.float32)
+    character = np.concatenate([np.asarray(world.CHARACTER_COLORS, np.float32), _blends(body, ink)])
+    i, j = np.triu_indices(len(scene), 1)
+    scene = np.concatenate([scene, _blends(scene[i], scene[j])])
+    out[ys, xs] = nearest(character) < nearest(scene)
+    return out
+
+
+def _blends(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The 1:3, 1:1 and 3:1 blends of colours ``a`` with ``b`` (broadcast): what the renderer's 2x supersampled box
+    filter makes where two flat colours meet. The character palette gets its body/ink blends (a pattern's ink on
+    the body must count as character), the scene palette every blend of two of its colours; other character
+    blends are left out, because ink/white greys look like the city's walls once a decoder has shifted them."""
+    return np.concatenate([w * a + (1 - w) * b for w in (0.25, 0.5, 0.75)]).reshape(-1, 3)
+
+
+def upsample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A token-grid mask (rows, cols) as a pixel mask (height, width): each token covers its pixels."""
+    mask = np.asarray(mask, bool)
+    rows, cols = mask.shape
+    return mask[(np.arange(height) * rows) // height][:, (np.arange(width) * cols) // width]
+
+
+def pool_mask(mask: np.ndarray, token_px: int = ORACLE_TOKEN_PX) -> np.ndarray:
+    """A pixel mask as a token-grid mask: a token is foreground when at least half its pixels are."""
+    h, w = mask.shape
+    return mask[:h - h % token_px, :w - w % token_px].reshape(
+        h // token_px, token_px, w // token_px, token_px).mean(axis=(1, 3)) >= 0.5
+
+
+def mask_scores(mask: np.ndarray, character: np.ndarray, region: np.ndarray) -> dict:
+    """Quality of one token mask against the character's pixels (``character``) and the character boxes
+    (``region``), all at pixel resolution after upsampling the mask: ``fg`` (share of the image marked
+    foreground), ``in_box`` (share of the mask inside ``region``), ``iou`` (with ``character``) and ``covered``
+    (share of ``character`` inside the mask). NaN where undefined (empty mask or no character pixels)."""
+    up = upsample_mask(mask, *character.shape)
+    inter, union = float((up & character).sum()), float((up | character).sum())
+    n_mask, n_char = float(up.sum()), float(character.sum())
+    return {"fg": float(np.asarray(mask, bool).mean()), "in_box": _ratio(float((up & region).sum()), n_mask),
+            "iou": _ratio(inter, union), "covered": _ratio(inter, n_char)}
+
+
 def to_uint8(image) -> np.ndarray:
     """A pipeline image (PIL, float array in [0, 1] or uint8 array) as uint8 (H, W, 3)."""
     if not isinstance(image, np.ndarray):
@@ -105,8 +188,9 @@ def to_uint8(image) -> np.ndarray:
 
 
 def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
-                images: list[np.ndarray] | None = None, mode: str | None = None) -> dict:
-    """Counts and sums for one story (identity first in ``truth``, ``reads`` and ``images``); see module doc."""
+                images: list[np.ndarray] | None = None, mode: str | None = None, masks: list | None = None) -> dict:
+    """Counts and sums for one story (identity first in ``truth``, ``reads``, ``images`` and ``masks``, the
+    method's token-grid foreground masks or ``None`` per image); see module doc."""
     ident, frames = reads[0], reads[1:]
     out: dict = {"frames": len(frames)}
     out["identity_hits"] = sum(all(r[a] == ident[a] for a in world.ATTRIBUTES) for r in frames)
@@ -132,6 +216,16 @@ def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
                 acts = [truth[0][2], ident["action"], truth[k][2], reads[k]["action"]]
                 agree.append(background_agreement(images[0], images[k], background_mask(acts, size)))
             out["bg_pixel"] = float(np.nanmean(agree)) if not np.all(np.isnan(agree)) else float("nan")
+    if masks is not None and images is not None and any(m is not None for m in masks):
+        per_image = []
+        for (scene, _, action), r, image, mask in zip(truth, reads, images, masks):
+            if mask is None:
+                per_image.append(None)
+                continue
+            region = character_region([action, r["action"]], image.shape[0])
+            chars = character_pixels(image, [scene, r["scene"]], region)
+            per_image.append(mask_scores(mask, chars, region))
+        out["mask_scores"] = per_image
     return out
 
 
@@ -164,6 +258,11 @@ def aggregate(stories: list[dict]) -> dict:
         # images whose least sure field is under 0.9: the readout has seldom seen such an image
         "unsure_reads": _ratio(sum(sum(c < 0.9 for c in s.get("confidence", [])) for s in ok), images),
     }
+    scores = [x for s in ok for x in s.get("mask_scores", []) if x is not None]
+    m["masked_images"] = len(scores)
+    for key in ("fg", "in_box", "iou", "covered"):
+        vals = [x[key] for x in scores if x[key] == x[key]]
+        m[f"mask_{key}"] = float(np.mean(vals)) if vals else float("nan")
     m["identity_by_mode"] = {
         mode: _ratio(sum(s["identity_hits"] for s in ok if s["mode"] == mode),
                      sum(s["frames"] for s in ok if s["mode"] == mode)) for mode in MODES}
@@ -172,16 +271,24 @@ def aggregate(stories: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- running
 
-def _oracle_images(story: ToyStory, seed: int, size: int) -> list[np.ndarray]:
-    """The truth: one sampled identity drawn into every image; a scene keeps its layout within the story."""
+def _oracle_images(story: ToyStory, seed: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The truth: one sampled identity drawn into every image; a scene keeps its layout within the story.
+    Also the true character masks pooled to the toy model's token grid (:func:`pool_mask`)."""
     rng = np.random.default_rng(seed)
     truth = story.truth
     ch = world.sample_character(rng, kind=truth[0][1])
-    out = []
+    images, masks = [], []
     for scene, _, action in truth:
         layout = np.random.default_rng([seed, list(world.SCENES).index(scene)])
-        out.append(world.render(scene, ch, action, size=size, rng=layout))
-    return out
+        img, mask = world.render(scene, ch, action, size=size, rng=layout, return_mask=True)
+        images.append(img)
+        masks.append(pool_mask(mask))
+    return images, masks
+
+
+def _mask_text(mask) -> list[str] | None:
+    """A token mask for the JSON: one string of 0/1 per row."""
+    return None if mask is None else ["".join("1" if v else "0" for v in row) for row in np.asarray(mask, bool)]
 
 
 def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
@@ -212,17 +319,19 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     for spec in methods:
         name, options = parse_method(spec)
         records = []
+        t_method = time.perf_counter()
         for n, story in enumerate(stories):
             s = seed + story.seed
             t0 = time.perf_counter()
             try:
                 if name == ORACLE:
-                    images = _oracle_images(story, s, height)
+                    images, masks = _oracle_images(story, s, height)
                 else:
                     out = pipe(identity=story.identity, frames=list(story.frames), method=name, seed=s,
                                num_inference_steps=num_inference_steps, height=height, width=width,
                                max_sequence_length=max_sequence_length, output_type="np", **gen_kwargs, **options)
                     images = [to_uint8(im) for im in (out.identity, *out.frames)]
+                    masks = [None if m is None else np.asarray(m, bool) for m in (out.masks or [])]
             except Exception as e:  # a failing story is reported, the others still count
                 records.append({"name": story.name, "mode": story.mode, "error": f"{type(e).__name__}: {e}"})
                 if log:
@@ -235,16 +344,23 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.concatenate(images, axis=1)).save(folder / f"{story.name}.png")
             reads, conf = read_batch(images, readout_net, confidence=True)
-            rec = score_story(story.truth, reads, images, story.mode)
+            rec = score_story(story.truth, reads, images, story.mode, masks if any(
+                m is not None for m in masks) else None)
             rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, reads=reads,
                        prompts=[im.spec() for im in story.images],
                        confidence=[min(c.values()) for c in conf])
+            if "mask_scores" in rec:
+                rec["masks"] = [_mask_text(m) for m in masks]
             records.append(rec)
             if log:
+                fg = [x["fg"] for x in rec.get("mask_scores", []) if x is not None]
                 log(f"[{spec}] {n + 1}/{len(stories)} {story.name}: identity {rec['identity_hits']}/{rec['frames']}"
-                    f" in {seconds:.1f}s")
-        result["methods"][spec] = {"method": name, "options": options, "metrics": aggregate(records),
-                                   "stories": records}
+                    + (f", mask fg {100 * np.mean(fg):.0f}%" if fg else "") + f" in {seconds:.1f}s")
+        metrics = aggregate(records)
+        metrics["wall_seconds"] = time.perf_counter() - t_method    # generation, readout and scoring
+        result["methods"][spec] = {"method": name, "options": options, "metrics": metrics, "stories": records}
+        if log:
+            log(f"[{spec}] done in {metrics['wall_seconds']:.1f}s")
     return result
 
 
@@ -257,14 +373,18 @@ def format_tables(result: dict) -> str:
     names = list(result["methods"])
     w = max([len("method"), *map(len, names)])
     head = (f"{'method':<{w}}  {'identity':>8}  {'adhere':>6}  {'bg-pix':>6}  {'bg-scene':>8}  {'divers':>6}  "
-            f"{'(prompt)':>8}  {'s/story':>7}  {'unsure':>6}  {'failed':>6}")
+            f"{'(prompt)':>8}  {'mask fg':>7}  {'in box':>6}  {'mask IoU':>8}  {'unsure':>6}  {'s/story':>7}  "
+            f"{'wall s':>7}  {'failed':>6}")
     lines = [head, "-" * len(head)]
     for n in names:
         m = result["methods"][n]["metrics"]
+        wall = m.get("wall_seconds", float("nan"))
         lines.append(f"{n:<{w}}  {_pct(m['identity_consistency']):>8}  {_pct(m['prompt_adherence']):>6}  "
                      f"{_pct(m['background_consistency']):>6}  {_pct(m['background_scene_agreement']):>8}  "
                      f"{_pct(m['position_diversity']):>6}  {_pct(m['prompted_diversity']):>8}  "
-                     f"{m['seconds_per_story']:>7.2f}  {_pct(m['unsure_reads']):>6}  {m['failed']:>6}")
+                     f"{_pct(m.get('mask_fg', float('nan'))):>7}  {_pct(m.get('mask_in_box', float('nan'))):>6}  "
+                     f"{_pct(m.get('mask_iou', float('nan'))):>8}  {_pct(m['unsure_reads']):>6}  "
+                     f"{m['seconds_per_story']:>7.2f}  {wall:>7.1f}  {m['failed']:>6}")
     cols = [*MODES, *world.ATTRIBUTES]
     head2 = f"{'identity by':<{w}}  " + "  ".join(f"{c:>15}" for c in cols)
     lines += ["", head2, "-" * len(head2)]
@@ -273,7 +393,9 @@ def format_tables(result: dict) -> str:
         vals = [m["identity_by_mode"][c] for c in MODES] + [m["attribute_agreement"][a] for a in world.ATTRIBUTES]
         lines.append(f"{n:<{w}}  " + "  ".join(f"{_pct(v):>15}" for v in vals))
     lines.append("(percent; identity = frames whose unnamed attributes all match the identity image; bg-* on "
-                 "fixed-background stories; unsure = images whose least sure readout field is under 0.9)")
+                 "fixed-background stories; unsure = images whose least sure readout field is under 0.9;\n"
+                 " mask fg = share of the image the method's mask marks foreground, in box = share of the mask "
+                 "inside the character boxes, mask IoU = with the character's pixels; - = no masks)")
     return "\n".join(lines)
 
 
@@ -283,11 +405,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``characonsist bench toy``."""
     parser.add_argument("--methods", default="vanilla,characonsist",
                         help="comma-separated: registry names, ablations (characonsist-no-tracking, "
-                             "characonsist-no-merge, characonsist-no-mask), name+option=value, or 'oracle' "
-                             "(the renderer's truth: the readout's ceiling)")
+                             "characonsist-no-merge, characonsist-no-mask), name+option=value, 'oracle' "
+                             "(the renderer's truth: the readout's ceiling), or 'all' (" + ",".join(ALL_METHODS) + ")")
     parser.add_argument("--stories", default=None,
                         help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
-    parser.add_argument("--reduced", action="store_true", help="the 12-story CPU subset of the suite")
+    parser.add_argument("--reduced", action="store_true",
+                        help="the CPU subset of the suite (one story per mode and kind: 9 stories)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
     parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
     parser.add_argument("--images", default=None, metavar="DIR",
@@ -295,7 +418,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="toy",
                         help="'toy' (shipped toy model), 'tiny' (random tiny FLUX, plumbing only) or a diffusers folder")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the model and the readout run there")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: every core this process may use)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
     parser.add_argument("--quiet", action="store_true", help="no per-story progress lines")
@@ -325,6 +450,77 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
     return pipe, defaults
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_device(device: str) -> str | None:
+    """Why ``device`` cannot run the bench, or None when it can (checked before anything loads)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {device!r}: {e}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: CUDA is not available to this PyTorch ({torch.__version__})"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)"
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            return f"--device {device}: MPS is not available"
+    elif dev.type != "cpu":
+        return f"--device {device}: use cpu, cuda, cuda:N or mps"
+    return None
+
+
+def device_name(device: str) -> str:
+    """A human name of ``device`` for the JSON (the GPU's model, or the CPU and its thread count)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "cpu":
+        return f"{torch.get_num_threads()} torch threads on {cpu_cores()} cores"
+    return str(dev)
+
+
+def readout_on(device: str):
+    """The shipped readout on ``device`` (:func:`device_readout`), or None on the CPU, where ``read_batch`` uses
+    its cached CPU copy."""
+    import torch
+
+    from .readout import load_readout
+
+    if torch.device(device).type == "cpu":
+        return None
+    return device_readout(load_readout(), device)
+
+
+def device_readout(net, device: str):
+    """A copy of readout ``net`` on ``device`` that takes the CPU batches ``readout.read_batch`` builds and returns
+    its logits on the CPU (``net`` itself stays where it is)."""
+    import copy
+
+    import torch
+
+    class DeviceReadout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = copy.deepcopy(net).to(device).eval()
+
+        def forward(self, x):
+            return {f: v.float().cpu() for f, v in self.net(x.to(device)).items()}
+
+    return DeviceReadout().eval()
+
+
 def _plain(x):
     """JSON-safe copy: NaN -> None, numpy scalars -> Python."""
     if isinstance(x, dict):
@@ -340,10 +536,31 @@ def _plain(x):
 
 def run(args: argparse.Namespace) -> int:
     """``characonsist bench toy``: print the tables, optionally write JSON; 0 on success."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    import torch
+
+    t_start = time.perf_counter()
+    methods = expand_methods(args.methods)
     if not methods:
         print("bench toy: --methods is empty", file=sys.stderr)
         return 2
+    problem = check_device(args.device)
+    if problem:
+        print(f"bench toy: {problem}", file=sys.stderr)
+        return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"bench toy: --threads {args.threads}: needs at least 1", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or cpu_cores())
+    try:
+        return _run(args, methods, t_start)
+    finally:
+        torch.set_num_threads(threads)     # a caller in the same process (tests) keeps its own setting
+
+
+def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
+    import torch
+
     try:
         for m in methods:
             parse_method(m)
@@ -368,18 +585,23 @@ def run(args: argparse.Namespace) -> int:
     if "guidance_scale" in defaults:
         gen["guidance_scale"] = defaults["guidance_scale"]
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    load_seconds = time.perf_counter() - t_start
     t0 = time.perf_counter()
     try:
-        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images, **gen)
+        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
+                           readout_net=readout_on(args.device), **gen)
     except ValueError as e:
         print(f"bench toy: {e}", file=sys.stderr)
         return 2
-    result["settings"].update(suite=suite, model=args.model, device=args.device, dtype=args.dtype,
-                              total_seconds=time.perf_counter() - t0)
+    total = time.perf_counter() - t_start
+    result["settings"].update(suite=suite, model=args.model, device=args.device, device_name=device_name(args.device),
+                              dtype=args.dtype, torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                              load_seconds=load_seconds, run_seconds=time.perf_counter() - t0, total_seconds=total)
     model = f"model {args.model}, {gen['num_inference_steps']} steps" if pipe is not None else "no model"
-    print(f"toy bench: {len(stories)} stories ({suite}), {model}, "
-          f"{result['settings']['total_seconds']:.0f}s")
+    print(f"toy bench: {len(stories)} stories ({suite}), {model}, {args.device} ({result['settings']['device_name']})")
     print(format_tables(result))
+    per = ", ".join(f"{n} {m['metrics']['wall_seconds']:.0f}s" for n, m in result["methods"].items())
+    print(f"total {total:.0f}s wall: loading {load_seconds:.0f}s, {per}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(_plain(result), indent=1))
