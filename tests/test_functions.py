@@ -152,3 +152,19 @@ def test_step_schedule_rescales_from_50_steps():
     s20 = step_schedule(cfg, 20)
     assert s20["mask_step"] == 4 and s20["share_end"] == 16 and s20["merge_end"] == 12
     assert step_schedule(CharaConsistConfig(schedule_steps=None), 20)["mask_step"] == 10
+
+
+def test_batched_text_spans_equal_per_image_ones():
+    from characonsist.mask import span_weights, text_attention_spans_batched
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 20, 2, 8, generator=g)
+    k = torch.randn(3, 9, 2, 8, generator=g)
+    bg_lens, real_lens = [2, 3, 1], [6, 9, 4]
+    w = span_weights(bg_lens, real_lens)
+    for scaled in (False, True):
+        bg, fg = text_attention_spans_batched(q, k, real_lens, w, scaled)
+        for i in range(3):
+            ref_bg, ref_fg = text_attention_spans(q[i], k[i], bg_lens[i], real_lens[i], scaled)
+            torch.testing.assert_close(bg[i], ref_bg, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(fg[i], ref_fg, rtol=1e-5, atol=1e-6)

@@ -35,7 +35,7 @@ import torch
 
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Phase, Run
-from ..mask import foreground_mask, text_attention_spans
+from ..mask import foreground_mask, span_weights, text_attention_spans_batched
 from ..match import Matches, cosine_similarity_matrix, match_points
 from ..merge import merge_tokens, merge_weight
 from ..rope import reencode
@@ -184,16 +184,22 @@ class CharaConsist(Method):
     def end_step(self, run: Run) -> None:
         cfg = self.config
         if self.collect_masks:
+            new = {}
             for s in run.slots:
+                if s.pos not in self.acc_mask:    # the identity in the main run (see _mask_rows)
+                    continue
                 bg, fg = self.acc_mask[s.pos]
                 if s.bg_len == 0 or s.real_len <= s.bg_len:
                     run.note(s.pos, "no background or no foreground text tokens: whole image taken as foreground")
-                    mask = torch.ones(s.num_tokens, dtype=torch.bool)
+                    new[s.pos] = torch.ones(s.num_tokens, dtype=torch.bool, device=bg.device)
                 else:
-                    mask = foreground_mask(bg, fg, s.grid, cfg.mask_erode, cfg.mask_dilate).cpu()
-                self.masks[s.pos] = mask
-                if s.is_identity and run.step == self.schedule["mask_step"]:
-                    self.id_mask_final = mask
+                    new[s.pos] = foreground_mask(bg, fg, s.grid, cfg.mask_erode, cfg.mask_dilate)
+            if new:   # one device-to-host copy for all images
+                flat = torch.cat(list(new.values())).cpu()
+                for pos, mask in zip(new, flat.split([m.numel() for m in new.values()])):
+                    self.masks[pos] = mask
+            if run.step == self.schedule["mask_step"] and 0 in new:
+                self.id_mask_final = self.masks[0]
             if run.step == 0 and not run.phase.final:
                 self.masks_step0 = dict(self.masks)
         if self.collect_sim:
@@ -247,13 +253,9 @@ class CharaConsist(Method):
                 out[row] = res.flatten(1, 2).to(out.dtype)
 
         id_out = out[id_row, T:] if id_row is not None else ident["out"]
+        if self.collect_masks:
+            self._collect_masks(call, group, T)
         for row, s in enumerate(group.slots):
-            if self.collect_masks:
-                bg, fg = text_attention_spans(call.q_rot[row, T:], call.k_rot[row, :T], s.bg_len, s.real_len,
-                                              cfg.mask_scaled)
-                acc = self.acc_mask.setdefault(s.pos, [torch.zeros_like(bg), torch.zeros_like(fg)])
-                acc[0] += bg
-                acc[1] += fg
             if s.is_identity:
                 continue
             if self.collect_sim:
@@ -268,6 +270,38 @@ class CharaConsist(Method):
             ident["rotary"] = (call.rotary[0][T:], call.rotary[1][T:])
             self.store[layer] = ident
         return out
+
+    def _mask_rows(self, group, T: int, device) -> tuple | None:
+        """Rows of the group whose masks this step needs, and their span weights (built once per step).
+
+        In the main run the identity's masks are not needed once the pre-run gave its step-``mask_step`` mask:
+        the identity denoises exactly as in the pre-run, so its masks would be the same.
+        """
+        key = ("mask_rows", id(group), T, str(device))
+        if key not in self.layouts:
+            skip_id = self.id_mask_final is not None and self.fg_phase
+            slots = [(row, s) for row, s in enumerate(group.slots) if not (s.is_identity and skip_id)]
+            if not slots:
+                self.layouts[key] = None
+            else:
+                rows = [row for row, _ in slots]
+                real = [s.real_len for _, s in slots]
+                self.layouts[key] = (self._rows(rows, device), [s.pos for _, s in slots], real,
+                                     span_weights([s.bg_len for _, s in slots], real, device))
+        return self.layouts[key]
+
+    def _collect_masks(self, call: AttnCall, group, T: int) -> None:
+        """Add this layer's text-image attention spans (``mask.text_attention_spans_batched``) to the step's."""
+        plan = self._mask_rows(group, T, call.query.device)
+        if plan is None:
+            return
+        idx, positions, real, weights = plan
+        bg, fg = text_attention_spans_batched(call.q_rot[idx, T:], call.k_rot[idx, :T], real, weights,
+                                              self.config.mask_scaled)
+        for i, pos in enumerate(positions):
+            acc = self.acc_mask.setdefault(pos, [torch.zeros_like(bg[i]), torch.zeros_like(fg[i])])
+            acc[0] += bg[i]
+            acc[1] += fg[i]
 
     def _rows(self, rows: list[int], device) -> slice | torch.Tensor:
         """Batch rows as a slice when contiguous (a view, no copy), else a cached index tensor: building an
@@ -341,6 +375,8 @@ class CharaConsist(Method):
         out = {}
         for s in run.slots:
             mask = self.masks.get(s.pos)
+            if s.is_identity and self.id_mask_final is not None:
+                mask = self.id_mask_final     # its mask at the mask step (not collected again in the main run)
             out[s.pos] = {
                 "mask": None if mask is None else mask.reshape(s.grid).numpy(),
                 "matches": None if s.is_identity else self.matches.get(s.pos),
