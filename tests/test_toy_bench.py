@@ -198,6 +198,8 @@ def test_mask_scores_tell_all_foreground_from_a_good_mask():
     assert good["in_box"] == 1.0 and good["iou"] > 0.7 and good["covered"] > 0.8 and good["fg"] < 0.3
     assert everything["fg"] == 1.0 and everything["covered"] == 1.0
     assert everything["in_box"] == pytest.approx(region.mean()) and everything["iou"] < 0.3
+    assert everything["iou"] == pytest.approx(good["iou_all_fg"]) and good["in_box_all_fg"] == pytest.approx(
+        everything["in_box"])                                         # the all-foreground reference
     assert nothing["fg"] == 0.0 and np.isnan(nothing["in_box"]) and nothing["iou"] == 0.0
     # a token grid of another size is upsampled to the image
     assert bench.upsample_mask(np.eye(2, dtype=bool), 4, 6).tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2
@@ -214,8 +216,8 @@ def test_mask_scores_tell_all_foreground_from_a_good_mask():
     table = bench.format_tables({"methods": {"a": {"metrics": {**m, "wall_seconds": 2.0}},
                                              "b": {"metrics": {**plain, "wall_seconds": 1.0}}}})
     row_a, row_b = (line.split() for line in table.splitlines()[2:4])
-    assert row_a[7:10] == [f"{100 * m['mask_fg']:.1f}", f"{100 * m['mask_in_box']:.1f}", f"{100 * m['mask_iou']:.1f}"]
-    assert row_b[7:10] == ["-", "-", "-"]
+    assert row_a[7:11] == [f"{100 * m[k]:.1f}" for k in ("mask_fg", "mask_in_box", "mask_iou", "mask_iou_all_fg")]
+    assert row_b[7:11] == ["-", "-", "-", "-"]
 
 
 def test_engine_plumbing_with_tiny_pipeline():
