@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from characonsist.attention import QueryGroup, grouped_attention, masked_reference_attention
+from characonsist.attention import QueryGroup, grouped_attention, masked_reference_attention, sdpa_attend
 from characonsist.mask import foreground_mask, otsu_threshold, text_attention_spans
 from characonsist.match import cosine_similarity_matrix, match_points
 from characonsist.merge import merge_tokens, merge_weight
@@ -168,3 +168,23 @@ def test_batched_text_spans_equal_per_image_ones():
             ref_bg, ref_fg = text_attention_spans(q[i], k[i], bg_lens[i], real_lens[i], scaled)
             torch.testing.assert_close(bg[i], ref_bg, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(fg[i], ref_fg, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_query_rows_give_the_same_result():
+    g = torch.Generator().manual_seed(3)
+    S, H, D = 40, 2, 8
+    q, k, v = (torch.randn(S, H, D, generator=g) for _ in range(3))
+    groups = [QueryGroup(torch.arange(0, 7), volatile=False),
+              QueryGroup(torch.arange(7, 30), torch.randn(5, H, D, generator=g), torch.randn(5, H, D, generator=g),
+                         volatile=True),
+              QueryGroup(torch.arange(30, 40), torch.randn(3, H, D, generator=g), torch.randn(3, H, D, generator=g))]
+    seen = []
+
+    def attend(q, k, v, volatile=None):
+        seen.append((q.shape[1], volatile))
+        return sdpa_attend(q, k, v)
+
+    ref = grouped_attention(q, k, v, groups)
+    got = grouped_attention(q, k, v, groups, attend=attend, row_bucket=16)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert seen == [(16, False), (32, True), (16, None)]

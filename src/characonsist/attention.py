@@ -21,37 +21,58 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class QueryGroup:
-    """Query rows ``rows`` (indices into the sequence) that also see ``extra_k`` / ``extra_v`` (M, H, D)."""
+    """Query rows ``rows`` (indices into the sequence) that also see ``extra_k`` / ``extra_v`` (M, H, D).
+
+    ``volatile``: whether this group's key count is new at this step (passed to ``attend``, which may pick a
+    kernel that needs no per-shape set-up); None leaves the choice to ``attend``.
+    """
 
     rows: torch.Tensor
     extra_k: torch.Tensor | None = None
     extra_v: torch.Tensor | None = None
+    volatile: bool | None = None
 
 
-def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain attention on (B, S, H, D) tensors (the default ``attend``)."""
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None) -> torch.Tensor:
+    """Plain attention on (B, S, H, D) tensors (the default ``attend``; ``volatile`` is ignored)."""
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def _padded(rows: torch.Tensor, bucket: int) -> torch.Tensor:
+    """``rows`` followed by copies of its first row up to a multiple of ``bucket`` (their outputs are dropped):
+    query counts that change from step to step then fall on a few shapes whose kernel plans are reused."""
+    n = rows.numel()
+    if bucket <= 1 or n % bucket == 0:
+        return rows
+    return torch.cat([rows, rows[:1].expand(bucket - n % bucket)])
+
+
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup],
-                      attend: AttendFn = sdpa_attend) -> torch.Tensor:
+                      attend: AttendFn = sdpa_attend, row_bucket: int = 0) -> torch.Tensor:
     """Attention of one image's queries (S, H, D) over its own keys plus each group's extra keys.
 
     Every query row must belong to exactly one group. Groups without extra keys are merged into one call.
-    Returns (S, H, D).
+    With ``row_bucket`` the query rows of each call are padded to a multiple of it (exact: queries are
+    independent). Returns (S, H, D).
     """
     out = torch.empty_like(q)
-    plain_rows = [g.rows for g in groups if g.extra_k is None or g.extra_k.shape[0] == 0]
+    plain = [g for g in groups if g.extra_k is None or g.extra_k.shape[0] == 0]
     calls = []
-    if plain_rows:
-        calls.append((torch.cat(plain_rows), None, None))
-    calls += [(g.rows, g.extra_k, g.extra_v) for g in groups if g.extra_k is not None and g.extra_k.shape[0] > 0]
-    for rows, ek, ev in calls:
-        if rows.numel() == 0:
+    if plain:
+        calls.append((torch.cat([g.rows for g in plain]), None, None, plain[0].volatile))
+    calls += [(g.rows, g.extra_k, g.extra_v, g.volatile) for g in groups
+              if g.extra_k is not None and g.extra_k.shape[0] > 0]
+    for rows, ek, ev, volatile in calls:
+        n = rows.numel()
+        if n == 0:
             continue
         keys, values = (k, v) if ek is None else (torch.cat([k, ek.to(k.dtype)]), torch.cat([v, ev.to(v.dtype)]))
-        res = attend(q.index_select(0, rows).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0))[0]
-        out.index_copy_(0, rows, res.to(out.dtype))
+        qq = q.index_select(0, _padded(rows, row_bucket)).unsqueeze(0)
+        if volatile is None:
+            res = attend(qq, keys.unsqueeze(0), values.unsqueeze(0))[0]
+        else:
+            res = attend(qq, keys.unsqueeze(0), values.unsqueeze(0), volatile=volatile)[0]
+        out.index_copy_(0, rows, res[:n].to(out.dtype))
     return out
 
 

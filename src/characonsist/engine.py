@@ -158,15 +158,17 @@ class AttnCall:
             self._k_rot = apply_rope(self.key, self.rotary)
         return self._k_rot
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None) -> torch.Tensor:
         """Attention of (B, Sq, H, D) queries over (B, Sk, H, D) keys through diffusers' backend dispatch.
 
-        While ``run.volatile`` (query/key counts that change from step to step, e.g. while masks are being
-        refreshed) and no backend was chosen, PyTorch's SDPA is limited to the flash kernel (then memory-
-        efficient, then math): its cuDNN kernel, PyTorch's first choice on Hopper, builds an execution plan for
-        every new shape, which costs more than it saves on shapes used for one step only.
+        For a volatile call (``volatile``, default ``run.volatile``: query/key counts that change from step to
+        step, e.g. while masks are being refreshed) with no backend chosen, PyTorch's SDPA is limited to the
+        flash kernel (then memory-efficient, then math): its cuDNN kernel, PyTorch's first choice on Hopper,
+        builds an execution plan for every new shape (~37 ms on an H100, BENCHMARKS.md), which costs more than
+        it saves on shapes used for one step only.
         """
-        if (self.run.volatile and self.run.volatile_backend == "flash" and self.backend is None
+        volatile = self.run.volatile if volatile is None else volatile
+        if (volatile and self.run.volatile_backend == "flash" and self.backend is None
                 and q.is_cuda):
             with sdpa_kernel(_VOLATILE_KERNELS):
                 return dispatch_attention_fn(q, k, v, attn_mask=None, backend=None,

@@ -68,8 +68,11 @@ class CharaConsistConfig:
     schedule_steps: int | None = 50  # the step options above are written for this many steps and rescaled
                                      # to num_inference_steps (None: use them as given)
     reuse_prerun_step0: bool = True  # the main run takes step 0 over from the pre-run (same computation)
-    volatile_backend: str = "flash"  # SDPA kernels while masks change (steps <= mask_step + 1): "flash" or
-                                     # "default" (PyTorch's choice: cuDNN on Hopper, a new plan per shape)
+    volatile_backend: str = "flash"  # SDPA kernels of the background-sharing calls while masks change (steps
+                                     # <= mask_step + 1): "flash" or "default" (PyTorch's choice: cuDNN on
+                                     # Hopper, a new plan per shape)
+    row_bucket: int = 256            # while masks change, query counts are padded to a multiple of this
+                                     # (exact; 0 = off) so cuDNN reuses its plans
 
 
 _STEP_OPTIONS = ("share_start", "share_end", "mask_step", "merge_start", "merge_decay", "merge_end")
@@ -169,7 +172,10 @@ class CharaConsist(Method):
         cfg, step, final, sch = self.config, run.step, run.phase.final, self.schedule
         if final and run.phase.start and step == run.phase.start and cfg.use_mask:
             self.masks.update(self.masks_step0)   # step 0 was taken over from the pre-run: its masks too
-        run.volatile = step <= sch["mask_step"] + 1   # masks and matches change: new attention shapes
+        # masks (and at mask_step + 1 the matches) change: query counts and the shared background's key count
+        # are new at every step. Queries are padded to buckets (plans reused); the background call's keys
+        # cannot be padded exactly, so that call alone is volatile (``AttnCall.attend``).
+        self.volatile = step <= sch["mask_step"] + 1
         self.sharing = sch["share_start"] <= step < sch["share_end"]
         self.fg_phase = final            # no foreground sharing in the pre-run
         self.collect_masks = step <= sch["mask_step"] and cfg.use_mask
@@ -249,7 +255,7 @@ class CharaConsist(Method):
                 out[idx] = res.flatten(2, 3).to(out.dtype)
             for row, groups in plans.items():
                 res = grouped_attention(call.q_rot[row], call.k_rot[row], call.value[row], groups,
-                                        attend=call.attend)
+                                        attend=call.attend, row_bucket=cfg.row_bucket if self.volatile else 0)
                 out[row] = res.flatten(1, 2).to(out.dtype)
 
         id_out = out[id_row, T:] if id_row is not None else ident["out"]
@@ -369,7 +375,8 @@ class CharaConsist(Method):
             bg_v = call.value[src_row, T:].index_select(0, lay["bg_pos"])
         if fg_k is None and bg_k is None:
             return None
-        return [QueryGroup(lay["text"]), QueryGroup(lay["fg"], fg_k, fg_v), QueryGroup(lay["bg"], bg_k, bg_v)]
+        return [QueryGroup(lay["text"], volatile=False), QueryGroup(lay["fg"], fg_k, fg_v, volatile=False),
+                QueryGroup(lay["bg"], bg_k, bg_v, volatile=self.volatile)]
 
     def results(self, run: Run) -> dict[int, dict]:
         out = {}
