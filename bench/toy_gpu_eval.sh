@@ -15,6 +15,6 @@ bench() {  # tag methods seconds
     timeout "$3" python3 -m characonsist.cli bench toy --methods "$2" --device cuda --quiet \
         --json "$OUT/toy_bench_$1.json" 2>&1 | grep -v Warning
 }
-bench main vanilla,characonsist,oracle 130
-bench ablations characonsist-no-tracking,characonsist-no-merge,characonsist-no-mask,characonsist+sim_threshold=0.3 150
-bench peers consistory,storysync,storydiffusion 150
+bench main vanilla,characonsist,oracle 200
+bench ablations characonsist-no-tracking,characonsist-no-merge,characonsist-no-mask,characonsist+sim_threshold=0.3 240
+bench peers consistory,storysync,storydiffusion 300
