@@ -41,7 +41,7 @@ import torch
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
-from .base import Method, uses_block
+from .base import Method, use_volatile_backend, uses_block
 
 
 @dataclass
@@ -54,6 +54,8 @@ class StoryDiffusionConfig:
     identities: int = 0             # 0: all images of a chunk share (Algorithm 1); n: first n are identity images
     blocks: str = "single"          # "single" | "double" | "all": FLUX blocks with consistent self-attention
     seed: int | None = None         # seed of the token sampling; None = each image's own seed
+    volatile_backend: str = "flash"  # SDPA kernels of the shared calls (the sample size changes at every layer):
+                                     # "flash", or "default" (cuDNN on Hopper: a new plan per shape)
 
     def __post_init__(self):
         coerce_optional(self, {"share_end": int, "seed": int})
@@ -112,6 +114,7 @@ class StoryDiffusion(Method):
 
     def start(self, run: Run) -> None:
         cfg = self.config
+        use_volatile_backend(run, cfg.volatile_backend)
         self.gens = {s.pos: image_generator(cfg.seed if cfg.seed is not None else s.seed, s.story_index)
                      for s in run.slots}
         self.sources: dict[int, list[int]] = {}
@@ -127,6 +130,7 @@ class StoryDiffusion(Method):
         cfg = self.config
         end = run.num_steps if cfg.share_end is None else cfg.share_end
         self.sharing = run.phase.final and cfg.share_start <= run.step < end and cfg.sample_rate > 0
+        run.volatile = self.sharing
 
     def attention(self, call: AttnCall) -> torch.Tensor:
         if not (self.sharing and uses_block(self.config.blocks, call.kind)):
