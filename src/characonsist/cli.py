@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
+from ._compat import dtype_kwarg
 from .output import (
     mask_visual,
     match_visual,
@@ -400,10 +401,10 @@ def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: 
         pipe = CharaConsistPipeline.from_pipe(flux)
     elif mode == "balanced":
         free = {g: f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9 / 2**30)}GiB" for g in gpus}
-        pipe = _from_pretrained(CharaConsistPipeline, ref.name, torch_dtype=dtype, device_map="balanced",
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype), device_map="balanced",
                                 max_memory=free)
     else:
-        pipe = _from_pretrained(CharaConsistPipeline, ref.name, torch_dtype=dtype)
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype))
         if mode == "model-offload":
             pipe.enable_model_cpu_offload(gpu_id=gpus[0])
         elif mode == "sequential-offload":

@@ -20,12 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .rope import Rotary, apply_rope
-from .story import StoryImage
+from ._compat import import_flux
+
+import_flux()   # before diffusers' FLUX module is first imported below (mutes a torchvision notice)
+
+from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps  # noqa: E402
+
+from .rope import Rotary, apply_rope  # noqa: E402
+from .story import StoryImage  # noqa: E402
 
 _VOLATILE_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import FluxPipeline
 
+from ._compat import import_flux
 from .engine import Engine, Slot
 from .match import Matches
 from .methods import Method, get_method
 from .story import StoryImage
+
+FluxPipeline = import_flux()
 
 
 @dataclass

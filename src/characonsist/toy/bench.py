@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._compat import dtype_kwarg
 from . import world
 from .suite import MODES, ToyStory, load_stories, make_suite, reduced_suite
 
@@ -451,7 +452,7 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
         defaults.update(num_inference_steps=2, max_sequence_length=64)  # its T5 vocabulary spells toy words out
     else:
         from diffusers import FluxPipeline
-        flux = FluxPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
+        flux = FluxPipeline.from_pretrained(model, **dtype_kwarg(torch_dtype)).to(device)
     pipe = CharaConsistPipeline.from_pipe(flux)
     pipe.set_progress_bar_config(disable=True)
     return pipe, defaults

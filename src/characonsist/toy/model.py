@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .._compat import dtype_kwarg
+
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULTS_FILE = "characonsist_defaults.json"
 
@@ -37,10 +39,11 @@ def load_toy_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = t
     Pass ``defaults`` to the pipeline call (``pipe(prompt, **defaults)``): in particular
     ``max_sequence_length`` is short (the model was trained with that padding), not FLUX's 512.
     """
-    from diffusers import FluxPipeline
+    from .._compat import import_flux
 
+    FluxPipeline = import_flux()
     path = _check_dir(Path(path))
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(path, **dtype_kwarg(dtype))
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval()
     pipe.set_progress_bar_config(disable=True)

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._compat import dtype_kwarg
+
 DEFAULTS = {"height": 128, "width": 128, "num_inference_steps": 20, "guidance_scale": 0.0,
             "max_sequence_length": 32}
 
@@ -197,7 +199,7 @@ def load_run_pipeline(run: Path, device: str = "cpu"):
     """The run's pipeline, every part in float32 (the transformer's weights are the float32 masters)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(run / "pipeline"), torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(str(run / "pipeline"), **dtype_kwarg(torch.float32))
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
     return pipe.to(device)
@@ -540,7 +542,7 @@ def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path) -> None:
     if _state(run).get("vae_done"):
         raise FileExistsError(f"{run} already has a pipeline; use a new --out folder")
     pipe = build_pipeline(cfg.seed)
-    pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir), torch_dtype=torch.float32).eval()
+    pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir), **dtype_kwarg(torch.float32)).eval()
     save_run_pipeline(pipe, run)
     state = _state(run)
     state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=0)
