@@ -331,19 +331,18 @@ class Engine:
                 keep = nxt.start if nxt is not None else 0
                 if (phase.start and twin_steps) or (keep and (twin_steps or self.method.twin_steps(nxt))):
                     raise ValueError(f"phase {phase.name!r}: taking steps over from another phase needs no twins")
-                taken = {}
                 for g in groups:
                     self._reset(g, num_inference_steps, device, twin_steps)
                     if phase.start:
-                        taken[id(g)] = g.kept
                         g.latents = g.kept[phase.start - 1].clone()
                         g.scheduler.set_begin_index(phase.start)
-                    g.kept = []
                 for step in range(phase.start):   # steps taken over from the previous phase
                     for g in groups:
                         if callback is not None and phase.final:
-                            self._callback(callback, g, step, callback_tensor_inputs, taken[id(g)][step],
+                            self._callback(callback, g, step, callback_tensor_inputs, g.kept[step],
                                            apply=step == phase.start - 1)
+                for g in groups:
+                    g.kept = []
                 for step in range(phase.start, phase.steps):
                     run.step = step
                     if twin_steps and step == twin_steps:

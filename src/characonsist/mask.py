@@ -24,6 +24,7 @@ def text_attention_spans(q_img: torch.Tensor, k_txt: torch.Tensor, bg_len: int, 
     ``q_img``: (N, H, D) image queries after RoPE; ``k_txt``: (T, H, D) text keys after RoPE. The softmax runs
     over the ``real_len`` real text tokens only (padding and the end token excluded). Returns two (N,) float32
     maps, summed over heads: mean weight on tokens [0, bg_len) and on [bg_len, real_len).
+    The engine uses ``text_attention_spans_batched`` (all images at once); this one image form is its reference.
     """
     q = q_img.float().transpose(0, 1)                       # (H, N, D)
     k = k_txt[:real_len].float().transpose(0, 1)            # (H, R, D)
