@@ -65,8 +65,9 @@ class TrainConfig:
 
     seed: int = 0
     size: int = 128
-    n_images: int = 80_000           # fixed rendered data set (72 captions x ~1100 random identities)
-    render_chunk: int = 500
+    n_images: int = 96_000           # fixed rendered data set: n_images / per_identity random identities, each
+    per_identity: int = 4            # drawn this many times (random scene and action each time)
+    render_chunk: int = 500          # images per rendering job (a multiple of per_identity)
     max_sequence_length: int = 32
     # VAE
     vae_steps: int = 2500
@@ -81,6 +82,7 @@ class TrainConfig:
     decay_frac: float = 0.25         # linear decay to zero over the last quarter of the steps
     ema: float = 0.999               # EMA decay of the shipped weights (``ema_decay``)
     uniform_frac: float = 0.1        # share of timesteps drawn uniformly (covers s near 0 and 1)
+    two_panel_every: int = 2         # every k-th step trains on two-panel images (0: never); see two_panel_batch
 
 
 VAE_CONFIG = dict(
@@ -88,8 +90,9 @@ VAE_CONFIG = dict(
     up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 128), layers_per_block=1,
     latent_channels=16, norm_num_groups=16, sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
 )
+# v3: 4 double + 8 single blocks, FLUX.1's 1:2 proportion (19 + 38); 9.7 M parameters, 19.5 MB in float16
 TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=32,
+    patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=32,
     num_attention_heads=6, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
     axes_dims_rope=(8, 12, 12),
 )
@@ -99,8 +102,15 @@ CLIP_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
 # that word only and the image tokens must look it up where they need it (see ``build_pipeline``).
 T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=0, num_heads=4, relative_attention_num_buckets=16,
                  dropout_rate=0.0, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+# FLUX.1-dev's resolution shift, mapped to the toy's sizes: its 1024 px images have 4096 tokens and mu = 1.15,
+# 512 px 1024 tokens and mu = 0.5; the toy's 128 px (256 tokens) is its "1024 px" and 64 px (64 tokens) its
+# "512 px", so the toy's sigma at every fraction of the run is FLUX.1-dev's at 1024x1024 (v2 used FLUX's own
+# token counts, mu = 0.5 at 128 px: far less of the run at high noise than FLUX.1-dev).
 SCHEDULER_CONFIG = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                        base_image_seq_len=256, max_image_seq_len=4096)
+                        base_image_seq_len=64, max_image_seq_len=256)
+# the scheduler of FLUX.1-dev (its scheduler_config.json), the reference of the schedule check
+FLUX_DEV_SCHEDULER_CONFIG = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                 base_image_seq_len=256, max_image_seq_len=4096)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -114,31 +124,76 @@ def all_prompts() -> list[str]:
             for s in world.SCENES for k in world.KINDS for a in world.ACTIONS]
 
 
-def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
-    """Render ``n`` examples from the chunk's own seeded generator (independent of the worker count)."""
+def _render_chunk(args: tuple[int, int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """Render ``n`` examples from the chunk's own seeded generator (independent of the worker count): random
+    identities, each drawn ``per_identity`` times in a random scene and action, one after the other."""
     from ..story import StoryImage
     from . import world
 
-    seed, chunk, n, size = args
+    seed, chunk, n, size, per_identity = args
     rng = np.random.default_rng([seed, chunk])
     images, prompts = np.empty((n, size, size, 3), np.uint8), []
+    ch = None
     for i in range(n):
-        images[i], _, cap = world.sample_example(rng, size=size)
-        prompts.append(StoryImage.parse(cap).prompt)
+        if i % per_identity == 0:
+            ch = world.sample_character(rng)
+        scene, action = str(rng.choice(list(world.SCENES))), str(rng.choice(list(world.ACTIONS)))
+        images[i] = world.render(scene, ch, action, size=size, rng=rng)
+        prompts.append(StoryImage.parse(world.caption(scene, ch.kind, action)).prompt)
     return images, prompts
 
 
-def render_dataset(n: int, seed: int, size: int = 128, chunk: int = 500,
-                   workers: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """``n`` seeded examples: uint8 images (n, size, size, 3) and their prompts. Call before CUDA starts."""
-    jobs = [(seed, c, min(chunk, n - c * chunk), size) for c in range(math.ceil(n / chunk))]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+def render_dataset(n: int, seed: int, size: int = 128, chunk: int = 500, workers: int | None = None,
+                   per_identity: int = 1, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, list[str]]:
+    """``n`` seeded examples: uint8 images (n, size, size, 3) and their prompts. Call before CUDA starts.
+
+    Images ``k * per_identity ... (k + 1) * per_identity - 1`` show one character (``chunk`` must be a multiple
+    of ``per_identity``). ``shard = (rank, world)`` renders only the chunks ``c`` with ``c % world == rank``: the
+    data set is the same for every number of processes, each process holds its own part of it.
+    """
+    if chunk % per_identity:
+        raise ValueError(f"chunk {chunk} must be a multiple of per_identity {per_identity}")
+    rank, world_size = shard
+    jobs = [(seed, c, min(chunk, n - c * chunk), size, per_identity) for c in range(math.ceil(n / chunk))
+            if c % world_size == rank]
+    if not jobs:
+        raise ValueError(f"{n} images in chunks of {chunk} leave nothing for process {rank} of {world_size}")
+    workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1) // world_size))
     if workers <= 1:
         parts = [_render_chunk(j) for j in jobs]
     else:
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs, chunksize=1)
     return np.concatenate([p[0] for p in parts]), [q for p in parts for q in p[1]]
+
+
+def two_panel_prompt(first: str, second: str) -> str:
+    """The prompt of a two-panel image: both panels' prompts, one after the other.
+
+    The toy T5 is context free and FLUX gives every text token the same position, so the model reads the words
+    as a bag: it knows both scenes and both actions but not which panel holds which, and learns to place them
+    either way. What it must learn is that both panels show the same character (its identity is never named).
+    """
+    return f"{first} {second}"
+
+
+def two_panel_batch(latents: torch.Tensor, per_identity: int, n: int, generator: torch.Generator,
+                    vertical: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` two-panel training images: latents (n, C, h, 2w) (or (n, C, 2h, w) with ``vertical``) of two
+    different draws of one identity side by side, and the indices of the left/top and right/bottom draws.
+
+    Two-panel images are how the toy model learns what large models learn from character sheets and comics:
+    to draw one character again elsewhere, carrying its appearance through attention from the other instance
+    (in another scene, size and position) to the corresponding body part. This is the ability extended
+    attention methods borrow. The VAE is convolutional, so side-by-side latents decode to side-by-side images.
+    """
+    device = latents.device
+    n_ids = len(latents) // per_identity
+    ident = torch.randint(0, n_ids, (n,), generator=generator, device=device)
+    first = torch.randint(0, per_identity, (n,), generator=generator, device=device)
+    other = (first + torch.randint(1, per_identity, (n,), generator=generator, device=device)) % per_identity
+    a, b = ident * per_identity + first, ident * per_identity + other
+    return torch.cat([latents[a], latents[b]], dim=-2 if vertical else -1), a, b
 
 
 def to_pixels(images: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
@@ -381,25 +436,83 @@ def ema_decay(k: int, decay: float) -> float:
     return min(decay, (1.0 + k) / (10.0 + k))
 
 
+class Dist:
+    """This process's place in a data-parallel run (``torchrun``; one process, rank 0 of 1, otherwise)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local = int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self) -> torch.device:
+        """Join the process group (after the data set is rendered: the renderer forks) and pick the device."""
+        cuda = torch.cuda.is_available()
+        device = torch.device(f"cuda:{self.local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return device
+
+    def max(self, value: float, device) -> float:
+        """The largest ``value`` over the processes (every process calls it at the same step)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], device=device, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
                       deadline: float, precision: str = "bf16", auto_steps: bool = False,
                       save_every: int = 1000, rewarm: int = 0, extra_minutes: float = 0.0,
-                      compile: bool = False) -> None:
+                      compile: bool = False, dist_: Dist | None = None) -> None:
     """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes).
+
+    Every ``two_panel_every``-th step trains on two-panel images (``two_panel_batch``: one identity drawn twice,
+    side by side or one above the other, ``batch // 2`` of them so the step has as many tokens), the other steps
+    on single images. Each step's noise levels use the resolution shift of its token count, as the pipeline
+    samples them.
 
     The run keeps the float32 weights and an exponential moving average of them (``ema_decay``, saved in
     float16 as ``ema.safetensors``; the EMA is what ``export`` ships). Adam's moments are not kept (the run
     folder must travel between GPU calls under a size limit): after a resume they rebuild while ``rewarm``
     ramps the learning rate up again.
 
+    Data parallel (``torchrun --nproc_per_node N``): each process holds its own part of the data set, draws
+    ``cfg.batch`` images a step from it, and the gradients are averaged (``DistributedDataParallel``), so a step
+    sees ``N * cfg.batch`` images; the first process logs and saves.
+
     With ``auto_steps`` the schedule's length is fixed after 200 steps from the measured speed so that it ends
     by ``deadline`` plus ``extra_minutes`` of training in later calls (logged and stored in the run's config:
     rerun with ``--steps N`` to reproduce).
     """
+    dist_ = dist_ or Dist()
+    log = (lambda msg: _log(run, msg)) if dist_.main else (lambda msg: None)
     state = _state(run)
     step = int(state.get("transformer_step", 0))
     if step >= cfg.steps:
-        _log(run, f"transformer: already at step {step}")
+        log(f"transformer: already at step {step}")
         return
     pipe = load_run_pipeline(run, device)
     vae, transformer = pipe.vae, pipe.transformer.train()
@@ -410,7 +523,11 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
     index = {p: i for i, p in enumerate(uniq)}
     prompt_idx = torch.tensor([index[p] for p in prompts], device=device)
     embeds, pooled = encode_prompts(pipe, uniq, cfg.max_sequence_length, device)
-    _log(run, f"transformer: {len(latents)} latents, {len(uniq)} prompts encoded ({time.time() - t0:.0f} s)")
+    if cfg.two_panel_every:       # every ordered pair of prompts: (first, second) -> first * len(uniq) + second
+        pair_embeds, pair_pooled = encode_prompts(
+            pipe, [two_panel_prompt(a, b) for a in uniq for b in uniq], cfg.max_sequence_length, device)
+    log(f"transformer: {len(latents)} latents per process x {dist_.world}, {len(uniq)} prompts encoded "
+        f"({time.time() - t0:.0f} s)")
     named = dict(transformer.named_parameters())
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -418,28 +535,49 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
     ema_list = [ema[n] for n in named]
     ema_updates = int(state.get("ema_updates", 0))
     if step > 0:
-        _log(run, f"transformer: resumed at step {step} (EMA of {ema_updates} updates)")
+        log(f"transformer: resumed at step {step} (EMA of {ema_updates} updates)")
     forward = transformer
+    if dist_.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None)
     if compile:
-        forward = torch.compile(transformer)
-    mu = pipeline_mu((cfg.size // 8) ** 2)
-    losses, t1, start = [], time.time(), step
+        forward = torch.compile(forward)
+    size_tokens = (cfg.size // 8) ** 2
+    mu_single, mu_pair = pipeline_mu(size_tokens), pipeline_mu(2 * size_tokens)
+    losses, t1, start = {"single": [], "pair": []}, time.time(), step
     use_bf16 = precision == "bf16" and device.type == "cuda"
 
     def save() -> None:
-        transformer.to("cpu")
-        _clear_weights(run / "pipeline" / "transformer")
-        transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True,
-                                    max_shard_size="15MB")
-        transformer.to(device)
-        _save_ema(ema, run / "ema.safetensors")
-        state = _state(run)
-        state.update(transformer_step=step, ema_updates=ema_updates, config=asdict(cfg), precision=precision)
-        state["transformer_seconds"] = state.get("transformer_seconds_done", 0.0) + time.time() - t1
-        _save_state(run, state)
+        if dist_.main:
+            transformer.to("cpu")
+            _clear_weights(run / "pipeline" / "transformer")
+            transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True,
+                                        max_shard_size="15MB")
+            transformer.to(device)
+            _save_ema(ema, run / "ema.safetensors")
+            state = _state(run)
+            state.update(transformer_step=step, ema_updates=ema_updates, config=asdict(cfg), precision=precision,
+                         processes=dist_.world)
+            state["transformer_seconds"] = state.get("transformer_seconds_done", 0.0) + time.time() - t1
+            _save_state(run, state)
+        dist_.barrier()
+
+    def batch(step: int, gen: torch.Generator):
+        """(x0, embeds, pooled, sigmas, kind) of this step (single images or two-panel images)."""
+        if cfg.two_panel_every and step % cfg.two_panel_every == cfg.two_panel_every - 1:
+            n = max(1, cfg.batch // 2)
+            lat, a, b = two_panel_batch(latents, cfg.per_identity, n, gen, vertical=(step // cfg.two_panel_every) % 2)
+            pair = prompt_idx[a] * len(uniq) + prompt_idx[b]
+            sig = sample_sigmas(n, mu_pair, cfg.uniform_frac, gen, device)
+            return lat, pair_embeds[pair], pair_pooled[pair], sig, "pair"
+        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen, device=device)
+        sig = sample_sigmas(cfg.batch, mu_single, cfg.uniform_frac, gen, device)
+        return latents[idx], embeds[prompt_idx[idx]], pooled[prompt_idx[idx]], sig, "single"
 
     rate_t = None
-    while step < cfg.steps and time.time() < deadline:
+    stop = False
+    while step < cfg.steps and not stop:
         if step == start + 20:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -447,25 +585,25 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         if auto_steps and step == start + 220:
             rate = 200 / (time.time() - rate_t)
             left = deadline - time.time() + 60.0 * extra_minutes
-            cfg.steps = step + int(rate * left * 0.97) // 100 * 100
-            _log(run, f"transformer: {rate:.1f} steps/s -> schedule of {cfg.steps} steps")
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+            cfg.steps = int(dist_.max(step + int(rate * left * 0.97) // 100 * 100 if dist_.main else 0, device))
+            log(f"transformer: {rate:.1f} steps/s -> schedule of {cfg.steps} steps")
+        gen = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 64 + dist_.rank)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * (min(1.0, (step - start + 1) / rewarm) if rewarm else 1.0)
-        idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen, device=device)
-        x0 = (latents[idx].float() - lat_shift) * lat_scale
+        lat, emb, pool, sig, kind = batch(step, gen)
+        x0 = (lat.float() - lat_shift) * lat_scale
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        sig = sample_sigmas(cfg.batch, mu, cfg.uniform_frac, gen, device)
         try:
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                loss = flow_loss(forward, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
+                loss = flow_loss(forward, x0, noise, sig, emb, pool)
         except Exception as exc:   # torch.compile failing on its first call: train eagerly instead
-            if forward is transformer or step != start:
+            if not compile or step > start + 1:
                 raise
-            _log(run, f"transformer: torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
-            forward = transformer
+            log(f"transformer: torch.compile failed ({type(exc).__name__}: {exc}); training eagerly")
+            forward = forward._orig_mod if hasattr(forward, "_orig_mod") else forward
+            compile = False
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                loss = flow_loss(forward, x0, noise, sig, embeds[prompt_idx[idx]], pooled[prompt_idx[idx]])
+                loss = flow_loss(forward, x0, noise, sig, emb, pool)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -473,21 +611,25 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         with torch.no_grad():
             torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1.0 - ema_decay(ema_updates, cfg.ema))
         ema_updates += 1
-        losses.append(loss.item() if step % 50 == 0 else None)
+        if step % 50 in (0, 1):
+            losses[kind].append(loss.item())
         step += 1
+        if step % 20 == 0:
+            stop = dist_.max(time.time() > deadline, device) > 0
         if step % 500 == 0:
-            recent = [v for v in losses[-500:] if v is not None]
             rate = (step - start) / (time.time() - t1)
-            _log(run, f"transformer step {step}/{cfg.steps} loss {np.mean(recent):.4f} lr {lr_at(step, cfg):.2e} "
-                      f"({rate:.1f} steps/s)")
+            recent = {k: np.mean(v[-10:]) if v else float("nan") for k, v in losses.items()}
+            log(f"transformer step {step}/{cfg.steps} loss single {recent['single']:.4f} two-panel "
+                f"{recent['pair']:.4f} lr {lr_at(step, cfg):.2e} ({rate:.1f} steps/s)")
         if step % save_every == 0:
             save()
-    _log(run, f"transformer: stopped at step {step}/{cfg.steps} after {time.time() - t1:.0f} s of training")
+    log(f"transformer: stopped at step {step}/{cfg.steps} after {time.time() - t1:.0f} s of training")
     transformer.eval()
     save()
-    state = _state(run)
-    state["transformer_seconds_done"] = state["transformer_seconds"]
-    _save_state(run, state)
+    if dist_.main:
+        state = _state(run)
+        state["transformer_seconds_done"] = state["transformer_seconds"]
+        _save_state(run, state)
 
 
 def probe(precision: str, batch: int) -> None:
@@ -566,12 +708,13 @@ def probe_auto(batch: int) -> tuple[str, int]:
     raise RuntimeError("no probe ran: see the errors above")
 
 
-def _dataset(cfg: TrainConfig, cache: Path | None) -> tuple[np.ndarray, list[str]]:
-    """The seeded data set, from ``cache`` when it holds it (same seed, size and count), else rendered."""
-    key = f"seed{cfg.seed}_n{cfg.n_images}_s{cfg.size}"
+def _dataset(cfg: TrainConfig, cache: Path | None, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, list[str]]:
+    """The seeded data set (this process's part of it), from ``cache`` when it holds it, else rendered."""
+    key = f"seed{cfg.seed}_n{cfg.n_images}_k{cfg.per_identity}_s{cfg.size}_part{shard[0]}of{shard[1]}"
     if cache is not None and (cache / f"{key}.json").exists():
         return np.load(cache / f"{key}.npy"), json.loads((cache / f"{key}.json").read_text())
-    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk)
+    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk,
+                                     per_identity=cfg.per_identity, shard=shard)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         np.save(cache / f"{key}.npy", images)
@@ -592,7 +735,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=None, help="folder for the rendered data set (reused)")
     ap.add_argument("--n-images", type=int, default=None)
     ap.add_argument("--vae-steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="images per step and process")
+    ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--weights", type=Path, default=None, help="export: target folder (default: the package's)")
     ap.add_argument("--vae-from", type=Path, default=None, help="init: the trained VAE folder to start from")
@@ -625,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     auto_steps = args.steps == "auto"
     if args.steps is not None and not auto_steps:
         cfg.steps = int(args.steps)
-    for key in ("n_images", "vae_steps", "batch", "seed"):
+    for key in ("n_images", "vae_steps", "batch", "seed", "lr"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     if args.stage == "init":
@@ -633,23 +777,30 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--stage init needs --vae-from DIR (a trained AutoencoderKL folder)")
         init_from_vae(run, cfg, args.vae_from)
         return
-    images, prompts = _dataset(cfg, args.cache)  # before CUDA starts (the renderer forks)
-    _log(run, f"data set of {len(images)} images ready in {time.time() - t_start:.0f} s")
+    dist_ = Dist()
+    if dist_.world > 1 and args.stage != "transformer":
+        ap.error("several processes (torchrun) train the transformer only: --stage transformer")
+    images, prompts = _dataset(cfg, args.cache, (dist_.rank, dist_.world))  # before CUDA starts (forks)
+    if dist_.main:
+        _log(run, f"data set of {len(images)} images per process ready in {time.time() - t_start:.0f} s")
     if args.stage == "render":
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist_.start()
     if args.stage in ("vae", "all") and not _state(run).get("vae_done"):
         vae_deadline = deadline if args.stage == "vae" else min(deadline, time.time() + 240)
         train_vae(run, cfg, images, device, vae_deadline)
     if args.stage in ("transformer", "all"):
-        if args.rewarm:
+        if args.rewarm and dist_.main:
             state = _state(run)
             state.setdefault("resumes", []).append({"from_step": state.get("transformer_step", 0),
                                                     "to_steps": cfg.steps, "rewarm": args.rewarm})
             _save_state(run, state)
+        dist_.barrier()
         train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps,
-                          rewarm=args.rewarm, extra_minutes=args.extra_minutes, compile=args.compile)
-    _log(run, f"done in {time.time() - t_start:.0f} s")
+                          rewarm=args.rewarm, extra_minutes=args.extra_minutes, compile=args.compile, dist_=dist_)
+    if dist_.main:
+        _log(run, f"done in {time.time() - t_start:.0f} s")
+    dist_.stop()
 
 
 if __name__ == "__main__":

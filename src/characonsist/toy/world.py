@@ -61,6 +61,11 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 NAMED_FIELDS = ("scene", "kind", "action", "position", "size")
 
+# body parts of a character, as ``render(..., return_parts=True)`` labels its pixels (0 = the scene): the head
+# with everything on it (ears, eyes, beak, antenna), the body (torso, its pattern, the neck), legs, tail, and
+# the accessory (in front of whatever it covers)
+PARTS: tuple[str, ...] = ("scene", "head", "body", "legs", "tail", "accessory")
+
 VOCAB_WORDS: tuple[str, ...] = tuple(sorted({w for table in (SCENES, KINDS, ACTIONS) for p in table.values()
                                              for w in p.split()}))
 
@@ -203,23 +208,39 @@ class _Canvas:
 
 class _TrackingCanvas(_Canvas):
     """A canvas that, once ``track`` is set, also records every supersampled pixel painted (the character's
-    coverage). Painting itself is :class:`_Canvas`'s, so the image is byte-identical to an untracked render."""
+    coverage) and which body part (``part``, an index into ``PARTS``) painted it last, as the image shows it.
+    Painting itself is :class:`_Canvas`'s, so the image is byte-identical to an untracked render."""
 
     def __init__(self, size: int):
         super().__init__(size)
         self.track = False
+        self.part = 0
         self.cover = np.zeros((self.n, self.n), bool)
+        self.parts = np.zeros((self.n, self.n), np.uint8)
 
     def paint(self, mask: _Mask, color) -> None:
         super().paint(mask, color)
         if self.track:
             ys, xs = mask.window
-            self.cover[ys, xs] |= mask.full[ys, xs]
+            hit = mask.full[ys, xs]
+            self.cover[ys, xs] |= hit
+            self.parts[ys, xs][hit] = self.part
 
     def coverage(self) -> np.ndarray:
         """Fraction (float32, 0-1) of each output pixel's supersamples painted while tracking."""
         s, n = _SS, self.n // _SS
         return self.cover.reshape(n, s, n, s).mean(axis=(1, 3), dtype=np.float32)
+
+    def part_map(self) -> np.ndarray:
+        """uint8 (size, size): per output pixel, the part painted on most of its supersamples (0 = scene) where
+        at least half of them are the character's (the ``return_mask`` rule), else 0."""
+        s, n = _SS, self.n // _SS
+        blocks = self.parts.reshape(n, s, n, s).transpose(0, 2, 1, 3).reshape(n, n, s * s)
+        counts = np.stack([(blocks == k).sum(-1) for k in range(len(PARTS))], -1)
+        counts[..., 0] = 0
+        out = counts.argmax(-1).astype(np.uint8)
+        out[self.coverage() < 0.5] = 0
+        return out
 
 
 # ---------------------------------------------------------------- scenes
@@ -300,39 +321,53 @@ def _character(cv: _Canvas, ch: Character, cx: float, feet: float, H: float) -> 
     def tri(a, b, c):
         return cv.triangle(P(*a), P(*b), P(*c))
 
+    def part(name):                                # what a tracking canvas labels the next paints with
+        cv.part = PARTS.index(name)
+
     if ch.kind == "cat":
+        part("tail")
         cv.paint(ell(0.3, 0.3, 0.06, 0.22), body)                      # tail
         torso = ell(0, 0.3, 0.26, 0.29)
+        part("head")
         cv.paint(tri((-0.19, 0.8), (-0.03, 0.86), (-0.15, 1.0)) | tri((0.19, 0.8), (0.03, 0.86), (0.15, 1.0)), body)
         head = ell(0, 0.72, 0.2, 0.19)
         eyes = ell(-0.08, 0.74, 0.035, 0.035) | ell(0.08, 0.74, 0.035, 0.035)
         hu, hv, hr, top, neck = 0.0, 0.72, 0.2, 0.97, 0.55
     elif ch.kind == "robot":
+        part("legs")
         cv.paint(rect(-0.18, 0, -0.07, 0.14) | rect(0.07, 0, 0.18, 0.14), INK)   # legs
+        part("head")
         cv.paint(rect(-0.02, 0.87, 0.02, 0.96), INK)                             # antenna
         cv.paint(ell(0, 0.96, 0.04, 0.04), body)
         torso = rect(-0.25, 0.13, 0.25, 0.6)
         head = rect(-0.18, 0.62, 0.18, 0.88)
+        part("body")
         cv.paint(rect(-0.05, 0.59, 0.05, 0.63), INK)                             # neck
         eyes = rect(-0.12, 0.72, -0.04, 0.79) | rect(0.04, 0.72, 0.12, 0.79)
         hu, hv, hr, top, neck = 0.0, 0.75, 0.18, 0.9, 0.6
     elif ch.kind == "bird":
+        part("legs")
         cv.paint(rect(-0.1, 0, -0.07, 0.12) | rect(0.07, 0, 0.1, 0.12), INK)     # legs
+        part("tail")
         cv.paint(tri((-0.25, 0.45), (-0.45, 0.6), (-0.45, 0.3)), body)            # tail
         torso = ell(0, 0.38, 0.3, 0.27)
         head = ell(0.1, 0.76, 0.17, 0.17)
+        part("head")
         cv.paint(tri((0.25, 0.8), (0.25, 0.7), (0.38, 0.75)), INK)               # beak
         eyes = ell(0.04, 0.79, 0.035, 0.035) | ell(0.16, 0.79, 0.035, 0.035)
         hu, hv, hr, top, neck = 0.1, 0.76, 0.17, 0.93, 0.6
     else:
         _check("kind", ch.kind, KINDS)
+    part("body")
     cv.paint(torso, body)
     pat = _pattern_mask(cv, ch.pattern, cx, feet, H)
     if pat is not None:
         cv.paint(torso & pat, INK)
+    part("head")
     cv.paint(head, body)
     cv.paint(eyes, INK)
 
+    part("accessory")
     acc = ACCESSORY_COLORS[ch.accessory_color]
     if ch.accessory == "hat":                      # brim and crown on top of the head
         cv.paint(rect(hu - hr * 1.15, top - 0.02, hu + hr * 1.15, top + 0.04), acc)
@@ -368,32 +403,37 @@ def action_geometry(action: str, size: int = 128) -> tuple[float, float, float]:
 
 
 def render(scene: str, character: Character, action: str, size: int = 128,
-           rng: np.random.Generator | None = None, return_box: bool = False, return_mask: bool = False):
+           rng: np.random.Generator | None = None, return_box: bool = False, return_mask: bool = False,
+           return_parts: bool = False):
     """Draw ``character`` doing ``action`` in ``scene``: uint8 (size, size, 3).
 
     ``rng`` jitters the scene layout and the character's place and size a little; ``None`` draws the nominal
     image. With ``return_box`` also return the character's box (x0, y0, x1, y1) in pixels. With
     ``return_mask`` also return the character's true pixel mask: bool (size, size), True where at least half
     of the pixel's supersamples belong to the character (its body, pattern, eyes, limbs and accessory). The
-    image is the same, byte for byte, with or without it. Extras come in that order: ``(img, box, mask)``.
+    image is the same, byte for byte, with or without it. With ``return_parts`` also return the body part of
+    every pixel: uint8 (size, size), an index into ``PARTS`` (0 = scene; nonzero exactly where the mask is True).
+    Extras come in that order: ``(img, box, mask, parts)``.
     """
     _check("scene", scene, SCENES)
     jitter = rng is not None
     rng = rng if rng is not None else np.random.default_rng(0)
-    cv = _TrackingCanvas(size) if return_mask else _Canvas(size)
+    track = return_mask or return_parts
+    cv = _TrackingCanvas(size) if track else _Canvas(size)
     _scene(cv, scene, size, rng)
     cx, feet, H = action_geometry(action, size)
     if jitter:
         cx += rng.uniform(-0.03, 0.03) * size
         feet += rng.uniform(-0.02, 0.02) * size
         H *= rng.uniform(0.95, 1.05)
-    if return_mask:
+    if track:
         cv.track = True
     box = _character(cv, character, cx, feet, H)
     img = cv.result()
-    if not (return_box or return_mask):
+    if not (return_box or return_mask or return_parts):
         return img
-    extras = ((box,) if return_box else ()) + ((cv.coverage() >= 0.5,) if return_mask else ())
+    extras = (((box,) if return_box else ()) + ((cv.coverage() >= 0.5,) if return_mask else ())
+              + ((cv.part_map(),) if return_parts else ()))
     return (img, *extras)
 
 
