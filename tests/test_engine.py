@@ -175,6 +175,39 @@ def test_vanilla_twins_reproduce_plain_flux(story_pipe):
     assert 6 in method.seen_rows and 3 in method.seen_rows     # twins ran, then were dropped
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_twins_follow_the_images_latents(story_pipe, follow):
+    """Following twins are a plain forward on the images' *current* latents (ConsiStory's vanilla query pass): at the
+    first layer their queries equal the images' at every step; free twins drift apart once the images change."""
+    from characonsist.methods.base import Vanilla
+
+    class Drift(Vanilla):
+        def __init__(self):
+            super().__init__()
+            self.same: list[bool] = []
+
+        def twin_steps(self, phase):
+            return 4
+
+        def twins_follow(self, phase):
+            return follow
+
+        def attention(self, call):
+            out = call.plain()
+            n = len(call.run.group.slots)
+            if call.run.group.twins:
+                if call.kind == "double" and call.block == 0:
+                    self.same.append(torch.equal(call.query[:n], call.query[n:2 * n]))
+                out[:n] = out[:n] * 1.5          # the images leave the plain trajectory, the twins stay plain
+            return out
+
+    method = Drift()
+    out = story_pipe(IDENTITY, FRAMES[:1], method=method, **KW)
+    assert np.isfinite(np.stack(out.images)).all() and len(method.same) == 4
+    assert method.same[0]                                        # step 0: the same noise either way
+    assert all(method.same) if follow else not any(method.same[1:])
+
+
 def test_from_pipe_keeps_the_dtype():
     from characonsist.testing import tiny_flux_pipeline
 

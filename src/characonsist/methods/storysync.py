@@ -65,7 +65,7 @@ from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
+from .base import Method, mix_seed, use_volatile_backend, uses_block
 
 BLOCKS = ("single", "double", "all")
 FEATURES = ("averaged", "layer")
@@ -198,20 +198,6 @@ def harmonize(r_i: torch.Tensor, r_match: torch.Tensor, weight: torch.Tensor) ->
 def layout_interpolate(x_consist: torch.Tensor, x_vanilla: torch.Tensor, lam: float) -> torch.Tensor:
     """Eq. 12: X_final = (1 - lambda) X_consist + lambda X_vanilla (Base Layout Interpolation)."""
     return ((1.0 - lam) * x_consist.float() + lam * x_vanilla.float()).to(x_consist.dtype)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash randomization."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
 
 
 def dropout_keep(n: int, p: float, seed: int) -> torch.Tensor:
