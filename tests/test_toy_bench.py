@@ -256,8 +256,10 @@ def test_each_method_runs_with_its_official_seeding(story_pipe, tmp_path):
     assert plain["seeding"] == "shared" and plain["stories"][0]["seeds"] == [s] * 5
     seeds = peer["stories"][0]["seeds"]
     assert peer["seeding"] == "per_image" and seeds[0] == s and len(set(seeds)) == 5 and "error" not in peer["stories"][0]
-    forced = bench.run_bench(story_pipe, story, ["consistory"], seeding="shared", **kw)
+    forced = bench.run_bench(story_pipe, story, ["consistory", "vanilla+seeding=per_image"], seeding="shared", **kw)
     assert forced["methods"]["consistory"]["stories"][0]["seeds"] == [s] * 5
+    own = forced["methods"]["vanilla+seeding=per_image"]                # a spec's own convention wins
+    assert own["seeding"] == "per_image" and own["options"] == {} and len(set(own["stories"][0]["seeds"])) == 5
     assert [bench.method_seeding(m) for m in ("characonsist", "consistory", "storysync", "oracle")] == [
         "shared", "per_image", "per_image", None]
     with pytest.raises(ValueError, match="seeding"):

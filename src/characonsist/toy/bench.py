@@ -330,7 +330,10 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     from ..methods.base import story_seeds
     from .readout import read_batch
 
-    conventions = {spec: method_seeding(parse_method(spec)[0], seeding) for spec in methods}
+    conventions = {}
+    for spec in methods:   # a spec's own "+seeding=..." overrides the run's convention (e.g. vanilla+seeding=per_image)
+        name, options = parse_method(spec)
+        conventions[spec] = method_seeding(name, options.get("seeding", seeding))
     settings = {"seed": seed, "height": height, "width": width, "num_inference_steps": num_inference_steps,
                 "max_sequence_length": max_sequence_length, "stories": len(stories), "seeding": conventions,
                 **gen_kwargs}
@@ -347,6 +350,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
             raise ValueError("\n".join(sorted(problems)))
     for spec in methods:
         name, options = parse_method(spec)
+        options.pop("seeding", None)
         records = []
         t_method = time.perf_counter()
         for n, story in enumerate(stories):
@@ -439,7 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``characonsist bench toy``."""
     parser.add_argument("--methods", default="vanilla,characonsist",
                         help="comma-separated: registry names, ablations (characonsist-no-tracking, "
-                             "characonsist-no-merge, characonsist-no-mask), name+option=value, 'oracle' "
+                             "characonsist-no-merge, characonsist-no-mask), name+option=value (+seeding=shared|per_image: "
+                             "that method's noise convention), 'oracle' "
                              "(the renderer's truth: the readout's ceiling), or 'all' (" + ",".join(ALL_METHODS) + ")")
     parser.add_argument("--stories", default=None,
                         help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
