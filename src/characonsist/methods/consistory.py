@@ -59,8 +59,8 @@ sections, the official files they follow (NVlabs/consistory: ``consistory_run.py
    one seed per image for the official convention (one seed for all is ``same_latent=True``).
 8. Steps: the step options are written for the official 50 steps and rescaled to the step count
    (``schedule_steps``, as CharaConsist's): the official ranges scale with n too (n//10, n//3), except the
-   20-step mask window and the DIFT timestep, which the official code keeps fixed (and which only exists at 50
-   DDIM steps).
+   20-step mask window and the DIFT timestep t=261, which the official code keeps fixed (and which is not on
+   every DDIM schedule: at 20 or 25 steps the official first pass never records it).
 
 Departures, forced by the engine or FLUX: images of another size run in another forward pass and share only
 with images of their size (noted); an image whose character tokens fall beyond ``max_sequence_length`` has no
