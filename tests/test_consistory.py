@@ -33,7 +33,9 @@ def _stack(out):
 
 def test_switched_off_equals_vanilla_exactly(story_pipe):
     out = story_pipe(IDENTITY, FRAMES, method="consistory", **OFF, **KW)
-    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
+    assert out.seeds[0] == 2025 and len(set(out.seeds)) == 3            # official: one noise per image
+    assert out.settings["seeding"] == "per_image"
+    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=out.seeds, **KW)
     assert np.array_equal(_stack(out), _stack(ref))
 
 

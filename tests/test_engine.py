@@ -25,6 +25,22 @@ def test_vanilla_equals_flux_pipeline_exactly(story_pipe, tiny_pipe):
     assert out.seeds == [1, 2, 3, 4]
 
 
+def test_one_seed_follows_the_methods_official_convention(story_pipe):
+    from characonsist.methods.base import story_seeds
+
+    kw = {**KW, "num_inference_steps": 1}
+    shared = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=7, **kw)
+    assert shared.seeds == [7] * 4 and shared.settings["seeding"] == "shared"
+    peer = story_pipe(IDENTITY, FRAMES, method="storydiffusion", seed=7, **kw)     # official: one noise per image
+    assert peer.seeds == story_seeds(7, 4, "per_image") and peer.seeds[0] == 7 and len(set(peer.seeds)) == 4
+    assert peer.settings["seeding"] == "per_image"
+    given = story_pipe(IDENTITY, FRAMES, method="storydiffusion", seed=[7] * 4, **kw)   # a list is used as given
+    assert given.seeds == [7] * 4 and given.settings["seeding"] == "given"
+    assert story_seeds(7, 3, "shared") == [7] * 3
+    with pytest.raises(ValueError, match="seeding"):
+        story_seeds(7, 3, "random")
+
+
 def test_characonsist_switched_off_equals_flux_pipeline(story_pipe, tiny_pipe):
     off = dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False)   # never shares
     out = story_pipe(IDENTITY, FRAMES, method="characonsist", **off, **KW)

@@ -31,7 +31,8 @@ def _images(out):
                                  dict(skip_early=1.0, skip_late=1.0, early_full_read=False)])
 def test_switched_off_equals_vanilla_exactly(story_pipe, off):
     out = story_pipe(IDENTITY, FRAMES, method="storydiffusion", **off, **KW)
-    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
+    assert len(set(out.seeds)) == 3 and out.settings["seeding"] == "per_image"   # official: one noise per image
+    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=out.seeds, **KW)
     assert np.array_equal(_images(out), _images(ref))
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from characonsist.attention import QueryGroup, masked_reference_attention
+from characonsist.methods.base import story_seeds
 from characonsist.methods.storysync import (
     StorySync,
     StorySyncConfig,
@@ -183,11 +184,13 @@ def test_step_schedule_rescales_to_the_step_count():
 
 @pytest.fixture(scope="module")
 def vanilla(story_pipe):
-    return story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
+    """Plain FLUX from StorySync's noise: one seed per image (its convention, ``StorySync.seeding``)."""
+    return story_pipe(IDENTITY, FRAMES, method="vanilla", seed=story_seeds(2025, 3, "per_image"), **KW)
 
 
 def test_switched_off_equals_plain_flux_exactly(story_pipe, vanilla):
     out = story_pipe(IDENTITY, FRAMES, method="storysync", **OFF, **KW)
+    assert out.seeds == story_seeds(2025, 3, "per_image") and out.settings["seeding"] == "per_image"
     assert all(np.array_equal(a, b) for a, b in zip(out.images, vanilla.images))
     late = story_pipe(IDENTITY, FRAMES, method="storysync", share_start=50, bli=False, **KW)
     assert all(np.array_equal(a, b) for a, b in zip(late.images, vanilla.images))   # sharing never starts

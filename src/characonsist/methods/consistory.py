@@ -55,8 +55,8 @@ sections, the official files they follow (NVlabs/consistory: ``consistory_run.py
    frame, so frames can be added to existing anchors later and long stories run in chunks. ``anchors=0``: every
    image shares with every other image of its chunk (the store's default mapping).
 7. Seeding: every image starts from its own noise (``create_latents``, ``same_latent=False``): ``seeding =
-   "per_image"`` (``base.story_seeds``; the toy benchmark follows it). The pipeline uses what it is given: pass
-   one seed per image for the official convention (one seed for all is ``same_latent=True``).
+   "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity keeps it, each frame
+   gets its own), the toy benchmark too. A list with one seed repeated is ``same_latent=True``.
 8. Steps: the step options are written for the official 50 steps and rescaled to the step count
    (``schedule_steps``, as CharaConsist's): the official ranges scale with n too (n//10, n//3), except the
    20-step mask window and the DIFT timestep t=261, which the official code keeps fixed (and which is not on

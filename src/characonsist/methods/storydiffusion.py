@@ -39,8 +39,8 @@ processor is in ``predict.py``; the token masks come from ``cal_attn_mask_xl`` i
   the step count (``schedule_steps``, as CharaConsist's), so 20-step toy runs and 28-step FLUX runs put them at
   the same fraction of the run (the official code uses 5 and 20 whatever the step count).
 - *Seeding.* Every image starts from its own noise (one generator for the identity batch, continued by the
-  frames): ``seeding = "per_image"`` (``base.story_seeds``; the toy benchmark follows it). The pipeline itself
-  uses what it is given: pass one seed per image for the official convention.
+  frames): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity
+  keeps it, each frame gets its own), the toy benchmark too.
 
 Port to FLUX (documented departures):
 - *Where.* FLUX has no separate self-attention: its joint attention over [text; image] tokens is the

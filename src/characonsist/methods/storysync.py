@@ -49,7 +49,8 @@ The identity image: StorySync's algorithm shares across the whole batch (Eqs. 5-
 
 Seeding: there is no official code; the paper generates a batch with one sampler call and says nothing of shared
 noise, and a batch drawn from one generator gives every image its own noise (as ConsiStory's code, whose benchmark
-StorySync uses): ``seeding = "per_image"`` (``base.story_seeds``; the toy benchmark follows it).
+StorySync uses): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``), the
+toy benchmark too.
 
 Steps: sharing and RFH on steps [``share_start``, ``share_end``) = 1-49 of 50 (the paper shares at every step;
 step 0 has no mask yet). Step options are written for 50 steps and rescaled to the step count
