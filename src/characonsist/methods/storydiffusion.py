@@ -70,6 +70,8 @@ from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
 from .base import Method, mix_seed, rescale_step, use_volatile_backend, uses_block
 
+_DRAWS = 0x5D   # tag of the token-mask and skip draws' seeds
+
 
 @dataclass
 class StoryDiffusionConfig:
@@ -182,8 +184,10 @@ class StoryDiffusion(Method):
         self.schedule = step_schedule(cfg, run.num_steps)
         identity = next(s for s in run.slots if s.story_index == 0)
         base = cfg.seed if cfg.seed is not None else (identity.seed or 0)
-        self.gens = {s.pos: torch.Generator("cpu").manual_seed(mix_seed(base, 1, s.story_index)) for s in run.slots}
-        self.skip_gen = torch.Generator("cpu").manual_seed(mix_seed(base, 2))
+        # tagged with _DRAWS so that no draw shares a seed with an image's noise (story_seeds: mix_seed(seed, k))
+        self.gens = {s.pos: torch.Generator("cpu").manual_seed(mix_seed(base, _DRAWS, 1, s.story_index))
+                     for s in run.slots}
+        self.skip_gen = torch.Generator("cpu").manual_seed(mix_seed(base, _DRAWS, 2))
         self.sources: dict[int, list[int]] = {}
         grid_of = {s.pos: s.grid for s in run.slots}
         for s in run.slots:
