@@ -7,11 +7,15 @@ import torch
 from characonsist.methods import consistory as cs
 from characonsist.methods import get_method
 from characonsist.methods.consistory import (
+    ConsiStory,
+    ConsiStoryConfig,
     blend_queries,
     blend_strength,
     dropout_keep,
     inject_features,
+    inject_in_order,
     nearest_subject_patches,
+    step_schedule,
     subject_attention,
     subject_mask,
 )
@@ -29,7 +33,9 @@ def _stack(out):
 
 def test_switched_off_equals_vanilla_exactly(story_pipe):
     out = story_pipe(IDENTITY, FRAMES, method="consistory", **OFF, **KW)
-    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
+    assert out.seeds[0] == 2025 and len(set(out.seeds)) == 3            # official: one noise per image
+    assert out.settings["seeding"] == "per_image"
+    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=out.seeds, **KW)
     assert np.array_equal(_stack(out), _stack(ref))
 
 
@@ -39,15 +45,17 @@ def test_consistory_changes_frames_deterministically(story_pipe, monkeypatch):
     monkeypatch.setattr(cs, "blend_queries", lambda q, qv, s: strengths.append(round(s, 6)) or real_blend(q, qv, s))
     monkeypatch.setattr(cs, "inject_features", lambda *a: injected.append(1) or real_inject(*a))
     frames = FRAMES[:1]
-    a = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, **KW)
-    assert set(strengths) == {0.85, 0.8} and injected      # blending on steps 1-2 (step 0 shares nothing)
-    b = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, **KW)
+    a = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, schedule_steps=None, **KW)
+    official = np.linspace(0.9, 0.81836735, 3).round(6)                      # the official strengths
+    assert set(strengths) == set(official[1:]) and injected   # blending on steps 1-2 (step 0 shares nothing)
+    b = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, schedule_steps=None, **KW)
     ref = story_pipe(IDENTITY, frames, method="vanilla", **KW)
     assert np.isfinite(_stack(a)).all()
     assert np.array_equal(_stack(a), _stack(b))
     assert all(np.abs(x - r).max() > 1e-4 for x, r in zip(a.images, ref.images))
     assert all(m.dtype == bool and m.shape == (8, 8) for m in a.masks)
-    no_inject = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, injection=False, **KW)
+    no_inject = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, schedule_steps=None, injection=False,
+                           **KW)
     assert np.abs(_stack(no_inject) - _stack(a)).max() > 1e-5
 
 
@@ -58,17 +66,112 @@ def test_anchors_do_not_depend_on_the_frames_so_frames_can_be_added(story_pipe):
     for x, y in zip(full.images[:2], anchors.images):
         np.testing.assert_allclose(x, y, atol=1e-4)
     assert get_method("consistory").dependencies([None] * 4, 3) == {1}     # the anchors join every chunk
+    assert any("frame(s) [1]" in n for n in full.notes[0])                 # the identity reads frame 1: said so
+    one = story_pipe(IDENTITY, FRAMES, method="consistory", anchors=1, **kw)
+    ref = story_pipe(IDENTITY, FRAMES, method="vanilla", **kw)
+    np.testing.assert_allclose(one.identity, ref.identity, atol=1e-5)      # one anchor: never changed by frames
+    assert not one.notes[0]
 
 
 def test_schedule_defaults():
     m = get_method("consistory")
     assert m.config.dropout == 0.5 and m.config.anchors == 2 and m.config.inject_alpha == 0.8
-    assert [(p.name, p.steps, p.final) for p in m.phases(50)] == [("features", 37, False), ("main", 50, True)]
-    assert m._blend_steps(50) == 6 and m._inject_range(50) == (5, 16)
+    assert m.config.blend_end == 0.81836735 and m.seeding == "per_image"
+    # the official first pass runs to the end (its final masks); "short" stops at the feature step
+    assert [(p.name, p.steps, p.final) for p in m.phases(50)] == [("features", 50, False), ("main", 50, True)]
+    assert [p.steps for p in get_method("consistory", feature_pass="short").phases(50)] == [37, 50]
+    assert step_schedule(m.config, 50) == {"share_start": 1, "share_end": 50, "mask_window": 20, "blend_steps": 6,
+                                           "inject_start": 5, "inject_end": 16, "feature_step": 36}
+    assert step_schedule(m.config, 20) == {"share_start": 1, "share_end": 20, "mask_window": 8, "blend_steps": 3,
+                                           "inject_start": 2, "inject_end": 6, "feature_step": 14}
+    assert step_schedule(ConsiStoryConfig(schedule_steps=None, blend_steps=0), 20)["blend_steps"] == 0
     assert [p.name for p in get_method("consistory", injection=False).phases(50)] == ["main"]
-    assert get_method("consistory", query_blending=False)._blend_steps(50) == 0
     with pytest.raises(ValueError, match="valid options"):
         get_method("consistory", mask_dropout=0.5)
+    with pytest.raises(ValueError, match="feature_pass"):
+        get_method("consistory", feature_pass="half")
+
+
+def test_masks_average_the_last_steps(story_pipe, monkeypatch):
+    """Official: the subject map is the mean of the last 20 steps' maps (rescaled: mask_window); a patch lit in
+    the window's earlier steps outweighs one lit only at the last step."""
+    step = {"now": 0}
+    real_begin = ConsiStory.begin_step
+
+    def begin(self, run):
+        step["now"] = run.step
+        real_begin(self, run)
+
+    def fake_map(q_img, k_txt, start, end, real_len):
+        m = torch.zeros(q_img.shape[0])
+        if step["now"] < 5:
+            m[:10] = 1.0            # region A: lit on steps 0-4
+        else:
+            m[40:50] = 1.0          # region B: lit on the last step only
+        return m
+
+    monkeypatch.setattr(ConsiStory, "begin_step", begin)
+    monkeypatch.setattr(cs, "subject_attention", fake_map)
+    out = story_pipe(IDENTITY, FRAMES[:1], method="consistory", mask_window=6, schedule_steps=None, injection=False,
+                     **KW)
+    for mask in out.masks:                  # window steps 0-5: A 5/6, B 1/6
+        assert mask.flatten()[:10].all() and not mask.flatten()[40:50].any()
+    last = story_pipe(IDENTITY, FRAMES[:1], method="consistory", mask_window=1, schedule_steps=None,
+                      injection=False, **KW)
+    for mask in last.masks:
+        assert mask.flatten()[40:50].all() and not mask.flatten()[:10].any()
+
+
+def _plans(monkeypatch):
+    calls = []
+    real = cs.attend_rows
+
+    def spy(call, plans, queries=None):
+        calls.append((call.run.step, {row: g[-1].extra_k for row, g in plans.items()}))
+        return real(call, plans, queries)
+
+    monkeypatch.setattr(cs, "attend_rows", spy)
+    return calls
+
+
+def test_dropout_is_drawn_once_per_source_and_step(story_pipe, monkeypatch):
+    calls = _plans(monkeypatch)
+    three = [*FRAMES, "in the park#a red cat#waving"]
+    story_pipe(IDENTITY, three, method="consistory", injection=False, query_blending=False, **KW)
+    shared = [plans for _, plans in calls if 2 in plans and 3 in plans]
+    assert shared
+    for plans in shared:   # frames 2 and 3 read the anchors (identity, frame 1) through the same dropped masks
+        assert torch.equal(plans[2], plans[3])
+
+
+def test_vanilla_queries_come_from_the_current_latents(story_pipe):
+    """The twins of the blending steps are a plain forward on the images' current latents (official QueryStore
+    'cache' forward): at the first layer their queries equal the images' at every blending step."""
+    class Spy(ConsiStory):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.same = []
+
+        def attention(self, call):
+            group = call.run.group
+            if call.kind == "double" and call.block == 0 and group.twins:
+                n = len(group.slots)
+                self.same.append(torch.equal(call.query[:n], call.query[n:2 * n]))
+            return super().attention(call)
+
+    method = Spy(blend_steps=3, schedule_steps=None, injection=False)
+    story_pipe(IDENTITY, FRAMES[:1], method=method, **KW)
+    assert len(method.same) == 3 and all(method.same)
+
+
+def test_injection_reads_the_batch_in_place_in_order():
+    feats = torch.stack([torch.zeros(4, 2), torch.ones(4, 2), torch.full((4, 2), 2.0)])
+    everything = (torch.arange(4), torch.arange(4), None)
+    # image 0 injects from image 2; image 1 from image 0, which it reads already injected (official in-place loop)
+    inject_in_order(feats, {1: {0: everything}, 0: {2: everything}}, 0.5)
+    torch.testing.assert_close(feats[0], torch.full((4, 2), 1.0))        # 0.5 * 0 + 0.5 * 2
+    torch.testing.assert_close(feats[1], torch.full((4, 2), 1.0))        # 0.5 * 1 + 0.5 * 1 (image 0 injected)
+    torch.testing.assert_close(feats[2], torch.full((4, 2), 2.0))
 
 
 def test_blend_strength_falls_from_09_to_08():

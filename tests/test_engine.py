@@ -25,6 +25,22 @@ def test_vanilla_equals_flux_pipeline_exactly(story_pipe, tiny_pipe):
     assert out.seeds == [1, 2, 3, 4]
 
 
+def test_one_seed_follows_the_methods_official_convention(story_pipe):
+    from characonsist.methods.base import story_seeds
+
+    kw = {**KW, "num_inference_steps": 1}
+    shared = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=7, **kw)
+    assert shared.seeds == [7] * 4 and shared.settings["seeding"] == "shared"
+    peer = story_pipe(IDENTITY, FRAMES, method="storydiffusion", seed=7, **kw)     # official: one noise per image
+    assert peer.seeds == story_seeds(7, 4, "per_image") and peer.seeds[0] == 7 and len(set(peer.seeds)) == 4
+    assert peer.settings["seeding"] == "per_image"
+    given = story_pipe(IDENTITY, FRAMES, method="storydiffusion", seed=[7] * 4, **kw)   # a list is used as given
+    assert given.seeds == [7] * 4 and given.settings["seeding"] == "given"
+    assert story_seeds(7, 3, "shared") == [7] * 3
+    with pytest.raises(ValueError, match="seeding"):
+        story_seeds(7, 3, "random")
+
+
 def test_characonsist_switched_off_equals_flux_pipeline(story_pipe, tiny_pipe):
     off = dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False)   # never shares
     out = story_pipe(IDENTITY, FRAMES, method="characonsist", **off, **KW)
@@ -173,6 +189,39 @@ def test_vanilla_twins_reproduce_plain_flux(story_pipe):
     for x, y in zip(out.images, ref.images):
         np.testing.assert_allclose(x, y, atol=1e-5)
     assert 6 in method.seen_rows and 3 in method.seen_rows     # twins ran, then were dropped
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_twins_follow_the_images_latents(story_pipe, follow):
+    """Following twins are a plain forward on the images' *current* latents (ConsiStory's vanilla query pass): at the
+    first layer their queries equal the images' at every step; free twins drift apart once the images change."""
+    from characonsist.methods.base import Vanilla
+
+    class Drift(Vanilla):
+        def __init__(self):
+            super().__init__()
+            self.same: list[bool] = []
+
+        def twin_steps(self, phase):
+            return 4
+
+        def twins_follow(self, phase):
+            return follow
+
+        def attention(self, call):
+            out = call.plain()
+            n = len(call.run.group.slots)
+            if call.run.group.twins:
+                if call.kind == "double" and call.block == 0:
+                    self.same.append(torch.equal(call.query[:n], call.query[n:2 * n]))
+                out[:n] = out[:n] * 1.5          # the images leave the plain trajectory, the twins stay plain
+            return out
+
+    method = Drift()
+    out = story_pipe(IDENTITY, FRAMES[:1], method=method, **KW)
+    assert np.isfinite(np.stack(out.images)).all() and len(method.same) == 4
+    assert method.same[0]                                        # step 0: the same noise either way
+    assert all(method.same) if follow else not any(method.same[1:])
 
 
 def test_from_pipe_keeps_the_dtype():

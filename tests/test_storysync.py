@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from characonsist.attention import QueryGroup, masked_reference_attention
+from characonsist.methods.base import story_seeds
 from characonsist.methods.storysync import (
     StorySync,
     StorySyncConfig,
@@ -183,11 +184,13 @@ def test_step_schedule_rescales_to_the_step_count():
 
 @pytest.fixture(scope="module")
 def vanilla(story_pipe):
-    return story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
+    """Plain FLUX from StorySync's noise: one seed per image (its convention, ``StorySync.seeding``)."""
+    return story_pipe(IDENTITY, FRAMES, method="vanilla", seed=story_seeds(2025, 3, "per_image"), **KW)
 
 
 def test_switched_off_equals_plain_flux_exactly(story_pipe, vanilla):
     out = story_pipe(IDENTITY, FRAMES, method="storysync", **OFF, **KW)
+    assert out.seeds == story_seeds(2025, 3, "per_image") and out.settings["seeding"] == "per_image"
     assert all(np.array_equal(a, b) for a, b in zip(out.images, vanilla.images))
     late = story_pipe(IDENTITY, FRAMES, method="storysync", share_start=50, bli=False, **KW)
     assert all(np.array_equal(a, b) for a, b in zip(late.images, vanilla.images))   # sharing never starts
@@ -200,6 +203,8 @@ def test_effect_on_changes_frames_stays_finite_and_is_deterministic(story_pipe, 
     assert all(np.isfinite(x).all() for x in a.images)
     assert all(np.abs(x - y).max() > 1e-4 for x, y in zip(a.frames, vanilla.frames))
     assert a.method == "storysync" and a.settings["method_options"]["gamma"] == 0.3
+    assert any("every frame" in n for n in a.notes[0])       # the batch changes the identity: said so
+    assert StorySync.seeding == "per_image"
     assert [m.shape for m in a.masks] == [(8, 8)] * 3
     c = story_pipe(IDENTITY, FRAMES[:1], method="storysync", dropout_seed=7, **KW)   # another dropout draw
     assert all(np.isfinite(x).all() for x in c.images) and c.settings["method_options"]["dropout_seed"] == 7
@@ -229,6 +234,7 @@ def test_subset_references_eq13(story_pipe, vanilla):
     frames = FRAMES + ["in the park#a red cat#waving"]
     one = story_pipe(IDENTITY, FRAMES, method="storysync", num_references=1, **KW)
     np.testing.assert_allclose(one.identity, vanilla.identity, atol=1e-4)   # the only reference: nobody to see
+    assert not one.notes[0]
     assert one.matches[0] is not None                                      # frames harmonize toward the identity
     # references {identity, frame 1} run in every chunk; the other frames see only them: chunking changes nothing
     full = story_pipe(IDENTITY, frames, method="storysync", num_references=2, **KW)

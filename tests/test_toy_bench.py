@@ -242,3 +242,29 @@ def test_engine_plumbing_with_tiny_pipeline():
     rec = res["methods"]["characonsist"]["stories"][0]
     assert len(rec["mask_scores"]) == 5 and all(x is not None for x in rec["mask_scores"])
     assert res["methods"]["characonsist"]["metrics"]["masked_images"] == 5
+
+
+def test_each_method_runs_with_its_official_seeding(story_pipe, tmp_path):
+    """CharaConsist and vanilla: one noise for every image (official); the peers: one noise per image (ConsiStory
+    ``same_latent=False``, StoryDiffusion's continued generator); the JSON records which was used."""
+    story = suite.make_suite()[:1]
+    kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=64)
+    res = bench.run_bench(story_pipe, story, ["vanilla", "storydiffusion"], **kw)
+    assert res["settings"]["seeding"] == {"vanilla": "shared", "storydiffusion": "per_image"}
+    s = 2025 + story[0].seed
+    plain, peer = (res["methods"][m] for m in ("vanilla", "storydiffusion"))
+    assert plain["seeding"] == "shared" and plain["stories"][0]["seeds"] == [s] * 5
+    seeds = peer["stories"][0]["seeds"]
+    assert peer["seeding"] == "per_image" and seeds[0] == s and len(set(seeds)) == 5 and "error" not in peer["stories"][0]
+    forced = bench.run_bench(story_pipe, story, ["consistory", "vanilla+seeding=per_image"], seeding="shared", **kw)
+    assert forced["methods"]["consistory"]["stories"][0]["seeds"] == [s] * 5
+    own = forced["methods"]["vanilla+seeding=per_image"]                # a spec's own convention wins
+    assert own["seeding"] == "per_image" and own["options"] == {} and len(set(own["stories"][0]["seeds"])) == 5
+    assert [bench.method_seeding(m) for m in ("characonsist", "consistory", "storysync", "oracle")] == [
+        "shared", "per_image", "per_image", None]
+    with pytest.raises(ValueError, match="seeding"):
+        bench.method_seeding("vanilla", "random")
+    out = tmp_path / "o.json"
+    assert bench.main(["--methods", "oracle", "--limit", "1", "--quiet", "--seeding", "per_image", "--json",
+                       str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["seeding"] == {"oracle": None}

@@ -74,6 +74,7 @@ class Group:
     timesteps: torch.Tensor | None = None
 
     twins: bool = False         # rows len(slots).. are plain "vanilla twins" of the slots, same order
+                                # (``Method.twins_follow``: restarted from the slots' latents every step)
     kept: list = field(default_factory=list)   # latents after steps 0..k-1, for a next phase starting at k
 
     def row_of(self, pos: int) -> int | None:
@@ -327,6 +328,7 @@ class Engine:
             for i, phase in enumerate(phases):
                 run.phase = phase
                 twin_steps = min(self.method.twin_steps(phase), phase.steps)
+                follow = bool(twin_steps) and self.method.twins_follow(phase)
                 nxt = phases[i + 1] if i + 1 < len(phases) else None
                 keep = nxt.start if nxt is not None else 0
                 if (phase.start and twin_steps) or (keep and (twin_steps or self.method.twin_steps(nxt))):
@@ -351,6 +353,8 @@ class Engine:
                     self.method.begin_step(run)
                     for g in groups:
                         run.group = g
+                        if follow and g.twins:   # a plain forward on the images' current latents
+                            g.latents = torch.cat([g.latents[:len(g.slots)]] * 2)
                         self._forward(g, step, guidance_scale, text_ids, last=not phase.final and
                                       step == phase.steps - 1)
                         if step < keep:

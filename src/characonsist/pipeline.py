@@ -15,6 +15,7 @@ from ._compat import import_flux
 from .engine import Engine, Slot
 from .match import Matches
 from .methods import Method, get_method
+from .methods.base import story_seeds
 from .story import StoryImage
 
 FluxPipeline = import_flux()
@@ -128,6 +129,10 @@ class CharaConsistPipeline(FluxPipeline):
         default_w = width or self.default_sample_size * self.vae_scale_factor
         multiple = self.vae_scale_factor * 2
         slots: list[Slot] = []
+        seeding = "given"
+        if generator is None and seed is not None and not isinstance(seed, (list, tuple)):
+            seeding = method.seeding   # one seed: spread over the images by the method's official convention
+            seed = story_seeds(int(seed), len(images), seeding)
         gens, seeds = _generators(len(images), seed, generator, images)
         for k, img in enumerate(images):
             h, w = img.height or default_h, img.width or default_w
@@ -168,7 +173,7 @@ class CharaConsistPipeline(FluxPipeline):
         settings = {
             "method": method.name, "method_options": method.settings(), "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale, "max_sequence_length": max_sequence_length, "batch_size": batch_size,
-            "sizes": [[s.height, s.width] for s in slots],
+            "sizes": [[s.height, s.width] for s in slots], "seeding": seeding,
         }
         out = StoryPipelineOutput(
             identity=ordered[0]["image"], frames=[r["image"] for r in ordered[1:]],

@@ -37,11 +37,53 @@ def use_volatile_backend(run: Run, backend: str) -> None:
     run.volatile_backend = backend
 
 
+def rescale_step(value: int, num_steps: int, schedule_steps: int | None) -> int:
+    """A step option written for ``schedule_steps`` steps, at the same fraction of a ``num_steps`` run:
+    ``round(value * num_steps / schedule_steps)`` (CharaConsist's ``step_schedule`` rule; None: as given)."""
+    if not schedule_steps or num_steps == schedule_steps:
+        return int(value)
+    return int(round(value * num_steps / schedule_steps))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash randomization."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 31
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h & ((1 << 63) - 1)
+
+
+SEEDINGS = ("shared", "per_image")
+
+
+def story_seeds(seed: int, num_images: int, seeding: str) -> list[int]:
+    """The noise seeds of a story's images (identity first) from one seed, by a seeding convention.
+
+    ``"shared"``: every image starts from the same noise (CharaConsist's official convention: seed 2025 for the
+    identity, its pre-runs and its frames). ``"per_image"``: every image its own noise, as ConsiStory
+    (``create_latents`` draws one latent per prompt from one generator, ``same_latent=False``) and StoryDiffusion
+    (one generator for the identity batch, continued by the frames) do; here the identity keeps ``seed`` and
+    frame k gets ``mix_seed(seed, k)``, so the identity starts from the same noise under both conventions.
+    """
+    if seeding not in SEEDINGS:
+        raise ValueError(f"seeding={seeding!r}; valid: {', '.join(map(repr, SEEDINGS))}")
+    if seeding == "shared":
+        return [int(seed)] * num_images
+    return [int(seed)] + [mix_seed(seed, k) for k in range(1, num_images)]
+
+
 class Method:
     """Base class: plain attention everywhere, one final pass."""
 
     name = "vanilla"
     Config = VanillaConfig
+    seeding = "shared"   # the official noise convention of a story generated from one seed (``story_seeds``)
 
     def __init__(self, **options):
         valid = {f.name for f in fields(self.Config)}
@@ -63,6 +105,16 @@ class Method:
         They start from the same noise, so they reproduce plain FLUX exactly while they run.
         """
         return 0
+
+    def twins_follow(self, phase: Phase) -> bool:
+        """Whether the twins restart every step from their images' current latents.
+
+        False: each twin denoises on its own, a plain trajectory from the shared noise (StorySync's vanilla pass).
+        True: at every step the twin rows take the images' latents before the forward, so a twin's activations
+        are those of a plain forward on the image's current latents (ConsiStory's vanilla query pass); the
+        twins' own scheduler steps are then discarded.
+        """
+        return False
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         """Story indices (besides the identity) that must run in the same chunk as image ``k``."""

@@ -1,55 +1,72 @@
 """ConsiStory (Tewel et al., SIGGRAPH 2024, arXiv 2402.03286; seed 003) on FLUX.1, in the lockstep engine.
 
 ConsiStory makes the subject of a batch of images consistent without training, on SDXL. Its components, their
-equations / sections, and how each is ported to FLUX's joint attention:
+sections, the official files they follow (NVlabs/consistory: ``consistory_run.py``, ``consistory_pipeline.py``,
+``attention_processor.py``, ``consistory_utils.py``, ``utils/ptp_utils.py``) and how each is ported to FLUX:
 
 1. Subject masks (Sec. 3.1 "subject localization"): the cross-attention maps of the subject tokens, averaged
-   over heads and layers, thresholded with Otsu's method. On FLUX there is no cross-attention layer: the
-   image-query x text-key block of the joint attention is the cross-attention. Subject tokens = the T5 tokens
-   of the prompt's character field; softmax over the real text tokens (padding excluded), scaled q.k/sqrt(d)
-   (true attention weights), averaged over heads and over the single blocks of one step
-   (``subject_attention``, ``subject_mask``). A step's mask is used from the next step on: step 0 has no mask
-   and no sharing, which is also the official schedule (shared attention on steps 1..n-1).
-2. Subject-driven shared attention, SDSA (Sec. 3.1, the extended self-attention with mask M_i^+): image i's
-   queries attend to their own keys and to the *subject* keys of the other images (or of the anchors). On
-   FLUX the other images' image keys are taken after RoPE (their own positions) with their values; text queries
-   see no extra keys. Applied in the single-stream blocks (``blocks="single"``): ConsiStory extends the
-   self-attention of SDXL's decoder (up) blocks only (official ``extend_kv_unet_parts=['up']``); the single
-   blocks are FLUX's second half, where CharaConsist shares too (seed 002). Shared attention via
-   ``attention.grouped_attention`` (per-query-group extra keys, no dense mask).
-3. Attention dropout (Sec. 3.2 "enriching layout diversity"): each shared subject patch is dropped with
-   probability ``dropout`` = 0.5 (official ``mask_dropout``), drawn once per step for every (image, source image)
-   pair from a CPU generator per image (seeded from ``seed`` or the image's seed and its story index).
-4. Vanilla query blending (Sec. 3.2): in the first steps the queries of the shared layers are blended with the
-   queries of a plain (vanilla) generation from the same noise, at the same step and layer:
-   ``q = s_t q_vanilla + (1 - s_t) q``, ``s_t`` falling linearly from 0.9 to 0.8 over steps 0..n//10 (official
-   ``t_range=[0, n//10]``, start 0.9; the official end value is 0.818, the paper's description 0.8, taken
-   here). The vanilla queries come from the engine's vanilla twins (plain copies in the same batch), so no
-   separate vanilla pass and no cache. Only image queries are blended (text queries see no shared keys).
-5. Correspondence-based feature injection (Sec. 3.3): every subject patch's self-attention output is blended
-   toward its nearest neighbour among the subject patches of the other images / anchors,
-   ``x_i = (1 - a) x_i + a x_nn(i)``, a = 0.8, on steps n//10..n//3 (official ``inject_range_alpha``), the
-   nearest neighbour taken over all source images ('min' strategy), kept only when its similarity passes
-   Otsu's threshold over the image's nearest-neighbour similarities (official ``dist_thr='dynamic'`` = Otsu on
-   the distances) and the patch is in the image's subject mask. As in the official code the correspondences
-   come from a first ConsiStory pass (SDSA, no injection) that stops at the feature step, here
-   round(0.72 n) (DIFT features at t=261 = DDIM step 36 of 50), followed by the real pass with injection
-   (phases "features" and "main"). Features: ConsiStory uses DIFT (SDXL decoder features); on FLUX, block
-   outputs give degenerate matches and single-layer attention outputs unstable ones (CharaConsist Sec. 3.1,
-   seed 002), so we use the cosine similarity of the single blocks' attention outputs (before the output
-   projection) averaged over the blocks, CharaConsist's S_t. Injection acts on the attention output before the
-   output projection: the projection is affine, so blending before or after it is the same.
-6. Anchors (Sec. 3.4 "anchor images and reusable subjects"): with ``anchors=n`` (official ``n_achors=2``) the
-   first n images of the story share only among themselves and every other image shares with (and injects
-   from) the anchors only. The anchors are in every chunk and never see a frame, so they come out the same
-   whatever frames run with them: frames can be added to existing anchors later (the extension mode) and long
-   stories run in chunks. ``anchors=0``: every image shares with every other image of its chunk.
+   over heads, layers and **the last 20 recorded steps** (``AttentionStore.aggregate_last_steps_attention``,
+   ``x[-20:]`` of every layer's maps, recomputed after every step), thresholded with Otsu's method. On FLUX there
+   is no cross-attention layer: the image-query x text-key block of the joint attention is the cross-attention.
+   Subject tokens = the T5 tokens of the prompt's character field; softmax over the real text tokens (padding
+   excluded), scaled q.k/sqrt(d), averaged over heads and the single blocks of a step (``subject_attention``),
+   then over the last ``mask_window`` steps of the pass (``window_map``) and Otsu-thresholded (``subject_mask``).
+   A step's mask is used from the next step on, as officially (the store aggregates after the step): step 0 has
+   no mask and no sharing (official shared attention on steps 1..n).
+2. Subject-driven shared attention, SDSA (Sec. 3.1): image i's queries attend to their own keys and to the
+   *subject* keys of the other images (or of the anchors). On FLUX the other images' image keys are taken after
+   RoPE (their own positions) with their values; text queries see no extra keys. Applied in the single-stream
+   blocks (``blocks="single"``): ConsiStory extends the self-attention of SDXL's decoder (up) blocks only
+   (``extend_kv_unet_parts=['up']``); the single blocks are FLUX's second half, where CharaConsist shares too.
+   Shared attention via ``attention.grouped_attention`` (per-query-group extra keys, no dense mask).
+3. Attention dropout (Sec. 3.2): each image's subject mask loses each patch with probability ``dropout`` = 0.5
+   (``mask_dropout``) once per step, and every image that reads it sees the same dropped mask
+   (``last_mask_dropout``, drawn with the masks). Here: one draw per source image and step, shared by all its
+   receivers, from a CPU generator per image (seeded from ``seed`` or the image's seed and its story index)
+   restarted at each pass, as the official store reseeds (``torch.manual_seed(0)``) for each pass.
+4. Vanilla query blending (Sec. 3.2): on steps 0..n//10 the official pipeline first runs a plain forward on the
+   *current* latents and caches its queries (``QueryStore``, mode 'cache'), then the SDSA forward blends them
+   into the queries of the shared layers, ``q = s_t q_vanilla + (1 - s_t) q``, ``s_t`` = linspace(0.9,
+   0.81836735) over those steps (``query_store_kwargs``; the paper says 0.8); blending acts only where SDSA acts
+   (steps >= 1). Here the engine's vanilla twins **follow** the images (``twins_follow``): at every blending step
+   they restart from the images' current latents, so in the same batch they are that plain forward, with no
+   extra pass and no cache. Only image queries are blended (text queries see no shared keys), and only of images
+   that receive shared keys: an image that never receives stays a plain forward, where blending changes nothing.
+5. Correspondence-based feature injection (Sec. 3.3, ``FeatureInjector.inject_outputs``): every subject patch's
+   self-attention output is blended toward its nearest neighbour among the subject patches of the other images /
+   anchors, ``x_i = (1 - a) x_i + a x_nn(i)``, a = 0.8, on steps n//10..n//3 inclusive (``inject_range_alpha``),
+   the nearest neighbour over all source images ('min' strategy), kept when its distance passes Otsu's threshold
+   over the image's nearest-neighbour distances (``dist_thr='dynamic'``) and the patch is in the image's subject
+   mask. The official injector updates the batch **in place**, image by image: an image reads the already
+   injected outputs of the images before it (and frames read the anchors' injected outputs in the cached-anchor
+   mode too); ``inject_in_order`` does the same. The correspondences come from a first ConsiStory pass (SDSA, no
+   injection): official ``run_batch_generation`` runs it to the end and takes the DIFT features at t=261 (DDIM
+   step 36 of 50) and the pass's final masks (``last_mask``). ``feature_pass="full"`` (default) does that;
+   ``"short"`` stops the pass at the feature step and uses that step's masks (n - 37 steps fewer, a departure).
+   Features: ConsiStory uses DIFT (SDXL decoder features); on FLUX block outputs give degenerate matches and
+   single-layer attention outputs unstable ones (CharaConsist Sec. 3.1, seed 002), so we use the cosine
+   similarity of the single blocks' attention outputs (before the output projection) averaged over the blocks,
+   CharaConsist's S_t. Injection acts on the attention output before the output projection: the projection is
+   affine and the blend weights sum to 1, so blending before or after it is the same.
+6. Anchors (Sec. 3.4): with ``anchors=n`` (``n_achors=2``) every image shares with (and injects from) the
+   first n images of the story, and the anchors share among themselves (``create_anchor_mapping``; the cached
+   mode generates them together): **the identity is changed by frame 1**, as officially, and ``out.notes`` says
+   so; ``anchors=1`` keeps the identity independent of the frames. The anchors are in every chunk and never see a
+   frame, so frames can be added to existing anchors later and long stories run in chunks. ``anchors=0``: every
+   image shares with every other image of its chunk (the store's default mapping).
+7. Seeding: every image starts from its own noise (``create_latents``, ``same_latent=False``): ``seeding =
+   "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity keeps it, each frame
+   gets its own), the toy benchmark too. A list with one seed repeated is ``same_latent=True``.
+8. Steps: the step options are written for the official 50 steps and rescaled to the step count
+   (``schedule_steps``, as CharaConsist's): the official ranges scale with n too (n//10, n//3), except the
+   20-step mask window and the DIFT timestep t=261, which the official code keeps fixed (and which is not on
+   every DDIM schedule: at 20 or 25 steps the official first pass never records it).
 
 Departures, forced by the engine or FLUX: images of another size run in another forward pass and share only
 with images of their size (noted); an image whose character tokens fall beyond ``max_sequence_length`` has no
 subject mask (noted): its patches are not shared and it gets no feature injection (it still sees the others').
-Cost: the features pre-pass adds round(0.72 n) + 1 steps (the official code runs two full passes), the twins
-add n//10 + 1 steps of a second batch row per image.
+Cost: the features pass adds n steps (``"short"``: round(0.72 n) + 1), as the official code's first pass; the
+twins add n//10 + 1 steps of a second batch row per image, as the official plain query forwards.
 """
 
 from __future__ import annotations
@@ -64,37 +81,65 @@ from ..mask import otsu_threshold
 from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
+from .base import Method, rescale_step, use_volatile_backend, uses_block
 from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources
+
+FEATURE_PASSES = ("full", "short")
 
 
 @dataclass
 class ConsiStoryConfig:
-    """ConsiStory options; defaults from the paper and the official release (see the module docstring)."""
+    """ConsiStory options; defaults from the official release (see the module docstring), step options for 50 steps."""
 
     anchors: int = 2                    # official n_achors; 0 = every image shares with every other of its chunk
     sdsa: bool = True                   # subject-driven shared attention
     share_start: int = 1                # first shared step (official t_range (1, n_steps))
     share_end: int | None = None        # first step without sharing; None = to the end
+    mask_window: int = 20               # subject maps averaged over the last 20 steps (official x[-20:])
     dropout: float = 0.5                # attention dropout on the shared subject patches (official mask_dropout)
     query_blending: bool = True         # vanilla query blending
-    blend_steps: int | None = None      # steps with blending; None = num_steps // 10 + 1 (official [0, n//10])
+    blend_steps: int = 6                # steps 0..5 with the vanilla forward (official t_range [0, n//10])
     blend_start: float = 0.9
-    blend_end: float = 0.8
-    injection: bool = True              # correspondence-based feature injection (adds the "features" pre-pass)
+    blend_end: float = 0.81836735       # official strength_end (the paper: 0.8)
+    injection: bool = True              # correspondence-based feature injection (adds the "features" pass)
     inject_alpha: float = 0.8
-    inject_start: int | None = None     # None = num_steps // 10
-    inject_end: int | None = None       # last injected step, inclusive; None = num_steps // 3
+    inject_start: int = 5               # official n//10
+    inject_end: int = 16                # last injected step, inclusive (official n//3)
     inject_threshold: float | None = None   # min cosine similarity; None = Otsu over the image's NN similarities
-    feature_step: int | None = None     # step of the correspondence features; None = round(0.72 * num_steps)
+    feature_step: int = 36              # step of the correspondence features (official DIFT t=261: step 36 of 50)
+    feature_pass: str = "full"          # "full": the features pass runs to the end and its final masks select the
+                                        # correspondences (official); "short": it stops at feature_step
     blocks: str = "single"              # FLUX blocks of SDSA, blending, injection, masks and features
     seed: int | None = None             # seed of the dropout draws; None = each image's own seed
     volatile_backend: str = "flash"     # SDPA kernels of the shared calls (masks and dropout change every
                                         # step): "flash", or "default" (cuDNN on Hopper: a new plan per shape)
+    schedule_steps: int | None = 50     # the step options are written for this many steps (the official) and
+                                        # rescaled to num_inference_steps (None: use them as given)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "blend_steps": int, "inject_start": int, "inject_end": int,
-                               "inject_threshold": float, "feature_step": int, "seed": int})
+        coerce_optional(self, {"share_end": int, "inject_threshold": float, "seed": int, "schedule_steps": int})
+
+
+def step_schedule(config: ConsiStoryConfig, num_steps: int) -> dict[str, int]:
+    """The step options for ``num_steps`` steps: ``round(v * num_steps / schedule_steps)``.
+
+    Sharing never starts at step 0 (no mask yet); ``blend_steps`` counts steps from 0, so its last step is the one
+    rescaled (official [0, n//10], inclusive); the mask window keeps at least one step; the feature step stays
+    inside the run.
+    """
+    def scaled(v: int) -> int:
+        return rescale_step(v, num_steps, config.schedule_steps)
+
+    start = scaled(config.share_start)
+    return {
+        "share_start": max(start, 1) if config.share_start >= 1 else start,
+        "share_end": num_steps if config.share_end is None else min(scaled(config.share_end), num_steps),
+        "mask_window": max(scaled(config.mask_window), 1),
+        "blend_steps": scaled(config.blend_steps - 1) + 1 if config.blend_steps > 0 else 0,
+        "inject_start": scaled(config.inject_start),
+        "inject_end": scaled(config.inject_end),
+        "feature_step": max(0, min(scaled(config.feature_step), num_steps - 1)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -113,6 +158,12 @@ def subject_attention(q_img: torch.Tensor, k_txt: torch.Tensor, start: int, end:
 def subject_mask(attn_map: torch.Tensor) -> torch.Tensor:
     """Subject patches: the map above its Otsu threshold (Sec. 3.1). A constant map gives an empty mask."""
     return attn_map > otsu_threshold(attn_map)
+
+
+def window_map(history: list[torch.Tensor], window: int) -> torch.Tensor:
+    """The subject map of the last ``window`` steps (Sec. 3.1; official ``aggregate_last_steps_attention``, which
+    averages every layer's maps of the last 20 steps): the mean of the last ``window`` per-step maps."""
+    return torch.stack(history[-window:]).mean(dim=0)
 
 
 def dropout_keep(num_tokens: int, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -183,12 +234,26 @@ def inject_features(out: torch.Tensor, sources: dict[int, torch.Tensor],
     return out
 
 
+def inject_in_order(feats: torch.Tensor, pairs: dict[int, dict[int, tuple]], alpha: float) -> None:
+    """Feature injection over a batch, in place and image by image in row order (official
+    ``FeatureInjector.inject_outputs``: the batch tensor is updated while it is read), so an image reads the
+    already injected outputs of the sources before it.
+
+    ``feats``: (B, N, C) image-token outputs of the batch; ``pairs[row]``: {source row: (target_idx, source_idx,
+    sim)} as :func:`nearest_subject_patches` gives them.
+    """
+    for row in sorted(pairs):
+        sources = {src: feats[src] for src in pairs[row]}
+        feats[row] = inject_features(feats[row], sources, pairs[row], alpha)
+
+
 # ---------------------------------------------------------------------------------------------- the method
 class ConsiStory(Method):
     """Subject-driven shared attention + dropout + vanilla query blending + feature injection, with anchors."""
 
     name = "consistory"
     Config = ConsiStoryConfig
+    seeding = "per_image"
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -198,44 +263,45 @@ class ConsiStory(Method):
             raise ValueError(f"dropout={cfg.dropout}: must be in [0, 1]")
         if cfg.anchors < 0:
             raise ValueError(f"anchors={cfg.anchors}: must be >= 0")
+        if cfg.mask_window < 1:
+            raise ValueError(f"mask_window={cfg.mask_window}: must be >= 1")
+        if cfg.feature_pass not in FEATURE_PASSES:
+            raise ValueError(f"feature_pass={cfg.feature_pass!r}; valid: {', '.join(map(repr, FEATURE_PASSES))}")
 
     # ------------------------------------------------------------------ schedule
-    def _blend_steps(self, num_steps: int) -> int:
-        cfg = self.config
-        if not (cfg.query_blending and cfg.sdsa):
-            return 0
-        return num_steps // 10 + 1 if cfg.blend_steps is None else cfg.blend_steps
-
-    def _feature_step(self, num_steps: int) -> int:
-        fs = round(0.72 * num_steps) if self.config.feature_step is None else self.config.feature_step
-        return max(0, min(fs, num_steps - 1))
-
-    def _inject_range(self, num_steps: int) -> tuple[int, int]:
-        cfg = self.config
-        start = num_steps // 10 if cfg.inject_start is None else cfg.inject_start
-        end = num_steps // 3 if cfg.inject_end is None else cfg.inject_end
-        return start, end
+    def _blending(self) -> bool:
+        return self.config.query_blending and self.config.sdsa
 
     def _injecting(self) -> bool:
         return self.config.injection and self.config.inject_alpha > 0
 
     def phases(self, num_steps: int) -> list[Phase]:
-        first = [Phase("features", self._feature_step(num_steps) + 1, final=False)] if self._injecting() else []
-        return first + [Phase("main", num_steps, final=True)]
+        if not self._injecting():
+            return [Phase("main", num_steps, final=True)]
+        steps = num_steps if self.config.feature_pass == "full" else step_schedule(self.config, num_steps)[
+            "feature_step"] + 1
+        return [Phase("features", steps, final=False), Phase("main", num_steps, final=True)]
 
     def twin_steps(self, phase: Phase) -> int:
-        return self._blend_steps(self._num_steps)
+        return self.schedule["blend_steps"] if self._blending() else 0
+
+    def twins_follow(self, phase: Phase) -> bool:
+        return True     # the vanilla queries come from a plain forward on the current latents (official)
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         return set(range(1, min(self.config.anchors, len(images))))
+
+    def settings(self) -> dict:
+        out = super().settings()
+        if getattr(self, "schedule", None):
+            out["effective_schedule"] = dict(self.schedule)
+        return out
 
     # ------------------------------------------------------------------ state
     def start(self, run: Run) -> None:
         cfg = self.config
         use_volatile_backend(run, cfg.volatile_backend)
-        self._num_steps = run.num_steps
-        self.gens = {s.pos: image_generator(cfg.seed if cfg.seed is not None else s.seed, s.story_index)
-                     for s in run.slots}
+        self.schedule = step_schedule(cfg, run.num_steps)
         grid_of = {s.pos: s.grid for s in run.slots}
         self.sources: dict[int, list[int]] = {}
         for s in run.slots:
@@ -247,44 +313,59 @@ class ConsiStory(Method):
             if s.char_len == 0:
                 run.note(s.pos, "no character tokens within max_sequence_length: no subject mask; its patches are "
                                 "not shared and it gets no feature injection")
+        identity = next(s for s in run.slots if s.story_index == 0)
+        frames = sorted(run.slots[p].story_index for p in self.sources[identity.pos])
+        if frames and (cfg.sdsa or self._injecting()):
+            which = "every frame of its chunk" if cfg.anchors == 0 else f"frame(s) {frames}"
+            run.note(identity.pos, f"ConsiStory: the identity shares the subject of {which} (anchors={cfg.anchors}: "
+                                   "the anchors share among themselves, as officially); anchors=1 keeps it "
+                                   "independent of the frames")
         self.masks: dict[int, torch.Tensor] = {}
         self.pairs: dict[int, dict] = {}
 
     def begin_step(self, run: Run) -> None:
-        cfg, step, phase = self.config, run.step, run.phase
-        if step == 0:
-            self.masks = {}
-        end = run.num_steps if cfg.share_end is None else cfg.share_end
-        self.sharing = cfg.sdsa and cfg.share_start <= step < end and bool(self.masks)
+        cfg, sch, step, phase = self.config, self.schedule, run.step, run.phase
+        if step == phase.start:   # a new pass: its own masks and mask history, its dropout draws from the start
+            self.masks, self.history = {}, {}
+            self.gens = {s.pos: image_generator(cfg.seed if cfg.seed is not None else s.seed, s.story_index)
+                         for s in run.slots}
+        self.sharing = cfg.sdsa and sch["share_start"] <= step < sch["share_end"] and bool(self.masks)
         run.volatile = self.sharing
-        self.strength = blend_strength(step, self._blend_steps(run.num_steps), cfg.blend_start, cfg.blend_end)
-        lo, hi = self._inject_range(run.num_steps)
-        self.inject = phase.final and self._injecting() and lo <= step <= hi and bool(self.pairs)
-        self.collect_features = not phase.final and step == phase.steps - 1
-        self.acc_map: dict[int, torch.Tensor] = {}
-        self.acc_sim: dict[tuple[int, int], torch.Tensor] = {}
-        self.num_sim: dict[tuple[int, int], int] = {}
-        self.keep: dict[tuple[int, int], torch.Tensor] = {}
-        if self.sharing:   # attention dropout: one draw per (image, source) pair and step, in a fixed order
+        blend = self._blending() and self.sharing
+        self.strength = blend_strength(step, sch["blend_steps"], cfg.blend_start, cfg.blend_end) if blend else 0.0
+        self.inject = (phase.final and self._injecting() and sch["inject_start"] <= step <= sch["inject_end"]
+                       and bool(self.pairs))
+        self.collect_features = not phase.final and step == sch["feature_step"]
+        self.correspond = not phase.final and step == phase.steps - 1
+        self.acc_map: dict[int, list] = {}
+        if self.collect_features:
+            self.acc_sim: dict[tuple[int, int], torch.Tensor] = {}
+            self.num_sim: dict[tuple[int, int], int] = {}
+        self.keep: dict[int, torch.Tensor] = {}
+        if self.sharing:   # attention dropout: one draw per source image and step, read by all its receivers
             for s in run.slots:
-                for src in self.sources[s.pos]:
-                    self.keep[(s.pos, src)] = dropout_keep(run.slots[src].num_tokens, cfg.dropout, self.gens[s.pos])
+                self.keep[s.pos] = dropout_keep(s.num_tokens, cfg.dropout, self.gens[s.pos])
 
     def end_step(self, run: Run) -> None:
         new = {}
         for s in run.slots:
             if s.char_len == 0 or s.pos not in self.acc_map:
                 continue
-            mask = subject_mask(self.acc_map[s.pos]).cpu()
+            total, count = self.acc_map[s.pos]
+            history = self.history.setdefault(s.pos, [])
+            history.append(total / count)
+            del history[:-self.schedule["mask_window"]]
+            mask = subject_mask(window_map(history, self.schedule["mask_window"])).cpu()
             if not bool(mask.any()):
                 run.note(s.pos, f"{run.phase.name} pass: subject mask empty at some step(s), nothing shared then")
             new[s.pos] = mask
         self.masks = new
-        if self.collect_features:
+        if self.correspond:
             self._correspondences(run)
 
     def _correspondences(self, run: Run) -> None:
-        """Nearest subject patches from the block-averaged attention-output similarities of the pre-pass."""
+        """Nearest subject patches from the block-averaged attention-output similarities of the features step,
+        within the subject masks the features pass has now (its last step's, or the features step's)."""
         cfg = self.config
         self.pairs = {}
         for s in run.slots:
@@ -318,26 +399,28 @@ class ConsiStory(Method):
                     src_row = group.row_of(src)
                     if src_row is None or src not in self.masks:
                         continue
-                    idx = (self.masks[src] & self.keep[(s.pos, src)]).nonzero(as_tuple=True)[0].to(device)
+                    idx = (self.masks[src] & self.keep[src]).nonzero(as_tuple=True)[0].to(device)
                     extra_k.append(call.k_rot[src_row, T:].index_select(0, idx))
                     extra_v.append(call.value[src_row, T:].index_select(0, idx))
-                if not extra_k:
-                    continue
-                plans[row] = [QueryGroup(torch.arange(T, device=device)),
-                              QueryGroup(torch.arange(T, S, device=device), torch.cat(extra_k), torch.cat(extra_v))]
+                if extra_k:
+                    plans[row] = [QueryGroup(torch.arange(T, device=device)),
+                                  QueryGroup(torch.arange(T, S, device=device), torch.cat(extra_k),
+                                             torch.cat(extra_v))]
                 twin = group.twin_row(s.pos)
-                if self.strength > 0 and twin is not None:
+                if self.strength > 0 and twin is not None and self.sources[s.pos]:
                     q = call.q_rot[row].clone()
                     q[T:] = blend_queries(q[T:], call.q_rot[twin, T:], self.strength)
                     queries[row] = q
+                    plans.setdefault(row, [QueryGroup(torch.arange(S, device=device))])
         out = attend_rows(call, plans, queries)
 
-        n = len(group.slots)   # rows n.. are vanilla twins: plain, never measured
-        for row, s in enumerate(group.slots):
+        for row, s in enumerate(group.slots):   # rows len(slots).. are vanilla twins: plain, never measured
             if s.char_len > 0:
                 m = subject_attention(call.q_rot[row, T:], call.k_rot[row, :T], s.bg_len, s.bg_len + s.char_len,
                                       s.real_len)
-                self.acc_map[s.pos] = self.acc_map[s.pos] + m if s.pos in self.acc_map else m
+                acc = self.acc_map.setdefault(s.pos, [torch.zeros_like(m), 0])
+                acc[0] += m
+                acc[1] += 1
             if self.collect_features:
                 for src in self.sources[s.pos]:
                     src_row = group.row_of(src)
@@ -348,13 +431,11 @@ class ConsiStory(Method):
                     self.acc_sim[key] = self.acc_sim[key] + sim if key in self.acc_sim else sim
                     self.num_sim[key] = self.num_sim.get(key, 0) + 1
         if self.inject:
-            before = {r: out[r, T:].clone() for r in range(n)}
+            pairs = {}
             for row, s in enumerate(group.slots):
-                pairs = self.pairs.get(s.pos)
-                if not pairs:
-                    continue
-                pairs = {src: tuple(t.to(device) for t in p) for src, p in pairs.items()
-                         if group.row_of(src) is not None}
-                srcs = {src: before[group.row_of(src)] for src in pairs}
-                out[row, T:] = inject_features(out[row, T:], srcs, pairs, self.config.inject_alpha)
+                mine = {group.row_of(src): tuple(t.to(device) for t in p)
+                        for src, p in self.pairs.get(s.pos, {}).items() if group.row_of(src) is not None}
+                if mine:
+                    pairs[row] = mine
+            inject_in_order(out[:, T:], pairs, self.config.inject_alpha)
         return out

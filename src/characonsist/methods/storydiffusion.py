@@ -1,4 +1,4 @@
-"""StoryDiffusion's Consistent Self-Attention (Zhou et al., 2024) on FLUX.1, in the lockstep engine.
+"""StoryDiffusion's Consistent Self-Attention (Zhou et al., NeurIPS 2024) on FLUX.1, in the lockstep engine.
 
 StoryDiffusion (seeds 000 and 002 list it as an SDXL baseline of CharaConsist; "inter-image attention" in
 CharaConsist Sec. 3) makes a batch of images consistent without training: in each self-attention layer, image
@@ -9,27 +9,54 @@ Sec. 3.1, Consistent Self-Attention, Algorithm 1)::
     P_i = [I_i ; S_i]                                                   # own tokens + sampled tokens
     O_i = Attention(Q_i, K(P_i), V(P_i))
 
-Port to FLUX (documented choices):
+The defaults follow the official demo (``app.py``: ``SpatialAttnProcessor2_0``, ``process_generation``; the same
+processor is in ``predict.py``; the token masks come from ``cal_attn_mask_xl`` in ``utils/gradio_utils.py``):
+
+- *Identity images, then frames.* The first ``id_length`` prompts are the identity images: they are generated
+  together and share among themselves ("write"); every later frame attends to its own tokens and to the sampled
+  tokens of the identity images only ("read"), never to another frame. ``identities`` = 2 (the demo's
+  ``id_length`` default; its examples use 2 and 3): the story's identity and frame 1 are the identity images, so
+  **the identity image is changed by frame 1**, as in the official code, and ``out.notes`` says so;
+  ``identities=1`` leaves the identity untouched by the frames; ``identities=0`` is Algorithm 1 over the whole
+  chunk (every image shares with every other). The identity images are in every chunk (``dependencies``), and
+  since they never see a frame they come out the same whatever frames run with them.
+- *Token masks.* The official code draws one keep/drop mask over every identity image's tokens per denoising
+  step (``cal_attn_mask_xl``, ``rand < sa32/sa64``, called once per step) and every image of the step uses it:
+  each identity image sees the kept tokens of the other identity images, each frame the kept tokens of all of
+  them. Here too: one draw per source image and step, shared by every receiving image and every layer of the
+  step. Keep rate ``sample_rate`` = 0.5 (``sa32``/``sa64`` in ``app.py``'s globals, ``predict.py`` and the demo's
+  examples; the demo's sliders start at 0.7).
+- *First steps.* While ``cur_step < 5`` (of the demo's 50) the official processor runs no sampled sharing: the
+  identity images attend plainly, and the frames attend to their own tokens plus **every** token of the identity
+  images (the read branch passes the identity images' hidden states without a mask). ``share_start`` = 5;
+  ``early_full_read=False`` gives the frames plain attention there too.
+- *Random skips.* From ``share_start`` on, every call of a shared layer is skipped (plain attention for every
+  image of the call) with probability ``skip_early`` = 0.3 before step ``skip_switch`` = 20 and ``skip_late``
+  = 0.1 after it (``random.random()`` per processor call against 0.3 / 0.1). One draw per layer and step, shared
+  by the images of the step (the demo reseeds its RNGs before the identity batch and before every frame, so the
+  identity pass and every frame pass see the same sequence of skips and masks).
+- *Steps.* ``share_start``, ``share_end`` and ``skip_switch`` are written for the demo's 50 steps and rescaled to
+  the step count (``schedule_steps``, as CharaConsist's), so 20-step toy runs and 28-step FLUX runs put them at
+  the same fraction of the run (the official code uses 5 and 20 whatever the step count).
+- *Seeding.* Every image starts from its own noise (one generator for the identity batch, continued by the
+  frames): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity
+  keeps it, each frame gets its own), the toy benchmark too.
+
+Port to FLUX (documented departures):
 - *Where.* FLUX has no separate self-attention: its joint attention over [text; image] tokens is the
   self-attention. StoryDiffusion changes the self-attention of SDXL's decoder (up) blocks; the FLUX analogue is
   the 38 single-stream blocks, the second half of the network where the image stream is refined after the
   double blocks have mixed text and image, and where CharaConsist shares too (official CharaConsist code).
-  ``blocks`` = "single" (default), "double" or "all".
+  ``blocks`` = "single" (default), "double" or "all". SDXL's two resolutions (``sa32``, ``sa64``) are one here.
 - *Keys.* The sampled tokens are the other images' image keys *after* RoPE (their own positions), values as
-  they are: the plain port that CharaConsist Sec. 3 calls inter-image attention (its locality bias is exactly
-  what CharaConsist fixes; StoryDiffusion itself has no answer to it). Text queries see no extra keys; image
-  queries see their own text and image keys plus the sampled ones.
-- *When.* No sharing at the first step (official code: the first step runs plain attention, there is no
-  layout yet); every later step shares (``share_start=1``, ``share_end=None`` = to the end).
-- *Sampling.* Each query image draws, at every shared layer and step, an independent Bernoulli(``sample_rate``)
-  keep-mask over every other image's tokens (paper and official default rate 0.5). The draws come from a CPU
-  ``torch.Generator`` per image seeded from ``seed`` (or the image's own seed) and its story index, so a run is
-  deterministic and an image's draws do not depend on which other images share its chunk.
-- *Who shares with whom.* ``identities=0`` (paper Algorithm 1): every image of a chunk shares with every other
-  image of the chunk. ``identities=n`` (the official "identity images" then "read mode"): the first n images of
-  the story are in every chunk and share only among themselves, the other frames attend to the identities'
-  sampled tokens only; so frames can be added later and see the same identities.
-- Images of another size run in another forward pass: they share only with images of their own size (noted).
+  they are: the plain port that CharaConsist Sec. 3 calls inter-image attention. Text queries see no extra
+  keys; image queries see their own text and image keys plus the shared ones.
+- *Lockstep.* The frames read the identity images' keys of the same step and layer straight from the batch
+  instead of the official per-step cache of their hidden states (the same values: the identity images never see
+  a frame). Images of another size run in another forward pass and share only with images of their size (noted).
+- *Randomness.* The draws come from CPU ``torch.Generator``s seeded from ``seed`` (default: the identity's seed),
+  one per source image (its story index) and one for the skips, so a run is deterministic and an image's draws
+  do not depend on which other images share its chunk.
 """
 
 from __future__ import annotations
@@ -41,24 +68,33 @@ import torch
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
+from .base import Method, mix_seed, rescale_step, use_volatile_backend, uses_block
+
+_DRAWS = 0x5D   # tag of the token-mask and skip draws' seeds
 
 
 @dataclass
 class StoryDiffusionConfig:
-    """Consistent Self-Attention options; defaults from the paper / official code."""
+    """Consistent Self-Attention options; defaults from the official demo (see the module docstring)."""
 
-    sample_rate: float = 0.5        # share of the other images' tokens each image sees (paper, official sa32/sa64)
-    share_start: int = 1            # first step with sharing (official: none at the first step)
-    share_end: int | None = None    # first step without sharing; None = to the end
-    identities: int = 0             # 0: all images of a chunk share (Algorithm 1); n: first n are identity images
+    sample_rate: float = 0.5        # share of an identity image's tokens kept at a step (official sa32 / sa64)
+    identities: int = 2             # official id_length: the first n images share among themselves, the other
+                                    # frames only read them; 0 = every image of a chunk shares (Algorithm 1)
+    share_start: int = 5            # first step of sampled sharing (official: cur_step < 5 runs without it)
+    share_end: int | None = None    # first step without any sharing; None = to the end
+    early_full_read: bool = True    # before share_start the frames see every token of the identity images (official)
+    skip_switch: int = 20           # official: a shared call is skipped with p 0.3 before step 20, 0.1 from it
+    skip_early: float = 0.3
+    skip_late: float = 0.1
     blocks: str = "single"          # "single" | "double" | "all": FLUX blocks with consistent self-attention
-    seed: int | None = None         # seed of the token sampling; None = each image's own seed
-    volatile_backend: str = "flash"  # SDPA kernels of the shared calls (the sample size changes at every layer):
+    seed: int | None = None         # seed of the token masks and skips; None = the identity image's seed
+    volatile_backend: str = "flash"  # SDPA kernels of the shared calls (the sample size changes every step):
                                      # "flash", or "default" (cuDNN on Hopper: a new plan per shape)
+    schedule_steps: int | None = 50  # the step options are written for this many steps (the demo's) and rescaled
+                                     # to num_inference_steps (None: use them as given)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "seed": int})
+        coerce_optional(self, {"share_end": int, "seed": int, "schedule_steps": int})
 
 
 def coerce_optional(config, types: dict[str, type]) -> None:
@@ -81,6 +117,12 @@ def sample_tokens(num_tokens: int, rate: float, generator: torch.Generator) -> t
     return keep.nonzero(as_tuple=True)[0]
 
 
+def shared_layers(num_layers: int, skip: float, generator: torch.Generator) -> torch.Tensor:
+    """The official random skip for one step: (num_layers,) bool, True where the layer call shares (probability
+    1 - ``skip``), False where it runs plain attention for every image of the call."""
+    return torch.rand(num_layers, generator=generator) >= skip
+
+
 def image_generator(base_seed: int | None, story_index: int) -> torch.Generator:
     """The CPU generator of one image's random draws: seeded from the run seed and the image's story index."""
     seed = (0 if base_seed is None else int(base_seed)) * 1_000_003 + story_index
@@ -96,61 +138,118 @@ def sharing_sources(slots: list[Slot], pos: int, identities: int) -> list[int]:
     return [p for p in ids if p != pos] if me.story_index < identities else ids
 
 
+def step_schedule(config: StoryDiffusionConfig, num_steps: int) -> dict[str, int]:
+    """The step options for ``num_steps`` steps: ``round(v * num_steps / schedule_steps)``; ``share_end`` None is
+    the end of the run."""
+    def scaled(v: int) -> int:
+        return rescale_step(v, num_steps, config.schedule_steps)
+
+    end = num_steps if config.share_end is None else min(scaled(config.share_end), num_steps)
+    return {"share_start": scaled(config.share_start), "share_end": end, "skip_switch": scaled(config.skip_switch)}
+
+
 class StoryDiffusion(Method):
-    """Consistent Self-Attention: each image also attends to randomly sampled tokens of the other images."""
+    """Consistent Self-Attention: each image also attends to randomly sampled tokens of the identity images."""
 
     name = "storydiffusion"
     Config = StoryDiffusionConfig
+    seeding = "per_image"
 
     def __init__(self, **options):
         super().__init__(**options)
         cfg = self.config
-        if not 0.0 <= cfg.sample_rate <= 1.0:
-            raise ValueError(f"sample_rate={cfg.sample_rate}: must be in [0, 1]")
+        for key in ("sample_rate", "skip_early", "skip_late"):
+            if not 0.0 <= getattr(cfg, key) <= 1.0:
+                raise ValueError(f"{key}={getattr(cfg, key)}: must be in [0, 1]")
+        if cfg.identities < 0:
+            raise ValueError(f"identities={cfg.identities}: must be >= 0")
         uses_block(cfg.blocks, "single")   # validates the name
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         return set(range(1, min(self.config.identities, len(images))))
 
+    def settings(self) -> dict:
+        out = super().settings()
+        if getattr(self, "schedule", None):
+            out["effective_schedule"] = dict(self.schedule)
+        return out
+
+    def _reader(self, s: Slot) -> bool:
+        """A frame that reads the identity images (official "read" mode) rather than one of them."""
+        return 0 < self.config.identities <= s.story_index
+
     def start(self, run: Run) -> None:
         cfg = self.config
         use_volatile_backend(run, cfg.volatile_backend)
-        self.gens = {s.pos: image_generator(cfg.seed if cfg.seed is not None else s.seed, s.story_index)
+        self.schedule = step_schedule(cfg, run.num_steps)
+        identity = next(s for s in run.slots if s.story_index == 0)
+        base = cfg.seed if cfg.seed is not None else (identity.seed or 0)
+        # tagged with _DRAWS so that no draw shares a seed with an image's noise (story_seeds: mix_seed(seed, k))
+        self.gens = {s.pos: torch.Generator("cpu").manual_seed(mix_seed(base, _DRAWS, 1, s.story_index))
                      for s in run.slots}
+        self.skip_gen = torch.Generator("cpu").manual_seed(mix_seed(base, _DRAWS, 2))
         self.sources: dict[int, list[int]] = {}
         grid_of = {s.pos: s.grid for s in run.slots}
         for s in run.slots:
             src = sharing_sources(run.slots, s.pos, cfg.identities)
             same = [p for p in src if grid_of[p] == s.grid]
-            if len(same) < len(src) and cfg.sample_rate > 0:
+            if len(same) < len(src):
                 run.note(s.pos, "some images have another size: tokens shared only with images of the same size")
             self.sources[s.pos] = same
+        frames = sorted(run.slots[p].story_index for p in self.sources[identity.pos])
+        sampled = (self.schedule["share_start"] < self.schedule["share_end"] and cfg.sample_rate > 0
+                   and min(cfg.skip_early, cfg.skip_late) < 1)
+        if frames and sampled:
+            which = "every frame of its chunk" if cfg.identities == 0 else f"frame(s) {frames}"
+            run.note(identity.pos, f"StoryDiffusion: the identity image shares with {which} (the first "
+                                   f"identities={cfg.identities} images share among themselves, as the official "
+                                   "identity images do); identities=1 keeps it independent of the frames")
+        self.readers = {s.pos for s in run.slots if self._reader(s)}
+        self.sources_all = sorted({p for src in self.sources.values() for p in src})
 
     def begin_step(self, run: Run) -> None:
-        cfg = self.config
-        end = run.num_steps if cfg.share_end is None else cfg.share_end
-        self.sharing = run.phase.final and cfg.share_start <= run.step < end and cfg.sample_rate > 0
-        run.volatile = self.sharing
+        cfg, sch, step = self.config, self.schedule, run.step
+        self.mode = None                      # None: plain; "read": early full read; "sample": sampled sharing
+        if run.phase.final and step < sch["share_end"]:
+            if step < sch["share_start"]:
+                self.mode = "read" if cfg.early_full_read and self.readers else None
+            else:
+                self.mode = "sample"
+        if self.mode == "sample":            # one mask per source image and one skip per layer, for the whole step
+            self.keep = {p: sample_tokens(run.slots[p].num_tokens, cfg.sample_rate, self.gens[p])
+                         for p in self.sources_all}
+            skip = cfg.skip_early if step < sch["skip_switch"] else cfg.skip_late
+            self.shared = shared_layers(run.num_double_blocks + run.num_single_blocks, skip, self.skip_gen)
+        run.volatile = self.mode == "sample"
 
     def attention(self, call: AttnCall) -> torch.Tensor:
-        if not (self.sharing and uses_block(self.config.blocks, call.kind)):
+        if self.mode is None or not uses_block(self.config.blocks, call.kind):
             return call.plain()
-        group, T = call.run.group, call.text_len
-        device = call.query.device
+        run = call.run
+        if self.mode == "sample" and not bool(self.shared[call.block + (run.num_double_blocks
+                                                                          if call.kind == "single" else 0)]):
+            return call.plain()                # the official random skip: plain attention for every image
+        group, T = run.group, call.text_len
+        device, S = call.query.device, call.query.shape[1]
         plans = {}
         for row, s in enumerate(group.slots):
+            if self.mode == "read" and s.pos not in self.readers:
+                continue                       # identity images attend plainly in the first steps
             extra_k, extra_v = [], []
             for src in self.sources[s.pos]:
                 src_row = group.row_of(src)
                 if src_row is None:
                     continue
-                idx = T + sample_tokens(call.query.shape[1] - T, self.config.sample_rate, self.gens[s.pos]).to(device)
-                extra_k.append(call.k_rot[src_row].index_select(0, idx))
-                extra_v.append(call.value[src_row].index_select(0, idx))
+                if self.mode == "read":
+                    idx = torch.arange(T, S, device=device)
+                else:
+                    idx = T + self.keep[src].to(device)
+                if idx.numel():
+                    extra_k.append(call.k_rot[src_row].index_select(0, idx))
+                    extra_v.append(call.value[src_row].index_select(0, idx))
             if extra_k:
                 plans[row] = [QueryGroup(torch.arange(T, device=device)),
-                              QueryGroup(torch.arange(T, call.query.shape[1], device=device),
-                                         torch.cat(extra_k), torch.cat(extra_v))]
+                              QueryGroup(torch.arange(T, S, device=device), torch.cat(extra_k), torch.cat(extra_v))]
         return attend_rows(call, plans)
 
 

@@ -43,6 +43,15 @@ Components (paper equations) and where they act on FLUX:
 Chunks: with ``num_references = 0`` every image of a chunk shares with every other (the paper's batch), so the
 way a long story is cut into chunks (``batch_size``) changes its frames; with ``num_references = K`` it does not.
 
+The identity image: StorySync's algorithm shares across the whole batch (Eqs. 5-8), so with the default
+``num_references = 0`` **the identity is changed by the frames**, and with K >= 2 by the other references;
+``out.notes`` says so. ``num_references = 1`` keeps it independent of the frames.
+
+Seeding: there is no official code; the paper generates a batch with one sampler call and says nothing of shared
+noise, and a batch drawn from one generator gives every image its own noise (as ConsiStory's code, whose benchmark
+StorySync uses): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``), the
+toy benchmark too.
+
 Steps: sharing and RFH on steps [``share_start``, ``share_end``) = 1-49 of 50 (the paper shares at every step;
 step 0 has no mask yet). Step options are written for 50 steps and rescaled to the step count
 (``schedule_steps``), as CharaConsist's are, so FLUX.1-schnell's 4 steps and the toy model's 20 get the same
@@ -65,7 +74,7 @@ from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
+from .base import Method, mix_seed, use_volatile_backend, uses_block
 
 BLOCKS = ("single", "double", "all")
 FEATURES = ("averaged", "layer")
@@ -200,20 +209,6 @@ def layout_interpolate(x_consist: torch.Tensor, x_vanilla: torch.Tensor, lam: fl
     return ((1.0 - lam) * x_consist.float() + lam * x_vanilla.float()).to(x_consist.dtype)
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash randomization."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
 def dropout_keep(n: int, p: float, seed: int) -> torch.Tensor:
     """A seeded dropout draw (Sec. 3.3's dropouts): (n,) bool, True = kept (probability 1 - p). CPU tensor."""
     if p <= 0:
@@ -273,6 +268,8 @@ class StorySync(Method):
 
     name = "storysync"
     Config = StorySyncConfig
+    seeding = "per_image"   # no official code; a batch from one generator gives each image its own noise (and
+                            # StorySync is evaluated on ConsiStory's benchmark, whose code does so)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -318,6 +315,13 @@ class StorySync(Method):
                 lost = [o.story_index for o in wanted if o.pos not in same]
                 run.note(s.pos, f"images {lost} have another size: no cross-image sharing with them")
             self.sources[s.pos] = same
+        identity = next(s for s in run.slots if s.story_index == 0)
+        frames = sorted(run.slots[p].story_index for p in self.sources[identity.pos])
+        if frames and (cfg.share or cfg.rfh):
+            which = ("every frame of its chunk (the paper's batch: every image shares with every other)"
+                     if cfg.num_references == 0 else f"frame(s) {frames} (the references share among themselves)")
+            run.note(identity.pos, f"StorySync: the identity shares with and harmonizes toward {which}; "
+                                   "num_references=1 keeps it independent of the frames")
         self.masks_raw: dict[int, torch.Tensor | None] = {}
         self.masks: dict[int, torch.Tensor | None] = {}
         self.corr: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

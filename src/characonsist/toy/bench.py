@@ -296,20 +296,47 @@ def _mask_text(mask) -> list[str] | None:
     return None if mask is None else ["".join("1" if v else "0" for v in row) for row in np.asarray(mask, bool)]
 
 
+SEEDING_CHOICES = ("official", "shared", "per_image")
+
+
+def method_seeding(name: str, seeding: str = "official") -> str | None:
+    """The noise convention a method runs with: its official one (``Method.seeding``: "shared" for CharaConsist
+    and vanilla, "per_image" for the peers) or the one forced by ``seeding``; None for the oracle."""
+    if seeding not in SEEDING_CHOICES:
+        raise ValueError(f"seeding={seeding!r}; valid: {', '.join(SEEDING_CHOICES)}")
+    if name == ORACLE:
+        return None
+    if seeding != "official":
+        return seeding
+    from ..methods import method_class
+    return method_class(name).seeding
+
+
 def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
-              log=None, readout_net=None, image_dir: str | Path | None = None, **gen_kwargs) -> dict:
+              log=None, readout_net=None, image_dir: str | Path | None = None, seeding: str = "official",
+              **gen_kwargs) -> dict:
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
-    Story ``i`` is generated with seed ``seed + story.seed`` for every image (the official convention: identity
-    and frames start from the same noise). ``gen_kwargs`` go to the pipeline call (e.g. ``guidance_scale``).
+    Story ``i`` is generated from seed ``seed + story.seed``, spread over its images by each method's official
+    convention (``seeding="official"``; ``methods.base.story_seeds``): CharaConsist and vanilla give every image that
+    seed (identity and frames start from the same noise), ConsiStory, StorySync and StoryDiffusion give each image
+    its own noise (the identity keeps the story's seed). ``seeding="shared"`` / ``"per_image"`` forces one convention
+    on every method. Each method's convention is recorded (``methods[spec]["seeding"]``, ``settings["seeding"]``)
+    with every story's seeds. ``gen_kwargs`` go to the pipeline call (e.g. ``guidance_scale``).
     With ``image_dir``, each story is saved as one strip ``image_dir/<method>/<story>.png`` (identity first).
-    Returns ``{"settings": ..., "methods": {spec: {"method", "options", "metrics", "stories"}}}``.
+    Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``.
     """
+    from ..methods.base import story_seeds
     from .readout import read_batch
 
+    conventions = {}
+    for spec in methods:   # a spec's own "+seeding=..." overrides the run's convention (e.g. vanilla+seeding=per_image)
+        name, options = parse_method(spec)
+        conventions[spec] = method_seeding(name, options.get("seeding", seeding))
     settings = {"seed": seed, "height": height, "width": width, "num_inference_steps": num_inference_steps,
-                "max_sequence_length": max_sequence_length, "stories": len(stories), **gen_kwargs}
+                "max_sequence_length": max_sequence_length, "stories": len(stories), "seeding": conventions,
+                **gen_kwargs}
     result: dict = {"settings": settings, "methods": {}}
     if pipe is not None and hasattr(pipe, "token_spans"):    # prompt lengths, before any generation
         problems = set()
@@ -323,16 +350,18 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
             raise ValueError("\n".join(sorted(problems)))
     for spec in methods:
         name, options = parse_method(spec)
+        options.pop("seeding", None)
         records = []
         t_method = time.perf_counter()
         for n, story in enumerate(stories):
             s = seed + story.seed
+            seeds = story_seeds(s, len(story.images), conventions[spec]) if conventions[spec] else [s]
             t0 = time.perf_counter()
             try:
                 if name == ORACLE:
                     images, masks = _oracle_images(story, s, height)
                 else:
-                    out = pipe(identity=story.identity, frames=list(story.frames), method=name, seed=s,
+                    out = pipe(identity=story.identity, frames=list(story.frames), method=name, seed=seeds,
                                num_inference_steps=num_inference_steps, height=height, width=width,
                                max_sequence_length=max_sequence_length, output_type="np", **gen_kwargs, **options)
                     images = [to_uint8(im) for im in (out.identity, *out.frames)]
@@ -351,7 +380,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
             reads, conf = read_batch(images, readout_net, confidence=True)
             rec = score_story(story.truth, reads, images, story.mode, masks if any(
                 m is not None for m in masks) else None)
-            rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, reads=reads,
+            rec.update(name=story.name, mode=story.mode, seconds=seconds, seed=s, seeds=seeds, reads=reads,
                        prompts=[im.spec() for im in story.images],
                        confidence=[min(c.values()) for c in conf])
             if "mask_scores" in rec:
@@ -363,7 +392,8 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                     + (f", mask fg {100 * np.mean(fg):.0f}%" if fg else "") + f" in {seconds:.1f}s")
         metrics = aggregate(records)
         metrics["wall_seconds"] = time.perf_counter() - t_method    # generation, readout and scoring
-        result["methods"][spec] = {"method": name, "options": options, "metrics": metrics, "stories": records}
+        result["methods"][spec] = {"method": name, "options": options, "seeding": conventions[spec], "metrics": metrics,
+                                   "stories": records}
         if log:
             log(f"[{spec}] done in {metrics['wall_seconds']:.1f}s")
     return result
@@ -413,7 +443,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``characonsist bench toy``."""
     parser.add_argument("--methods", default="vanilla,characonsist",
                         help="comma-separated: registry names, ablations (characonsist-no-tracking, "
-                             "characonsist-no-merge, characonsist-no-mask), name+option=value, 'oracle' "
+                             "characonsist-no-merge, characonsist-no-mask), name+option=value (+seeding=shared|per_image: "
+                             "that method's noise convention), 'oracle' "
                              "(the renderer's truth: the readout's ceiling), or 'all' (" + ",".join(ALL_METHODS) + ")")
     parser.add_argument("--stories", default=None,
                         help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
@@ -431,6 +462,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: every core this process may use)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
+    parser.add_argument("--seeding", default="official", choices=SEEDING_CHOICES,
+                        help="how a story's seed reaches its images: each method's official convention (CharaConsist, "
+                             "vanilla: the same noise for every image; the peers: one noise per image), or one "
+                             "convention for every method")
     parser.add_argument("--quiet", action="store_true", help="no per-story progress lines")
 
 
@@ -597,7 +632,7 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
     t0 = time.perf_counter()
     try:
         result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
-                           readout_net=readout_on(args.device), **gen)
+                           readout_net=readout_on(args.device), seeding=args.seeding, **gen)
     except ValueError as e:
         print(f"bench toy: {e}", file=sys.stderr)
         return 2
@@ -608,6 +643,7 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
     model = f"model {args.model}, {gen['num_inference_steps']} steps" if pipe is not None else "no model"
     print(f"toy bench: {len(stories)} stories ({suite}), {model}, {args.device} ({result['settings']['device_name']})")
     print(format_tables(result))
+    print("seeding: " + ", ".join(f"{n} {m.get('seeding') or '-'}" for n, m in result["methods"].items()))
     per = ", ".join(f"{n} {m['metrics']['wall_seconds']:.0f}s" for n, m in result["methods"].items())
     print(f"total {total:.0f}s wall: loading {load_seconds:.0f}s, {per}")
     if args.json:
