@@ -179,10 +179,13 @@ def _compare_notes(results: list[dict], refs: list[dict], benchmark: str | None)
             notes.append(f"note: {METRICS[key][0]} used different mask sources across runs "
                          f"({', '.join('/'.join(s) or 'none' for s in sorted(sources))}); "
                          "--masks model gives every run the same segmenter")
+    missing: dict[tuple, list[str]] = {}
     for r in results:
         for m in r["metrics"].values():
             if m["status"] != "ok":
-                notes.append(f"{r['run']['label']}: {m['label']} {m['status']}: {m.get('reason', '')}")
+                missing.setdefault((m["label"], m["status"], m.get("reason", "")), []).append(r["run"]["label"])
+    for (label, status, reason), labels in missing.items():
+        notes.append(f"{label} {status} for {', '.join(dict.fromkeys(labels))}: {reason}")
     if refs:
         notes.append(f"[paper] rows: {refs[0]['source']}; measured with the paper's own models (CLIP variant not "
                      "stated, SAM masks, RetinaFace + FaceNet), so they place a run, they do not certify it")

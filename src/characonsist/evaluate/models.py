@@ -266,6 +266,10 @@ class ArcFaceOnnx:
             (self.size[1], self.size[0]), Image.BILINEAR)
 
     def embed(self, faces) -> np.ndarray:
+        from PIL import Image
+
+        size = (self.size[1], self.size[0])
+        faces = [f if f.size == size else f.resize(size, Image.BILINEAR) for f in faces]
         batch = np.stack([(np.asarray(f.convert("RGB"), dtype=np.float32) - 127.5) / 127.5 for f in faces])
         batch = batch.transpose(0, 3, 1, 2)
         name = self.session.get_inputs()[0].name
