@@ -270,3 +270,6 @@ def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["references"][2]["values"]["clip_t"] == 0.281
     assert cli.main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    off = ["--clip", "none", "--dinov2", "none", "--face-detector", "none", "--dreamsim", "none", "--quiet"]
+    assert cli.main(["eval", str(run), "--report-dir", str(tmp_path / "off"), *off]) == 1
+    assert "no metric could be computed" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from .references import BENCHMARKS, references
 from .report import ReportError, check_ours, compare_html, compare_table, terminal_summary, text_table, write_report
 from .runfolder import RunError, read_run
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.compare:
                 print(terminal_summary(result))
                 print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    if not any(m["status"] == "ok" for r in results for m in r["metrics"].values()):
+        print("characonsist eval: error: no metric could be computed (see the reasons above: install or pass the "
+              "models)", file=sys.stderr)
+        return EXIT_FAILED
     if args.compare:
         refs = references(args.benchmark)
         header, rows = compare_table(results, refs)
