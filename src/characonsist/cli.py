@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: `characonsist bench toy --help`", add_help=False)
     bench.add_argument("suite", nargs="?", choices=["toy"], help="which benchmark (toy: the toy-world consistency bench)")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    evaluate = sub.add_parser("eval", help="the papers' metrics on run folders: `characonsist eval --help`",
+                              add_help=False, prefix_chars="\0")  # every argument goes to characonsist.evaluate
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
 
@@ -784,6 +788,12 @@ def cmd_bench(args) -> int:
     return int(bench.run(parser.parse_args(args.rest)) or 0)
 
 
+def cmd_eval(args) -> int:
+    from .evaluate.cli import main as evaluate
+
+    return evaluate(args.rest)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -798,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread
         handler = None
     try:
-        return {"generate": cmd_generate, "demo": cmd_demo, "bench": cmd_bench}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "bench": cmd_bench,
+                "eval": cmd_eval}[args.command](args)
     except (UsageError, StoryError) as e:
         print(f"characonsist: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

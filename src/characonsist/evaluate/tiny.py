@@ -1,0 +1,124 @@
+"""Tiny random models for every metric, built from configs and saved like the real ones (tests, offline demos).
+
+``save_tiny_models(folder)`` writes ``clip/``, ``dinov2/``, ``clipseg/``, ``owlv2/`` (transformers folders with
+their processors, loadable by ``from_pretrained``) and ``arcface.onnx`` (an ArcFace-shaped ONNX graph: NCHW
+112x112 RGB in, a 16-d embedding out). Their scores mean nothing; they exercise the real loading and scoring code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("a an the of in on at photo human face robot cat dog girl boy park beach city forest street sunny green "
+         "grey starry night big small left right middle red blue").split()
+
+
+def _tokenizer(max_length: int):
+    from ..tokenizers import make_clip_tokenizer
+
+    return make_clip_tokenizer(WORDS, model_max_length=max_length)
+
+
+def _text_config(tok, max_length: int, hidden: int = 32) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                max_position_embeddings=max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def _vision_config(hidden: int = 32) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                patch_size=8)
+
+
+def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
+    """Build, save and return the paths of the tiny models (a few seconds on a CPU)."""
+    import torch
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        Dinov2Config,
+        Dinov2Model,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        ViTImageProcessor,
+    )
+
+    from .models import CLIP_MEAN
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    clip_std = (0.26862954, 0.26130258, 0.27577711)
+    tok = _tokenizer(77)
+    paths = {}
+
+    clip = CLIPModel(CLIPConfig(text_config=_text_config(tok, 77), vision_config=_vision_config(), projection_dim=16))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    paths["clip"] = _save(clip, processor, folder / "clip")
+
+    dino = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                    image_size=32, patch_size=8))
+    processor = BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+                                  image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    paths["dinov2"] = _save(dino, processor, folder / "dinov2")
+
+    seg = CLIPSegForImageSegmentation(CLIPSegConfig(
+        text_config=_text_config(tok, 77), vision_config=_vision_config(), projection_dim=16, extract_layers=[0, 1],
+        reduce_dim=16, decoder_num_attention_heads=2, decoder_intermediate_size=32))
+    processor = CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32},
+                                                                   image_mean=list(CLIP_MEAN), image_std=list(clip_std)),
+                                 tokenizer=tok)
+    paths["segmenter"] = _save(seg, processor, folder / "clipseg")
+
+    owl_tok = _tokenizer(16)
+    owl = Owlv2ForObjectDetection(Owlv2Config(text_config=_text_config(owl_tok, 16), vision_config=_vision_config(48),
+                                              projection_dim=32))
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=owl_tok)
+    paths["face_detector"] = _save(owl, processor, folder / "owlv2")
+
+    paths["face_model"] = str(save_tiny_arcface(folder / "arcface.onnx", seed))
+    return paths
+
+
+def _save(model, processor, path: Path) -> str:
+    model.eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_arcface(path: str | Path, seed: int = 0, dim: int = 16) -> Path:
+    """An ONNX graph shaped like ArcFace: input ``input.1`` (N, 3, 112, 112) -> conv 8x8/8 -> ReLU -> global mean
+    -> linear -> (N, ``dim``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    conv = rng.normal(0, 0.2, (8, 3, 8, 8)).astype(np.float32)
+    linear = rng.normal(0, 0.5, (8, dim)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["input.1", "conv_w"], ["c"], kernel_shape=[8, 8], strides=[8, 8]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "fc_w"], ["embedding"])]
+    graph = helper.make_graph(nodes, "tiny_arcface",
+                              [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+                              [numpy_helper.from_array(conv, "conv_w"), numpy_helper.from_array(linear, "fc_w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
