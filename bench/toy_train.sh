@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# Toy model v3 training on the lent GPU machine (issue 10): two device calls on one machine, each under 10 minutes,
-# data parallel over every GPU of the machine (torchrun), the run folder kept in runs/toy-v3 between the calls.
-#   call 1: bash bench/toy_train.sh $OUT first    # pipeline around the shipped VAE; schedule planned over both calls
-#   call 2: bash bench/toy_train.sh $OUT second   # resumes and finishes the schedule
-# Each call returns the log, the state and the whole run folder as tar parts (files from a call are at most 16 MiB):
-#   cat run.tar.* | tar xf - -C RUN && python -m characonsist.toy.train --out RUN --stage export
+# Toy model v3 training on the lent GPU machine (issue 10): device calls of under 10 minutes each on one machine,
+# data parallel over every GPU of the machine (torchrun), the run folder kept in runs/toy-v3 between the calls of a
+# session (a warm machine keeps it), and returned after every call as tar parts (a returned file is at most 16 MiB).
+#   bash bench/toy_train.sh $OUT scratch     # new run around the shipped VAE; schedule planned over two calls
+#   bash bench/toy_train.sh $OUT continue    # new run starting from the shipped transformer (continues a model)
+#   bash bench/toy_train.sh $OUT resume      # the next call: resumes the run and finishes its schedule
+# Then, here: cat run.tar.* | tar xf - -C RUN && python -m characonsist.toy.train --out RUN --stage export
 # Carry .whl (diffusers 0.42.1, importlib_metadata 10.2.0, lazy_importer 0.1.0; BENCHMARKS.md).
+# Each training command runs under `timeout`, so the run folder comes back even if training hangs.
 set -u
 OUT=${1:?output folder}
-PART=${2:?first or second}
+PART=${2:?scratch, continue or resume}
+MINUTES=${MINUTES:-8.6}          # training command's own budget (it saves and stops before it)
+EXTRA=${EXTRA:-7.6}              # minutes of training planned for the resume call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 RUN=runs/toy-v3
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-TRAIN="python3 -m torch.distributed.run --standalone --nproc_per_node $NGPU -m characonsist.toy.train --out $RUN
-       --stage transformer --precision bf16 --compile --cache /tmp/toy-data"
-if [ "$PART" = first ]; then
-    python3 -m characonsist.toy.train --out $RUN --stage init --vae-from src/characonsist/toy/weights/vae 2>&1 \
-        | grep -v -e Warning -e "Loading"
-    $TRAIN --steps auto --extra-minutes 7.3 --minutes 9.0 --lr 5e-4 2>&1 | grep -v -e Warning -e "Loading"
-else
-    $TRAIN --rewarm 300 --minutes 9.0 2>&1 | grep -v -e Warning -e "Loading"
-fi
+TRAIN="timeout 545 python3 -m torch.distributed.run --standalone --nproc_per_node $NGPU -m characonsist.toy.train
+       --out $RUN --stage transformer --precision bf16 --compile --cache /tmp/toy-data --minutes $MINUTES"
+quiet() { grep -v -e Warning -e Loading | cut -c1-300; }
+case "$PART" in
+    scratch|continue)
+        FROM=""
+        [ "$PART" = continue ] && FROM="--transformer-from src/characonsist/toy/weights/transformer"
+        python3 -m characonsist.toy.train --out $RUN --stage init --vae-from src/characonsist/toy/weights/vae \
+            $FROM 2>&1 | quiet
+        $TRAIN --steps auto --extra-minutes "$EXTRA" --lr 5e-4 2>&1 | quiet ;;
+    resume)
+        $TRAIN --rewarm 200 2>&1 | quiet ;;
+    *) echo "unknown part $PART"; exit 2 ;;
+esac
 cp $RUN/train.log $RUN/state.json "$OUT"/
 tar cf - -C $RUN . | split -b 15m - "$OUT"/run.tar.
 ls -la "$OUT"

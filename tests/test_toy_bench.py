@@ -268,3 +268,14 @@ def test_each_method_runs_with_its_official_seeding(story_pipe, tmp_path):
     assert bench.main(["--methods", "oracle", "--limit", "1", "--quiet", "--seeding", "per_image", "--json",
                        str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["seeding"] == {"oracle": None}
+
+
+def test_heldout_suite_is_another_suite_of_the_same_form():
+    from characonsist.toy.suite import heldout_suite, make_suite
+
+    full, held = make_suite(), heldout_suite()
+    assert len(held) == len(full) == 60
+    assert [s.mode for s in held] == [s.mode for s in full]
+    assert all(s.name.startswith("heldout-") for s in held)
+    assert {s.seed for s in held}.isdisjoint({s.seed for s in full})
+    assert [(s.identity, s.frames) for s in held] != [(s.identity, s.frames) for s in full]

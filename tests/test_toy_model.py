@@ -147,3 +147,47 @@ def test_ema_export_round_trip(tmp_path):
 def test_ema_decay_warms_up():
     assert train.ema_decay(0, 0.999) == pytest.approx(0.1)
     assert train.ema_decay(10**6, 0.999) == 0.999
+
+
+def test_identities_are_drawn_several_times_and_shards_make_the_same_data_set():
+    whole, prompts = train.render_dataset(16, seed=3, chunk=4, workers=1, per_identity=4)
+    kinds = [next(k for k in world.KINDS if k in p.split()) for p in prompts]
+    for k in range(0, 16, 4):                   # one kind per identity (its four draws)
+        assert len(set(kinds[k:k + 4])) == 1, prompts[k:k + 4]
+    assert len(set(kinds)) > 1
+    from characonsist.toy import readout
+
+    reads = readout.read_batch(list(whole))       # the renders read back exactly: same identity within a group
+    for k in range(0, 16, 4):
+        assert len({tuple(r[a] for a in world.ATTRIBUTES) for r in reads[k:k + 4]}) == 1
+    a, pa = train.render_dataset(16, seed=3, chunk=4, workers=1, per_identity=4, shard=(0, 2))
+    b, pb = train.render_dataset(16, seed=3, chunk=4, workers=1, per_identity=4, shard=(1, 2))
+    # chunks 0, 2 go to process 0 and chunks 1, 3 to process 1
+    assert np.array_equal(np.concatenate([a[:4], b[:4], a[4:], b[4:]]), whole)
+    assert pa + pb != prompts and sorted(pa + pb) == sorted(prompts)
+    with pytest.raises(ValueError, match="multiple of per_identity"):
+        train.render_dataset(8, seed=0, chunk=6, per_identity=4)
+    with pytest.raises(ValueError, match="leave nothing for process 1"):
+        train.render_dataset(4, seed=0, chunk=4, per_identity=4, shard=(1, 2))
+
+
+def test_two_panel_batch_puts_two_draws_of_one_identity_side_by_side():
+    lat = torch.arange(12, dtype=torch.float32).view(12, 1, 1, 1).expand(12, 2, 4, 4).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = train.two_panel_batch(lat, per_identity=3, n=50, generator=gen)
+    assert x.shape == (50, 2, 4, 8)
+    assert torch.equal(a // 3, b // 3) and bool((a != b).all())
+    assert torch.equal(x[:, 0, 0, 0], a.float()) and torch.equal(x[:, 0, 0, -1], b.float())
+    y, a2, b2 = train.two_panel_batch(lat, per_identity=3, n=5, generator=gen, vertical=True)
+    assert y.shape == (5, 2, 8, 4) and torch.equal(y[:, 0, -1, 0], b2.float())
+    assert train.two_panel_prompt("a b", "c d") == "a b c d"
+
+
+def test_schedule_is_flux_dev_at_1024_and_two_panels_get_their_own_shift():
+    from characonsist.toy import checks
+
+    toy = checks.sigmas_of(train.SCHEDULER_CONFIG, 20, 256)
+    flux = checks.sigmas_of(train.FLUX_DEV_SCHEDULER_CONFIG, 50, 4096)
+    assert np.abs(toy[:-1] - np.interp(np.arange(20) * 2.5, np.arange(51), flux)).max() < 1e-3
+    assert train.pipeline_mu(256) == pytest.approx(1.15) and train.pipeline_mu(64) == pytest.approx(0.5)
+    assert train.pipeline_mu(512) > train.pipeline_mu(256)

@@ -143,3 +143,23 @@ def test_scene_palette_is_every_scene_colour():
             img, mask = render(scene, ch, "small-left", size=384, rng=np.random.default_rng(seed), return_mask=True)
             seen |= {tuple(c) for c in img[~mask & _interior(img)]}
         assert seen == set(world.SCENE_COLORS[scene]), (scene, seen ^ set(world.SCENE_COLORS[scene]))
+
+
+def test_part_map_labels_the_body_parts_where_the_mask_is():
+    rng = np.random.default_rng(5)
+    for kind in KINDS:
+        for action in ("big-centre", "small-left"):
+            ch = world.sample_character(rng, kind)
+            seed = int(rng.integers(1000))
+            plain = render("forest", ch, action, rng=np.random.default_rng(seed))
+            img, mask, parts = render("forest", ch, action, rng=np.random.default_rng(seed), return_mask=True,
+                                      return_parts=True)
+            assert np.array_equal(plain, img)                      # labelling never changes the picture
+            assert parts.dtype == np.uint8 and np.array_equal(parts > 0, mask)
+            rows = {name: np.nonzero(parts == world.PARTS.index(name))[0] for name in world.PARTS[1:]}
+            assert len(rows["head"]) and len(rows["body"]) and len(rows["accessory"])
+            assert rows["head"].mean() < rows["body"].mean()      # image rows grow downwards
+            if kind in ("robot", "bird") and action.startswith("big"):
+                assert len(rows["legs"]) and rows["legs"].mean() > rows["body"].mean()
+            assert bool(len(rows["tail"])) == (kind in ("cat", "bird"))
+            assert not len(rows["legs"]) or kind != "cat"

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._compat import dtype_kwarg
 from . import world
-from .suite import MODES, ToyStory, load_stories, make_suite, reduced_suite
+from .suite import MODES, ToyStory, heldout_suite, load_stories, make_suite, reduced_suite
 
 # ablations of CharaConsist: name -> (registry name, options); the option names are the engine's contract
 ALIASES: dict[str, tuple[str, dict]] = {
@@ -450,6 +450,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
     parser.add_argument("--reduced", action="store_true",
                         help="the CPU subset of the suite (one story per mode and kind: 9 stories)")
+    parser.add_argument("--heldout", action="store_true",
+                        help="the held-out suite: 60 other stories and noises, nothing tuned on them")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
     parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
     parser.add_argument("--images", default=None, metavar="DIR",
@@ -611,8 +613,10 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
             stories = load_stories(args.stories)
             suite = str(args.stories)
         else:
-            stories = reduced_suite() if args.reduced else make_suite()
-            suite = "reduced" if args.reduced else "full"
+            if args.reduced and args.heldout:
+                raise ValueError("--reduced and --heldout name two suites; pick one")
+            stories = reduced_suite() if args.reduced else heldout_suite() if args.heldout else make_suite()
+            suite = "reduced" if args.reduced else "heldout" if args.heldout else "full"
     except ValueError as e:  # StoryError is a ValueError
         print(f"bench toy: {e}", file=sys.stderr)
         return 2

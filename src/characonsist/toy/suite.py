@@ -85,6 +85,19 @@ def make_suite(n_per_mode: int = 20, frames: int = 4, seed: int = SUITE_SEED) ->
     return stories
 
 
+HELDOUT_SEED = 4242
+HELDOUT_OFFSET = 1000
+
+
+def heldout_suite(n_per_mode: int = 20) -> list[ToyStory]:
+    """A second suite of the same form that no setting was tuned on: other stories (drawn from ``HELDOUT_SEED``)
+    and other noise (seed offsets from ``HELDOUT_OFFSET``), named ``heldout-<mode>-NN``."""
+    from dataclasses import replace
+
+    return [replace(s, name=f"heldout-{s.name}", seed=HELDOUT_OFFSET + s.seed)
+            for s in make_suite(n_per_mode, seed=HELDOUT_SEED)]
+
+
 REDUCED_PER_MODE = 3
 
 

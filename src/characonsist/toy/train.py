@@ -1,23 +1,26 @@
 """Train the toy FLUX model of the toy world: seeded, resumable, and the recipe of the shipped weights.
 
-The shipped weights (toy model v2) were made so (GPU calls on one H100, each under the 10-minute limit)::
+The shipped weights (toy model v3, an intermediate checkpoint: docs/TOY_WORLD.md) were made on the lent GPU
+machine, three calls of under 10 minutes (the log and state: ``bench/results/toy-train-2026-12-01/``)::
 
-    python -m characonsist.toy.train --out RUN --stage vae --minutes 8.4       # 2500 VAE steps, ~3 min (v1's VAE)
-    # or, to keep a trained VAE (v2 kept v1's, the shipped one):
-    python -m characonsist.toy.train --out RUN --stage init --vae-from src/characonsist/toy/weights/vae   # CPU
+    python -m characonsist.toy.train --out RUN --stage init --vae-from src/characonsist/toy/weights/vae  # v1's VAE
+    torchrun --nproc_per_node 2 -m characonsist.toy.train --out RUN --stage transformer --precision bf16 \
+        --compile --steps auto --extra-minutes 7.3 --minutes 9.0 --lr 5e-4      # steps 0-1000, 2 GPUs, eager
     python -m characonsist.toy.train --out RUN --stage transformer --precision bf16 --compile \
-        --steps auto --extra-minutes 6.3 --minutes 9.2                       # call 1: fixes the schedule length
-    python -m characonsist.toy.train --out RUN --stage transformer --precision bf16 --compile \
-        --rewarm 300 --minutes 9.2                                           # call 2: resumes, finishes
+        --rewarm 200 --steps 9600 --minutes 8.75                                  # steps 1000-4280, one GPU
+    python -m characonsist.toy.train --out RUN --stage transformer --precision bf16 \
+        --rewarm 100 --steps 8800 --minutes 8.2                                   # steps 4280-8800 (LR decay)
     python -m characonsist.toy.train --out RUN --stage export                 # on any machine (ships the EMA)
 
-The figures of the shipped run (steps, speed, losses) are in ``docs/TOY_WORLD.md`` and its ``train.log``.
-``--cache DIR`` keeps the rendered data set (80k images, ~1 min on 16 cores) for a later call on the same
-machine. GPU runs are not bit-exact, so a rerun gives an equivalent model, not the identical bytes.
+``bench/toy_train.sh`` wraps these for the device calls (``scratch``/``continue``/``resume``). ``--stage init
+--transformer-from FOLDER`` starts a new run from a shipped transformer, to continue training it. ``--cache DIR``
+keeps the rendered data set for a later call on the same machine. GPU runs are not bit-exact, so a rerun gives an
+equivalent model, not the identical bytes.
 
 Stages (``--stage vae|init|transformer|all|export``; ``all`` = vae then transformer in one call):
 
-1. ``vae``: render a fixed, seeded data set of the toy world, train an ``AutoencoderKL`` (128 px -> 16 x 32 x 32
+1. ``vae``: render a fixed, seeded data set of the toy world (``n_images``: random identities, each drawn
+   ``per_identity`` times in random scenes and actions), train an ``AutoencoderKL`` (128 px -> 16 x 32 x 32
    latents, scale factor 4 like FLUX's 8 at 1024 px), measure the latents' ``shift_factor`` and
    ``scaling_factor``, and save a ``FluxPipeline`` folder (random frozen CLIP and T5 encoders, project-made
    tokenizers, a fresh transformer) to ``RUN/pipeline``. ``init`` does the same around an existing VAE.
@@ -264,6 +267,17 @@ def _clear_weights(folder: Path) -> None:
     """Remove a model folder's weight files (a sharded save must not sit beside an older unsharded one)."""
     for f in folder.glob("diffusion_pytorch_model*.safetensors*"):
         f.unlink()
+
+
+def save_transformer(transformer, folder: Path) -> None:
+    """Save a copy of ``transformer``'s float32 weights in 15 MB shards, leaving the module where it is (moving a
+    module that ``DistributedDataParallel`` wraps under it is not safe)."""
+    from diffusers import FluxTransformer2DModel
+
+    copy = FluxTransformer2DModel.from_config(transformer.config)
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in transformer.state_dict().items()})
+    _clear_weights(folder)
+    copy.save_pretrained(folder, safe_serialization=True, max_shard_size="15MB")
 
 
 def save_run_pipeline(pipe, run: Path) -> None:
@@ -541,8 +555,9 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(transformer, device_ids=[device] if device.type == "cuda" else None)
-    if compile:
-        forward = torch.compile(forward)
+    if compile:   # static shapes: single and two-panel steps get a graph each (on the lent GPU, torch 2.11, the
+        # automatic dynamic recompile of the second shape failed in Inductor)
+        forward = torch.compile(forward, dynamic=False)
     size_tokens = (cfg.size // 8) ** 2
     mu_single, mu_pair = pipeline_mu(size_tokens), pipeline_mu(2 * size_tokens)
     losses, t1, start = {"single": [], "pair": []}, time.time(), step
@@ -550,11 +565,7 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
 
     def save() -> None:
         if dist_.main:
-            transformer.to("cpu")
-            _clear_weights(run / "pipeline" / "transformer")
-            transformer.save_pretrained(run / "pipeline" / "transformer", safe_serialization=True,
-                                        max_shard_size="15MB")
-            transformer.to(device)
+            save_transformer(transformer, run / "pipeline" / "transformer")
             _save_ema(ema, run / "ema.safetensors")
             state = _state(run)
             state.update(transformer_step=step, ema_updates=ema_updates, config=asdict(cfg), precision=precision,
@@ -676,20 +687,27 @@ def export(run: Path, weights: Path, use_ema: bool = True) -> None:
     (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
 
 
-def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path) -> None:
+def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path, transformer_dir: Path | None = None) -> None:
     """Stage ``init`` (any machine): a fresh pipeline of this recipe around an already trained VAE (e.g. the
-    shipped one, ``--vae-from``), so that a new transformer/text-encoder recipe need not retrain the VAE."""
-    from diffusers import AutoencoderKL
+    shipped one, ``--vae-from``), so that a new transformer/text-encoder recipe need not retrain the VAE. With
+    ``transformer_dir`` (``--transformer-from``, e.g. the shipped folder's) the transformer starts from those
+    weights instead of a fresh one (a new schedule of ``--steps`` continues a shipped model; the EMA starts there
+    too). The text encoders are rebuilt from the seed, so they must be the ones the weights were trained with."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     if _state(run).get("vae_done"):
         raise FileExistsError(f"{run} already has a pipeline; use a new --out folder")
     pipe = build_pipeline(cfg.seed)
     pipe.vae = AutoencoderKL.from_pretrained(str(vae_dir), **dtype_kwarg(torch.float32)).eval()
+    if transformer_dir is not None:
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(str(transformer_dir), **dtype_kwarg(torch.float32))
     save_run_pipeline(pipe, run)
     state = _state(run)
-    state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=0)
+    state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=0,
+                 transformer_from=str(transformer_dir) if transformer_dir else None)
     _save_state(run, state)
-    _log(run, f"init: pipeline with the VAE of {vae_dir}")
+    _log(run, f"init: pipeline with the VAE of {vae_dir}"
+              + (f", the transformer of {transformer_dir}" if transformer_dir else ""))
 
 
 def probe_auto(batch: int) -> tuple[str, int]:
@@ -740,6 +758,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--weights", type=Path, default=None, help="export: target folder (default: the package's)")
     ap.add_argument("--vae-from", type=Path, default=None, help="init: the trained VAE folder to start from")
+    ap.add_argument("--transformer-from", type=Path, default=None,
+                    help="init: start the transformer from this folder's weights (continue a shipped model)")
     ap.add_argument("--extra-minutes", type=float, default=0.0,
                     help="with --steps auto: minutes of training planned in later calls (the schedule spans them)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
@@ -775,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "init":
         if args.vae_from is None:
             ap.error("--stage init needs --vae-from DIR (a trained AutoencoderKL folder)")
-        init_from_vae(run, cfg, args.vae_from)
+        init_from_vae(run, cfg, args.vae_from, args.transformer_from)
         return
     dist_ = Dist()
     if dist_.world > 1 and args.stage != "transformer":
