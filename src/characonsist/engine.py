@@ -326,6 +326,8 @@ class Engine:
         with self.installed():
             for i, phase in enumerate(phases):
                 run.phase = phase
+                if progress is not None and hasattr(progress, "start_phase"):
+                    progress.start_phase(phase)
                 twin_steps = min(self.method.twin_steps(phase), phase.steps)
                 nxt = phases[i + 1] if i + 1 < len(phases) else None
                 keep = nxt.start if nxt is not None else 0

@@ -64,8 +64,8 @@ from ..mask import otsu_threshold
 from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
-from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources
+from .base import BLOCKS, VOLATILE_BACKENDS, Method, check_config, use_volatile_backend, uses_block
+from .storydiffusion import attend_rows, image_generator, sharing_sources
 
 
 @dataclass
@@ -93,8 +93,13 @@ class ConsiStoryConfig:
                                         # step): "flash", or "default" (cuDNN on Hopper: a new plan per shape)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "blend_steps": int, "inject_start": int, "inject_end": int,
-                               "inject_threshold": float, "feature_step": int, "seed": int})
+        check_config(self, ranges={"anchors": (0, None), "share_start": (0, None), "dropout": (0.0, 1.0),
+                                   "blend_steps": (0, None), "blend_start": (0.0, 1.0), "blend_end": (0.0, 1.0),
+                                   "inject_alpha": (0.0, 1.0), "inject_start": (0, None),
+                                   "feature_step": (0, None),
+                                   "seed": (0, 2**63 - 1)},
+                     choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS},
+                     order=[("share_start", "share_end"), ("inject_start", "inject_end")])
 
 
 # ---------------------------------------------------------------------------------------------- pure functions
@@ -192,12 +197,6 @@ class ConsiStory(Method):
 
     def __init__(self, **options):
         super().__init__(**options)
-        cfg = self.config
-        uses_block(cfg.blocks, "single")   # validates the name
-        if not 0.0 <= cfg.dropout <= 1.0:
-            raise ValueError(f"dropout={cfg.dropout}: must be in [0, 1]")
-        if cfg.anchors < 0:
-            raise ValueError(f"anchors={cfg.anchors}: must be >= 0")
 
     # ------------------------------------------------------------------ schedule
     def _blend_steps(self, num_steps: int) -> int:

@@ -41,7 +41,7 @@ import torch
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
-from .base import Method, use_volatile_backend, uses_block
+from .base import BLOCKS, VOLATILE_BACKENDS, Method, check_config, use_volatile_backend, uses_block
 
 
 @dataclass
@@ -58,7 +58,10 @@ class StoryDiffusionConfig:
                                      # "flash", or "default" (cuDNN on Hopper: a new plan per shape)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "seed": int})
+        check_config(self, ranges={"sample_rate": (0.0, 1.0), "share_start": (0, None), "identities": (0, None),
+                                   "seed": (0, 2**63 - 1)},
+                     choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS},
+                     order=[("share_start", "share_end")])
 
 
 def coerce_optional(config, types: dict[str, type]) -> None:
@@ -104,10 +107,6 @@ class StoryDiffusion(Method):
 
     def __init__(self, **options):
         super().__init__(**options)
-        cfg = self.config
-        if not 0.0 <= cfg.sample_rate <= 1.0:
-            raise ValueError(f"sample_rate={cfg.sample_rate}: must be in [0, 1]")
-        uses_block(cfg.blocks, "single")   # validates the name
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         return set(range(1, min(self.config.identities, len(images))))
