@@ -53,6 +53,11 @@ def excerpt(value, limit: int = 80) -> str:
     return f"{text[:limit - 10]}...{text[-6:]}{size}"
 
 
+def show(name: str, value) -> str:
+    """``name=value`` (API fields, options) or ``--flag value`` (command-line flags), value cut short."""
+    return f"{name} {excerpt(value)}" if name.startswith("-") else f"{name}={excerpt(value)}"
+
+
 def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -64,32 +69,32 @@ def is_number(value) -> bool:
 def int_problem(name: str, value, low: int | None = None, high: int | None = None) -> str | None:
     """Why ``value`` is not an integer in [low, high], or None."""
     if not is_int(value):
-        return f"{name}={excerpt(value)} must be an integer"
+        return f"{show(name, value)} must be an integer"
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low} and {high}" if low is not None and high is not None
                   else f">= {low}" if low is not None else f"<= {high}")
-        return f"{name}={value} must be {bounds}"
+        return f"{show(name, value)} must be {bounds}"
     return None
 
 
 def number_problem(name: str, value, low: float | None = None, high: float | None = None) -> str | None:
     """Why ``value`` is not a finite number in [low, high], or None."""
     if not is_number(value):
-        return f"{name}={excerpt(value)} must be a number"
+        return f"{show(name, value)} must be a number"
     if not math.isfinite(value):
-        return f"{name}={value} must be a finite number"
+        return f"{show(name, value)} must be a finite number"
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low} and {high}" if low is not None and high is not None
                   else f">= {low}" if low is not None else f"<= {high}")
-        return f"{name}={value} must be {bounds}"
+        return f"{show(name, value)} must be {bounds}"
     return None
 
 
 def seed_problem(name: str, value) -> str | None:
     if not is_int(value):
-        return f"{name}={excerpt(value)} must be an integer"
+        return f"{show(name, value)} must be an integer"
     if not 0 <= value < SEED_LIMIT:
-        return f"{name}={value} is out of range (0 to 2**63-1)"
+        return f"{show(name, value)} is out of range (0 to 2**63-1)"
     return None
 
 
@@ -110,9 +115,10 @@ class ModelLimits:
 def model_limits(vae_config: dict | None, defaults: dict | None = None, tokenizer=None) -> ModelLimits:
     """Limits from the VAE's config (``sample_size``, number of blocks), the model's defaults and its T5 tokenizer.
 
-    The native size is the larger of the VAE's ``sample_size`` and the model's default height/width (FLUX.1:
-    1024; the toy model: 128); a side may be at most twice it (FLUX.1 is trained up to about 2 megapixels; far
-    beyond, images break up and memory runs out).
+    The native size is the larger of the VAE's ``sample_size`` and the model's default height/width
+    (``model_defaults``: FLUX.1's 1024 unless the model folder says otherwise, the toy model's 128); a side may
+    be at most twice it (FLUX.1 is trained up to about 2 megapixels; far beyond, images break up and memory
+    runs out).
     """
     multiple, native, source = SIZE_MULTIPLE, None, ""
     if vae_config:
@@ -257,12 +263,12 @@ def size_problem(name: str, value, limits: ModelLimits | None = None) -> str | N
     """Why ``value`` cannot be an image height/width for the model, or None."""
     limits = limits or ModelLimits()
     if not is_int(value):
-        return f"{name}={excerpt(value)} must be an integer (pixels)"
+        return f"{show(name, value)} must be an integer (pixels)"
     if value <= 0 or value % limits.multiple:
-        return (f"{name}={value} is not a positive multiple of {limits.multiple} (FLUX works on "
+        return (f"{show(name, value)} is not a positive multiple of {limits.multiple} (FLUX works on "
                 f"{limits.multiple}-pixel patches)")
     if limits.max_side is not None and value > limits.max_side:
-        return (f"{name}={value} is larger than this model takes: at most {limits.max_side} (twice its native "
+        return (f"{show(name, value)} is larger than this model takes: at most {limits.max_side} (twice its native "
                 f"{limits.native}, {limits.native_from})")
     return None
 

@@ -239,14 +239,19 @@ class CharaConsistPipeline(FluxPipeline):
         return images, method
 
     def token_spans(self, image: StoryImage, max_sequence_length: int) -> tuple[int, int, int]:
-        """(background tokens, real prompt tokens, character tokens) in the T5 sequence, no end token (the prompt
-        fits ``max_sequence_length``: ``check_inputs`` made sure)."""
+        """(background tokens, real prompt tokens, character tokens) in the T5 sequence, no end token.
+
+        Raises InputError if the prompt does not fit ``max_sequence_length`` (FluxPipeline would silently cut it).
+        """
         tok = self.tokenizer_2
+        problems = prompt_problems([image], [f"prompt {excerpt(image.spec())}"], tok, max_sequence_length)
+        if problems:
+            raise InputError(problems)
 
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False).input_ids) if text else 0
 
-        real = min(count(image.prompt), max_sequence_length - 1)
+        real = count(image.prompt)
         bg = min(count(image.background.strip()), real)
         return bg, real, min(count(image.character.strip()), real - bg)
 
