@@ -7,11 +7,13 @@ A file the tool did not write (no characonsist record in it) is never overwritte
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
 from ..output import (
+    json_safe,
     mask_visual,
     match_visual,
     png_bytes,
@@ -188,7 +190,8 @@ def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool
     if len(images) != len(job.records):
         raise RuntimeError(f"the engine returned {len(images)} images for a group of {len(job.records)}")
     job.notes = [list(n) for n in (result.notes or [[] for _ in images])]
-    job.engine_settings = result.settings
+    # as the PNG records keep it (sorted keys), so that a rerun's manifest is byte-identical
+    job.engine_settings = json.loads(json.dumps(json_safe(result.settings), sort_keys=True))
     for i, (image, record) in enumerate(zip(images, job.records)):
         if job.finished[i]:  # made by an earlier run: never rewritten
             continue

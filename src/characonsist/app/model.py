@@ -103,7 +103,8 @@ def load_t5_tokenizer(ref: ModelRef):
 
     try:
         if ref.folder is not None:
-            return AutoTokenizer.from_pretrained(ref.folder / "tokenizer_2")
+            folder = ref.folder / "tokenizer_2"
+            return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
         return AutoTokenizer.from_pretrained(ref.name, subfolder="tokenizer_2")
     except Exception:  # no tokenizer saved separately / no network: checked after loading the model instead
         return None
