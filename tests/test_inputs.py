@@ -193,3 +193,26 @@ def test_from_pipe_does_not_warn_about_an_empty_fp32_list(tiny_pipe):
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "kept in float32" in r.getMessage()]
+
+
+def test_toy_model_on_the_command_line_refuses_before_loading(tmp_path, monkeypatch, capsys):
+    """`generate --model toy`: words outside its vocabulary and sizes it cannot take, before the weights load."""
+    from characonsist import cli
+    from characonsist.app import model as app_model
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(app_model, "load_engine", forbidden)
+    story = tmp_path / "story.txt"
+    story.write_text("a quiet park#a robot#big in the middle\na sunny beach#a robot#small on the left\n")
+    assert cli.main(["generate", str(story), "--model", "toy", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{story}:1: 2 word(s) the toy model does not know: 'quiet', 'park'; it knows only: a, beach" in err
+    assert f"{story}:2" not in err
+    story.write_text("a sunny beach#a robot#big in the middle\na sunny beach#a robot#small on the left\n")
+    assert cli.main(["generate", str(story), "--model", "toy", "--out", str(tmp_path / "o"), "--quiet",
+                     "--height", "1024", "--width", "768"]) == 2
+    err = capsys.readouterr().err
+    assert "--height 1024 is larger than this model takes: at most 256" in err and "--width 768" in err
+    assert not (tmp_path / "o").exists()
