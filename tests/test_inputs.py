@@ -216,3 +216,26 @@ def test_toy_model_on_the_command_line_refuses_before_loading(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "--height 1024 is larger than this model takes: at most 256" in err and "--width 768" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_what_only_the_loaded_model_tells_is_checked_before_any_group(tmp_path, monkeypatch, capsys, toy_pipe):
+    """A model folder without a separate tokenizer: its vocabulary and size limit are read once it is loaded,
+    still before the first group is generated."""
+    from characonsist import cli
+    from characonsist.app import model as app_model
+    from test_cli import FakeEngine
+
+    engine = FakeEngine()
+    engine.tokenizer, engine.limits = toy_pipe.tokenizer_2, toy_pipe.input_limits()
+    monkeypatch.setattr(app_model, "load_engine", lambda *a, **k: engine)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    story = tmp_path / "story.txt"
+    story.write_text("a sunny beach#a robot#big in the middle\na sunny beach#a robot#waving\n")
+    assert cli.main(["generate", str(story), "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet",
+                     "--height", "512", "--width", "128"]) == 2
+    err = capsys.readouterr().err
+    assert "--height 512 is larger than this model takes: at most 256" in err
+    assert f"{story}:2: 1 word(s) model {folder} does not know: 'waving'" in err
+    assert engine.calls == []

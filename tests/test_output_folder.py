@@ -158,6 +158,22 @@ def test_files_characonsist_did_not_write_are_never_replaced(tmp_path, model_dir
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == {"mine": True}
 
 
+def test_planted_links_and_files_in_the_way_are_refused(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = write(tmp_path, "victim.txt", "precious")
+    (out / ".characonsist.lock").symlink_to(victim)          # the lock file is never followed out
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    assert "is not a plain file (characonsist's lock file)" in one_line(capsys.readouterr().err)
+    assert victim.read_text() == "precious"
+    (out / ".characonsist.lock").unlink()
+    (out / "group_001").write_text("a file where a group's folder goes")
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    assert "group_001: group_001" in one_line(capsys.readouterr().err) and fake.loads == []
+    assert (out / "group_001").read_text() == "a file where a group's folder goes"
+
+
 # ------------------------------------------------------------------ never outside --out
 
 def test_a_story_name_that_would_leave_the_folder_is_refused(tmp_path, model_dir, fake, capsys):

@@ -25,6 +25,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: the lock is msvcrt's
     fcntl = None
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # our own files are never links (a planted link is refused)
 LOCK_NAME = ".characonsist.lock"
 JOURNAL_NAME = ".characonsist-temporaries"
 TMP_MARK = ".tmp-characonsist-"
@@ -120,14 +121,16 @@ class OutputFolder:
         if not self.root.is_dir():
             raise FolderError(f"{self.flag} {self.root} is a file, not a folder: choose a folder path", self.root)
         lock = self.root / LOCK_NAME
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise FolderError(f"{lock} is not a plain file (characonsist's lock file): move it away", lock)
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise FolderError(f"{self.flag} {describe_os_error(e, lock, 'opening the lock file')}", lock) from None
             self.read_only = True   # nothing can be written: fine for a run with nothing to do
             try:
-                fd = os.open(lock, os.O_RDONLY)
+                fd = os.open(lock, os.O_RDONLY | _NOFOLLOW)
             except OSError:
                 return self
         if not _lock(fd):
@@ -191,21 +194,25 @@ class OutputFolder:
             raise FolderError(f"{self.flag} {self.root} is not writable (read-only or no permission), and this run "
                               f"must write {relative}; make it writable or choose another folder", self.root)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{self._token}")
+        created = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._track(tmp)
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)   # never someone else's
+            created = True
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            created = False
         except OSError as e:
             name = str(getattr(e, "filename", None) or "")
             where = Path(name) if name and TMP_MARK not in name else path
             raise FolderError(describe_os_error(e, where), where) from None
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            if created:
+                tmp.unlink(missing_ok=True)
         return True
 
     def remove(self, relative: str | Path) -> None:
@@ -219,7 +226,8 @@ class OutputFolder:
     def _track(self, tmp: Path) -> None:
         """Record a temporary before it exists, so a killed run's leftover is found and only it is deleted."""
         if self._journal is None:
-            self._journal = open(self.root / JOURNAL_NAME, "a", encoding="utf-8")
+            fd = os.open(self.root / JOURNAL_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
+            self._journal = os.fdopen(fd, "a", encoding="utf-8")
         self._journal.write(tmp.relative_to(self.root).as_posix() + "\n")
         self._journal.flush()
 
@@ -227,7 +235,8 @@ class OutputFolder:
         """Delete the temporaries an earlier run listed and left behind (only those); return them."""
         journal = self.root / JOURNAL_NAME
         try:
-            lines = journal.read_text(encoding="utf-8").splitlines() if journal.is_file() else []
+            lines = journal.read_text(encoding="utf-8").splitlines() \
+                if journal.is_file() and not journal.is_symlink() else []
         except OSError:
             return []
         removed = []

@@ -95,6 +95,13 @@ def is_ours(record: dict | None) -> bool:
 
 def _inspect(job: Job, out: OutputFolder, save_masks: bool) -> None:
     job.finished, conflict, kept = [], False, []
+    rel = Path(job.folder)
+    for folder in [*(p.as_posix() for p in reversed(rel.parents) if p.parts), job.folder, f"{job.folder}/masks"]:
+        path = out.path(folder)
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            job.foreign.append(folder)    # a file (or link) where this group's folder goes
+            job.state = "conflict"
+            return
     for record in job.records:
         path = out.path(record["path"])
         exists = path.exists() or path.is_symlink()

@@ -67,6 +67,7 @@ class CheckedRequest:
     tokenizer: object | None  # the model's T5 tokenizer when it could be had without the weights
     limits: ModelLimits
     folder: OutputFolder
+    names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
 
 
 def method_names() -> list[str]:
@@ -119,12 +120,12 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
             raise InputError(f"memory mode {mode!r} needs a CUDA GPU and none is visible; use --memory none")
     tokenizer = load_t5_tokenizer(ref)
     limits = limits_of(ref, tokenizer)
-    problems = story_problems(stories, run, limits, tokenizer, ref)
+    problems = story_problems(stories, run, limits, tokenizer, ref, names)
     if problems:
         raise StoryError(problems)
     folder = OutputFolder(request.out)
     folder.check()
-    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder)
+    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names)
 
 
 def load_stories(paths: list[str]) -> list[Story]:
@@ -178,10 +179,11 @@ def resolve_run(request: StoryRequest, ref: ModelRef, options: dict, dtype: str,
     return run
 
 
-def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef) -> list[str]:
-    """Per-image problems with their places: sizes the model cannot take, words it does not know, prompts too
-    long, groups without frames."""
-    problems = []
+def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,
+                   names: dict[str, str] | None = None) -> list[str]:
+    """The run's sizes and every image's problems with their places: sizes the model cannot take, words it does
+    not know, prompts too long, groups without frames."""
+    problems = setting_problems(height=run["height"], width=run["width"], limits=limits, names=names)
     model = "the toy model" if ref.kind == "toy" else f"model {ref.name}"
     for story in stories:
         for group in story.groups:

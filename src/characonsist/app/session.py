@@ -98,7 +98,7 @@ class StoryRun:
         tokenizer = getattr(self.engine, "tokenizer", None)
         limits = getattr(self.engine, "limits", None)
         if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
-            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref)
+            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
             if problems:
                 from ..storyfile import StoryError
 
