@@ -169,7 +169,8 @@ def prepare_overwrite(job: Job, out: OutputFolder) -> None:
     base = out.path(job.folder)
     for old in [*base.glob("frame_*.png"), *(base / "masks").glob("*.png")]:
         rel = old.relative_to(out.root).as_posix()
-        if rel not in expected and not old.is_symlink() and is_ours(read_png_record(old)):
+        record = read_png_record(old) if not old.is_symlink() else None
+        if rel not in expected and is_ours(record) and record.get("group", job.folder) == job.folder:
             out.remove(rel)
 
 

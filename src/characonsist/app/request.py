@@ -35,7 +35,7 @@ class StoryRequest:
     """Everything a story run needs; None = the model's default. Method ``options`` may be typed values or text
     (``"10"``, ``"false"``, as a command line or a web form gives them): text is read in the option's type."""
 
-    stories: list[str]
+    stories: list            # story file paths (or parsed ``storyfile.Story`` objects)
     model: str
     out: str
     method: str = "characonsist"
@@ -128,14 +128,18 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names)
 
 
-def load_stories(paths: list[str]) -> list[Story]:
-    """Every story file, all problems at once; their output folders must be distinct names inside ``--out``."""
-    if isinstance(paths, (str, Path)):
+def load_stories(paths: list) -> list[Story]:
+    """Every story (a file path, or a ``Story`` already parsed, e.g. by ``storyfile.parse_text`` from a web form),
+    all problems at once; with several, their output folders must be distinct names inside the output folder."""
+    if isinstance(paths, (str, Path, Story)):
         paths = [paths]
     if not paths:
         raise InputError("no story file given")
     problems, stories = [], []
     for path in paths:
+        if isinstance(path, Story):
+            stories.append(path)
+            continue
         try:
             stories.append(load_story(path))
         except StoryError as e:
