@@ -357,3 +357,17 @@ def test_manifest_is_strict_json(tmp_path, model_dir, fake):
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text(), parse_constant=refuse)
     assert manifest["groups"][0]["engine_settings"] == {"method": "characonsist", "odd": None, "inf": None}
+
+
+def test_empty_out_and_unreadable_weights_are_one_line(tmp_path, model_dir, capsys, monkeypatch):
+    story = write(tmp_path, "story.txt", STORY)
+    assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", " ", "--quiet"]) == 2
+    assert "--out: give an output folder" in one_line(capsys.readouterr().err)
+
+    def unreadable(ref, run, mode, gpus, progress=True):
+        raise PermissionError(errno.EACCES, "Permission denied", str(model_dir / "transformer" / "x.safetensors"))
+
+    monkeypatch.setattr(app_model, "load_engine", unreadable)
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert f"loading the model from {model_dir / 'transformer' / 'x.safetensors'}: permission denied" in line

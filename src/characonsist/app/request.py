@@ -27,7 +27,7 @@ from .model import ModelRef, check_memory, limits_of, load_t5_tokenizer, resolve
 # How the command line names the request's fields, for its messages.
 CLI_NAMES = {"height": "--height", "width": "--width", "num_inference_steps": "--steps",
              "guidance_scale": "--guidance", "max_sequence_length": "--max-sequence-length",
-             "batch_size": "--batch-size", "seed": "--seed"}
+             "batch_size": "--batch-size", "seed": "--seed", "out": "--out"}
 
 
 @dataclass
@@ -104,6 +104,8 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     Raises InputError (StoryError for story files) with every problem found, or FolderError for the output
     folder. The same request always gets the same messages, whichever front end sent it."""
     names = names or {}
+    if not isinstance(request.out, (str, Path)) or not str(request.out).strip():
+        raise InputError(f"{names.get('out', 'out')}: give an output folder (it is created if missing)")
     methods = method_names()
     if request.method not in methods:
         raise InputError(f"unknown method {excerpt(request.method)}; valid: {', '.join(methods)}")

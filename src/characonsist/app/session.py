@@ -12,8 +12,9 @@ ownership of files and messages are the same everywhere.
 
 from __future__ import annotations
 
+from ..inputs import excerpt
 from . import model as models
-from .folder import FolderError
+from .folder import FolderError, describe_os_error
 from .jobs import Cancelled, Job, plan_jobs, prepare_overwrite, run_job, write_job, write_storyboard
 from .manifest import check_manifest_is_ours, write_manifest
 from .request import CheckedRequest, story_problems
@@ -94,7 +95,13 @@ class StoryRun:
         """Load the model (``app.model.load_engine``); prompts the pre-load checks could not read are checked
         now, before any work (StoryError)."""
         c = self.checked
-        self.engine = models.load_engine(c.ref, c.run, c.mode, c.gpus, progress=progress)
+        try:
+            self.engine = models.load_engine(c.ref, c.run, c.mode, c.gpus, progress=progress)
+        except OSError as error:   # unreadable or missing weights, a broken download: one line, not a traceback
+            where = getattr(error, "filename", None) or (c.ref.folder or c.ref.name)
+            what = describe_os_error(error, where, "loading the model from") if error.errno else \
+                f"loading the model {c.ref.name}: {excerpt(str(error), 300)}; check the model's files and rerun"
+            raise FolderError(what, where) from None
         tokenizer = getattr(self.engine, "tokenizer", None)
         limits = getattr(self.engine, "limits", None)
         if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
