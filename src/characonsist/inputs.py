@@ -290,20 +290,24 @@ def prompt_problems(images: Sequence[StoryImage], places: Sequence[str], tokeniz
                     vocabulary: Sequence[str] | None = None, model: str = "the model") -> list[str]:
     """Prompts the text encoder cannot take: words outside a closed vocabulary (reported instead of a length
     problem, which they cause), then prompts longer than ``max_sequence_length`` T5 tokens (end token included)."""
-    problems = []
+    problems, unknown_any = [], False
     for image, place in zip(images, places):
         if vocabulary is not None:
             unknown = unknown_words(tokenizer, image.prompt, vocabulary)
             if unknown:
+                unknown_any = True
                 problems.append(f"{place}: {len(unknown)} word(s) {model} does not know: "
                                 f"{', '.join(excerpt(w, 40) for w in unknown[:12])}"
-                                f"{' ...' if len(unknown) > 12 else ''}; it knows only: {', '.join(vocabulary)}")
+                                f"{' ...' if len(unknown) > 12 else ''}")
                 continue
         count = prompt_length(tokenizer, image.prompt)
         if count > max_sequence_length:
             problems.append(f"{place}: prompt is {count} T5 tokens, but the text encoder takes at most "
                             f"{max_sequence_length} (max_sequence_length); shorten it by "
                             f"{count - max_sequence_length} tokens")
+    if unknown_any:   # once, first (a long list of places is cut short in the message)
+        problems.insert(0, f"{model[0].upper()}{model[1:]} knows only these words (its tokenizer is word-level): "
+                        f"{', '.join(vocabulary)}")
     return problems
 
 

@@ -191,13 +191,15 @@ def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokeniz
     not know, prompts too long, groups without frames."""
     problems = setting_problems(height=run["height"], width=run["width"], limits=limits, names=names)
     model = "the toy model" if ref.kind == "toy" else f"model {ref.name}"
+    images, places = [], []
     for story in stories:
         for group in story.groups:
             if not group.frames:
                 problems.append(f"{group.where[0]}: this group has an identity image and no frames (a blank line "
                                 "or a new scene ends a group); put its frames after it, without a blank line")
             problems += image_problems(group.images, group.where, limits)
-            if tokenizer is not None:
-                problems += prompt_problems(group.images, group.where, tokenizer, run["max_sequence_length"],
-                                            limits.vocabulary, model)
+            images += group.images
+            places += group.where
+    if tokenizer is not None:
+        problems += prompt_problems(images, places, tokenizer, run["max_sequence_length"], limits.vocabulary, model)
     return problems
