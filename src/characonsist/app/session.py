@@ -12,7 +12,8 @@ ownership of files and messages are the same everywhere.
 
 from __future__ import annotations
 
-from ..inputs import excerpt
+from ..inputs import InputError, excerpt
+from ..storyfile import StoryError
 from . import model as models
 from .folder import FolderError, describe_os_error
 from .jobs import Cancelled, Job, plan_jobs, prepare_overwrite, run_job, write_job, write_storyboard
@@ -63,8 +64,6 @@ class StoryRun:
                               "move them away or choose another folder", self.folder.root)
         conflicts = [j for j in self.jobs if j.state == "conflict"]
         if conflicts and not request.overwrite:
-            from ..inputs import InputError
-
             lines = [f"  {j.folder}: " + "; ".join(j.changes[:4])
                      + (f" (+{len(j.changes) - 4} more)" if len(j.changes) > 4 else "") for j in conflicts]
             raise InputError(f"{len(conflicts)} group(s) in {self.folder.root} were generated with other settings:\n"
@@ -107,8 +106,6 @@ class StoryRun:
         if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
             problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
             if problems:
-                from ..storyfile import StoryError
-
                 raise StoryError(problems)
         return self.engine
 
