@@ -1,7 +1,8 @@
 """``characonsist generate``: input checks before the model, outputs, manifest, resume, interruption, OOM.
 
-The engine is replaced by a fake (``cli.load_engine`` monkeypatched) so that these tests exercise the CLI
-alone and count exactly what gets generated; ``test_cli_engine.py`` runs the real engine end to end.
+The engine is replaced by a fake (``characonsist.app.model.load_engine`` monkeypatched) so that these tests
+exercise the CLI and the application layer alone and count exactly what gets generated; ``test_cli_engine.py``
+runs the real engine end to end.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pytest
 from PIL import Image
 
 from characonsist import cli
+from characonsist.app import model as app_model
+from characonsist.app.model import GroupResult, oom_advice
 from characonsist.output import read_png_record
 
 STORY = "park#a cat#sits\npark#a cat#runs\npark#a cat#jumps\n\nbeach#a dog#swims\nbeach#a dog#digs\n"
@@ -33,7 +36,7 @@ class FakeEngine:
         self.fail_on = fail_on or {}
         self.tokenizer = None
 
-    def __call__(self, job):
+    def __call__(self, job, progress_callback=None):
         self.calls.append(job.folder)
         if job.folder in self.fail_on:
             raise self.fail_on[job.folder]
@@ -45,7 +48,7 @@ class FakeEngine:
             masks.append(rng.random((r["height"] // 16, r["width"] // 16)) > 0.5)
         matches = [FakeMatches(4) for _ in job.records[1:]]
         notes = [[] for _ in job.records]
-        return cli.GroupResult(images, masks, matches, notes, {"method": job.records[0]["method"], "fake": True})
+        return GroupResult(images, masks, matches, notes, {"method": job.records[0]["method"], "fake": True})
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ def fake(monkeypatch):
         loads.append((ref.name, mode, gpus))
         return engine
 
-    monkeypatch.setattr(cli, "load_engine", load_engine)
+    monkeypatch.setattr(app_model, "load_engine", load_engine)
     engine.loads = loads
     return engine
 
@@ -184,7 +187,7 @@ def test_sigterm_is_an_interrupt(tmp_path, model_dir, fake):
 
     original = FakeEngine.__call__
 
-    def terminate_on_second(self, job):
+    def terminate_on_second(self, job, progress_callback=None):
         if job.folder == "group_001":
             os.kill(os.getpid(), signal.SIGTERM)  # what a batch scheduler sends
         return original(self, job)
@@ -204,12 +207,18 @@ def test_lost_storyboard_is_rebuilt_without_the_model(tmp_path, model_dir, fake)
     assert board.read_bytes() == data and len(fake.loads) == 1
 
 
-def test_stale_temporary_files_are_removed(tmp_path, model_dir, fake):
-    out = tmp_path / "out" / "group_000"
-    out.mkdir(parents=True)
-    (out / ".identity.png.tmp-999").write_bytes(b"half a png")
+def test_files_it_did_not_write_survive_even_with_temporary_like_names(tmp_path, model_dir, fake):
+    """The reported data loss: a user's file matching a temporary-like pattern under --out was deleted."""
+    planted = {tmp_path / "out" / "home/projects/thesis/.draft.tex.tmp-autosave": b"my thesis",
+               tmp_path / "out" / "group_000" / ".identity.png.tmp-999": b"not ours",
+               tmp_path / "out" / "notes.txt": b"keep"}
+    for path, data in planted.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     assert run(tmp_path, model_dir) == 0
-    assert not (out / ".identity.png.tmp-999").exists()
+    assert run(tmp_path, model_dir, "--steps", "4", "--overwrite") == 0
+    for path, data in planted.items():
+        assert path.read_bytes() == data
 
 
 def test_changed_settings_reported_then_overwritten(tmp_path, model_dir, fake, capsys):
@@ -249,8 +258,8 @@ def test_out_of_memory_names_the_modes_that_fit(tmp_path, model_dir, fake, capsy
     err = capsys.readouterr().err
     assert "out of memory" in err and "--memory model-offload" in err and "--memory sequential-offload" in err
     assert "--memory balanced" not in err  # needs two GPUs
-    assert "--memory balanced" in cli.oom_advice("model-offload", [0, 1])
-    assert "model-offload" not in cli.oom_advice("model-offload", [0]).split("fit:")[1]
+    assert "--memory balanced" in oom_advice("model-offload", [0, 1])
+    assert "model-offload" not in oom_advice("model-offload", [0]).split("fit:")[1]
 
 
 def test_method_options_are_settings(tmp_path, model_dir, fake):
@@ -262,7 +271,7 @@ def test_method_options_are_settings(tmp_path, model_dir, fake):
 
 def test_defaults_follow_the_model(tmp_path, model_dir, fake):
     """FLUX.1-dev's defaults; FLUX.1-schnell's for a transformer without guidance; the folder's own file wins."""
-    story = write(tmp_path, "story.txt", "park#a cat#sits\n")
+    story = write(tmp_path, "story.txt", "park#a cat#sits\npark#a cat#runs\n")
     base = ["generate", str(story), "--model", str(model_dir), "--height", "32", "--width", "32", "--quiet"]
 
     def settings(out):
@@ -299,8 +308,8 @@ scenes:
 
 
 def test_two_story_files_get_their_own_folders(tmp_path, model_dir, fake):
-    a = write(tmp_path, "a.txt", "park#a cat#sits\n")
-    b = write(tmp_path, "b.txt", "beach#a dog#swims\n")
+    a = write(tmp_path, "a.txt", "park#a cat#sits\npark#a cat#runs\n")
+    b = write(tmp_path, "b.txt", "beach#a dog#swims\nbeach#a dog#digs\n")
     assert cli.main(["generate", str(a), str(b), "--model", str(model_dir), "--out", str(tmp_path / "out"),
                      "--height", "32", "--width", "32", "--quiet"]) == 0
     assert (tmp_path / "out" / "a" / "group_000" / "identity.png").exists()
@@ -320,23 +329,54 @@ def test_progress_and_messages_unless_quiet(tmp_path, model_dir, fake, capsys):
 
 # ------------------------------------------------------------------ bad input: exit 2, the model never loads
 
+ONE = "park#a cat#sits\npark#a cat#runs\n"
+
+
 @pytest.mark.parametrize("story, extra, message", [
     ("park#a cat\n", [], "story.txt:1: 'park#a cat' has 1 '#'"),
     ("park#a cat#sits\n\n#a dog#swims\n", [], "story.txt:3: the background field is empty"),
-    ("park#a cat#sits\n", ["--height", "40"], "--height 40 is not a positive multiple of 16"),
-    ("park#a cat#sits\n", ["--method", "magic"], "unknown method 'magic'; valid: characonsist, "),
-    ("park#a cat#sits\n", ["--memory", "cloud"], "unknown memory mode 'cloud'; valid: none, model-offload"),
-    ("park#a cat#sits\n", ["--memory", "model-offload"], "needs a CUDA GPU"),
-    ("park#a cat#sits\n", ["--gpu-ids", "a,b"], "--gpu-ids"),
-    ("park#a cat#sits\n", ["--batch-size", "1"], "--batch-size must be at least 2"),
-    ("park#a cat#sits\n", ["--method", "vanilla", "--share-bg"], "--share-bg: method 'vanilla' has no option share_bg"),
-    ("park#a cat#sits\n", ["--option", "colour=red"], "KEY one of the options of method 'characonsist': share_bg"),
-    ("park#a cat#sits\n", ["--option", "mask_step=ten"], "'ten' is not a int"),
+    (ONE, ["--height", "40"], "--height 40 is not a positive multiple of 16"),
+    (ONE, ["--method", "magic"], "unknown method 'magic'; valid: characonsist, "),
+    (ONE, ["--memory", "cloud"], "unknown memory mode 'cloud'; valid: none, model-offload"),
+    (ONE, ["--memory", "model-offload"], "needs a CUDA GPU"),
+    (ONE, ["--gpu-ids", "a,b"], "--gpu-ids"),
+    (ONE, ["--batch-size", "1"], "--batch-size 1 must be >= 2 (a batch holds the identity and at least one frame)"),
+    (ONE, ["--method", "vanilla", "--share-bg"], "method 'vanilla' has no option(s) 'share_bg'; its options: none"),
+    (ONE, ["--option", "colour=red"], "method 'characonsist' has no option(s) 'colour'; its options: share_bg"),
+    (ONE, ["--option", "mask_step=ten"], "option mask_step='ten': must be an integer"),
+    # explicit values are checked, never replaced by the defaults
+    (ONE, ["--steps", "0"], "--steps 0 must be >= 1"),
+    (ONE, ["--height", "0"], "--height 0 is not a positive multiple of 16"),
+    (ONE, ["--width", "0"], "--width 0 is not a positive multiple of 16"),
+    (ONE, ["--max-sequence-length", "0"], "--max-sequence-length 0 must be between 1 and 512"),
+    (ONE, ["--guidance", "nan"], "--guidance nan must be a finite number"),
+    (ONE, ["--guidance", "inf"], "--guidance inf must be a finite number"),
+    (ONE, ["--height", "100000"], "--height 100000 is larger than this model takes: at most 2048"),
+    (ONE, ["--seed", "-1"], "--seed -1 is out of range"),
+    # every option value: type, range, finite, step order, vocabulary, before the model loads
+    (ONE, ["--option", "sim_threshold=nan"], "option sim_threshold=nan: must be a finite number"),
+    (ONE, ["--option", "share_start=30", "--option", "share_end=2"], "share_start must not be after share_end"),
+    (ONE, ["--option", "mask_step=-5"], "option mask_step=-5: must be >= 0"),
+    (ONE, ["--option", "volatile_backend=bogus"], "option volatile_backend='bogus': valid: 'flash', 'default'"),
+    (ONE, ["--option", "point_tracking=maybe"], "option point_tracking='maybe': must be true or false"),
+    (ONE, ["--option", "merge_weight=2"], "option merge_weight=2.0: must be in [0, 1]"),
+    (ONE, ["--option", "mask_step"], "--option 'mask_step': expected KEY=VALUE"),
+    (ONE, ["--method", "storysync", "--option", "share_blocks=middle"], "option share_blocks='middle': valid: "),
+    (ONE, ["--method", "consistory", "--option", "dropout=1.5"], "option dropout=1.5: must be in [0, 1]"),
+    (ONE, ["--method", "storydiffusion", "--option", "share_end=abc"], "option share_end='abc': must be an integer"),
+    # a group that is only an identity line
+    ("park#a cat#sits\n\npark#a dog#runs\npark#a dog#sits\n", [], "story.txt:1: this group has an identity image "
+     "and no frames"),
+    # a huge line is not echoed whole
+    ("x" * 200_000 + "\n", [], "(200000 characters)"),
 ])
 def test_bad_input_fails_before_the_model(tmp_path, model_dir, fake, capsys, story, extra, message):
+    (model_dir / "vae").mkdir()
+    (model_dir / "vae" / "config.json").write_text('{"sample_size": 1024, "block_out_channels": [1, 2, 3, 4]}')
     path = write(tmp_path, "story.txt", story)
     assert run(tmp_path, model_dir, *extra, story=path) == cli.EXIT_BAD_INPUT
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err) < 2000
     assert fake.loads == [] and not (tmp_path / "out").exists()
 
 
@@ -389,7 +429,7 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
-def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch):
+def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch, capsys):
     import sys
     import types
 
@@ -403,15 +443,23 @@ def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch):
     monkeypatch.setattr(characonsist.toy, "bench", bench, raising=False)
     assert cli.main(["bench", "toy", "--frames", "7"]) == 0
     assert seen == {"frames": 7}
-    assert cli.main(["bench"]) == cli.EXIT_BAD_INPUT
+    for argv, code in ((["bench"], 2), (["bench", "--help"], 0), (["bench", "toy", "--help"], 0)):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == code
+    assert "--frames" in capsys.readouterr().out   # the toy bench's own help
 
 
-def test_optional_method_options_are_read_as_literals():
-    from characonsist.cli import _parse_value
+def test_method_options_given_as_text_are_read_in_their_types():
+    from characonsist.methods.base import parse_option
+    from characonsist.methods.characonsist import CharaConsistConfig
+    from characonsist.methods.consistory import ConsiStoryConfig
 
-    assert _parse_value("3", None, "feature_step=3") == 3
-    assert _parse_value("0.25", None, "x=0.25") == 0.25
-    assert _parse_value("none", None, "x=none") is None
-    assert _parse_value("single", None, "blocks=single") == "single"
-    assert _parse_value("7", 1, "x=7") == 7 and _parse_value("off", True, "x=off") is False
-    assert _parse_value("none", 50, "schedule_steps=none") is None
+    assert parse_option(ConsiStoryConfig, "feature_step", "3") == 3
+    assert parse_option(ConsiStoryConfig, "inject_threshold", "0.25") == 0.25
+    assert parse_option(ConsiStoryConfig, "share_end", "none") is None
+    assert parse_option(ConsiStoryConfig, "blocks", "single") == "single"
+    assert parse_option(CharaConsistConfig, "mask_step", "7") == 7
+    assert parse_option(CharaConsistConfig, "point_tracking", "off") is False
+    assert parse_option(CharaConsistConfig, "schedule_steps", "none") is None
+    assert parse_option(CharaConsistConfig, "mask_step", "ten") == "ten"   # left for the Config to report

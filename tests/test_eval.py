@@ -16,7 +16,7 @@ from characonsist.evaluate import metrics as M
 from characonsist.evaluate.models import ArcFaceOnnx, ClipModel, ClipSegSegmenter, Dinov2, Owlv2FaceDetector
 from characonsist.evaluate.runfolder import RunError, method_mask
 from characonsist.evaluate.tiny import save_tiny_models
-from characonsist.output import mask_visual, save_png, write_json
+from characonsist.output import json_bytes, mask_visual, png_bytes
 
 SIZE = 64
 
@@ -40,6 +40,16 @@ def config(tiny, **kw) -> EvalConfig:
 
 def noise(seed: int, size: int = SIZE) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def save_png(path: Path, image: Image.Image, text: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image, text))
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json_bytes(data))
 
 
 def write_run(folder: Path, groups: list[list[dict]], method: str = "characonsist") -> Path:

@@ -27,7 +27,7 @@ def _images(out):
     return np.stack(out.images)
 
 
-@pytest.mark.parametrize("off", [dict(sample_rate=0.0, early_full_read=False), dict(share_end=0),
+@pytest.mark.parametrize("off", [dict(sample_rate=0.0, early_full_read=False), dict(share_start=0, share_end=0),
                                  dict(skip_early=1.0, skip_late=1.0, early_full_read=False)])
 def test_switched_off_equals_vanilla_exactly(story_pipe, off):
     out = story_pipe(IDENTITY, FRAMES, method="storydiffusion", **off, **KW)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from characonsist.storyfile import StoryError, check_prompt_lengths, load_story, parse_structured, parse_text
+from characonsist.inputs import prompt_problems
+from characonsist.storyfile import StoryError, load_story, parse_structured, parse_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_structured_inheritance_names_and_overrides():
 
 @pytest.mark.parametrize("text, message", [
     ("scenes:\n  - {name: a}\n", "scenes[0]: empty group"),
-    ("scenes:\n  - frames: [{background: a, character: b, action: c, height: 100}]\n", "height 100 is not a positive multiple of 16"),
+    ("scenes:\n  - frames: [{background: a, character: b, action: c, height: 100}]\n", "height=100 is not a positive multiple of 16"),
     ("scenes:\n  - frames: [{background: a, character: b}]\n", "action field is empty"),
     ("scenes:\n  - frames: [{background: a, character: b, action: c, colour: red}]\n", "unknown key 'colour'"),
     ("scenes: []\n", "non-empty list"),
@@ -94,8 +95,10 @@ def test_prompt_length_counts_tokens():
             return type("Enc", (), {"input_ids": text.split() + ["</s>"]})()
 
     story = parse_text("park#a cat#sits\npark#a very very big cat#sits\n", "s.txt")
-    assert check_prompt_lengths(story, Tok(), 9) == []
-    problems = check_prompt_lengths(story, Tok(), 6)
+    images = [im for g in story.groups for im in g.images]
+    places = [w for g in story.groups for w in g.where]
+    assert prompt_problems(images, places, Tok(), 9) == []
+    problems = prompt_problems(images, places, Tok(), 6)
     assert len(problems) == 1 and problems[0].startswith("s.txt:2:") and "8 T5 tokens" in problems[0]
     assert "at most 6" in problems[0]
 

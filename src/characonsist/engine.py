@@ -327,6 +327,8 @@ class Engine:
         with self.installed():
             for i, phase in enumerate(phases):
                 run.phase = phase
+                if progress is not None and hasattr(progress, "start_phase"):
+                    progress.start_phase(phase)
                 twin_steps = min(self.method.twin_steps(phase), phase.steps)
                 follow = bool(twin_steps) and self.method.twins_follow(phase)
                 nxt = phases[i + 1] if i + 1 < len(phases) else None

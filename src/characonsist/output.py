@@ -1,8 +1,6 @@
-"""What a run leaves on disk: atomic writes, PNGs with their settings, the manifest, masks and storyboards.
+"""What a run leaves on disk, as bytes and pictures: PNGs with their settings, JSON, masks and storyboards.
 
-Nothing is ever half-written: every file goes to a temporary name in the same folder and is renamed into
-place (``os.replace`` is atomic on POSIX and Windows), so a crash or Ctrl-C leaves either the old file or
-the new one, never a torn one.
+Writing is the output folder's job (``characonsist.app.folder``: atomic, locked, nothing outside it).
 """
 
 from __future__ import annotations
@@ -10,44 +8,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+import math
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-TMP_MARK = ".tmp-"
 META_KEY = "characonsist"  # PNG text chunk holding the JSON record of the image
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (fsync'd, so it survives a crash).
-
-    A file that already holds exactly ``data`` is left alone (not even its modification time changes)."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files a killed run left behind under ``folder``; return them."""
-    folder = Path(folder)
-    stale = [p for p in folder.rglob(f".*{TMP_MARK}*") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
 
 
 def settings_hash(settings: dict) -> str:
@@ -66,21 +34,21 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(path: str | Path, image: Image.Image, record: dict | None = None) -> None:
-    """Atomically save ``image`` with ``record``: readable keys (prompt, seed, method, settings) plus the full JSON."""
+def png_text(record: dict | None) -> dict[str, str]:
+    """A record as PNG text chunks: readable keys (prompt, seed, method, settings) plus the full JSON."""
     text = {}
     if record:
         for key in ("prompt", "seed", "method"):
             if key in record:
                 text[key] = record[key]
         if "settings" in record:
-            text["settings"] = json.dumps(record["settings"], sort_keys=True)
-        text[META_KEY] = json.dumps(record, sort_keys=True)
-    atomic_write(path, png_bytes(image, text))
+            text["settings"] = json.dumps(json_safe(record["settings"]), sort_keys=True, allow_nan=False)
+        text[META_KEY] = json.dumps(json_safe(record), sort_keys=True, allow_nan=False)
+    return text
 
 
 def read_png_record(path: str | Path) -> dict | None:
-    """The JSON record ``save_png`` stored in a PNG, or None (no such file, not ours, or unreadable)."""
+    """The JSON record ``png_text`` stored in a PNG, or None (no such file, not ours, or unreadable)."""
     try:
         with Image.open(path) as image:
             image.load()  # also verifies the file is complete
@@ -93,8 +61,27 @@ def read_png_record(path: str | Path) -> dict | None:
         return None
 
 
-def write_json(path: str | Path, data: dict) -> None:
-    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+def json_safe(data):
+    """A copy that strict JSON can hold: non-finite floats become None (``NaN`` is not JSON), numpy scalars
+    Python ones, anything else unknown its ``str``."""
+    if isinstance(data, dict):
+        return {str(k): json_safe(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(v) for v in data]
+    if isinstance(data, (bool, np.bool_)):
+        return bool(data)
+    if isinstance(data, (int, np.integer)):
+        return int(data)
+    if isinstance(data, (float, np.floating)):
+        return float(data) if math.isfinite(data) else None
+    if data is None or isinstance(data, str):
+        return data
+    return str(data)
+
+
+def json_bytes(data: dict) -> bytes:
+    """Strict JSON (no NaN), indented, with a final newline."""
+    return (json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
 
 
 def read_json(path: str | Path) -> dict | None:

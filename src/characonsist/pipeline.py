@@ -7,12 +7,29 @@ a story instead of a prompt. See docs/API.md.
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ._compat import import_flux
+from ._compat import dtype_kwarg, import_flux
 from .engine import Engine, Slot
+from .inputs import (
+    OUTPUT_TYPES,
+    InputError,
+    ModelLimits,
+    coerce_images,
+    excerpt,
+    image_problems,
+    model_defaults,
+    model_limits,
+    prompt_problems,
+    seed_problem,
+    setting_problems,
+)
 from .match import Matches
 from .methods import Method, get_method
 from .methods.base import story_seeds
@@ -43,13 +60,9 @@ def _generators(n: int, seed, generator, images: list[StoryImage]):
     """One generator per image: StoryImage.seed > ``generator`` > ``seed`` (int for all, or list)."""
     if generator is not None:
         gens = generator if isinstance(generator, list) else [generator] * n
-        if len(gens) != n:
-            raise ValueError(f"generator: got {len(gens)} generators for {n} images (identity + frames)")
         seeds = [g.initial_seed() for g in gens]
     else:
-        seeds = seed if isinstance(seed, (list, tuple)) else [seed] * n
-        if len(seeds) != n:
-            raise ValueError(f"seed: got {len(seeds)} seeds for {n} images (identity + frames)")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
         gens = [None] * n
     out_gens, out_seeds = [], []
     for img, g, s in zip(images, gens, seeds):
@@ -62,8 +75,84 @@ def _generators(n: int, seed, generator, images: list[StoryImage]):
     return out_gens, out_seeds
 
 
+def _seed_problems(n: int, seed, generator) -> list[str]:
+    if generator is not None:
+        gens = generator if isinstance(generator, list) else [generator]
+        bad = [i for i, g in enumerate(gens) if not isinstance(g, torch.Generator)]
+        if bad:
+            return [f"generator: expected a torch.Generator or a list of them, got {excerpt(generator)}"]
+        if isinstance(generator, list) and len(gens) != n:
+            return [f"generator: got {len(gens)} generators for {n} images (identity + frames)"]
+        return []
+    if seed is None:
+        return []
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            return [f"seed: got {len(seed)} seeds for {n} images (identity + frames)"]
+        return [p for i, s in enumerate(seed) if (p := seed_problem(f"seed[{i}]", s))]
+    problem = seed_problem("seed", seed)
+    return [problem + " (or a list of seeds, identity first)"] if problem else []
+
+
+class _MutedEmptyFp32Warning(logging.Filter):
+    """diffusers' ``ModelMixin.to(dtype)`` warns that modules "should be kept in float32: []" even when the list
+    is empty (nothing to keep); ``from_pipe`` casts every module, so each run printed it once per model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+_PHASE_LABELS = {"prerun": "layout pre-run"}
+
+
+class _StepBars:
+    """The step progress bars: one per pass of a chunk, diffusers' bar settings, counting that pass's steps.
+
+    CharaConsist's layout pre-run (``mask_step + 1`` steps) gets its own bar; the main run's bar counts
+    ``num_inference_steps`` with the steps taken over from the pre-run already done. ``callback`` (if any) is
+    called after every step of every pass: ``callback(phase_name, steps_done, steps_total)``.
+    """
+
+    def __init__(self, pipe, callback: Callable[[str, int, int], None] | None):
+        self.pipe, self.callback, self.bar, self.phase, self.done = pipe, callback, None, None, 0
+
+    def start_phase(self, phase) -> None:
+        from tqdm.auto import tqdm
+
+        self.close()
+        self.phase, self.done = phase, phase.start
+        config = dict(getattr(self.pipe, "_progress_bar_config", None) or {})
+        label = config.get("desc") or "steps"
+        config["desc"] = label if phase.final else _PHASE_LABELS.get(phase.name, phase.name)
+        self.bar = tqdm(total=phase.steps, initial=phase.start, **config)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.callback is not None and self.phase is not None:
+            self.callback(self.phase.name, self.done, self.phase.steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class CharaConsistPipeline(FluxPipeline):
     """FLUX.1 story generation with a consistency method (CharaConsist by default)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """FluxPipeline's ``from_pretrained``; without a dtype every module loads in **float32**.
+
+        That is diffusers' documented default; transformers >= 5 would otherwise keep the text encoders in the
+        dtype they were saved in (the toy model's float16) next to a float32 transformer, and the first forward
+        would fail on mixed dtypes. Pass ``dtype=torch.bfloat16`` (or ``torch_dtype``) for FLUX on a GPU.
+        """
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs.update(dtype_kwarg(torch.float32))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -78,22 +167,92 @@ class CharaConsistPipeline(FluxPipeline):
             from diffusers.pipelines import pipeline_utils
 
             kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = dtype
-        return super().from_pipe(pipeline, **kwargs)
+        muted = _MutedEmptyFp32Warning()
+        logger = logging.getLogger("diffusers.models.modeling_utils")
+        logger.addFilter(muted)
+        try:
+            return super().from_pipe(pipeline, **kwargs)
+        finally:
+            logger.removeFilter(muted)
+
+    # ------------------------------------------------------------------ inputs
+    def model_folder(self) -> Path | None:
+        """The local folder the pipeline was loaded from (``from_pretrained``/``from_pipe``), if any."""
+        name = getattr(self.config, "_name_or_path", None)
+        return Path(name) if name and os.path.isdir(name) else None
+
+    def story_defaults(self) -> dict:
+        """Height, width, steps, guidance and ``max_sequence_length`` used when a call leaves them out: the model
+        folder's ``characonsist_defaults.json`` (the toy model's 128 px, 20 steps, 32 tokens), else FLUX.1-schnell's
+        for a transformer without guidance embedding, else FLUX.1-dev's (1024 px, 50 steps, 3.5, 512)."""
+        config = dict(self.transformer.config) if getattr(self, "transformer", None) is not None else None
+        return model_defaults(self.model_folder(), config)
+
+    def input_limits(self) -> ModelLimits:
+        """Sizes and prompt vocabulary this model takes (``characonsist.inputs.model_limits``)."""
+        vae = getattr(self, "vae", None)
+        return model_limits(dict(vae.config) if vae is not None else None, self.story_defaults(),
+                            getattr(self, "tokenizer_2", None))
+
+    def check_inputs(self, identity, frames=(), method: str | Method = "characonsist", height=None, width=None,
+                     num_inference_steps=None, guidance_scale=None, seed=None, generator=None,
+                     max_sequence_length=None, batch_size=None, output_type="pil", callback_on_step_end=None,
+                     callback_on_step_end_tensor_inputs=("latents",), **method_options
+                     ) -> tuple[list[StoryImage], Method]:
+        """Check a call's inputs before any work (diffusers' ``check_inputs``): every problem at once, as one
+        ``characonsist.inputs.InputError`` (a ValueError). Returns the images (identity first) and the method.
+
+        The rules are ``characonsist.inputs``'s, the same the command line applies before loading the model.
+        """
+        problems: list[str] = []
+        try:
+            images = coerce_images(identity, frames)
+        except InputError as e:
+            problems += e.problems
+            images = []
+        try:
+            method = get_method(method, **method_options)
+        except InputError as e:
+            problems += e.problems
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+        limits = self.input_limits()
+        problems += setting_problems(height=height, width=width, num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+                                     batch_size=batch_size if len(images) > 1 else None, limits=limits)
+        if output_type not in OUTPUT_TYPES:
+            problems.append(f"output_type={excerpt(output_type)}; valid: {', '.join(map(repr, OUTPUT_TYPES))}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            problems.append(f"callback_on_step_end={excerpt(callback_on_step_end)} is not callable")
+        unknown = [k for k in (callback_on_step_end_tensor_inputs or ()) if k != "latents"]
+        if unknown:
+            problems.append(f"callback_on_step_end_tensor_inputs: {', '.join(map(excerpt, unknown))} not available; "
+                            "valid: 'latents'")
+        if images:
+            places = ["identity", *(f"frames[{i}]" for i in range(len(images) - 1))]
+            problems += _seed_problems(len(images), seed, generator)
+            problems += image_problems(images, places, limits)
+            if not any("max_sequence_length" in p for p in problems) and self.tokenizer_2 is not None:
+                problems += prompt_problems(images, places, self.tokenizer_2, max_sequence_length or 512,
+                                            limits.vocabulary)
+        if problems:
+            raise InputError(problems)
+        return images, method
 
     def token_spans(self, image: StoryImage, max_sequence_length: int) -> tuple[int, int, int]:
         """(background tokens, real prompt tokens, character tokens) in the T5 sequence, no end token.
 
-        Raises if the prompt does not fit ``max_sequence_length`` (FluxPipeline would silently cut it).
+        Raises InputError if the prompt does not fit ``max_sequence_length`` (FluxPipeline would silently cut it).
         """
         tok = self.tokenizer_2
+        problems = prompt_problems([image], [f"prompt {excerpt(image.spec())}"], tok, max_sequence_length)
+        if problems:
+            raise InputError(problems)
 
         def count(text: str) -> int:
             return len(tok(text, add_special_tokens=False).input_ids) if text else 0
 
         real = count(image.prompt)
-        if real + 1 > max_sequence_length:
-            raise ValueError(f"prompt {image.spec()!r} is {real + 1} T5 tokens with the end token; the limit is "
-                             f"max_sequence_length={max_sequence_length}: shorten it or raise the limit (<= 512)")
         bg = min(count(image.background.strip()), real)
         return bg, real, min(count(image.character.strip()), real - bg)
 
@@ -105,28 +264,34 @@ class CharaConsistPipeline(FluxPipeline):
         method: str | Method = "characonsist",
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 3.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int | list[int] | None = 2025,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         batch_size: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        progress_callback: Callable[[str, int, int], None] | None = None,
         **method_options,
     ) -> StoryPipelineOutput | tuple:
-        images = [StoryImage.coerce(identity)] + [StoryImage.coerce(f) for f in frames]
-        method = get_method(method, **method_options)
-        if max_sequence_length > 512:
-            raise ValueError(f"max_sequence_length={max_sequence_length}: FLUX's T5 takes at most 512")
-        if batch_size is not None and batch_size < 2 and len(images) > 1:
-            raise ValueError(f"batch_size={batch_size}: a chunk holds the identity and at least one frame (>= 2)")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}; valid: 'pil', 'np', 'pt', 'latent'")
-        default_h = height or self.default_sample_size * self.vae_scale_factor
-        default_w = width or self.default_sample_size * self.vae_scale_factor
+        """Generate the identity and its frames. Settings left at None take the model's defaults
+        (``story_defaults``: FLUX.1-dev's 1024 px, 50 steps, guidance 3.5, 512 tokens; a model folder's
+        ``characonsist_defaults.json``, e.g. the toy model's, wins). ``progress_callback(phase, done, total)`` is
+        called after every denoising step of every pass (pre-runs included); an exception raised in it stops the
+        call. See docs/API.md."""
+        defaults = self.story_defaults()
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        max_sequence_length = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        images, method = self.check_inputs(
+            identity, frames, method, height, width, num_inference_steps, guidance_scale, seed, generator,
+            max_sequence_length, batch_size, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            **method_options)
+        default_h = height or defaults["height"]
+        default_w = width or defaults["width"]
         multiple = self.vae_scale_factor * 2
         slots: list[Slot] = []
         seeding = "given"
@@ -136,17 +301,15 @@ class CharaConsistPipeline(FluxPipeline):
         gens, seeds = _generators(len(images), seed, generator, images)
         for k, img in enumerate(images):
             h, w = img.height or default_h, img.width or default_w
-            if h % multiple or w % multiple:
-                raise ValueError(f"image {k} ({img.spec()!r}): size {h}x{w} is not a multiple of {multiple}")
             bg_len, real_len, char_len = self.token_spans(img, max_sequence_length)
             slots.append(Slot(k, img, h, w, seeds[k], gens[k], (h // multiple, w // multiple), bg_len, real_len,
                               char_len))
 
         chunks = self._chunks(images, method, batch_size)
-        total = sum(p.steps - p.start for p in method.phases(num_inference_steps)) * len(chunks)
         results: dict[int, dict] = {}
         notes: dict[int, list[str]] = {}
-        with self.progress_bar(total=total) as progress:
+        progress = _StepBars(self, progress_callback)
+        try:
             for chunk in chunks:
                 chunk_slots = []
                 for pos, k in enumerate(chunk):
@@ -167,6 +330,8 @@ class CharaConsistPipeline(FluxPipeline):
                         continue
                     results[s.story_index] = {"image": img, **extra.get(s.pos, {})}
                     notes[s.story_index] = run.notes.get(s.pos, [])
+        finally:
+            progress.close()
         self.maybe_free_model_hooks()
 
         ordered = [results[k] for k in range(len(images))]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .inputs import InputError, excerpt, is_int, seed_problem, size_problem
+
 
 @dataclass(frozen=True)
 class StoryImage:
@@ -27,25 +29,46 @@ class StoryImage:
     width: int | None = None
 
     def __post_init__(self):
-        if not self.character.strip():
-            raise ValueError(f"StoryImage: the character field is empty in {self.spec()!r}; every image needs one.")
+        problems = []
+        for name in ("background", "character", "action"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                problems.append(f"StoryImage: {name} must be text, got {type(value).__name__} {excerpt(value)}")
+        if not problems and not self.character.strip():
+            problems.append(f"StoryImage: the character field is empty in {excerpt(self.spec())}; every image "
+                            "needs one.")
+        if self.seed is not None:
+            problems.append(seed_problem("StoryImage: seed", self.seed))
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 16):
-                raise ValueError(f"StoryImage: {name}={value} is not a positive multiple of 16 in {self.spec()!r}.")
+            if value is not None:
+                problems.append(size_problem(f"StoryImage: {name}", value))
+        problems = [p for p in problems if p]
+        if problems:
+            raise InputError(problems)
+        for name in ("seed", "height", "width"):   # numpy integers -> int (JSON, torch seeds)
+            value = getattr(self, name)
+            if is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
 
     @classmethod
     def parse(cls, line: str, **overrides) -> StoryImage:
         """Parse ``background#character#action`` (exactly two ``#``)."""
         parts = line.split("#")
         if len(parts) != 3:
-            raise ValueError(
-                f"prompt {line!r} has {len(parts) - 1} '#' but needs exactly two: background#character#action")
+            raise InputError(f"prompt {excerpt(line)} has {len(parts) - 1} '#' but needs exactly two: "
+                             "background#character#action")
         return cls(*(p.strip() for p in parts), **overrides)
 
     @classmethod
     def coerce(cls, value: str | StoryImage) -> StoryImage:
-        return value if isinstance(value, StoryImage) else cls.parse(value)
+        """A StoryImage as is, or one parsed from a ``background#character#action`` string."""
+        if isinstance(value, StoryImage):
+            return value
+        if not isinstance(value, str):
+            raise InputError(f"expected a 'background#character#action' string or a StoryImage, got "
+                             f"{type(value).__name__} {excerpt(value)}")
+        return cls.parse(value)
 
     @property
     def prompt(self) -> str:

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .inputs import InputError, excerpt, seed_problem, size_problem
 from .story import StoryImage
 
 FIELDS = ("background", "character", "action")
@@ -34,14 +35,8 @@ STORY_KEYS = {"title", "characters", "defaults", "scenes"}
 STRUCTURED_SUFFIXES = (".yaml", ".yml", ".toml")
 
 
-class StoryError(ValueError):
+class StoryError(InputError):
     """Bad story input; ``problems`` lists every message (each starts with its place in the file)."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        shown = self.problems[:20]
-        more = len(self.problems) - len(shown)
-        super().__init__("\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else ""))
 
 
 @dataclass
@@ -76,12 +71,16 @@ def slug(text: str, limit: int = 40) -> str:
 def load_story(path: str | Path) -> Story:
     """Parse a story file (format chosen by suffix: .yaml/.yml/.toml structured, anything else text)."""
     path = Path(path)
+    if path.is_dir():
+        raise StoryError([f"{path}: is a folder, not a story file"])
     if not path.is_file():
         raise StoryError([f"{path}: story file not found"])
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise StoryError([f"{path}: not UTF-8 text ({e})"]) from None
+        raise StoryError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except OSError as e:
+        raise StoryError([f"{path}: cannot read the story file ({e.strerror or e}); check its permissions"]) from None
     if path.suffix.lower() in STRUCTURED_SUFFIXES:
         return parse_structured(text, str(path), toml=path.suffix.lower() == ".toml")
     return parse_text(text, str(path))
@@ -118,7 +117,8 @@ def parse_text(text: str, source: str = "<text>") -> Story:
 def _split_line(line: str, place: str, problems: list[str]) -> dict | None:
     parts = line.split("#")
     if len(parts) != 3:
-        problems.append(f"{place}: {line!r} has {len(parts) - 1} '#' but needs exactly two: background#character#action")
+        problems.append(f"{place}: {excerpt(line)} has {len(parts) - 1} '#' but needs exactly two: "
+                        "background#character#action")
         return None
     return dict(zip(FIELDS, parts))
 
@@ -134,21 +134,16 @@ def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: l
             problems.append(f"{place}: the {name} field is empty (every image needs background, character and action)")
             ok = False
         elif not isinstance(value, str):
-            problems.append(f"{place}: the {name} field must be text, got {value!r}")
+            problems.append(f"{place}: the {name} field must be text, got {excerpt(value)}")
             ok = False
     sizes = {}
     for name in ("seed", "height", "width"):
         value = extra.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{place}: {name} must be an integer, got {value!r}")
-            ok = False
-        elif name == "seed" and not 0 <= value < 2**63:
-            problems.append(f"{place}: seed {value} is out of range (0 to 2**63-1)")
-            ok = False
-        elif name != "seed" and (value <= 0 or value % 16):
-            problems.append(f"{place}: {name} {value} is not a positive multiple of 16 (FLUX works on 16-pixel patches)")
+        problem = seed_problem(name, value) if name == "seed" else size_problem(name, value)
+        if problem:
+            problems.append(f"{place}: {problem}")
             ok = False
         sizes[name] = value
     if not ok:
@@ -173,7 +168,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
         raise StoryError([f"{source}: the story must be a mapping with a 'scenes' list"])
     problems: list[str] = []
     for key in sorted(set(data) - STORY_KEYS):
-        problems.append(f"{source}: unknown key {key!r} (valid: {', '.join(sorted(STORY_KEYS))})")
+        problems.append(f"{source}: unknown key {excerpt(key)} (valid: {', '.join(sorted(STORY_KEYS))})")
     characters = data.get("characters") or {}
     if not isinstance(characters, dict) or not all(isinstance(v, str) for v in characters.values()):
         problems.append(f"{source}: 'characters' must map names to descriptions")
@@ -192,7 +187,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
             problems.append(f"{place}: a scene must be a mapping")
             continue
         for key in sorted(set(scene) - SCENE_KEYS):
-            problems.append(f"{place}: unknown key {key!r} (valid: {', '.join(sorted(SCENE_KEYS))})")
+            problems.append(f"{place}: unknown key {excerpt(key)} (valid: {', '.join(sorted(SCENE_KEYS))})")
         entries = []
         if scene.get("identity") is not None:
             entries.append((f"{place}.identity", scene["identity"]))
@@ -211,7 +206,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
                 problems.append(f"{image_place}: an image must be a mapping with background, character, action")
                 continue
             for key in sorted(set(entry) - IMAGE_KEYS):
-                problems.append(f"{image_place}: unknown key {key!r} (valid: {', '.join(sorted(IMAGE_KEYS))})")
+                problems.append(f"{image_place}: unknown key {excerpt(key)} (valid: {', '.join(sorted(IMAGE_KEYS))})")
             merged = {**defaults, **inherited, **entry}
             if isinstance(merged.get("character"), str):
                 merged["character"] = characters.get(merged["character"], merged["character"])
@@ -231,16 +226,3 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
     if problems:
         raise StoryError(problems)
     return Story(source, groups, title=data.get("title"), format="toml" if toml else "yaml")
-
-
-def check_prompt_lengths(story: Story, tokenizer, max_sequence_length: int) -> list[str]:
-    """Problems for prompts longer than the T5 encoder takes (counted with the end-of-text token)."""
-    problems = []
-    for group in story.groups:
-        for image, place in zip(group.images, group.where):
-            count = len(tokenizer(image.prompt).input_ids)
-            if count > max_sequence_length:
-                problems.append(
-                    f"{place}: prompt is {count} T5 tokens, but the text encoder takes at most {max_sequence_length} "
-                    f"(--max-sequence-length); shorten it by {count - max_sequence_length} tokens")
-    return problems

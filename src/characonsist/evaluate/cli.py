@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..output import atomic_write
+from ..app.folder import write_file
 from .evaluator import EVAL_FORMAT, MASK_MODES, TEXT_MODES, EvalConfig, ModelBank, evaluate_run
 from .metrics import METRICS, PAIR_MODES
 from .references import BENCHMARKS, references
@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             data = {"format": EVAL_FORMAT + "+compare", "config": config.to_dict(), "benchmark": args.benchmark,
                     "runs": [{"label": r["run"]["label"], "folder": r["run"]["folder"], "overall": r["overall"],
                               "metrics": r["metrics"]} for r in results], "references": refs, "notes": notes}
-            atomic_write(out / "compare.json", (json.dumps(data, indent=2, default=str) + "\n").encode())
-            atomic_write(out / "compare.csv", "\n".join(",".join(_cell(c) for c in r) for r in [header, *rows]).encode()
+            write_file(out / "compare.json", (json.dumps(data, indent=2, default=str) + "\n").encode())
+            write_file(out / "compare.csv", "\n".join(",".join(_cell(c) for c in r) for r in [header, *rows]).encode()
                          + b"\n")
-            atomic_write(out / "compare.html", compare_html(header, rows, notes).encode())
+            write_file(out / "compare.html", compare_html(header, rows, notes).encode())
             print(f"\nwritten: {out / 'compare.json'}, {out / 'compare.csv'}, {out / 'compare.html'}")
     return 0
 

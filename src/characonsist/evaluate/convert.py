@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from ..output import atomic_write
+from ..app.folder import write_file
 
 MARK = "# characonsist: converted story list"
 PLACE_WORDS = ("in front of", "on top of", "next to", "inside", "outside", "under", "underneath", "beneath", "near",
@@ -165,5 +165,5 @@ def write_story(converted: Converted, out: str | Path, source: str | Path, overw
               "# captions hold the source prompts: score CLIP-T on them with `characonsist eval --text caption`"]
     story = dict(converted.story, title=f"converted from {Path(source).name}")
     body = yaml.safe_dump(story, sort_keys=False, allow_unicode=True, width=1000)
-    atomic_write(out, ("\n".join(header) + "\n" + body).encode())
+    write_file(out, ("\n".join(header) + "\n" + body).encode())
     return out

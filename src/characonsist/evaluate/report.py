@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from ..output import atomic_write
+from ..app.folder import write_file
 from .evaluator import EVAL_FORMAT
 from .metrics import METRICS
 
@@ -83,7 +83,7 @@ def write_report(result: dict, folder: str | Path, run_folder: str | Path | None
     written = []
 
     def put(name: str, data: bytes):
-        atomic_write(folder / name, data)
+        write_file(folder / name, data)
         written.append(folder / name)
 
     put("eval.json", (json.dumps(result, indent=2, default=str) + "\n").encode())

@@ -7,12 +7,19 @@ Options are a dataclass ``Config``; unknown option names raise with the list of 
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from ..engine import AttnCall, Phase, Run
+from ..inputs import InputError, excerpt, is_int, is_number
 from ..story import StoryImage
+
+BLOCKS = ("single", "double", "all")
+VOLATILE_BACKENDS = ("flash", "default")
 
 
 @dataclass
@@ -20,20 +27,102 @@ class VanillaConfig:
     """Plain FLUX: no options."""
 
 
+def option_types(config_class) -> dict[str, tuple[type, bool]]:
+    """Field name -> (bool | int | float | str, whether None is allowed), from the Config's annotations."""
+    hints = typing.get_type_hints(config_class)
+    out = {}
+    for f in fields(config_class):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+            else (hint,)
+        kinds = [a for a in args if a is not type(None)]
+        out[f.name] = (kinds[0] if len(kinds) == 1 else object, type(None) in args)
+    return out
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
+def check_config(config, ranges: dict[str, tuple] | None = None, choices: dict[str, tuple] | None = None,
+                 order: list[tuple[str, str]] | None = None, problems: list[str] | None = None) -> None:
+    """Check a method Config in its ``__post_init__``: every option's type (from its annotation), finite numbers,
+    ``ranges`` ({name: (low, high)}, inclusive, None = open), ``choices`` ({name: valid values}) and ``order``
+    ((a, b): a <= b, e.g. a step range's start and end). Raises one InputError listing every problem.
+
+    Integers are accepted where a float is expected (and stored as float); numpy scalars become Python ones."""
+    problems = list(problems or [])
+    ranges, choices = ranges or {}, choices or {}
+    for name, (kind, optional) in option_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None:
+            if not optional:
+                problems.append(f"option {name}=None: must be {_TYPE_WORDS.get(kind, kind.__name__)}")
+            continue
+        ok = {bool: lambda v: isinstance(v, bool), int: is_int, float: is_number,
+              str: lambda v: isinstance(v, str)}.get(kind, lambda v: True)(value)
+        if not ok:
+            problems.append(f"option {name}={excerpt(value)}: must be {_TYPE_WORDS.get(kind, kind.__name__)}"
+                            + (" or None" if optional else ""))
+            continue
+        if kind is float:
+            value = float(value)
+            if not math.isfinite(value):
+                problems.append(f"option {name}={value}: must be a finite number")
+                continue
+        elif kind is int:
+            value = int(value)
+        setattr(config, name, value)
+        if name in ranges:
+            low, high = ranges[name]
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = (f"in [{_num(low)}, {_num(high)}]" if low is not None and high is not None
+                          else f">= {_num(low)}" if low is not None else f"<= {_num(high)}")
+                problems.append(f"option {name}={value}: must be {bounds}")
+        if name in choices and value not in choices[name]:
+            problems.append(f"option {name}={excerpt(value)}: valid: {', '.join(map(repr, choices[name]))}")
+    for a, b in order or []:
+        va, vb = getattr(config, a), getattr(config, b)
+        if is_number(va) and is_number(vb) and va > vb:
+            problems.append(f"options {a}={va} and {b}={vb}: {a} must not be after {b}")
+    if problems:
+        raise InputError(problems)
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def parse_option(config_class, name: str, text: str):
+    """An option value given as text (``--option KEY=VALUE``, a web form) in the option's type; text that does
+    not convert is returned as is, so that the Config's own check reports it (one message for every front end)."""
+    kind, optional = option_types(config_class).get(name, (str, False))
+    word = text.strip().lower()
+    if optional and word in ("none", "null", ""):
+        return None
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "on": True,
+                    "false": False, "0": False, "no": False, "off": False}[word]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except (KeyError, ValueError):
+        return text
+    return text
+
+
 def uses_block(blocks: str, kind: str) -> bool:
     """Whether a layer of ``kind`` ("single"/"double") is in the ``blocks`` selection."""
-    if blocks not in ("single", "double", "all"):
-        raise ValueError(f"blocks={blocks!r}; valid: 'single', 'double', 'all'")
+    if blocks not in BLOCKS:
+        raise InputError(f"blocks={excerpt(blocks)}; valid: {', '.join(map(repr, BLOCKS))}")
     return blocks == "all" or blocks == kind
 
 
-VOLATILE_BACKENDS = ("flash", "default")
-
-
 def use_volatile_backend(run: Run, backend: str) -> None:
-    """Check a method's ``volatile_backend`` option and hand it to the engine (``AttnCall.attend``)."""
+    """Hand a method's ``volatile_backend`` option (checked by its Config) to the engine (``AttnCall.attend``)."""
     if backend not in VOLATILE_BACKENDS:
-        raise ValueError(f"volatile_backend={backend!r}; valid: {', '.join(map(repr, VOLATILE_BACKENDS))}")
+        raise InputError(f"volatile_backend={excerpt(backend)}; valid: {', '.join(map(repr, VOLATILE_BACKENDS))}")
     run.volatile_backend = backend
 
 
@@ -86,11 +175,15 @@ class Method:
     seeding = "shared"   # the official noise convention of a story generated from one seed (``story_seeds``)
 
     def __init__(self, **options):
-        valid = {f.name for f in fields(self.Config)}
-        unknown = sorted(set(options) - valid)
+        valid = [f.name for f in fields(self.Config)]
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"method {self.name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")
-        self.config = self.Config(**options)
+            raise InputError(f"method {self.name!r} has no option(s) {', '.join(unknown)}; valid options: "
+                             f"{', '.join(valid) or 'none'}")
+        try:
+            self.config = self.Config(**options)
+        except InputError as e:
+            raise InputError([f"method {self.name!r}: {p}" for p in e.problems]) from None
 
     def settings(self) -> dict:
         return asdict(self.config)

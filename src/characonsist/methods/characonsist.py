@@ -35,12 +35,13 @@ import torch
 
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Phase, Run
+from ..inputs import is_int
 from ..mask import foreground_mask, span_weights, text_attention_spans_batched
 from ..match import Matches, cosine_similarity_matrix, match_points
 from ..merge import merge_tokens, merge_weight
 from ..rope import reencode
 from ..story import StoryImage
-from .base import Method, use_volatile_backend
+from .base import VOLATILE_BACKENDS, Method, check_config, use_volatile_backend
 
 
 @dataclass
@@ -73,6 +74,20 @@ class CharaConsistConfig:
                                      # Hopper, a new plan per shape)
     row_bucket: int = 256            # while masks change, query counts are padded to a multiple of this
                                      # (exact; 0 = off) so cuDNN reuses its plans
+
+    def __post_init__(self):
+        odd = [f"option {name}={getattr(self, name)}: must be 0, 1 or an odd window size (3 = 3x3)"
+               for name in ("mask_erode", "mask_dilate")
+               if is_int(getattr(self, name)) and getattr(self, name) > 1 and getattr(self, name) % 2 == 0]
+        check_config(
+            self, problems=odd,
+            ranges={"share_start": (0, None), "share_end": (0, None), "mask_step": (0, None),
+                    "merge_weight": (0.0, 1.0), "merge_start": (0, None),
+                    "merge_decay": (0, None), "merge_end": (0, None), "fg_every": (1, None), "bg_every": (1, None),
+                    "mask_erode": (0, None), "mask_dilate": (0, None), "schedule_steps": (1, None),
+                    "row_bucket": (0, None)},
+            choices={"volatile_backend": VOLATILE_BACKENDS},
+            order=[("share_start", "share_end"), ("merge_start", "merge_decay"), ("merge_decay", "merge_end")])
 
 
 _STEP_OPTIONS = ("share_start", "share_end", "mask_step", "merge_start", "merge_decay", "merge_end")

@@ -81,8 +81,8 @@ from ..mask import otsu_threshold
 from ..match import cosine_similarity_matrix
 from ..merge import merge_tokens
 from ..story import StoryImage
-from .base import Method, rescale_step, use_volatile_backend, uses_block
-from .storydiffusion import attend_rows, coerce_optional, image_generator, sharing_sources
+from .base import BLOCKS, VOLATILE_BACKENDS, Method, check_config, rescale_step, use_volatile_backend, uses_block
+from .storydiffusion import attend_rows, image_generator, sharing_sources
 
 FEATURE_PASSES = ("full", "short")
 
@@ -117,7 +117,14 @@ class ConsiStoryConfig:
                                         # rescaled to num_inference_steps (None: use them as given)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "inject_threshold": float, "seed": int, "schedule_steps": int})
+        check_config(self, ranges={"anchors": (0, None), "share_start": (0, None), "dropout": (0.0, 1.0),
+                                   "blend_steps": (0, None), "blend_start": (0.0, 1.0), "blend_end": (0.0, 1.0),
+                                   "inject_alpha": (0.0, 1.0), "inject_start": (0, None),
+                                   "feature_step": (0, None), "mask_window": (1, None),
+                                   "seed": (0, 2**63 - 1), "schedule_steps": (1, None)},
+                     choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS,
+                              "feature_pass": FEATURE_PASSES},
+                     order=[("share_start", "share_end"), ("inject_start", "inject_end")])
 
 
 def step_schedule(config: ConsiStoryConfig, num_steps: int) -> dict[str, int]:
@@ -254,19 +261,6 @@ class ConsiStory(Method):
     name = "consistory"
     Config = ConsiStoryConfig
     seeding = "per_image"
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        cfg = self.config
-        uses_block(cfg.blocks, "single")   # validates the name
-        if not 0.0 <= cfg.dropout <= 1.0:
-            raise ValueError(f"dropout={cfg.dropout}: must be in [0, 1]")
-        if cfg.anchors < 0:
-            raise ValueError(f"anchors={cfg.anchors}: must be >= 0")
-        if cfg.mask_window < 1:
-            raise ValueError(f"mask_window={cfg.mask_window}: must be >= 1")
-        if cfg.feature_pass not in FEATURE_PASSES:
-            raise ValueError(f"feature_pass={cfg.feature_pass!r}; valid: {', '.join(map(repr, FEATURE_PASSES))}")
 
     # ------------------------------------------------------------------ schedule
     def _blending(self) -> bool:

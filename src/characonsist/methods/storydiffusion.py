@@ -68,7 +68,16 @@ import torch
 from ..attention import QueryGroup, grouped_attention
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
-from .base import Method, mix_seed, rescale_step, use_volatile_backend, uses_block
+from .base import (
+    BLOCKS,
+    VOLATILE_BACKENDS,
+    Method,
+    check_config,
+    mix_seed,
+    rescale_step,
+    use_volatile_backend,
+    uses_block,
+)
 
 _DRAWS = 0x5D   # tag of the token-mask and skip draws' seeds
 
@@ -94,18 +103,11 @@ class StoryDiffusionConfig:
                                      # to num_inference_steps (None: use them as given)
 
     def __post_init__(self):
-        coerce_optional(self, {"share_end": int, "seed": int, "schedule_steps": int})
-
-
-def coerce_optional(config, types: dict[str, type]) -> None:
-    """Options whose default is None arrive as text from ``--option KEY=VALUE``: convert them ("none" = None)."""
-    for name, typ in types.items():
-        value = getattr(config, name)
-        if isinstance(value, str):
-            try:
-                setattr(config, name, None if value.strip().lower() in ("", "none") else typ(value))
-            except ValueError:
-                raise ValueError(f"option {name}={value!r} is not a {typ.__name__}") from None
+        check_config(self, ranges={"sample_rate": (0.0, 1.0), "share_start": (0, None), "identities": (0, None),
+                                   "skip_switch": (0, None), "skip_early": (0.0, 1.0), "skip_late": (0.0, 1.0),
+                                   "seed": (0, 2**63 - 1), "schedule_steps": (1, None)},
+                     choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS},
+                     order=[("share_start", "share_end")])
 
 
 def sample_tokens(num_tokens: int, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -154,16 +156,6 @@ class StoryDiffusion(Method):
     name = "storydiffusion"
     Config = StoryDiffusionConfig
     seeding = "per_image"
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        cfg = self.config
-        for key in ("sample_rate", "skip_early", "skip_late"):
-            if not 0.0 <= getattr(cfg, key) <= 1.0:
-                raise ValueError(f"{key}={getattr(cfg, key)}: must be in [0, 1]")
-        if cfg.identities < 0:
-            raise ValueError(f"identities={cfg.identities}: must be >= 0")
-        uses_block(cfg.blocks, "single")   # validates the name
 
     def dependencies(self, images: list[StoryImage], k: int) -> set[int]:
         return set(range(1, min(self.config.identities, len(images))))

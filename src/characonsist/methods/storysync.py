@@ -74,7 +74,7 @@ from ..engine import AttnCall, Phase, Run, Slot
 from ..mask import otsu_threshold
 from ..match import Matches
 from ..story import StoryImage
-from .base import Method, mix_seed, use_volatile_backend, uses_block
+from .base import VOLATILE_BACKENDS, Method, check_config, mix_seed, use_volatile_backend, uses_block
 
 BLOCKS = ("single", "double", "all")
 FEATURES = ("averaged", "layer")
@@ -246,6 +246,15 @@ class StorySyncConfig:
     schedule_steps: int | None = 50  # the step options are written for this many steps and rescaled to
                                      # num_inference_steps (None: use them as given), as CharaConsist's
 
+    def __post_init__(self):
+        check_config(self, ranges={**dict.fromkeys(("gamma", "bli_lambda", "attn_dropout", "rfh_dropout",
+                                                    "mask_dropout"), (0.0, 1.0)),
+                                   **dict.fromkeys(("num_references", "share_start", "share_end", "bli_end"), (0, None)),
+                                   "dropout_seed": (-1, 2**63 - 1), "schedule_steps": (1, None)},
+                     choices={"share_blocks": BLOCKS, "mask_blocks": BLOCKS, "bli_blocks": BLOCKS,
+                              "rfh_features": FEATURES, "volatile_backend": VOLATILE_BACKENDS},
+                     order=[("share_start", "share_end")])
+
 
 def step_schedule(config: StorySyncConfig, num_steps: int) -> dict[str, int]:
     """The step options for ``num_steps`` steps: ``round(v * num_steps / schedule_steps)``.
@@ -270,23 +279,6 @@ class StorySync(Method):
     Config = StorySyncConfig
     seeding = "per_image"   # no official code; a batch from one generator gives each image its own noise (and
                             # StorySync is evaluated on ConsiStory's benchmark, whose code does so)
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        cfg = self.config
-        for key in ("share_blocks", "mask_blocks", "bli_blocks"):
-            if getattr(cfg, key) not in BLOCKS:
-                raise ValueError(f"storysync: {key}={getattr(cfg, key)!r}; valid: {list(BLOCKS)}")
-        if cfg.rfh_features not in FEATURES:
-            raise ValueError(f"storysync: rfh_features={cfg.rfh_features!r}; valid: {list(FEATURES)}")
-        for key in ("gamma", "bli_lambda", "attn_dropout", "rfh_dropout", "mask_dropout"):
-            if not 0.0 <= getattr(cfg, key) <= 1.0:
-                raise ValueError(f"storysync: {key}={getattr(cfg, key)} must lie in [0, 1]")
-        for key in ("num_references", "share_start", "share_end", "bli_end"):
-            if getattr(cfg, key) < 0:
-                raise ValueError(f"storysync: {key}={getattr(cfg, key)} must be >= 0")
-        if cfg.schedule_steps is not None and cfg.schedule_steps < 1:
-            raise ValueError(f"storysync: schedule_steps={cfg.schedule_steps} must be >= 1 or None")
 
     # ------------------------------------------------------------------ planning
     def twin_steps(self, phase: Phase) -> int:

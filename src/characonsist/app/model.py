@@ -1,0 +1,246 @@
+"""Which model a request names, what can be known of it without its weights, and loading it in a memory mode.
+
+``resolve_model`` finds the model (``toy``, a local diffusers folder, or a hub id) and reads its defaults and
+limits from config files only; ``load_engine`` loads the pipeline and returns the function that generates one
+story job.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._compat import dtype_kwarg
+from ..inputs import InputError, ModelLimits, model_defaults, model_limits, read_config
+
+# Memory modes: name -> (what it does, GPU memory the official README measured for FLUX.1-dev at 1024x1024).
+MEMORY_MODES = {
+    "none": ("whole model on one GPU", 37),
+    "model-offload": ("enable_model_cpu_offload: one model at a time on the GPU", 26),
+    "balanced": ('device_map="balanced": spread over the GPUs in --gpu-ids (per-GPU memory)', 20),
+    "sequential-offload": ("enable_sequential_cpu_offload: one layer at a time on the GPU (slow)", 3),
+}
+MEMORY_ALIASES = {"0": "none", "1": "model-offload", "2": "balanced", "3": "sequential-offload"}  # official init_mode
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else is taken as a folder path
+
+
+@dataclass
+class ModelRef:
+    """Where the model comes from: ``toy``, a local folder or a hub id; ``folder`` holds its files if known."""
+
+    name: str
+    kind: str                                        # toy | local | hub
+    folder: Path | None = None
+    defaults: dict = field(default_factory=dict)     # height, width, steps, guidance, max_sequence_length
+    vae_config: dict | None = None
+
+
+def resolve_model(name: str) -> ModelRef:
+    """Find the model without loading it: toy, an existing folder, or a hub id (access checked on the hub)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("model: give a hub id (owner/name), a local diffusers folder, or `toy`")
+    if name == "toy":
+        try:
+            from ..toy import model as toy
+        except ImportError as e:
+            raise InputError(f"the toy model is not available in this install ({e})") from None
+        try:
+            toy.load_toy_defaults(toy.TOY_MODEL_DIR)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(str(e)) from None
+        folder = Path(toy.TOY_MODEL_DIR)
+        return ModelRef(name, "toy", folder, model_defaults(folder), read_config(folder / "vae" / "config.json"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"model folder {name!r} has no model_index.json: not a diffusers pipeline folder "
+                             "(save one with FluxPipeline.save_pretrained)")
+        return ModelRef(name, "local", path, model_defaults(path), read_config(path / "vae" / "config.json"))
+    if path.exists():
+        raise InputError(f"model {name!r} is a file; give a diffusers pipeline folder, a hub id or `toy`")
+    if not HUB_ID.fullmatch(name):
+        raise InputError(f"model folder {name!r} does not exist (a hub id looks like owner/name, e.g. "
+                         "black-forest-labs/FLUX.1-dev; `toy` is the model shipped with the package)")
+    check_hub_access(name)
+    return ModelRef(name, "hub", None, model_defaults(None, read_config(_hub_file(name, "transformer/config.json"))),
+                    read_config(_hub_file(name, "vae/config.json")))
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception:  # defaults and limits only: FLUX.1-dev's are used when the file cannot be had
+        return None
+
+
+def check_hub_access(repo: str) -> None:
+    """Fail early, with what to do, if a hub model is gated, missing, or neither reachable nor cached."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(repo, "model_index.json")
+    except GatedRepoError:
+        raise InputError(
+            f"{repo} is a gated model and this machine has no access token for it: accept its license at "
+            f"https://huggingface.co/{repo} (logged in), then run `hf auth login` or set HF_TOKEN, and rerun") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"{repo} was not found on the Hugging Face hub (if it is private, log in with "
+                         "`hf auth login` or set HF_TOKEN); or pass a local folder") from None
+    except LocalEntryNotFoundError:
+        raise InputError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache: download it "
+                         "where there is a connection, or pass a local folder") from None
+
+
+def load_t5_tokenizer(ref: ModelRef):
+    """The model's T5 tokenizer alone (no weights), or None when it cannot be had without the model."""
+    from transformers import AutoTokenizer
+
+    try:
+        if ref.folder is not None:
+            folder = ref.folder / "tokenizer_2"
+            return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
+        return AutoTokenizer.from_pretrained(ref.name, subfolder="tokenizer_2")
+    except Exception:  # no tokenizer saved separately / no network: checked after loading the model instead
+        return None
+
+
+def limits_of(ref: ModelRef, tokenizer=None) -> ModelLimits:
+    """What the model takes (sizes, vocabulary), from its config files and tokenizer."""
+    return model_limits(ref.vae_config, ref.defaults, tokenizer)
+
+
+def check_memory(memory: str, gpu_ids) -> tuple[str, list[int]]:
+    """The memory mode's name and the GPU ids (``"0,1"`` or a list of ints)."""
+    mode = MEMORY_ALIASES.get(str(memory), memory)
+    if mode not in MEMORY_MODES:
+        raise InputError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)} (or 0-3 as in the "
+                         "official init_mode)")
+    try:
+        gpus = [int(g) for g in str(gpu_ids).split(",") if g.strip()] if isinstance(gpu_ids, str) \
+            else [int(g) for g in gpu_ids]
+    except (TypeError, ValueError):
+        raise InputError(f"--gpu-ids {gpu_ids!r} must be comma-separated integers, e.g. 0,1") from None
+    if not gpus or any(g < 0 for g in gpus):
+        raise InputError(f"--gpu-ids {gpu_ids!r} names no GPU (give ids >= 0, e.g. 0 or 0,1)")
+    return mode, gpus
+
+
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU (recorded resolved, so the settings hash is stable)."""
+    if name not in DTYPES:
+        raise InputError(f"dtype {name!r}; valid: {', '.join(DTYPES)}")
+    if name != "auto":
+        return name
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+@dataclass
+class GroupResult:
+    """What generating one group gives back (identity first everywhere)."""
+
+    images: list
+    masks: list | None = None
+    matches: list | None = None
+    notes: list[list[str]] | None = None
+    settings: dict | None = None
+
+
+def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: bool = True):
+    """Load the pipeline in the memory mode; return ``generate(job, progress_callback=None) -> GroupResult``."""
+    import torch
+
+    from .. import CharaConsistPipeline
+
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, run["dtype"])
+    device = f"cuda:{gpus[0]}" if cuda else "cpu"
+    if ref.kind == "toy":
+        from ..toy.model import load_toy_pipeline
+
+        flux, _ = load_toy_pipeline(device=device, dtype=dtype, path=ref.folder)
+        pipe = CharaConsistPipeline.from_pipe(flux)
+    elif mode == "balanced":
+        free = {g: f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9 / 2**30)}GiB" for g in gpus}
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype), device_map="balanced",
+                                max_memory=free)
+    else:
+        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype))
+        if mode == "model-offload":
+            pipe.enable_model_cpu_offload(gpu_id=gpus[0])
+        elif mode == "sequential-offload":
+            pipe.enable_sequential_cpu_offload(gpu_id=gpus[0])
+        else:
+            pipe.to(device)
+    # the engine's own bars (one per pass) go under the front end's image bar
+    pipe.set_progress_bar_config(disable=not progress, desc="steps", position=1, leave=False, dynamic_ncols=True)
+
+    def generate(job, progress_callback=None) -> GroupResult:
+        images = job.group.images
+        out = pipe(identity=images[0], frames=images[1:], method=run["method"], height=run["height"],
+                   width=run["width"], num_inference_steps=run["num_inference_steps"],
+                   guidance_scale=run["guidance_scale"], seed=[r["seed"] for r in job.records],
+                   max_sequence_length=run["max_sequence_length"], batch_size=run["batch_size"],
+                   progress_callback=progress_callback, **run["method_options"])
+        return GroupResult([out.identity, *out.frames], out.masks, out.matches, out.notes, out.settings)
+
+    generate.tokenizer = getattr(pipe, "tokenizer_2", None)
+    generate.limits = pipe.input_limits()
+    return generate
+
+
+def _from_pretrained(cls, name: str, **kwargs):
+    """``from_pretrained`` with ``torch_dtype`` (newer diffusers call it ``dtype`` and warn; older lack it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        return cls.from_pretrained(name, **kwargs)
+
+
+def oom_advice(mode: str, gpus: list[int]) -> str:
+    """Which memory modes would fit, from the official FLUX.1-dev measurements and this GPU's size."""
+    total = None
+    try:
+        import torch
+
+        total = torch.cuda.get_device_properties(gpus[0]).total_memory / 2**30
+    except Exception:
+        pass
+    order = list(MEMORY_MODES)
+    fits = []
+    for other in order[order.index(mode) + 1:] if mode in order else order:
+        need = MEMORY_MODES[other][1]
+        if other == "balanced" and len(gpus) < 2:
+            continue
+        if total is None or need <= total:
+            fits.append(f"--memory {other} (about {need} GB{' per GPU' if other == 'balanced' else ''})")
+    size = f" ({total:.0f} GiB)" if total else ""
+    hint = "; ".join(fits) if fits else "none of the memory modes fits this GPU; use a smaller --height/--width"
+    return (f"GPU out of memory in memory mode {mode!r} on GPU {gpus[0]}{size}. Memory modes that would fit: {hint}. "
+            "A smaller --batch-size also lowers the peak (figures: official FLUX.1-dev at 1024x1024).")
+
+
+def is_oom(error: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def free_cuda() -> None:
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except Exception:
+        pass

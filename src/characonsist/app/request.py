@@ -1,0 +1,205 @@
+"""A story request (what a front end asks for) and its validation: everything that can be checked before the
+model loads is checked here, with the rules of ``characonsist.inputs`` and the method Configs, all at once.
+
+    request = StoryRequest(stories=["examples/toy-story.yaml"], model="toy", out="results/toy")
+    checked = validate_request(request)      # InputError (bad input) or FolderError (the output folder)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..inputs import (
+    InputError,
+    ModelLimits,
+    excerpt,
+    image_problems,
+    prompt_problems,
+    seed_problem,
+    setting_problems,
+)
+from ..storyfile import Story, StoryError, load_story
+from .folder import OutputFolder, safe_name
+from .model import ModelRef, check_memory, limits_of, load_t5_tokenizer, resolve_dtype, resolve_model
+
+# How the command line names the request's fields, for its messages.
+CLI_NAMES = {"height": "--height", "width": "--width", "num_inference_steps": "--steps",
+             "guidance_scale": "--guidance", "max_sequence_length": "--max-sequence-length",
+             "batch_size": "--batch-size", "seed": "--seed", "out": "--out"}
+
+
+@dataclass
+class StoryRequest:
+    """Everything a story run needs; None = the model's default. Method ``options`` may be typed values or text
+    (``"10"``, ``"false"``, as a command line or a web form gives them): text is read in the option's type."""
+
+    stories: list            # story file paths (or parsed ``storyfile.Story`` objects)
+    model: str
+    out: str
+    method: str = "characonsist"
+    options: dict = field(default_factory=dict)
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 2025
+    max_sequence_length: int | None = None
+    batch_size: int | None = None
+    memory: str = "none"
+    gpu_ids: str | list[int] = "0"
+    dtype: str = "auto"
+    save_masks: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class CheckedRequest:
+    """A request that passed every check possible before loading the model."""
+
+    request: StoryRequest
+    stories: list[Story]
+    ref: ModelRef
+    run: dict                 # the run's settings, recorded in the manifest and every PNG
+    mode: str
+    gpus: list[int]
+    tokenizer: object | None  # the model's T5 tokenizer when it could be had without the weights
+    limits: ModelLimits
+    folder: OutputFolder
+    names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
+
+
+def method_names() -> list[str]:
+    from ..methods import METHODS
+
+    return sorted(METHODS)
+
+
+def method_options(method: str, options: dict) -> dict:
+    """The options recorded for the run: share_bg and use_token_merge at their defaults (when the method has
+    them), then the given ones in their types; the method's Config checks them (InputError lists every problem)."""
+    from ..methods import method_class
+    from ..methods.base import parse_option
+
+    try:
+        cls = method_class(method)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    config = {f.name: f.default for f in dataclasses.fields(cls.Config)}
+    recorded = {k: config[k] for k in ("share_bg", "use_token_merge") if k in config}
+    unknown = [k for k in options if k not in config]
+    if unknown:
+        raise InputError(f"method {method!r} has no option(s) {', '.join(map(excerpt, unknown))}; its options: "
+                         f"{', '.join(config) or 'none'}")
+    for key, value in options.items():
+        recorded[key] = parse_option(cls.Config, key, value) if isinstance(value, str) else value
+    built = cls(**recorded)   # the Config's __post_init__: types, ranges, vocabularies, step order
+    return {k: getattr(built.config, k) for k in recorded}
+
+
+def validate_request(request: StoryRequest, names: dict[str, str] | None = None) -> CheckedRequest:
+    """Every check that needs no model weights (``names`` renames fields in messages, e.g. ``CLI_NAMES``).
+
+    Raises InputError (StoryError for story files) with every problem found, or FolderError for the output
+    folder. The same request always gets the same messages, whichever front end sent it."""
+    names = names or {}
+    if not isinstance(request.out, (str, Path)) or not str(request.out).strip():
+        raise InputError(f"{names.get('out', 'out')}: give an output folder (it is created if missing)")
+    methods = method_names()
+    if request.method not in methods:
+        raise InputError(f"unknown method {excerpt(request.method)}; valid: {', '.join(methods)}")
+    options = method_options(request.method, dict(request.options or {}))
+    mode, gpus = check_memory(request.memory, request.gpu_ids)
+    dtype = resolve_dtype(request.dtype)
+    stories = load_stories(request.stories)
+    ref = resolve_model(request.model)
+    run = resolve_run(request, ref, options, dtype, names)
+    if mode != "none" and ref.kind != "toy":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"memory mode {mode!r} needs a CUDA GPU and none is visible; use --memory none")
+    tokenizer = load_t5_tokenizer(ref)
+    limits = limits_of(ref, tokenizer)
+    problems = story_problems(stories, run, limits, tokenizer, ref, names)
+    if problems:
+        raise StoryError(problems)
+    folder = OutputFolder(request.out)
+    folder.check()
+    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names)
+
+
+def load_stories(paths: list) -> list[Story]:
+    """Every story (a file path, or a ``Story`` already parsed, e.g. by ``storyfile.parse_text`` from a web form),
+    all problems at once; with several, their output folders must be distinct names inside the output folder."""
+    if isinstance(paths, (str, Path, Story)):
+        paths = [paths]
+    if not paths:
+        raise InputError("no story file given")
+    problems, stories = [], []
+    for path in paths:
+        if isinstance(path, Story):
+            stories.append(path)
+            continue
+        try:
+            stories.append(load_story(path))
+        except StoryError as e:
+            problems += e.problems
+    if len(paths) > 1:
+        stems = [Path(s.path).stem for s in stories]
+        for story, stem in zip(stories, stems):
+            why = safe_name(stem)
+            if why:
+                problems.append(f"{story.path}: its output folder would be named {why}; rename the file")
+        if len(set(stems)) != len(stems):
+            problems.append("two story files have the same name; their output folders would collide")
+    if problems:
+        raise StoryError(problems)
+    return stories
+
+
+def resolve_run(request: StoryRequest, ref: ModelRef, options: dict, dtype: str, names: dict[str, str]) -> dict:
+    """The full settings of this run: the request's, else the model's defaults (explicit values are checked,
+    never replaced: ``--steps 0`` is an error, not the default)."""
+    defaults = ref.defaults
+
+    def pick(key, default_key=None):
+        value = getattr(request, key)
+        return defaults[default_key or key] if value is None else value
+
+    run = {"model": ref.name, "dtype": dtype, "method": request.method, "method_options": options,
+           "height": pick("height"), "width": pick("width"), "num_inference_steps": pick("num_inference_steps"),
+           "guidance_scale": pick("guidance_scale"), "max_sequence_length": pick("max_sequence_length"),
+           "seed": request.seed, "batch_size": request.batch_size, "save_masks": bool(request.save_masks)}
+    problems = setting_problems(height=run["height"], width=run["width"],
+                                num_inference_steps=run["num_inference_steps"],
+                                guidance_scale=run["guidance_scale"], max_sequence_length=run["max_sequence_length"],
+                                batch_size=run["batch_size"], limits=limits_of(ref), names=names)
+    problem = seed_problem(names.get("seed", "seed"), run["seed"])
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise InputError(problems)
+    run["guidance_scale"] = float(run["guidance_scale"])
+    return run
+
+
+def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,
+                   names: dict[str, str] | None = None) -> list[str]:
+    """The run's sizes and every image's problems with their places: sizes the model cannot take, words it does
+    not know, prompts too long, groups without frames."""
+    problems = setting_problems(height=run["height"], width=run["width"], limits=limits, names=names)
+    model = "the toy model" if ref.kind == "toy" else f"model {ref.name}"
+    images, places = [], []
+    for story in stories:
+        for group in story.groups:
+            if not group.frames:
+                problems.append(f"{group.where[0]}: this group has an identity image and no frames (a blank line "
+                                "or a new scene ends a group); put its frames after it, without a blank line")
+            problems += image_problems(group.images, group.where, limits)
+            images += group.images
+            places += group.where
+    if tokenizer is not None:
+        problems += prompt_problems(images, places, tokenizer, run["max_sequence_length"], limits.vocabulary, model)
+    return problems

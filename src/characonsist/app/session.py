@@ -1,0 +1,140 @@
+"""A story run: the output folder locked, the jobs planned against what is on disk, then run one at a time.
+
+    checked = validate_request(request)
+    with StoryRun(checked) as run:           # lock, resume plan, manifest; InputError / FolderError
+        run.load()                           # the model (only if there is work: run.todo)
+        for job in run.todo:
+            run.run(job, progress=..., cancel=...)   # writes the group and the manifest; False if it failed
+
+Every front end (the command line, a web UI, a worker of a multi-GPU run) drives the same object, so resume,
+ownership of files and messages are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from ..inputs import InputError, excerpt
+from ..storyfile import StoryError
+from . import model as models
+from .folder import FolderError, describe_os_error
+from .jobs import Cancelled, Job, plan_jobs, prepare_overwrite, run_job, write_job, write_storyboard
+from .manifest import check_manifest_is_ours, write_manifest
+from .request import CheckedRequest, story_problems
+
+
+class StoryRun:
+    """The run of a checked request (see the module docstring)."""
+
+    def __init__(self, checked: CheckedRequest):
+        self.checked = checked
+        self.folder = checked.folder
+        self.jobs: list[Job] = []
+        self.engine = None
+        self.failed = 0
+
+    # ------------------------------------------------------------------ plan
+    def __enter__(self) -> StoryRun:
+        self.folder.open()
+        try:
+            self.plan()
+        except BaseException:
+            self.folder.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.jobs and not self.folder.read_only:
+                self.save_manifest()
+        except FolderError:
+            if exc[0] is None:
+                raise
+        finally:
+            self.folder.close()
+
+    def plan(self) -> list[Job]:
+        """What is on disk: finished groups are skipped, groups made with other settings stop the run before any
+        work (unless ``overwrite``), files characonsist did not write are never replaced."""
+        c, request = self.checked, self.checked.request
+        check_manifest_is_ours(self.folder)
+        self.jobs = plan_jobs(c.stories, c.run, self.folder, request.save_masks)
+        foreign = [f"{j.folder}: {p}" for j in self.jobs for p in j.foreign]
+        if foreign:
+            raise FolderError(f"{len(foreign)} file(s) in {self.folder.root} that characonsist did not write are where "
+                              f"this run writes ({'; '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}): "
+                              "move them away or choose another folder", self.folder.root)
+        conflicts = [j for j in self.jobs if j.state == "conflict"]
+        if conflicts and not request.overwrite:
+            lines = [f"  {j.folder}: " + "; ".join(j.changes[:4])
+                     + (f" (+{len(j.changes) - 4} more)" if len(j.changes) > 4 else "") for j in conflicts]
+            raise InputError(f"{len(conflicts)} group(s) in {self.folder.root} were generated with other settings:\n"
+                             + "\n".join(lines) + "\nRerun with --overwrite to replace them, or choose another "
+                             "output folder.")
+        if self.folder.read_only and self.todo:
+            raise FolderError(f"{self.folder.root} is not writable (read-only or no permission) and "
+                              f"{len(self.todo)} group(s) remain to generate; make it writable or choose another "
+                              "folder", self.folder.root)
+        for job in conflicts:   # overwrite: start the group from scratch, without the old group's extra files
+            prepare_overwrite(job, self.folder)
+        for job in self.jobs:   # all images there, only the storyboard lost: no model needed
+            if job.state != "done" and all(job.finished) and not request.save_masks:
+                write_storyboard(job, self.folder, request.save_masks)
+                job.state = "done"
+        self.save_manifest()
+        return self.jobs
+
+    @property
+    def todo(self) -> list[Job]:
+        return [j for j in self.jobs if j.state != "done"]
+
+    def save_manifest(self) -> None:
+        write_manifest(self.folder, self.checked.stories, self.checked.run, self.jobs)
+
+    # ------------------------------------------------------------------ run
+    def load(self, progress: bool = True):
+        """Load the model (``app.model.load_engine``); prompts the pre-load checks could not read are checked
+        now, before any work (StoryError)."""
+        c = self.checked
+        try:
+            self.engine = models.load_engine(c.ref, c.run, c.mode, c.gpus, progress=progress)
+        except OSError as error:   # unreadable or missing weights, a broken download: one line, not a traceback
+            where = getattr(error, "filename", None) or (c.ref.folder or c.ref.name)
+            what = describe_os_error(error, where, "loading the model from") if error.errno else \
+                f"loading the model {c.ref.name}: {excerpt(str(error), 300)}; check the model's files and rerun"
+            raise FolderError(what, where) from None
+        tokenizer = getattr(self.engine, "tokenizer", None)
+        limits = getattr(self.engine, "limits", None)
+        if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
+            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
+            if problems:
+                raise StoryError(problems)
+        return self.engine
+
+    def run(self, job: Job, progress=None, cancel=None) -> bool:
+        """Generate and write one job; the manifest is saved whatever happens. Returns False when the group
+        failed (its error is in the manifest and ``job.error``); file-system errors, interruptions and
+        cancellation propagate (what is finished stays)."""
+        if self.engine is None:
+            self.load()
+        try:
+            result = run_job(job, self.engine, progress=progress, cancel=cancel)
+            write_job(job, result, self.folder, self.checked.request.save_masks)
+            return True
+        except (KeyboardInterrupt, Cancelled):
+            raise
+        except FolderError as error:
+            job.state, job.error = "failed", str(error)
+            raise
+        except Exception as error:  # one bad group must not end an overnight run
+            self.failed += 1
+            job.state = "failed"
+            oom = models.is_oom(error)
+            job.error = models.oom_advice(self.checked.mode, self.checked.gpus) if oom \
+                else f"{type(error).__name__}: {error}"
+            if oom:
+                models.free_cuda()
+            return False
+        finally:
+            try:
+                self.save_manifest()
+            except FolderError:
+                pass   # the error that stopped the write is the one reported

@@ -1,0 +1,373 @@
+"""Data safety and file-system problems: the output folder's lock, its owned temporaries, paths kept inside it,
+files it did not write left alone, and one clear line (exit 2) for every file-system problem.
+
+The engine is the fake of ``test_cli.py`` (``characonsist.app.model.load_engine`` monkeypatched).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from characonsist import cli
+from characonsist.app import folder as folder_module
+from characonsist.app import model as app_model
+from characonsist.app.folder import JOURNAL_NAME, TMP_MARK, FolderError, OutputFolder
+from test_cli import FakeEngine, run, snapshot, write  # the CLI tests' fake engine and helpers
+
+ROOT = Path(__file__).resolve().parents[1]
+STORY = "park#a cat#sits\npark#a cat#runs\n\nbeach#a dog#swims\nbeach#a dog#digs\n"
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0   # root ignores permission bits
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    engine = FakeEngine()
+    engine.loads = []
+
+    def load_engine(ref, run, mode, gpus, progress=True):
+        engine.loads.append(ref.name)
+        return engine
+
+    monkeypatch.setattr(app_model, "load_engine", load_engine)
+    return engine
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model checks (the fake engine never reads it)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    return folder
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def child(code: str, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+HOLD = """
+import sys, time
+from characonsist.app.folder import OutputFolder
+OutputFolder(sys.argv[1]).open()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+# ------------------------------------------------------------------ one run at a time
+
+def test_a_second_run_stops_while_another_process_holds_the_folder(tmp_path, model_dir, fake, capsys):
+    out = tmp_path / "out"
+    holder = child(HOLD, str(out))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
+        line = one_line(capsys.readouterr().err)
+        assert f"{out} is in use by another characonsist run (pid {holder.pid} since" in line
+        assert "wait for it to finish or choose another folder" in line
+        assert fake.loads == [] and not (out / "group_000").exists()
+    finally:
+        holder.kill()   # SIGKILL, as a crash: the kernel drops the lock with the process
+        holder.wait()
+    assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == 0   # not left stuck
+    assert (out / "group_001" / "storyboard.png").exists()
+
+
+def test_two_story_files_into_one_folder_never_overwrite_each_other(tmp_path, model_dir, fake, capsys):
+    a = write(tmp_path, "a.txt", "park#a cat#sits\npark#a cat#runs\n")
+    b = write(tmp_path, "b.txt", "beach#a dog#swims\nbeach#a dog#digs\n")
+    assert run(tmp_path, model_dir, story=a) == 0
+    before = snapshot(tmp_path / "out")
+    assert run(tmp_path, model_dir, story=b) == cli.EXIT_BAD_INPUT
+    assert "generated with other settings" in capsys.readouterr().err
+    assert snapshot(tmp_path / "out") == before
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["stories"] == [str(a)]
+
+
+# ------------------------------------------------------------------ only what it wrote is deleted
+
+KILLED_MID_WRITE = """
+import os, sys
+from characonsist.app import folder
+out = folder.OutputFolder(sys.argv[1]).open()
+folder.os.replace = lambda *a: os.kill(os.getpid(), 9)   # killed between writing the temporary and the rename
+out.write_bytes("group_000/identity.png", b"half an image")
+"""
+
+
+def test_only_temporaries_this_tool_listed_are_deleted(tmp_path):
+    out = tmp_path / "out"
+    killed = child(KILLED_MID_WRITE, str(out))
+    killed.wait()
+    assert killed.returncode == -9
+    leftover = [p for p in (out / "group_000").iterdir() if TMP_MARK in p.name]
+    assert len(leftover) == 1 and leftover[0].read_bytes() == b"half an image"
+    planted = {out / "group_000" / ".identity.png.tmp-999": b"a",                      # the old pattern
+               out / "group_000" / f".frame_01.png{TMP_MARK}1-abcd": b"b",            # even ours, if not listed
+               out / "home" / "projects" / "thesis" / ".draft.tex.tmp-autosave": b"c"}
+    for path, data in planted.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with OutputFolder(out):
+        assert not leftover[0].exists()                 # the killed run's temporary: listed, so removed
+        for path, data in planted.items():
+            assert path.read_bytes() == data            # everything else stays
+    assert not (out / JOURNAL_NAME).exists()
+
+
+def test_the_journal_never_deletes_outside_the_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / f".victim{TMP_MARK}x"
+    victim.write_bytes(b"precious")
+    (out / JOURNAL_NAME).write_text(f"../{victim.name}\n{victim}\n")
+    with OutputFolder(out):
+        pass
+    assert victim.read_bytes() == b"precious"
+
+
+def test_files_characonsist_did_not_write_are_never_replaced(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    mine = tmp_path / "out" / "group_000" / "frame_01.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own picture")
+    for extra in ([], ["--overwrite"]):
+        assert run(tmp_path, model_dir, *extra, story=story) == cli.EXIT_BAD_INPUT
+        line = one_line(capsys.readouterr().err)
+        assert "group_000/frame_01.png" in line and "did not write" in line and "move them away" in line
+    assert mine.read_bytes() == b"my own picture" and fake.loads == []
+    mine.unlink()
+    (tmp_path / "out" / "manifest.json").write_text('{"mine": true}')
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    assert "manifest.json was not written by characonsist" in one_line(capsys.readouterr().err)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == {"mine": True}
+
+
+def test_planted_links_and_files_in_the_way_are_refused(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = write(tmp_path, "victim.txt", "precious")
+    (out / ".characonsist.lock").symlink_to(victim)          # the lock file is never followed out
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    assert "is not a plain file (characonsist's lock file)" in one_line(capsys.readouterr().err)
+    assert victim.read_text() == "precious"
+    (out / ".characonsist.lock").unlink()
+    (out / "group_001").write_text("a file where a group's folder goes")
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    assert "group_001: group_001" in one_line(capsys.readouterr().err) and fake.loads == []
+    assert (out / "group_001").read_text() == "a file where a group's folder goes"
+
+
+# ------------------------------------------------------------------ never outside --out
+
+def test_a_story_name_that_would_leave_the_folder_is_refused(tmp_path, model_dir, fake, capsys):
+    dots = write(tmp_path, "...txt", "park#a cat#sits\npark#a cat#runs\n")      # stem ".."
+    other = write(tmp_path, "b.txt", "beach#a dog#swims\nbeach#a dog#digs\n")
+    out = tmp_path / "nest" / "out"
+    assert cli.main(["generate", str(dots), str(other), "--model", str(model_dir), "--out", str(out),
+                     "--quiet"]) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "...txt: its output folder would be named '..' is not a folder name; rename the file" in err
+    assert not (tmp_path / "nest").exists() and fake.loads == []
+
+
+def test_paths_are_kept_inside_the_folder(tmp_path, model_dir, fake, capsys):
+    out = OutputFolder(tmp_path / "out")
+    for bad in ("../x.png", "/etc/x.png", "a/../../x.png"):
+        with pytest.raises(FolderError, match="outside"):
+            out.path(bad)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "group_000").symlink_to(elsewhere)
+    assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
+    assert "leads through a link out of --out" in one_line(capsys.readouterr().err)
+    assert list(elsewhere.iterdir()) == []
+
+
+# ------------------------------------------------------------------ file-system problems: one line, exit 2
+
+def test_out_is_a_file_or_under_a_file(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    afile = write(tmp_path, "afile", "x")
+    for out, says in ((afile, "is a file, not a folder"), (afile / "sub" / "out", "is a file, so nothing can be")):
+        assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", str(out),
+                         "--quiet"]) == cli.EXIT_BAD_INPUT
+        line = one_line(capsys.readouterr().err)
+        assert str(out) in line and says in line
+    assert fake.loads == [] and afile.read_text() == "x"
+
+
+@pytest.mark.skipif(ROOT_USER, reason="root may write anywhere")
+def test_read_only_out_real_permissions(tmp_path, model_dir, fake, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
+        assert "not writable" in one_line(capsys.readouterr().err) and fake.loads == []
+    finally:
+        out.chmod(0o755)
+
+
+def test_no_permission_is_found_before_any_work(tmp_path, model_dir, fake, capsys, monkeypatch):
+    monkeypatch.setattr(folder_module.os, "access", lambda path, mode: False)   # as for a non-root user
+    assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert "is not writable (permission denied)" in line and "choose a place you can write to" in line
+    assert fake.loads == []
+
+
+def read_only(monkeypatch):
+    """The folder's file system turns read-only: creating the lock file fails with EROFS."""
+    real_open = os.open
+
+    def fake_open(path, flags, *args):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(folder_module.os, "open", fake_open)
+
+
+def test_read_only_output_noop_rerun_succeeds_and_work_stops_before_the_model(tmp_path, model_dir, fake, capsys,
+                                                                             monkeypatch):
+    story = write(tmp_path, "story.txt", STORY)
+    assert run(tmp_path, model_dir, story=story) == 0
+    before = snapshot(tmp_path / "out")
+    with monkeypatch.context() as m:
+        read_only(m)
+        assert run(tmp_path, model_dir, story=story) == 0            # nothing to do: nothing to write
+        (tmp_path / "out" / "group_001" / "frame_01.png").unlink()
+        assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+        line = one_line(capsys.readouterr().err)
+        assert "is not writable (read-only or no permission) and 1 group(s) remain" in line
+    assert len(fake.loads) == 1
+    assert run(tmp_path, model_dir, story=story) == 0
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_disk_full_mid_run_stops_with_one_line_and_keeps_what_is_done(tmp_path, model_dir, fake, capsys,
+                                                                      monkeypatch):
+    story = write(tmp_path, "story.txt", STORY)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) > 5:   # the manifest, then group_000's two images and storyboard fit; then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(folder_module.os, "fsync", fsync)
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert "group_001" in line and "no space left on the device" in line
+    assert "free some space and rerun the same command to resume" in line
+    out = tmp_path / "out"
+    assert (out / "group_000" / "storyboard.png").exists()
+    assert not [p for p in out.rglob("*") if TMP_MARK in p.name]
+    monkeypatch.setattr(folder_module.os, "fsync", real_fsync)
+    assert run(tmp_path, model_dir, story=story) == 0
+    assert fake.calls == ["group_000", "group_001", "group_001"]   # resumed, group_000 not made again
+
+
+def test_unreadable_or_wrong_story_files(tmp_path, model_dir, fake, capsys, monkeypatch):
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    assert run(tmp_path, model_dir, story=folder) == cli.EXIT_BAD_INPUT
+    assert f"{folder}: is a folder, not a story file" in one_line(capsys.readouterr().err)
+    story = write(tmp_path, "story.txt", STORY)
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == story:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_text", denied)
+        assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert f"{story}: cannot read the story file (Permission denied); check its permissions" in line
+    if not ROOT_USER:
+        story.chmod(0)
+        assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+        assert "cannot read the story file" in one_line(capsys.readouterr().err)
+    assert fake.loads == []
+
+
+def test_bench_json_and_demo_out_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    import types
+
+    import characonsist.toy
+
+    ran = []
+    bench = types.ModuleType("characonsist.toy.bench")
+    bench.add_arguments = lambda parser: (parser.add_argument("--json"), parser.add_argument("--images"))
+    bench.run = lambda args: ran.append(args) or 0
+    monkeypatch.setitem(sys.modules, "characonsist.toy.bench", bench)
+    monkeypatch.setattr(characonsist.toy, "bench", bench, raising=False)
+    afile = write(tmp_path, "afile", "x")
+    for argv, says in ((["--json", str(afile / "r.json")], "is a file, so nothing can be created under it"),
+                       (["--json", str(tmp_path)], "is a folder: give a file path"),
+                       (["--images", str(afile)], "is a file, not a folder")):
+        assert cli.main(["bench", "toy", *argv]) == cli.EXIT_BAD_INPUT
+        assert says in one_line(capsys.readouterr().err)
+    assert ran == []
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", args.json)
+
+    bench.run = full
+    assert cli.main(["bench", "toy", "--json", str(tmp_path / "r.json")]) == cli.EXIT_BAD_INPUT
+    assert f"writing {tmp_path / 'r.json'}: no space left" in one_line(capsys.readouterr().err)
+    assert cli.main(["demo", "--out", str(afile), "--quiet"]) == cli.EXIT_BAD_INPUT
+    assert "--out" in one_line(capsys.readouterr().err)
+
+
+def test_manifest_is_strict_json(tmp_path, model_dir, fake):
+    original = FakeEngine.__call__
+
+    def nan_settings(self, job, progress_callback=None):
+        result = original(self, job)
+        result.settings = {"method": "characonsist", "odd": float("nan"), "inf": float("inf")}
+        return result
+
+    fake.__class__ = type("NanEngine", (FakeEngine,), {"__call__": nan_settings})
+    assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == 0
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text(), parse_constant=refuse)
+    assert manifest["groups"][0]["engine_settings"] == {"method": "characonsist", "odd": None, "inf": None}
+
+
+def test_empty_out_and_unreadable_weights_are_one_line(tmp_path, model_dir, capsys, monkeypatch):
+    story = write(tmp_path, "story.txt", STORY)
+    assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", " ", "--quiet"]) == 2
+    assert "--out: give an output folder" in one_line(capsys.readouterr().err)
+
+    def unreadable(ref, run, mode, gpus, progress=True):
+        raise PermissionError(errno.EACCES, "Permission denied", str(model_dir / "transformer" / "x.safetensors"))
+
+    monkeypatch.setattr(app_model, "load_engine", unreadable)
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert f"loading the model from {model_dir / 'transformer' / 'x.safetensors'}: permission denied" in line
