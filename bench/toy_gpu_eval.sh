@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# The toy world's GPU evaluation (issue 5): the shipped model's adherence and diversity, then the full suite
-# (60 stories) for every method and ablation, one JSON per group of methods (a killed group loses only itself).
-# Device call (carry .whl_toy: the diffusers wheels; see BENCHMARKS.md):
-#   bash bench/toy_gpu_eval.sh $OUT
+# The toy world's GPU evaluation (issue 10): the model's checks, then the full suite (60 stories) and the held-out
+# suite for every method and ablation, one JSON per group of methods (a killed group loses only itself).
+# Device call (carry .whl: the diffusers wheels; see BENCHMARKS.md):
+#   bash bench/toy_gpu_eval.sh $OUT            # checks, full suite (all methods), held-out suite (main methods)
+#   PARTS=checks bash bench/toy_gpu_eval.sh $OUT
 set -u
 OUT=${1:?output folder}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl_toy/*.whl \
+PARTS=${PARTS:-checks,full,heldout}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 120 python3 bench/toy_model_check.py --n 200 --seeds 64 --device cuda --skip time \
-    --json "$OUT/toy_model_check.json" 2>&1 | grep -v Warning
-bench() {  # tag methods seconds
-    timeout "$3" python3 -m characonsist.cli bench toy --methods "$2" --device cuda --quiet \
-        --json "$OUT/toy_bench_$1.json" 2>&1 | grep -v Warning
+quiet() { grep -v -e Warning -e Loading; }
+case ",$PARTS," in *,checks,*)
+    timeout 150 python3 -m characonsist.toy.checks --device cuda --batch 48 --json "$OUT/toy_checks.json" 2>&1 | quiet
+esac
+bench() {  # tag seconds bench-options...
+    local tag=$1 seconds=$2; shift 2
+    timeout "$seconds" python3 -m characonsist.cli bench toy --device cuda --quiet --json "$OUT/toy_bench_$tag.json" \
+        "$@" 2>&1 | quiet
 }
-bench main vanilla,characonsist,oracle 200
-bench ablations characonsist-no-tracking,characonsist-no-merge,characonsist-no-mask,characonsist+sim_threshold=0.3 240
-bench peers consistory,storysync,storydiffusion 300
+case ",$PARTS," in *,full,*)
+    bench main 200 --methods vanilla,characonsist,oracle
+    bench ablations 240 --methods characonsist-no-tracking,characonsist-no-merge,characonsist-no-mask
+    bench peers 330 --methods consistory,storysync,storydiffusion,vanilla+seeding=per_image
+esac
+case ",$PARTS," in *,heldout,*)
+    bench heldout 300 --heldout --methods vanilla,characonsist,consistory,storysync,storydiffusion
+esac
