@@ -463,3 +463,11 @@ def test_method_options_given_as_text_are_read_in_their_types():
     assert parse_option(CharaConsistConfig, "point_tracking", "off") is False
     assert parse_option(CharaConsistConfig, "schedule_steps", "none") is None
     assert parse_option(CharaConsistConfig, "mask_step", "ten") == "ten"   # left for the Config to report
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_a_target_only_a_real_write_can_refuse_is_refused_before_work(tmp_path, capsys):
+    """Root passes every permission check, yet nothing can be created in /proc: found before the bench runs."""
+    assert cli.main(["bench", "toy", "--json", "/proc/characonsist.json", "--limit", "1"]) == 2
+    assert "/proc" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

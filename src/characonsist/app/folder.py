@@ -83,6 +83,20 @@ def check_writable_target(path: str | Path, kind: str = "folder", flag: str = "-
     if not os.access(target, os.W_OK | os.X_OK):
         raise FolderError(f"{flag} {path}: {target} is not writable (permission denied); choose a place you can "
                           "write to, or change its permissions", path)
+    if not (kind == "folder" and path.is_dir()):   # an existing output folder may be read-only: a run with
+        _probe(target, path, flag)                  # nothing to do succeeds there (OutputFolder.open)
+
+
+def _probe(folder: Path, path: Path, flag: str) -> None:
+    """Create and remove an empty file of our own in ``folder``: what ``os.access`` cannot tell (root on a
+    read-only or special file system such as /proc) shows up before any work, not after it."""
+    probe = folder / f".characonsist-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    except OSError as e:
+        raise FolderError(f"{flag} {path}: {describe_os_error(e, folder, 'creating a file in')}", path) from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
 
 
 def safe_name(name: str) -> str | None:
