@@ -152,8 +152,10 @@ def _is_ours(out: OutputFolder, rel: str) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     if rel.endswith(".pdf"):
-        with open(path, "rb") as f:
-            return f"/Creator ({PDF_CREATOR})".encode() in f.read()
+        with open(path, "rb") as f:   # Pillow writes the creator as UTF-16 text
+            data = f.read()
+        return data.startswith(b"%PDF") and (PDF_CREATOR.encode("utf-16-be") in data
+                                             or f"({PDF_CREATOR})".encode() in data)
     record = read_png_record(path)
     return isinstance(record, dict) and record.get("layout") is not None
 

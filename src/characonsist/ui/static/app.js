@@ -11,6 +11,7 @@ let info = null;                 // /api/info
 let story = null;                // the document being edited
 let gallery = [];                // the story's groups as generated
 let currentJob = null;
+window.uiEvents = [];            // every event seen, for tests and the curious (newest last)
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -88,7 +89,7 @@ function rowView(s, i, image) {
       else image.seed = null;
       seedBox.value = image.seed ?? ""; changed();
     }});
-  const reroll = el("button", {type: "button", class: "icon reroll", title: "new random seed (locked)", text: "🎲",
+  const reroll = el("button", {type: "button", class: "reroll", title: "new random seed (locked)", text: "roll",
     onclick: () => { image.seed = Math.floor(Math.random() * MAX_SEED); seedBox.value = image.seed; lock.checked = true; changed(); }});
   cells.push(el("span", {class: "seed"}, seedBox, lock, reroll));
   const size = (key) => el("input", {class: key, type: "number", min: 16, step: info?.limits.multiple || 16, value: image[key] ?? "",
@@ -211,6 +212,7 @@ function follow(id) {
   let groupsDone = 0, groupsTotal = 1;
   source.onmessage = msg => {
     const ev = JSON.parse(msg.data);
+    window.uiEvents.push(ev);
     if (ev.type === "queued") status(ev.position ? `queued (${ev.position} job(s) before it)` : "queued");
     else if (ev.type === "started") status(`${ev.kind}: starting`);
     else if (ev.type === "plan") {
