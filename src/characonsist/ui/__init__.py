@@ -70,7 +70,11 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
             print(f"characonsist: warning: --host {host} makes the UI reachable from other machines; it has no login: "
                   "anyone who reaches it can run the model and read the stories in its folder", file=sys.stderr)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:   # Ctrl-C is how a server stops: not an error
+            pass
+        say("characonsist ui: stopped")
     finally:
         worker.stop()
         workspace.close()

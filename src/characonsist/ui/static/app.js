@@ -180,6 +180,12 @@ function methodChanged() {
   $("#option-names").textContent = others.length ? `options of ${$("#method").value}: ${others.join(", ")}` : "";
 }
 
+function setBar(id, value, max) {
+  const bar = $(id);
+  bar.dataset.value = value; bar.dataset.max = max;
+  bar.firstElementChild.style.width = `${Math.min(100, 100 * value / Math.max(max, 1))}%`;
+}
+
 // ------------------------------------------------------------------------------------------ runs
 function payload(extra = {}) { return {name: storyName(), story: cleanStory(), settings: settings(), ...extra}; }
 
@@ -207,7 +213,7 @@ async function submit(data) {
 function follow(id) {
   currentJob = id;
   $("#cancel").disabled = false;
-  $("#progress-steps").value = 0; $("#progress-images").value = 0;
+  setBar("#progress-steps", 0, 1); setBar("#progress-images", 0, 1);
   const source = new EventSource(`/api/jobs/${id}/events`);
   let groupsDone = 0, groupsTotal = 1;
   source.onmessage = msg => {
@@ -217,16 +223,16 @@ function follow(id) {
     else if (ev.type === "started") status(`${ev.kind}: starting`);
     else if (ev.type === "plan") {
       groupsTotal = Math.max(ev.todo.length, 1);
-      $("#progress-images").max = groupsTotal;
+      setBar("#progress-images", 0, groupsTotal);
       status(ev.todo.length ? `generating ${ev.images} image(s) in ${ev.todo.length} group(s)` : "every group is already done");
     } else if (ev.type === "loading") status(`generating (model ${ev.state})`);
     else if (ev.type === "group_started") status(`generating ${ev.group} (${ev.images} images)`);
     else if (ev.type === "progress") {
-      $("#progress-steps").max = ev.total; $("#progress-steps").value = ev.done;
+      setBar("#progress-steps", ev.done, ev.total);
       $("#steps-text").textContent = `${ev.phase} ${ev.done}/${ev.total}`;
       $("#images-text").textContent = `group ${ev.group_index}/${ev.groups}`;
     } else if (ev.type === "group") {
-      groupsDone += 1; $("#progress-images").value = groupsDone;
+      groupsDone += 1; setBar("#progress-images", groupsDone, groupsTotal);
       $("#images-text").textContent = `${groupsDone}/${groupsTotal} group(s) done`;
       if (ev.gallery) { const k = gallery.findIndex(g => g.name === ev.group); if (k >= 0) gallery[k] = ev.gallery; else gallery.push(ev.gallery); showGallery(); }
     } else if (ev.type === "group_failed") showProblems([`${ev.group}: ${ev.message}`]);
@@ -236,7 +242,7 @@ function follow(id) {
     } else if (ev.type === "cancelled") status(ev.message);
     else if (ev.type === "done") {
       status(ev.files ? "exported" : ev.kept_differing !== undefined ? `regenerated ${ev.group} image ${ev.index} (seed ${ev.seed})` : `done (${ev.groups - ev.failed}/${ev.groups} groups)`);
-      if (ev.files) showExports(ev.files, true);
+      if (ev.files) showExports(ev.files);
     }
     if (["done", "error", "cancelled"].includes(ev.type)) {
       source.close(); currentJob = null; $("#cancel").disabled = true;
@@ -263,7 +269,8 @@ async function refreshQueue() {
 // ------------------------------------------------------------------------------------------ gallery
 function showGallery() {
   const masks = $("#show-masks").checked, matches = $("#show-matches").checked;
-  $("#gallery").replaceChildren(...gallery.map(group => {
+  if (!gallery.length) { $("#gallery").replaceChildren(el("p", {class: "muted", text: "Generate to see the identity and frames here."})); }
+  else $("#gallery").replaceChildren(...gallery.map(group => {
     const tiles = group.images.map(im => {
       const pic = el("div", {class: "pic"});
       if (im.url) pic.append(el("img", {src: im.url, alt: `${group.name} ${im.role} ${im.index}`, class: "image"}));
@@ -272,7 +279,8 @@ function showGallery() {
         el("div", {text: `${im.role === "identity" ? "identity" : "frame " + im.index} · seed ${im.seed}`}),
         im.caption ? el("div", {class: "muted", text: im.caption}) : null);
       if (matches && im.match) tile.append(el("img", {src: im.match, class: "match", alt: "point matches"}));
-      for (const n of im.notes || []) tile.append(el("div", {class: "notes small", text: n}));
+      if ((im.notes || []).length) tile.append(el("details", {class: "notes small"},
+        el("summary", {text: `${im.notes.length} note(s)`}), ...im.notes.map(n => el("div", {text: n}))));
       if (im.url && group.status === "done") tile.append(el("button", {type: "button", class: "regenerate", text: "↻ new seed",
         title: "regenerate this image with a new seed; the others stay as they are",
         onclick: () => submit({kind: "regenerate", name: $("#name").value, group: group.name, index: im.index})}));
@@ -295,9 +303,9 @@ function showGallery() {
   });
 }
 
-function showExports(files, fresh) {
+function showExports(files) {
   $("#exports").replaceChildren(...files.map(f => el("li", {}, el("a", {href: f.url, target: "_blank", text: f.path}),
-    fresh && f.path.endsWith(".png") ? el("div", {}, el("img", {src: f.url, alt: f.path, class: "export-preview"})) : null)));
+    f.path.endsWith(".png") ? el("div", {}, el("img", {src: f.url, alt: f.path, class: "export-preview"})) : null)));
 }
 
 async function exportLayout() {
@@ -321,7 +329,7 @@ async function openStory(name, keepEditor = false) {
   gallery = res.groups; showGallery();
   $("#command").textContent = res.command;
   $("#zip").href = `/api/stories/${encodeURIComponent(name)}/zip`;
-  showExports(res.exports, false);
+  showExports(res.exports);
   listStories();
 }
 
