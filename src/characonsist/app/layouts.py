@@ -72,9 +72,10 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 
 def comic_page(panels: list[Panel], columns: int, rows: int, title: str = "", panel_width: int = 480,
-               margin: int = 28, gutter: int = 18, border: int = 3) -> Image.Image:
+               margin: int = 28, gutter: int = 18, border: int = 3, fit: list[Panel] | None = None) -> Image.Image:
     """One comic page: panels in ``rows`` x ``columns`` cells with black borders and a caption box under each
-    image (none when the caption is empty); ``title`` on top."""
+    image (none when the caption is empty); ``title`` on top. Cells are sized for the panels of ``fit`` (all the
+    pages' panels), so every page of a layout has the same size."""
     font, title_font = _font(18), _font(26)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     scaled = []
@@ -82,10 +83,12 @@ def comic_page(panels: list[Panel], columns: int, rows: int, title: str = "", pa
         scale = panel_width / p.image.width
         size = (panel_width, max(1, round(p.image.height * scale)))
         scaled.append(p.image.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC))
-    image_h = max((im.height for im in scaled), default=panel_width)
+    fit = fit or panels
+    image_h = max((max(1, round(p.image.height * panel_width / p.image.width)) for p in fit), default=panel_width)
     wrapped = [_wrap(probe, p.caption, font, panel_width - 20)[:5] for p in panels]
     line_h = 24
-    caption_h = max((len(w) * line_h + 16 for w in wrapped if w), default=0)
+    caption_h = max((len(w) * line_h + 16 for w in (_wrap(probe, p.caption, font, panel_width - 20)[:5] for p in fit)
+                     if w), default=0)
     cell_w, cell_h = panel_width + 2 * border, image_h + caption_h + 2 * border
     title_h = 48 if title else 0
     width = 2 * margin + columns * cell_w + (columns - 1) * gutter
@@ -126,12 +129,13 @@ def render_layout(layout: str, panels: list[Panel], title: str = "") -> list[Ima
             pages.append(storyboard([p.image for p in members], captions, title=name))
         return pages
     per_page, columns = {"strip": (4, 4), "2x2": (4, 2), "panel": (1, 1)}[layout]
+    columns = min(columns, len(panels)) if layout == "strip" else columns
+    rows = -(-per_page // columns) if layout == "2x2" else 1
     pages = []
     for start in range(0, len(panels), per_page):
-        chunk = panels[start:start + per_page]
-        cols = min(columns, len(chunk)) if layout == "strip" else columns
-        rows = -(-per_page // columns) if layout == "2x2" else 1
-        pages.append(comic_page(chunk, cols, rows, title=title if start == 0 else ""))
+        number = f" ({start // per_page + 1})" if start else ""
+        pages.append(comic_page(panels[start:start + per_page], columns, rows, title=title and title + number,
+                                fit=panels))
     return pages
 
 
