@@ -53,6 +53,7 @@ def ui(tiny_model, tmp_path):
     space.open()
     worker.start()
     client = TestClient(create_app(worker, ["testserver"]))
+    client.worker = worker
     for _ in range(600):   # the worker loads the model first; loading another in this thread meanwhile would race
         if worker.model_state in ("ready", "failed"):
             break
@@ -237,6 +238,7 @@ def test_cancel_a_running_job_and_a_queued_one(ui, tmp_path):
     steps = [e["done"] for e in seen if e["type"] == "progress"]
     assert steps[-1] < 400
     assert events(ui, third.json()["id"])[-1]["type"] == "done"      # the queue goes on
+    assert ui.worker.loads == 1                                        # the model loaded once for all of them
     assert events(ui, second.json()["id"])[-1]["type"] == "cancelled"
     assert not (tmp_path / "ui" / "queued").exists()
     log = ui.get(f"/api/jobs/{first['id']}").json()

@@ -16,6 +16,7 @@ import zipfile
 from importlib.resources import files
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -89,10 +90,10 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
                                                  "vocabulary": list(limits.vocabulary or [])}})
 
     async def stories(request: Request):
-        return JSONResponse({"stories": space.stories()})
+        return JSONResponse({"stories": await run_in_threadpool(space.stories)})
 
     async def story(request: Request):
-        return JSONResponse(space.story(request.path_params["name"]))
+        return JSONResponse(await run_in_threadpool(space.story, request.path_params["name"]))
 
     async def parse(request: Request):
         data = await body(request)
@@ -100,7 +101,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         if not isinstance(text, str):
             raise UiError("give the story file's text")
         name = filename.replace("\\", "/").rsplit("/", 1)[-1] or "story.txt"   # a name for messages, never a path
-        return JSONResponse({"story": story_document(parse_story(text, name))})
+        return JSONResponse({"story": story_document(await run_in_threadpool(parse_story, text, name))})
 
     async def storyfile(request: Request):
         data = await body(request)
@@ -111,14 +112,15 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
     async def validate(request: Request):
         data = await body(request)
         name = check_name(data.get("name"))
-        return JSONResponse(worker.validate(name, data.get("story"), Settings.parse(data.get("settings"))))
+        settings = Settings.parse(data.get("settings"))
+        return JSONResponse(await run_in_threadpool(worker.validate, name, data.get("story"), settings))
 
     async def jobs(request: Request):
         if request.method == "GET":
             return JSONResponse({"jobs": [worker.jobs[i].summary() for i in worker.order],
                                  "model_state": worker.model_state})
         data = await body(request)
-        job = worker.submit(str(data.get("kind")), data.get("name"), data)
+        job = await run_in_threadpool(worker.submit, str(data.get("kind")), data.get("name"), data)
         return JSONResponse(job.summary(), status_code=202)
 
     async def job(request: Request):

@@ -191,7 +191,10 @@ class Workspace:
         return found
 
     def _title(self, folder: Path) -> str:
-        doc = self._story_file(folder)
+        try:
+            doc = self._story_file(folder)
+        except (InputError, OSError):
+            doc = None
         return (doc or {}).get("title") or folder.name
 
     def _story_file(self, folder: Path) -> dict | None:
@@ -266,6 +269,7 @@ class Worker:
         self.model = model
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
         self.pipe = None
+        self.loads = 0                                  # how often the model was loaded (once)
         self.model_state = "not loaded"
         self.model_error: str | None = None
         self.jobs: dict[str, UiJob] = {}
@@ -390,6 +394,7 @@ class Worker:
         with self._lock:
             if self.pipe is None:
                 self.model_state = "loading"
+                self.loads += 1
                 try:
                     self.pipe = models.load_pipeline(self.ref, models.resolve_dtype("auto"), "none", [0],
                                                      progress=False)

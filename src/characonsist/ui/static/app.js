@@ -369,6 +369,8 @@ async function start() {
   render();
   await listStories();
   if ($("#name").value) openStory($("#name").value, true);
+  const live = (await api("/api/jobs")).jobs.find(j => j.state === "running" || j.state === "queued");
+  if (live) follow(live.id);     // a page reloaded while a job runs follows it again
 
   $("#title").addEventListener("input", e => { story.title = e.target.value; changed(); });
   $("#character").addEventListener("input", e => { story.character = e.target.value; changed(); });
