@@ -22,13 +22,12 @@ from pathlib import Path
 from ..app import Cancelled, FolderError, StoryRequest, StoryRun, validate_request
 from ..app import model as models
 from ..app.folder import OutputFolder
-from ..app.jobs import is_ours
 from ..app.layouts import LAYOUTS, write_layouts
 from ..app.regenerate import regenerate
 from ..app.request import story_problems
 from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
 from ..inputs import InputError
-from ..output import read_json, read_png_record
+from ..output import read_json
 from ..storyfile import StoryError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -526,5 +525,4 @@ class Worker:
                       "skipped": [j.folder for j in run.jobs if j.state != "done"]}
 
 
-__all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command", "is_ours",
-           "read_png_record"]
+__all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command"]
