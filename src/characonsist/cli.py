@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import __version__
 from .app.folder import FolderError, check_writable_target, describe_os_error
+from .app.layouts import LAYOUTS
 from .inputs import InputError, excerpt
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="toy: the toy-world consistency benchmark (`characonsist bench toy --help`)")
 
     sub.add_parser("eval", help="the papers' metrics on run folders: `characonsist eval --help`", add_help=False)
+
+    ui = sub.add_parser("ui", help="a local web app for making a story (pip install 'characonsist[ui]')",
+                        description="Start the story editor on this machine and print its address.")
+    ui.add_argument("--model", default="toy", help="hub id, local diffusers folder, or `toy` (default: %(default)s)")
+    ui.add_argument("--out", default="characonsist-ui", metavar="DIR",
+                    help="the UI's folder: one run folder per story (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
     return parser
 
 
@@ -61,6 +70,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any other method option, e.g. mask_step=10 or point_tracking=false (repeatable; for ablations)")
     p.add_argument("--save-masks", action="store_true", help="also save mask and point-match visualisations per image")
+    p.add_argument("--layout", action="append", choices=LAYOUTS, metavar="LAYOUT",
+                   help=f"also write pages of every finished image to DIR/layouts as PNG and PDF: {', '.join(LAYOUTS)} "
+                        "(repeatable)")
     p.add_argument("--height", type=int, help="image height, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 50 for FLUX.1-dev)")
@@ -113,6 +125,7 @@ def cmd_generate(args) -> int:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
         if not todo:
+            _write_layouts(run, args, say)
             return 0
         if args.quiet:
             _silence_libraries()
@@ -135,8 +148,34 @@ def cmd_generate(args) -> int:
                 else:
                     _say(f"group {job.folder} failed: {job.error}", err=True)
                 image_bar.update(job.images)
+        _write_layouts(run, args, say)
     say(f"done: {len(run.jobs) - run.failed}/{len(run.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
     return EXIT_FAILED if run.failed else 0
+
+
+def _write_layouts(run, args, say) -> None:
+    if not getattr(args, "layout", None):
+        return
+    from .app.layouts import write_layouts
+
+    done = [j for j in run.jobs if j.state == "done"]
+    if not done:
+        _say("no finished group: no layout written", err=True)
+        return
+    title = next((s.title for s in run.checked.stories if s.title), "")
+    written = write_layouts(run.folder, run.jobs, args.layout, title=title)
+    say(f"layouts ({len(done)}/{len(run.jobs)} group(s)): {', '.join(str(run.folder.root / f) for f in written)}")
+
+
+def cmd_ui(args) -> int:
+    from .ui import missing_extra
+
+    problem = missing_extra()
+    if problem:
+        raise InputError(problem)
+    from .ui import serve
+
+    return serve(args.model, args.out, args.host, args.port)
 
 
 def _say(message: str, err: bool = False) -> None:
@@ -237,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["eval"]:            # so does eval (characonsist.evaluate.cli)
             return cmd_eval(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        return {"generate": cmd_generate, "demo": cmd_demo, "ui": cmd_ui}[args.command](args)
     except (InputError, FolderError) as e:
         print(f"characonsist: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -155,12 +155,18 @@ class GroupResult:
 
 def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: bool = True):
     """Load the pipeline in the memory mode; return ``generate(job, progress_callback=None) -> GroupResult``."""
+    return story_engine(load_pipeline(ref, run["dtype"], mode, gpus, progress), run)
+
+
+def load_pipeline(ref: ModelRef, dtype: str, mode: str, gpus: list[int], progress: bool = True):
+    """The ``CharaConsistPipeline`` of ``ref`` in ``dtype`` and the memory mode (a long-lived front end such as
+    the web UI loads it once and makes a ``story_engine`` per run)."""
     import torch
 
     from .. import CharaConsistPipeline
 
     cuda = torch.cuda.is_available()
-    dtype = getattr(torch, run["dtype"])
+    dtype = getattr(torch, dtype)
     device = f"cuda:{gpus[0]}" if cuda else "cpu"
     if ref.kind == "toy":
         from ..toy.model import load_toy_pipeline
@@ -181,6 +187,11 @@ def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: 
             pipe.to(device)
     # the engine's own bars (one per pass) go under the front end's image bar
     pipe.set_progress_bar_config(disable=not progress, desc="steps", position=1, leave=False, dynamic_ncols=True)
+    return pipe
+
+
+def story_engine(pipe, run: dict):
+    """``generate(job, progress_callback=None) -> GroupResult`` for a loaded pipeline and a run's settings."""
 
     def generate(job, progress_callback=None) -> GroupResult:
         images = job.group.images

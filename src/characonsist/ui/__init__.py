@@ -1,0 +1,82 @@
+"""``characonsist ui``: a local web app for making a story (``pip install 'characonsist[ui]'``).
+
+One page (plain HTML, CSS and JavaScript shipped in ``ui/static``: no build step, nothing fetched from the
+internet), a small Starlette app (``server.py``) and one worker thread that owns the model (``worker.py``). The
+work is the application layer's (``characonsist.app``), shared with ``characonsist generate``; docs/UI.md.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def missing_extra() -> str | None:
+    """Why the UI cannot start in this install, or None."""
+    for module in ("starlette", "uvicorn"):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"the web UI needs {module}: pip install 'characonsist[ui]'"
+    return None
+
+
+def allowed_hosts(host: str) -> list[str] | None:
+    """The Host headers the server answers: its loopback names (None, no check, when it serves a network)."""
+    return ["127.0.0.1", "localhost", "::1", "[::1]"] if host in LOOPBACK else None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket (port 0: any free port); OSError becomes one line naming the address."""
+    from ..app.folder import FolderError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        what = "is in use" if e.errno in (98, 48) else (e.strerror or str(e))
+        raise FolderError(f"--host {host} --port {port}: {what}; choose another port (--port 0 picks a free one)") \
+            from None
+    sock.listen(64)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0.1", port: int = 8765,
+          say=print) -> int:
+    """Start the UI and serve until interrupted (InputError / FolderError before anything starts)."""
+    import uvicorn
+
+    from .server import create_app
+    from .worker import Worker, Workspace
+
+    workspace = Workspace(out, model)
+    worker = Worker(workspace, model)      # InputError for a model that cannot be found, before anything starts
+    sock = bind(host, port)
+    workspace.open()
+    try:
+        worker.start()
+        app = create_app(worker, allowed_hosts(host))
+        address = sock.getsockname()
+        shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+        say(f"characonsist ui: http://{shown}:{address[1]}/  (model {model}, stories in {workspace.root}; "
+            "Ctrl-C stops)")
+        if host not in LOOPBACK:
+            print(f"characonsist: warning: --host {host} makes the UI reachable from other machines; it has no login: "
+                  "anyone who reaches it can run the model and read the stories in its folder", file=sys.stderr)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:   # Ctrl-C is how a server stops: not an error
+            pass
+        say("characonsist ui: stopped")
+    finally:
+        worker.stop()
+        workspace.close()
+        sock.close()
+    return 0

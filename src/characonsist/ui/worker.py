@@ -1,0 +1,528 @@
+"""The UI's work: one worker thread owns the model (loaded once) and runs queued jobs one at a time through the
+application layer, the same ``validate_request`` / ``StoryRun`` as ``characonsist generate``. Each job keeps the
+list of its events (queued, progress, images, done, ...), which the server streams to the browser.
+
+Stories live in the workspace (``characonsist ui --out DIR``): ``DIR/<name>/`` is an ordinary run folder of
+``characonsist generate`` plus its ``story.yaml``, so the command line resumes or re-runs what the UI made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import random
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..app import Cancelled, FolderError, StoryRequest, StoryRun, validate_request
+from ..app import model as models
+from ..app.folder import OutputFolder
+from ..app.layouts import LAYOUTS, write_layouts
+from ..app.regenerate import regenerate
+from ..app.request import story_problems
+from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
+from ..inputs import InputError
+from ..output import read_json
+from ..storyfile import StoryError
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+STORY_FILE = "story.yaml"
+MAX_SEED = 2**32 - 1    # re-rolled seeds: small enough to read and type
+
+
+class UiError(Exception):
+    """A request the UI refuses (status 400 unless ``status`` says otherwise), with every problem."""
+
+    def __init__(self, problems: list[str] | str, status: int = 422):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.status = status
+        super().__init__("; ".join(self.problems))
+
+
+def check_name(name) -> str:
+    """A story's folder name as the browser sent it, refused unless it is a plain lower-case name."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise UiError(f"story name {name!r}: use 1-64 lower-case letters, digits, '-' or '_' (it names the story's "
+                      "folder)")
+    return name
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+@dataclass
+class Settings:
+    """A run's settings as the editor holds them (None = the model's default)."""
+
+    method: str = "characonsist"
+    options: dict = field(default_factory=dict)
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 2025
+    save_masks: bool = True
+
+    @classmethod
+    def parse(cls, data) -> Settings:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise UiError("settings: expected a mapping")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UiError(f"settings: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        values = {k: (None if v == "" else v) for k, v in data.items()}
+        if values.get("seed") is None:
+            values.pop("seed", None)
+        if values.get("options") is None:
+            values["options"] = {}
+        if not isinstance(values.get("options", {}), dict):
+            raise UiError("settings.options: expected a mapping of option names to values")
+        return cls(**values)
+
+    @classmethod
+    def from_manifest(cls, settings: dict) -> Settings:
+        options = dict(settings.get("method_options") or {})
+        return cls(method=settings.get("method", "characonsist"), options=options, height=settings.get("height"),
+                   width=settings.get("width"), steps=settings.get("num_inference_steps"),
+                   guidance=settings.get("guidance_scale"), seed=settings.get("seed", 2025),
+                   save_masks=bool(settings.get("save_masks", True)))
+
+
+def cli_command(model: str, folder: Path, settings: Settings) -> str:
+    """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
+    import shlex
+
+    parts = ["characonsist", "generate", str(folder / STORY_FILE), "--model", model, "--out", str(folder),
+             "--method", settings.method]
+    options = dict(settings.options)
+    for key, flag in (("share_bg", "share-bg"), ("use_token_merge", "token-merge")):
+        if key in options:
+            value = options.pop(key)
+            parts.append(f"--{flag}" if value in (True, "true", "True", "1") else f"--no-{flag}")
+    for key, value in options.items():
+        parts += ["--option", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    for flag, value in (("--height", settings.height), ("--width", settings.width), ("--steps", settings.steps),
+                        ("--guidance", settings.guidance), ("--seed", settings.seed)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if settings.save_masks:
+        parts.append("--save-masks")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+@dataclass
+class UiJob:
+    id: str
+    kind: str                      # generate | regenerate | export
+    name: str                      # the story
+    payload: dict
+    state: str = "queued"          # queued | running | done | failed | cancelled
+    events: list = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+    def emit(self, type: str, **data) -> None:
+        self.events.append({"seq": len(self.events), "type": type, "job": self.id, "time": round(time.time(), 3),
+                            **data})
+
+    def summary(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "name": self.name, "state": self.state, "events": len(self.events),
+                **({"result": self.result} if self.result else {})}
+
+
+class Workspace:
+    """The UI's output folder: one run folder per story, nothing read or written outside it."""
+
+    def __init__(self, root: str | Path, model: str):
+        self.root = Path(root).expanduser().resolve()
+        self.model = model
+        self.lock = OutputFolder(self.root)
+
+    def open(self) -> None:
+        """Create the folder and hold its lock while the UI runs (a second UI on it, or a `generate --out` into
+        the workspace itself, stops with a message); story folders have their own locks."""
+        self.lock.check()
+        self.lock.open()
+
+    def close(self) -> None:
+        self.lock.close()
+
+    def folder(self, name: str) -> Path:
+        return self.lock.path(check_name(name))
+
+    def file(self, name: str, rel: str) -> Path:
+        """A file inside a story's folder to serve (never a path outside it, a link, or a hidden file)."""
+        folder = self.folder(name)
+        if not rel or any(part.startswith(".") for part in Path(rel).parts):
+            raise UiError(f"{rel!r}: not a file of story {name}", status=404)
+        try:
+            path = OutputFolder(folder).path(rel)
+        except FolderError as e:
+            raise UiError(str(e), status=404) from None
+        if path.is_symlink() or not path.is_file():
+            raise UiError(f"{rel!r}: no such file in story {name}", status=404)
+        return path
+
+    def stories(self) -> list[dict]:
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if path.is_symlink() or not path.is_dir() or not NAME.fullmatch(path.name):
+                continue
+            manifest = read_json(path / "manifest.json")
+            if manifest is None and not (path / STORY_FILE).is_file():
+                continue
+            groups = (manifest or {}).get("groups") or []
+            found.append({"name": path.name, "title": self._title(path),
+                          "groups": len(groups), "done": sum(g.get("status") == "done" for g in groups)})
+        return found
+
+    def _title(self, folder: Path) -> str:
+        try:
+            doc = self._story_file(folder)
+        except (InputError, OSError):
+            doc = None
+        return (doc or {}).get("title") or folder.name
+
+    def _story_file(self, folder: Path) -> dict | None:
+        path = folder / STORY_FILE
+        if path.is_symlink() or not path.is_file():
+            return None
+        text = path.read_text(encoding="utf-8")
+        return story_document(parse_story(text, str(path)))
+
+    def story(self, name: str) -> dict:
+        """A story as the editor opens it: its document (``story.yaml``, else rebuilt from a command-line run's
+        manifest), settings, groups with their images, and exports."""
+        folder = self.folder(name)
+        if not folder.is_dir():
+            raise UiError(f"no story {name!r} in {self.root}", status=404)
+        manifest = read_json(folder / "manifest.json")
+        try:
+            doc = self._story_file(folder)
+            if doc is None and manifest:
+                doc = document_from_manifest(manifest)
+        except InputError as e:
+            raise UiError(e.problems if hasattr(e, "problems") else str(e)) from None
+        if doc is None:
+            raise UiError(f"{folder} has neither {STORY_FILE} nor manifest.json", status=404)
+        settings = Settings.from_manifest(manifest["settings"]) if manifest and manifest.get("settings") \
+            else Settings()
+        return {"name": name, "story": doc, "settings": dataclasses.asdict(settings),
+                "groups": self.gallery(name, manifest), "exports": self.exports(name),
+                "command": cli_command(self.model, folder, settings)}
+
+    def url(self, name: str, rel: str) -> str | None:
+        path = self.folder(name) / rel
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return None
+        return f"/files/{name}/{rel}?v={stamp}"
+
+    def gallery(self, name: str, manifest: dict | None = None) -> list[dict]:
+        """Every group of the story's manifest with its images' URLs, masks, matches and notes."""
+        manifest = manifest if manifest is not None else read_json(self.folder(name) / "manifest.json")
+        groups = []
+        for group in (manifest or {}).get("groups") or []:
+            images = []
+            for i, item in enumerate([group["identity"], *group["frames"]]):
+                stem = Path(item["path"]).stem
+                mask, match = f"{group['name']}/masks/{stem}_mask.png", f"{group['name']}/masks/{stem}_match.png"
+                images.append({"index": i, "role": "identity" if i == 0 else "frame", "path": item["path"],
+                               "url": self.url(name, item["path"]) if item.get("finished") else None,
+                               "seed": item["seed"], "caption": item.get("caption"), "prompt": item["prompt"],
+                               "height": item["height"], "width": item["width"], "notes": item.get("notes", []),
+                               "mask": self.url(name, mask) if mask in group.get("masks", []) else None,
+                               "match": self.url(name, match) if match in group.get("masks", []) else None})
+            groups.append({"name": group["name"], "status": group["status"], "error": group.get("error"),
+                           "changes": group.get("changes"), "images": images,
+                           "storyboard": self.url(name, group["storyboard"]) if group.get("storyboard") else None})
+        return groups
+
+    def exports(self, name: str) -> list[dict]:
+        folder = self.folder(name) / "layouts"
+        if not folder.is_dir():
+            return []
+        return [{"path": f"layouts/{p.name}", "url": self.url(name, f"layouts/{p.name}")}
+                for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+class Worker:
+    """One thread, one model, one job at a time; the others wait in the queue (see the module docstring)."""
+
+    def __init__(self, workspace: Workspace, model: str):
+        self.workspace = workspace
+        self.model = model
+        self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
+        self.pipe = None
+        self.loads = 0                                  # how often the model was loaded (once)
+        self.model_state = "not loaded"
+        self.model_error: str | None = None
+        self.jobs: dict[str, UiJob] = {}
+        self.order: list[str] = []
+        self.queue: queue.Queue = queue.Queue()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="characonsist-ui-worker", daemon=True)
+
+    def start(self, preload: bool = True) -> None:
+        if preload:
+            self.queue.put(None)        # load the model first, so the first story does not wait for it
+        self.thread.start()
+
+    def stop(self) -> None:
+        for job in self.jobs.values():
+            job.cancel.set()
+        self.queue.put(False)
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ submitting
+    def request(self, name: str, doc: dict, settings: Settings, overwrite: bool = False):
+        """The story text and the application layer's checked request (InputError / FolderError with every
+        problem), exactly as ``characonsist generate`` would check the saved story file."""
+        folder = self.workspace.folder(name)
+        text = dump_story(doc, "yaml")
+        story = parse_story(text, str(folder / STORY_FILE))
+        request = StoryRequest(stories=[story], model=self.model, out=str(folder), method=settings.method,
+                               options=dict(settings.options), height=settings.height, width=settings.width,
+                               num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                               seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite)
+        return text, validate_request(request)
+
+    def validate(self, name: str, doc: dict, settings: Settings) -> dict:
+        try:
+            _, checked = self.request(name, doc, settings)
+        except (InputError, FolderError) as e:
+            raise UiError(getattr(e, "problems", None) or [str(e)]) from None
+        return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
+                "command": cli_command(self.model, self.workspace.folder(name), settings)}
+
+    def submit(self, kind: str, name: str, payload: dict) -> UiJob:
+        check_name(name)
+        if kind == "generate":
+            settings = Settings.parse(payload.get("settings"))
+            try:
+                text, checked = self.request(name, payload.get("story"), settings, bool(payload.get("overwrite")))
+            except (InputError, FolderError) as e:
+                raise UiError(getattr(e, "problems", None) or [str(e)]) from None
+            payload = {**payload, "text": text, "checked": checked, "settings": settings}
+        elif kind == "regenerate":
+            if not isinstance(payload.get("group"), str) or not isinstance(payload.get("index"), int):
+                raise UiError("regenerate: give the group's name and the image's index (0 = identity)")
+            if payload.get("seed") is not None and not (isinstance(payload["seed"], int) and 0 <= payload["seed"]):
+                raise UiError("regenerate: seed must be a non-negative integer")
+        elif kind == "export":
+            layouts = payload.get("layouts") or []
+            formats = payload.get("formats") or ["png", "pdf"]
+            bad = [x for x in layouts if x not in LAYOUTS] + [f for f in formats if f not in ("png", "pdf")]
+            if not layouts or bad:
+                raise UiError(f"export: layouts from {', '.join(LAYOUTS)} and formats png/pdf"
+                              + (f" (not {', '.join(map(str, bad))})" if bad else ""))
+        else:
+            raise UiError(f"unknown job kind {kind!r}; valid: generate, regenerate, export")
+        with self._lock:
+            job = UiJob(f"j{next(self._ids)}", kind, name, payload)
+            self.jobs[job.id] = job
+            self.order.append(job.id)
+        job.emit("queued", kind=kind, name=name, position=self.queue.qsize())
+        self.queue.put(job)
+        return job
+
+    def cancel(self, job_id: str) -> UiJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise UiError(f"no job {job_id!r}", status=404)
+        if not job.finished:
+            job.cancel.set()
+            if job.state == "queued":
+                job.state = "cancelled"
+                job.emit("cancelled", message="cancelled before it started")
+        return job
+
+    # ------------------------------------------------------------------ running
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is False:
+                return
+            if job is None:
+                try:
+                    self.pipeline()
+                except Exception:
+                    pass
+                continue
+            if job.state != "queued":
+                continue
+            job.state = "running"
+            job.emit("started", kind=job.kind)
+            try:
+                getattr(self, f"_run_{job.kind}")(job)
+                job.state = "done"
+                job.emit("done", **job.result)
+            except Cancelled:
+                job.state = "cancelled"
+                job.emit("cancelled", message="cancelled; finished images are kept")
+            except UiError as e:
+                job.state = "failed"
+                job.emit("error", message=str(e), problems=e.problems)
+            except (InputError, FolderError) as e:
+                job.state = "failed"
+                problems = getattr(e, "problems", None) or [str(e)]
+                conflict = isinstance(e, InputError) and "generated with other settings" in str(e)
+                job.emit("error", message=str(e), problems=problems, conflict=conflict)
+            except Exception as e:  # a failure must not stop the worker: report it, go on with the queue
+                job.state = "failed"
+                job.emit("error", message=f"{type(e).__name__}: {e}", problems=[f"{type(e).__name__}: {e}"],
+                         trace=traceback.format_exc(limit=8))
+
+    def pipeline(self):
+        """The model's pipeline, loaded once (the first job waits for it)."""
+        with self._lock:
+            if self.pipe is None:
+                self.model_state = "loading"
+                self.loads += 1
+                try:
+                    self.pipe = models.load_pipeline(self.ref, models.resolve_dtype("auto"), "none", [0],
+                                                     progress=False)
+                except Exception as e:
+                    self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
+                    raise
+                self.model_state = "ready"
+            return self.pipe
+
+    def _engine(self, run: StoryRun):
+        """The run's ``generate`` on the loaded pipeline; prompts that only the loaded tokenizer can check are
+        checked now (as ``StoryRun.load`` does)."""
+        c = run.checked
+        engine = models.story_engine(self.pipeline(), c.run)
+        tokenizer, limits = engine.tokenizer, engine.limits
+        if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
+            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
+            if problems:
+                raise StoryError(problems)
+        run.engine = engine
+        return engine
+
+    def _progress(self, job: UiJob, groups: list[str]):
+        def progress(j, phase, done, total):
+            job.emit("progress", group=j.folder, group_index=groups.index(j.folder) + 1, groups=len(groups),
+                     phase=phase, done=done, total=total)
+        return progress
+
+    def _write_story(self, run: StoryRun, text: str) -> None:
+        """``story.yaml`` in the story's folder (never replacing a file characonsist did not write)."""
+        path = run.folder.path(STORY_FILE)
+        if path.is_symlink() or (path.exists() and not path.read_text(encoding="utf-8", errors="replace")
+                                 .startswith(MARK)):
+            raise FolderError(f"{path} was not written by characonsist: move it away (characonsist never replaces "
+                              "files it did not write)", path)
+        run.folder.write_bytes(STORY_FILE, text.encode())
+
+    def _group_event(self, job: UiJob, run_job) -> None:
+        gallery = {g["name"]: g for g in self.workspace.gallery(job.name)}
+        job.emit("group", group=run_job.folder, gallery=gallery.get(run_job.folder))
+
+    def _run_generate(self, job: UiJob) -> None:
+        p = job.payload
+        with StoryRun(p["checked"]) as run:
+            self._write_story(run, p["text"])
+            todo = run.todo
+            job.emit("plan", groups=[j.folder for j in run.jobs], todo=[j.folder for j in todo],
+                     images=sum(j.images for j in todo))
+            if todo:
+                job.emit("loading", model=self.model, state=self.model_state)
+                self._engine(run)
+            progress = self._progress(job, [j.folder for j in todo])
+            for j in todo:
+                job.emit("group_started", group=j.folder, images=j.images)
+                if run.run(j, progress=progress, cancel=job.cancel):
+                    self._group_event(job, j)
+                else:
+                    job.emit("group_failed", group=j.folder, message=j.error)
+        job.result = {"failed": run.failed, "groups": len(run.jobs)}
+
+    def _run_regenerate(self, job: UiJob) -> None:
+        p = job.payload
+        folder = self.workspace.folder(job.name)
+        story = self.workspace.story(job.name)
+        manifest = read_json(folder / "manifest.json") or {}
+        doc, settings = story["story"], Settings(**story["settings"])
+        names = [g["name"] for g in manifest.get("groups") or []]
+        if p["group"] not in names:
+            raise UiError(f"story {job.name} has no generated group {p['group']!r}")
+        s = names.index(p["group"])
+        images = doc["scenes"][s]["images"]
+        if not 0 <= p["index"] < len(images):
+            raise UiError(f"group {p['group']} has images 0..{len(images) - 1}")
+        group = manifest["groups"][s]
+        if group.get("status") != "done":
+            raise UiError(f"group {p['group']} is not finished: generate the story first")
+        _, old_checked = self.request(job.name, doc, settings)
+        seed = p.get("seed")
+        if seed is None:
+            current = [group["identity"], *group["frames"]][p["index"]]["seed"]
+            seed = new_seed()
+            while seed == current:
+                seed = new_seed()
+        images[p["index"]]["seed"] = seed
+        text, checked = self.request(job.name, doc, settings, overwrite=True)
+        old_text = (folder / STORY_FILE).read_text(encoding="utf-8") if (folder / STORY_FILE).is_file() else None
+        try:
+            with StoryRun(checked) as run:
+                target = next(j for j in run.jobs if j.folder == p["group"])
+                self._write_story(run, text)
+                try:
+                    self._engine(run)
+                    job.emit("group_started", group=target.folder, images=target.images)
+                    differing = regenerate(run, target, p["index"], progress=self._progress(job, [target.folder]),
+                                           cancel=job.cancel)
+                except BaseException:
+                    if old_text is not None:   # the story as it was: its images on disk are still the old ones
+                        run.folder.write_bytes(STORY_FILE, old_text.encode())
+                    else:
+                        run.folder.remove(STORY_FILE)
+                    raise
+                self._group_event(job, target)
+        except BaseException:
+            try:
+                with StoryRun(old_checked):   # the manifest as the old story's images on disk say
+                    pass
+            except Exception:
+                pass
+            raise
+        job.result = {"group": p["group"], "index": p["index"], "seed": seed,
+                      "kept_differing": differing}
+
+    def _run_export(self, job: UiJob) -> None:
+        p = job.payload
+        folder = self.workspace.folder(job.name)
+        manifest = read_json(folder / "manifest.json")
+        if not manifest:
+            raise UiError(f"story {job.name} has no images yet: generate it first")
+        story = self.workspace.story(job.name)
+        settings = Settings(**story["settings"])
+        _, checked = self.request(job.name, story["story"], settings)
+        with StoryRun(checked) as run:
+            done = [j for j in run.jobs if j.state == "done"]
+            if not done:
+                raise UiError(f"story {job.name} has no finished group yet: generate it first")
+            files = write_layouts(run.folder, run.jobs, p["layouts"], title=story["story"].get("title") or "",
+                                  formats=tuple(p.get("formats") or ("png", "pdf")))
+        job.result = {"files": [{"path": f, "url": self.workspace.url(job.name, f)} for f in files],
+                      "skipped": [j.folder for j in run.jobs if j.state != "done"]}
+
+
+__all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command"]

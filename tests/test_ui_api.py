@@ -1,0 +1,359 @@
+"""`characonsist ui`'s HTTP API and events, every endpoint, on the tiny random pipeline (saved and loaded like
+any model folder): story files in and out, validation with the command line's messages, generation with its
+events, cancel and the queue, regenerating one image (the others byte-identical), exports, the zip, the files
+it serves and refuses, and the folder shared with `characonsist generate` both ways."""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("httpx")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from characonsist import cli  # noqa: E402
+from characonsist.output import read_png_record  # noqa: E402
+from characonsist.ui.server import create_app  # noqa: E402
+from characonsist.ui.worker import Worker, Workspace  # noqa: E402
+
+SETTINGS = {"steps": 3, "height": 64, "width": 64, "options": {"mask_step": "1"}, "save_masks": True}
+
+
+def doc(*actions, title="Cat and robot", character="a cat", background="park", name="walk"):
+    return {"title": title, "character": character,
+            "scenes": [{"name": name, "background": background, "images": [{"action": a} for a in actions]}]}
+
+
+STORY = doc("sitting", "running", "jumping")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from characonsist.testing import tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "flux"
+    tiny_flux_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def ui(tiny_model, tmp_path):
+    space = Workspace(tmp_path / "ui", tiny_model)
+    worker = Worker(space, tiny_model)
+    space.open()
+    worker.start()
+    client = TestClient(create_app(worker, ["testserver"]))
+    client.worker = worker
+    for _ in range(600):   # the worker loads the model first; loading another in this thread meanwhile would race
+        if worker.model_state in ("ready", "failed"):
+            break
+        time.sleep(0.05)
+    yield client
+    worker.stop()
+    space.close()
+
+
+def events(client, job_id) -> list[dict]:
+    """A job's server-sent events until its end (the stream closes itself)."""
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        return [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+
+
+def run(client, **payload) -> list[dict]:
+    response = client.post("/api/jobs", json=payload)
+    assert response.status_code == 202, response.text
+    return events(client, response.json()["id"])
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_page_assets_and_info(ui):
+    page = ui.get("/")
+    assert page.status_code == 200 and 'id="generate"' in page.text
+    assert "http" not in page.text.replace('href="/', "").lower()    # nothing fetched from elsewhere
+    for asset, kind in (("/app.js", "javascript"), ("/style.css", "css")):
+        response = ui.get(asset)
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+        assert "http://" not in response.text and "https://" not in response.text
+    assert ui.get("/nothing.js").status_code == 404
+    info = ui.get("/api/info").json()
+    assert info["methods"]["characonsist"]["options"]["share_bg"] is True
+    assert {"vanilla", "consistory", "storysync", "storydiffusion"} <= set(info["methods"])
+    assert info["layouts"] == ["storyboard", "strip", "2x2", "panel"]
+    assert info["formats"] == ["yaml", "toml", "text"]
+    assert info["defaults"]["num_inference_steps"] >= 1
+
+
+def test_story_files_in_every_format_round_trip(ui):
+    from characonsist.storyfile import load_story
+
+    example = Path(__file__).parents[1] / "examples" / "toy-story.yaml"
+    parsed = ui.post("/api/parse", json={"filename": "toy-story.yaml", "text": example.read_text()}).json()["story"]
+    want = [(g.name, g.images, g.captions) for g in load_story(example).groups]
+    for fmt, suffix in (("yaml", ".yaml"), ("toml", ".toml")):
+        saved = ui.post("/api/storyfile", json={"name": "toy", "story": parsed, "format": fmt}).json()
+        assert saved["filename"] == f"toy{suffix}"
+        back = ui.post("/api/parse", json={"filename": saved["filename"], "text": saved["text"]}).json()["story"]
+        again = ui.post("/api/storyfile", json={"story": back, "format": "yaml"}).json()["text"]
+        from characonsist.app.stories import parse_story
+
+        story = parse_story(saved["text"], saved["filename"])
+        assert [(g.name, g.images, g.captions) for g in story.groups] == want
+        assert [(g.name, g.images, g.captions) for g in parse_story(again, "x.yaml").groups] == want
+    # the text format holds no captions or seeds: refused, with what to do
+    refused = ui.post("/api/storyfile", json={"story": parsed, "format": "text"})
+    assert refused.status_code == 422 and "save it as YAML or TOML" in refused.json()["problems"][0]
+    plain = ui.post("/api/parse", json={"filename": "s.txt", "text": "park#a cat#sitting\npark#a cat#running\n"})
+    text = ui.post("/api/storyfile", json={"story": plain.json()["story"], "format": "text"}).json()["text"]
+    assert text == "park#a cat#sitting\npark#a cat#running\n"
+    bad = ui.post("/api/parse", json={"filename": "../../etc/s.txt", "text": "park#a cat\n"})
+    assert bad.status_code == 422
+    assert bad.json()["problems"] == ["s.txt:1: 'park#a cat' has 1 '#' but needs exactly two: background#character#action"]
+
+
+def test_validation_gives_the_command_lines_messages_with_places(ui):
+    ok = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": SETTINGS}).json()
+    assert ok["groups"] == ["000_walk"] and ok["settings"]["num_inference_steps"] == 3
+    assert ok["command"].startswith("characonsist generate ") and "--steps 3" in ok["command"]
+    bad = json.loads(json.dumps(STORY))
+    bad["scenes"][0]["images"][2]["action"] = ""
+    response = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": {**SETTINGS, "steps": 0,
+                                                                                        "guidance": -1}})
+    assert response.status_code == 422
+    assert response.json()["problems"] == ["num_inference_steps=0 must be >= 1", "guidance_scale=-1 must be >= 0"]
+    response = ui.post("/api/validate", json={"name": "walk", "story": bad, "settings": SETTINGS})
+    assert any("scenes[0].frames[1]: the action field is empty" in p for p in response.json()["problems"])
+    assert ui.post("/api/validate", json={"name": "../up", "story": STORY}).status_code == 422
+    unknown = ui.post("/api/validate", json={"name": "walk", "story": STORY,
+                                             "settings": {**SETTINGS, "options": {"nonsense": "1"}}})
+    assert "has no option(s) 'nonsense'" in unknown.json()["problems"][0]
+
+
+def test_generate_streams_progress_and_images_and_the_cli_resumes_it(ui, tmp_path, capsys):
+    seen = run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
+    types = [e["type"] for e in seen]
+    assert types[:3] == ["queued", "started", "plan"] and types[-1] == "done"
+    assert [e["seq"] for e in seen] == list(range(len(seen)))
+    steps = [(e["phase"], e["done"], e["total"]) for e in seen if e["type"] == "progress"]
+    assert steps[0][0] == "prerun" and steps[-1] == ("main", 3, 3)
+    (group,) = [e for e in seen if e["type"] == "group"]
+    images = group["gallery"]["images"]
+    assert [im["role"] for im in images] == ["identity", "frame", "frame"]
+    for im in images:
+        response = ui.get(im["url"])
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert ui.get(images[1]["mask"]).status_code == 200 and ui.get(images[1]["match"]).status_code == 200
+    folder = tmp_path / "ui" / "walk"
+    assert (folder / "story.yaml").read_text().startswith("# characonsist story")
+    listed = ui.get("/api/stories").json()["stories"]
+    assert listed == [{"name": "walk", "title": "Cat and robot", "groups": 1, "done": 1}]
+    opened = ui.get("/api/stories/walk").json()
+    assert opened["story"]["character"] == "a cat" and opened["settings"]["steps"] == 3
+    before = {p: p.read_bytes() for p in folder.rglob("*.png")}
+    # the command the UI shows resumes the story from the command line: nothing left to do, nothing rewritten
+    argv = shlex.split(opened["command"])[1:]
+    assert cli.main(argv) == 0
+    assert "0 to generate" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in folder.rglob("*.png")} == before
+    # a second generate from the UI: every group done, no work
+    again = run(ui, kind="generate", name="walk", story=opened["story"], settings=opened["settings"])
+    assert [e for e in again if e["type"] == "plan"][0]["todo"] == []
+    assert not [e for e in again if e["type"] == "progress"]
+
+
+def test_regenerate_one_image_keeps_the_others_byte_identical(ui, tmp_path, tiny_model):
+    run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
+    folder = tmp_path / "ui" / "walk" / "000_walk"
+    files = ["identity.png", "frame_01.png", "frame_02.png"]
+    old = {f: pixels(folder / f) for f in files}
+    seen = run(ui, kind="regenerate", name="walk", group="000_walk", index=1, seed=77)
+    done = seen[-1]
+    assert done["type"] == "done" and done["seed"] == 77
+    assert done["kept_differing"] == []        # the engine gave the other images bit-identical again
+    assert not np.array_equal(pixels(folder / "frame_01.png"), old["frame_01.png"])
+    for f in ("identity.png", "frame_02.png"):
+        assert np.array_equal(pixels(folder / f), old[f])
+        assert not any("kept as it was" in n for n in read_png_record(folder / f)["notes"])
+    assert read_png_record(folder / "frame_01.png")["seed"] == 77
+    opened = ui.get("/api/stories/walk").json()
+    assert opened["story"]["scenes"][0]["images"][1]["seed"] == 77
+    # the folder is exactly what `characonsist generate` makes of the saved story: same images from scratch
+    fresh = tmp_path / "fresh"
+    argv = shlex.split(opened["command"])[1:]
+    argv[argv.index("--out") + 1] = str(fresh)
+    assert cli.main(argv) == 0
+    for f in files:
+        assert np.array_equal(pixels(fresh / "000_walk" / f), pixels(folder / f)), f
+        assert read_png_record(fresh / "000_walk" / f)["settings_hash"] == read_png_record(folder / f)["settings_hash"]
+    assert ui.post("/api/jobs", json={"kind": "regenerate", "name": "walk", "group": "000_walk"}).status_code == 422
+    missing = run(ui, kind="regenerate", name="walk", group="nope", index=1)
+    assert missing[-1]["type"] == "error" and "no generated group 'nope'" in missing[-1]["message"]
+
+
+def test_regenerate_keeps_images_the_engine_would_change_and_says_so(ui, tmp_path):
+    """StorySync's frames read the references (the first images): regenerating one changes the others in a
+    fresh run; the UI keeps them as they were, byte-identical, with a note."""
+    settings = {**SETTINGS, "method": "storysync", "options": {}}
+    run(ui, kind="generate", name="sync", story=STORY, settings=settings)
+    folder = tmp_path / "ui" / "sync" / "000_walk"
+    old = {f: pixels(folder / f) for f in ("identity.png", "frame_02.png")}
+    done = run(ui, kind="regenerate", name="sync", group="000_walk", index=1)[-1]
+    assert done["type"] == "done" and done["kept_differing"]
+    for f, was in old.items():
+        assert np.array_equal(pixels(folder / f), was)
+    notes = read_png_record(folder / "identity.png")["notes"] if 0 in done["kept_differing"] else \
+        read_png_record(folder / "frame_02.png")["notes"]
+    assert any("kept as it was when image 1 was regenerated" in n for n in notes)
+
+
+def test_cancel_a_running_job_and_a_queued_one(ui, tmp_path):
+    long = {**SETTINGS, "steps": 400}
+    first = ui.post("/api/jobs", json={"kind": "generate", "name": "long", "story": STORY, "settings": long}).json()
+    second = ui.post("/api/jobs", json={"kind": "generate", "name": "queued", "story": STORY, "settings": SETTINGS})
+    third = ui.post("/api/jobs", json={"kind": "generate", "name": "walk", "story": STORY, "settings": SETTINGS})
+    queued = ui.get("/api/jobs").json()["jobs"]
+    assert [j["state"] for j in queued][1:] == ["queued", "queued"]   # one job at a time on the model
+    assert ui.post(f"/api/jobs/{second.json()['id']}/cancel", json={}).json()["state"] == "cancelled"
+    with ui.stream("GET", f"/api/jobs/{first['id']}/events") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["type"] == "progress":
+                assert ui.post(f"/api/jobs/{first['id']}/cancel", json={}).status_code == 200
+                break
+    seen = events(ui, first["id"])
+    assert seen[-1]["type"] == "cancelled"
+    steps = [e["done"] for e in seen if e["type"] == "progress"]
+    assert steps[-1] < 400
+    assert events(ui, third.json()["id"])[-1]["type"] == "done"      # the queue goes on
+    assert ui.worker.loads == 1                                        # the model loaded once for all of them
+    assert events(ui, second.json()["id"])[-1]["type"] == "cancelled"
+    assert not (tmp_path / "ui" / "queued").exists()
+    log = ui.get(f"/api/jobs/{first['id']}").json()
+    assert log["state"] == "cancelled" and log["log"][-1]["type"] == "cancelled"
+    assert ui.get("/api/jobs/nope").status_code == 404
+
+
+def test_conflicting_edit_needs_overwrite(ui):
+    run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
+    changed = doc("sitting", "running", "waving")
+    error = run(ui, kind="generate", name="walk", story=changed, settings=SETTINGS)[-1]
+    assert error["type"] == "error" and error["conflict"] is True
+    assert "frame_02 action 'jumping' -> 'waving'" in error["message"]
+    assert run(ui, kind="generate", name="walk", story=changed, settings=SETTINGS, overwrite=True)[-1]["type"] == "done"
+
+
+def test_export_layouts_zip_and_the_cli_layouts_are_the_same_files(ui, tmp_path, capsys):
+    run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
+    done = run(ui, kind="export", name="walk", layouts=["2x2", "strip"], formats=["png", "pdf"])[-1]
+    assert [f["path"] for f in done["files"]] == ["layouts/2x2_01.png", "layouts/2x2.pdf", "layouts/strip_01.png",
+                                                  "layouts/strip.pdf"]
+    pdf = ui.get(done["files"][1]["url"])
+    assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
+    folder = tmp_path / "ui" / "walk"
+    page = read_png_record(folder / "layouts" / "2x2_01.png")
+    assert page["layout"] == "2x2" and page["pages"] == 1
+    before = {p.name: p.read_bytes() for p in (folder / "layouts").iterdir()}
+    argv = shlex.split(ui.get("/api/stories/walk").json()["command"])[1:] + ["--layout", "2x2", "--layout", "strip"]
+    assert cli.main(argv) == 0
+    assert "layouts (1/1 group(s))" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (folder / "layouts").iterdir()} == before   # one implementation
+    listed = ui.get("/api/stories/walk").json()["exports"]
+    assert [e["path"] for e in listed] == sorted(f"layouts/{n}" for n in before)
+    archive = zipfile.ZipFile(io.BytesIO(ui.get("/api/stories/walk/zip").content))
+    names = archive.namelist()
+    assert "walk/story.yaml" in names and "walk/manifest.json" in names and "walk/000_walk/frame_02.png" in names
+    assert "walk/layouts/2x2.pdf" in names and not any("/." in n for n in names)
+    bad = ui.post("/api/jobs", json={"kind": "export", "name": "walk", "layouts": ["poster"]})
+    assert bad.status_code == 422 and "storyboard, strip, 2x2, panel" in bad.json()["problems"][0]
+    nothing = run(ui, kind="export", name="none", layouts=["2x2"])[-1]
+    assert nothing["type"] == "error"
+
+
+def test_a_command_line_run_opens_and_resumes_in_the_ui(ui, tmp_path, tiny_model, capsys):
+    story = tmp_path / "two.txt"
+    story.write_text("park#a cat#sitting\npark#a cat#running\n\nbeach#a robot#standing\nbeach#a robot#waving\n")
+    folder = tmp_path / "ui" / "from-cli"
+    argv = ["generate", str(story), "--model", tiny_model, "--out", str(folder), "--height", "64", "--width", "64",
+            "--steps", "3", "--option", "mask_step=1", "--seed", "5", "--quiet"]
+    assert cli.main(argv) == 0
+    for path in (folder / "group_001").iterdir():   # as if the run had been stopped before its second group
+        if path.is_file():
+            path.unlink()
+    kept = (folder / "group_000" / "frame_01.png").read_bytes()
+    opened = ui.get("/api/stories/from-cli").json()
+    assert [im["action"] for im in opened["story"]["scenes"][1]["images"]] == ["standing", "waving"]
+    assert opened["settings"]["seed"] == 5 and opened["settings"]["save_masks"] is False
+    seen = run(ui, kind="generate", name="from-cli", story=opened["story"], settings=opened["settings"])
+    assert [e for e in seen if e["type"] == "plan"][0]["todo"] == ["group_001"]
+    assert seen[-1]["type"] == "done"
+    assert (folder / "group_000" / "frame_01.png").read_bytes() == kept
+    assert cli.main(argv[:-1]) == 0        # and the command line sees it finished
+    assert "2 already done, 0 to generate" in capsys.readouterr().out
+
+
+def test_files_and_requests_it_refuses(ui, tmp_path):
+    run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
+    folder = tmp_path / "ui" / "walk"
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(secret)
+    (folder / "link.png").symlink_to(secret)
+    for path in ("/files/walk/%2e%2e/%2e%2e/secret.png", "/files/walk/000_walk/%2e%2e%2f%2e%2e%2fsecret.png", "/files/walk/link.png",
+                 "/files/walk/.characonsist.lock", "/files/walk/nothing.png", "/files/Walk/story.yaml"):
+        assert ui.get(path).status_code in (404, 422), path
+    assert ui.get("/files/walk/story.yaml").status_code == 200
+    archive = zipfile.ZipFile(io.BytesIO(ui.get("/api/stories/walk/zip").content))
+    assert "walk/link.png" not in archive.namelist()
+    form = ui.post("/api/jobs", content="kind=generate", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 415      # a cross-site form cannot start work
+    assert ui.get("/api/info", headers={"host": "evil.example"}).status_code == 400   # DNS rebinding
+    assert ui.post("/api/jobs", json={"kind": "delete", "name": "walk"}).status_code == 422
+    assert ui.get("/api/stories/nothing").status_code == 404
+
+
+def test_second_ui_on_the_same_folder_and_network_warning(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from characonsist import ui as ui_module
+    from characonsist.app import FolderError
+
+    space = Workspace(tmp_path / "ui", "toy")
+    space.open()
+    try:
+        with pytest.raises(FolderError, match="in use by another characonsist run"):
+            Workspace(tmp_path / "ui", "toy").open()
+    finally:
+        space.close()
+    assert ui_module.allowed_hosts("127.0.0.1") and ui_module.allowed_hosts("0.0.0.0") is None
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    monkeypatch.setattr(Worker, "start", lambda self, preload=True: None)
+    monkeypatch.setattr(Worker, "stop", lambda self: None)
+    monkeypatch.setattr(ui_module, "bind", lambda host, port: _FakeSocket(host, port))
+    assert ui_module.serve("toy", str(tmp_path / "net"), host="0.0.0.0", port=9) == 0
+    out, err = capsys.readouterr()
+    assert "http://0.0.0.0:9/" in out and "reachable from other machines" in err
+    assert ui_module.serve("toy", str(tmp_path / "local"), host="127.0.0.1", port=9) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+class _FakeSocket:
+    def __init__(self, host, port):
+        self.address = (host, port)
+
+    def getsockname(self):
+        return self.address
+
+    def close(self):
+        pass

@@ -1,0 +1,153 @@
+"""`characonsist ui` in a real browser: the command starts the server and prints its address, headless Chromium
+(Debian's chromium and chromium-driver, installed by scripts/test.sh) loads the page, a two-frame story is typed
+in, generated on the toy model with its progress shown, the images appear, and a comic page is exported.
+Screenshots go under the test's temporary folder (and to $CHARACONSIST_UI_SCREENSHOTS when set, e.g. docs/img)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1440,1000"]
+
+
+def _need_browser():
+    missing = [str(p) for p in (CHROMIUM, DRIVER) if not p.exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        why = f"{', '.join(missing)} missing: run scripts/test.sh (it installs chromium and chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """`characonsist ui --port 0` as a user starts it; its printed address."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "characonsist.cli", "ui", "--out", str(tmp_path / "ui"),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, address = [], None
+    deadline = time.time() + 180
+    while time.time() < deadline and address is None:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"characonsist ui: (http://127\.0\.0\.1:\d+/)", line)
+        address = match.group(1) if match else None
+    assert address, "".join(lines)
+    yield address, tmp_path / "ui"
+    process.send_signal(signal.SIGINT)
+    try:
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS + [f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(str(DRIVER)), options=options)
+
+
+def test_make_a_story_in_the_browser(server, tmp_path):
+    _need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    address, folder = server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    driver = _browser(tmp_path)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(address)
+        wait.until(lambda d: "model toy" in d.find_element(By.ID, "model").text)
+        assert driver.title == "characonsist"
+
+        def type_in(element, text):
+            element.clear()
+            element.send_keys(text)
+
+        type_in(driver.find_element(By.ID, "title"), "Robot day")
+        type_in(driver.find_element(By.ID, "name"), "robot-day")
+        type_in(driver.find_element(By.ID, "character"), "a robot")
+        type_in(driver.find_element(By.CSS_SELECTOR, ".scene-name"), "beach")
+        type_in(driver.find_element(By.CSS_SELECTOR, ".scene-background"), "a sunny beach")
+        driver.find_element(By.CSS_SELECTOR, ".add-frame").click()          # identity + two frames
+        rows = driver.find_elements(By.CSS_SELECTOR, ".scene .row")
+        assert len(rows) == 3
+        for row, action, caption in zip(rows, ["big in the middle", "small on the left", "small on the right"],
+                                        ["", "Bot walks away", "Into the forest"]):
+            type_in(row.find_element(By.CSS_SELECTOR, "input.action"), action)
+            if caption:
+                type_in(row.find_element(By.CSS_SELECTOR, "input.caption"), caption)
+        type_in(rows[2].find_element(By.CSS_SELECTOR, "input.background"), "a green forest")
+        rows[2].find_element(By.CSS_SELECTOR, ".reroll").click()              # a locked seed of its own
+        assert rows[2].find_element(By.CSS_SELECTOR, ".seed-lock").is_selected()
+        type_in(driver.find_element(By.ID, "steps"), "4")
+        assert "mixed" in driver.find_element(By.ID, "bg-info").text
+        driver.find_element(By.ID, "generate").click()
+
+        wait.until(lambda d: any(e["type"] == "done" for e in d.execute_script("return window.uiEvents")))
+        events = driver.execute_script("return window.uiEvents")
+        progress = [e for e in events if e["type"] == "progress"]
+        assert progress and progress[-1]["phase"] == "main" and progress[-1]["done"] == progress[-1]["total"] == 4
+        assert driver.find_element(By.ID, "steps-text").text == "main 4/4"
+        assert driver.find_element(By.ID, "progress-images").get_attribute("data-value") == "1"
+        assert driver.find_element(By.ID, "progress-steps").get_attribute("data-value") == "4"
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.image")) == 3 and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 128
+            for im in d.find_elements(By.CSS_SELECTOR, "#gallery img.image")))
+        assert "done" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "show-masks").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.mask")) == 3)
+        driver.find_element(By.ID, "show-masks").click()
+        driver.save_screenshot(str(shots / "ui.png"))
+
+        Select(driver.find_element(By.ID, "export-layout")).select_by_value("2x2")
+        Select(driver.find_element(By.ID, "export-format")).select_by_value("png")
+        driver.find_element(By.ID, "export").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#exports img.export-preview") and d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth",
+            d.find_element(By.CSS_SELECTOR, "#exports img.export-preview")) > 0)
+        link = driver.find_element(By.CSS_SELECTOR, "#exports a")
+        assert link.text == "layouts/2x2_01.png"
+        driver.save_screenshot(str(shots / "export.png"))
+    finally:
+        driver.quit()
+    page = folder / "robot-day" / "layouts" / "2x2_01.png"
+    assert page.is_file()
+    from PIL import Image
+
+    with Image.open(page) as image:
+        assert image.width > 2 * 480 and image.height > 2 * 480     # two panels across, two down
+    story = (folder / "robot-day" / "story.yaml").read_text()
+    assert "caption: Bot walks away" in story and "background: a green forest" in story
+    for shot in ("ui.png", "export.png"):
+        assert (shots / shot).stat().st_size > 10_000
+    copy = os.environ.get("CHARACONSIST_UI_SCREENSHOTS")
+    if copy:
+        shutil.copy(shots / "ui.png", Path(copy) / "ui.png")
+        shutil.copy(page, Path(copy) / "ui_comic_2x2.png")
