@@ -722,6 +722,19 @@ def segment_lines(record: dict, base: dict) -> list[str]:
     return lines
 
 
+def default_checkpoint() -> str:
+    """Where the table's random FLUX folder goes: /dev/shm (memory: saved and read at memory speed) when it has
+    room for FLUX.1-dev's 31.5 GiB with some to spare, else /tmp."""
+    import shutil
+
+    try:
+        if shutil.disk_usage("/dev/shm").free > 40 * GIB:
+            return "/dev/shm/characonsist-random-flux"
+    except OSError:
+        pass
+    return "/tmp/characonsist-random-flux"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy widths on the CPU (tests the whole script)")
@@ -764,7 +777,7 @@ def parse_args(argv=None):
                    help="table phase: QUANTIZE/MEMORY[+compile][@N] entries in priority order (memory_table.py)")
     p.add_argument("--table-gpus", default="0", help="table phase: GPUs running entries side by side, e.g. 0,1")
     p.add_argument("--checkpoint", default=None, help="table phase: the random FLUX folder, built if missing "
-                   "(default /tmp/characonsist-random-flux; tiny: OUT/tiny-checkpoint)")
+                   "(default /dev/shm or /tmp/characonsist-random-flux; tiny: OUT/tiny-checkpoint)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of +compile entries")
     p.add_argument("--table-child", default=None, help=argparse.SUPPRESS)   # one entry, in its own process
     args = p.parse_args(argv)
@@ -803,8 +816,7 @@ def parse_args(argv=None):
         args.frames = args.phases[0][1]
     args.table_modes = [m.strip() for m in args.table_modes.split(",") if m.strip()]
     args.table_gpus = [g.strip() for g in str(args.table_gpus).split(",") if g.strip()]
-    args.checkpoint = args.checkpoint or (str(Path(args.out) / "tiny-checkpoint") if args.tiny
-                                          else "/tmp/characonsist-random-flux")
+    args.checkpoint = args.checkpoint or (str(Path(args.out) / "tiny-checkpoint") if args.tiny else default_checkpoint())
     if "modes" in names and names.index("modes") != len(names) - 1:
         p.error("modes must be the last phase (it leaves the pipeline offloaded)")
     return args

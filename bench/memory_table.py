@@ -46,7 +46,7 @@ from measure import GIB, HostPeak, measure, sync  # noqa: E402
 # characonsist.memory.SPEED; corrected by the entries measured in the same table.
 BASE_ESTIMATE_S = 150.0
 COMPILE_EXTRA_S = 150.0
-LOAD_S = 40.0
+LOAD_S = 30.0
 
 
 def parse_entry(entry: str, default_frames: int) -> dict:

@@ -428,6 +428,8 @@ def load_pipeline(cls, name: str, dtype, quantize: str = "none", memory: str = "
         enable_fp8_storage(pipe, dtype)
     load_loras(pipe, loras)
     apply_memory_mode(pipe, memory, device, gpus)
+    if quantize != "none":   # memory is short: decode one image at a time (the same images, a smaller peak)
+        pipe.vae.enable_slicing()
     if vae_tiling:
         pipe.vae.enable_tiling()
     if attention_backend:
