@@ -834,7 +834,7 @@ def table_env(args) -> dict:
             env[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             env[name] = None
-    if torch.cuda.is_available():
+    if args.table_child and torch.cuda.is_available():   # the parent never touches the GPUs (no CUDA context)
         env["gpu"] = torch.cuda.get_device_name(0)
         env["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")

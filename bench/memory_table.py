@@ -141,6 +141,7 @@ def run_entry(entry: dict, args) -> list[dict]:
         sync(device)
         load_s = time.perf_counter() - t0
     load = {"name": f"{entry['name']}/load", **meta, "load_s": load_s, "load_rss_peak_gib": host.peak / GIB,
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
             "rss_after_load_gib": host.start / GIB, "pipeline": memory.settings(ours)}
     if device.type == "cuda":
         load["gpu_after_load_gib"] = torch.cuda.memory_allocated() / GIB
@@ -306,7 +307,11 @@ def run_table(args, entries: list[str], log=print) -> list[dict]:
 def table_lines(records: list[dict]) -> list[str]:
     """The issue's table: one row per entry."""
     lines = [f"{'entry':<32} {'load s':>7} {'load RSS':>8} {'GPU alloc/resv GiB':>19} {'RSS GiB':>8} "
-             f"{'plain s':>8} {'ours s':>8} {'x plain':>7} {'x eager':>7}"]
+             f"{'plain s':>8} {'ours s':>8} {'x plain':>7} {'x eager':>7} {'x bf16':>7}"]
+    # ours against ours in bf16 on one GPU (same frame count, another process of the same table)
+    bf16 = {r.get("frames"): r["wall_s"] for r in records
+            if r.get("kind") == "ours" and r.get("quantize") == "none" and r.get("memory") == "none"
+            and not r.get("compile") and "wall_s" in r}
     entries = []
     for r in records:
         if r.get("entry") and r["entry"] not in entries:
@@ -327,7 +332,8 @@ def table_lines(records: list[dict]) -> list[str]:
                      f"{base['wall_s'] if base and 'wall_s' in base else float('nan'):8.2f} "
                      f"{mine['wall_s'] if mine and 'wall_s' in mine else float('nan'):8.2f} "
                      f"{mine.get('x_baseline', float('nan')) if mine else float('nan'):7.3f} "
-                     f"{mine.get('x_baseline_eager', float('nan')) if mine else float('nan'):7.3f}")
+                     f"{mine.get('x_baseline_eager', float('nan')) if mine else float('nan'):7.3f} "
+                     f"{mine['wall_s'] / bf16[mine.get('frames')] if mine and 'wall_s' in mine and mine.get('frames') in bf16 else float('nan'):7.3f}")
         for r in bad:
             lines.append(f"    {r['name']}: {(r.get('error') or r.get('skipped'))[:150]}")
     return lines

@@ -55,6 +55,7 @@ def test_table_tiny_end_to_end(tmp_path):
     eager = by["int8/none+compile@2/baseline-eager"]
     assert by["int8/none+compile@2/ours"]["x_baseline_eager"] == pytest.approx(
         by["int8/none+compile@2/ours"]["wall_s"] / eager["wall_s"])
+    assert "x bf16" in _load("report").report(str(tmp_path / "bench_t.json"))[1]
     lines = _load("memory_table").table_lines(records)
     assert any(line.startswith("int8/none+compile@2 ") for line in lines)
     assert any("needs CUDA" in line for line in lines)
