@@ -373,7 +373,12 @@ def apply_memory_mode(pipe, memory: str, device, gpus: list[int] | None = None) 
 
     gpu = (torch.device(device).index or 0) if torch.device(device).type == "cuda" else None
     if memory != "none" and getattr(pipe, "hf_device_map", None) is not None:
-        pipe.reset_device_map()   # loaded straight onto the GPU: hooks need the weights on the host first
+        # loaded straight onto the GPU (device_map="cuda"; quantizers work there): the hooks take over. Model offload
+        # moves the models to the host itself; group and sequential offload expect them there. ``pipe.to`` (unlike
+        # ``reset_device_map``) leaves bitsandbytes 8-bit models, which cannot move, where they are.
+        pipe.hf_device_map = None
+        if memory in ("group-offload", "sequential-offload"):
+            pipe.to("cpu")
     if memory == "none":
         if getattr(pipe, "hf_device_map", None) is None:
             pipe.to(device)
