@@ -231,7 +231,12 @@ def test_auto_takes_the_fastest_plan_that_fits(gpu, host):
                 fits.append((needs.speed, q, m))
     if fits:
         assert plan.needs.gpu_reserved_gib + 0.5 <= gpu and plan.needs.host_gib + 0.5 <= host
-        assert plan.needs.speed == min(f[0] for f in fits)
+        fastest = min(f[0] for f in fits)
+        kept = min((f[0] for f in fits if f[1] == "none"), default=None)
+        if kept is not None and kept <= 1.5 * fastest:     # the weights stay as they are
+            assert plan.quantize == "none" and plan.needs.speed == kept
+        else:
+            assert plan.needs.speed == fastest
         assert "the fastest that fits" in plan.reason and f"{gpu:.1f} GiB free" in plan.reason
     else:
         assert "nothing fits" in plan.reason
@@ -245,8 +250,10 @@ def test_auto_on_the_cards_people_have():
         plan = memory.choose_plan(gpu, host, ["none", "int8", "nf4"])
         assert plan.quantize in ("int8", "nf4") and "fits" in plan.reason
         assert plan.needs.gpu_reserved_gib <= gpu and plan.needs.host_gib <= host
-    big = memory.choose_plan(139.0, 120.0, ["none", "int8"])
-    assert (big.quantize, big.memory) == ("none", "none")
+    big = memory.choose_plan(139.0, 120.0, ["none", "int8", "fp8"])
+    assert (big.quantize, big.memory) == ("none", "none")        # fp8's estimated 5% do not change the weights
+    eager = memory.choose_plan(139.0, 120.0, ["none", "fp8"], keep_weights_within=1.0)
+    assert eager.quantize == "fp8"
     only = memory.choose_plan(23.5, 64.0, ["none"], modes=["model-offload", "sequential-offload"])
     assert only.memory == "sequential-offload"               # model offload needs ~28 GiB reserved
     two = memory.choose_plan(31.0, 29.0, ["none"], gpus=2)

@@ -252,11 +252,14 @@ def available_quantizations(cuda: bool, capability: tuple[int, int] | None = Non
 
 def choose_plan(gpu_free_gib: float | None, host_gib: float, quantizations: list[str], gpus: int = 1,
                 size: ModelSize | None = None, images: int = 5, tokens: int = 4096, text_len: int = 512,
-                dtype_bytes: float = 2.0, margin_gib: float = 0.5, modes: list[str] | None = None) -> MemoryPlan:
+                dtype_bytes: float = 2.0, margin_gib: float = 0.5, modes: list[str] | None = None,
+                keep_weights_within: float = 1.5) -> MemoryPlan:
     """The fastest (weight format, memory mode) whose estimated needs fit ``gpu_free_gib`` (None: no GPU, the CPU
     runs everything in mode ``none``) and ``host_gib``, among ``quantizations`` (e.g. ``["none"]`` to keep the
     weights as they are) and ``modes`` (default: all that ``gpus`` GPUs allow). Ties go to the one needing less GPU
-    memory. When nothing fits, the one needing the least GPU memory, with a reason that says so."""
+    memory. The weights stay as they are (``none``, when offered) if a mode fits them at most
+    ``keep_weights_within`` times slower than the fastest plan that fits: another format changes the images. When
+    nothing fits, the one needing the least GPU memory, with a reason that says so."""
     if not quantizations:
         raise ValueError("no weight format to choose from")
     if gpu_free_gib is None:
@@ -271,14 +274,21 @@ def choose_plan(gpu_free_gib: float | None, host_gib: float, quantizations: list
             candidates.append((needs.speed, needs.gpu_reserved_gib, q, m, needs))
     candidates.sort(key=lambda c: (c[0], c[1]))
     budget = f"{gpu_free_gib:.1f} GiB free on the GPU, {host_gib:.1f} GiB host memory available"
-    for speed, _, q, m, needs in candidates:
-        if needs.gpu_reserved_gib + margin_gib <= gpu_free_gib and needs.host_gib + margin_gib <= host_gib:
-            faster = [f"{cq}/{cm}" for s, _, cq, cm, _ in candidates if s < speed][:3]
-            why = (f"the fastest that fits ({budget}; needs about {needs.gpu_reserved_gib:.1f} GiB GPU, "
-                   f"{needs.host_gib:.1f} GiB host, {needs.speed:.2f}x the time of one GPU in bf16; {needs.basis})")
-            if faster:
-                why += f"; faster ones that do not fit: {', '.join(faster)}"
-            return MemoryPlan(q, m, needs, why)
+    fits = [c for c in candidates
+            if c[4].gpu_reserved_gib + margin_gib <= gpu_free_gib and c[4].host_gib + margin_gib <= host_gib]
+    if fits:
+        speed, _, q, m, needs = fits[0]
+        kept = next((c for c in fits if c[2] == "none"), None)
+        what = "the fastest that fits"
+        if q != "none" and kept is not None and kept[0] <= keep_weights_within * speed:
+            speed, _, q, m, needs = kept
+            what = f"the fastest that fits with the weights as they are (within {keep_weights_within}x of the fastest)"
+        faster = [f"{cq}/{cm}" for s, _, cq, cm, _ in candidates if s < speed and (cq, cm) != (q, m)][:3]
+        why = (f"{what} ({budget}; needs about {needs.gpu_reserved_gib:.1f} GiB GPU, {needs.host_gib:.1f} GiB host, "
+               f"{needs.speed:.2f}x the time of one GPU in bf16; {needs.basis})")
+        if faster:
+            why += f"; faster: {', '.join(faster)}"
+        return MemoryPlan(q, m, needs, why)
     smallest = min(candidates, key=lambda c: (c[4].gpu_reserved_gib, c[0]))
     return MemoryPlan(smallest[2], smallest[3], smallest[4],
                       f"nothing fits ({budget}); the smallest needs about {smallest[4].gpu_reserved_gib:.1f} GiB GPU "
