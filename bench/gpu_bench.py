@@ -94,6 +94,11 @@ from sdpa_check import (  # noqa: E402
 )
 
 SEED = 2025
+# the table phase's default entries, in priority order (the budget guard drops the tail): bf16 on one GPU (the
+# 1.25x target), compiled on both sides, then the 24 GB and 16 GB candidates, the offload modes, 8 frames
+TABLE_MODES = ["none/none", "none/none+compile", "int8/none", "fp8/none", "nf4/model-offload", "nf4/none",
+               "int8/model-offload", "none/group-offload", "none/model-offload", "int8/group-offload",
+               "fp8-storage/none", "int8-bnb/none", "none/sequential-offload", "none/none@8"]
 BACKGROUND, CHARACTER = "a sunny park with green trees", "a small red robot with a blue hat"
 IDENTITY_ACTION = "standing"
 ACTIONS = ["waving", "running", "sitting on a bench", "jumping", "reading a book", "eating", "sleeping",
@@ -717,6 +722,19 @@ def segment_lines(record: dict, base: dict) -> list[str]:
     return lines
 
 
+def default_checkpoint() -> str:
+    """Where the table's random FLUX folder goes: /dev/shm (memory: saved and read at memory speed) when it has
+    room for FLUX.1-dev's 31.5 GiB with some to spare, else /tmp."""
+    import shutil
+
+    try:
+        if shutil.disk_usage("/dev/shm").free > 40 * GIB:
+            return "/dev/shm/characonsist-random-flux"
+    except OSError:
+        pass
+    return "/tmp/characonsist-random-flux"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="toy widths on the CPU (tests the whole script)")
@@ -755,6 +773,13 @@ def parse_args(argv=None):
     p.add_argument("--no-matmul", dest="matmul", action="store_false")
     p.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
     p.add_argument("--tag", default=None, help="file name tag (default: the phases)")
+    p.add_argument("--table-modes", default=",".join(TABLE_MODES),
+                   help="table phase: QUANTIZE/MEMORY[+compile][@N] entries in priority order (memory_table.py)")
+    p.add_argument("--table-gpus", default="0", help="table phase: GPUs running entries side by side, e.g. 0,1")
+    p.add_argument("--checkpoint", default=None, help="table phase: the random FLUX folder, built if missing "
+                   "(default /dev/shm or /tmp/characonsist-random-flux; tiny: OUT/tiny-checkpoint)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of +compile entries")
+    p.add_argument("--table-child", default=None, help=argparse.SUPPRESS)   # one entry, in its own process
     args = p.parse_args(argv)
     args.frames = [int(x) for x in str(args.frames).split(",") if x]
     # "main:4,profile,main:8/on,breakdown:4,modes": run in this order; ":N[+M]" sets the phase's frame
@@ -781,17 +806,74 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads or 1)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.tag = args.tag or "-".join(name for name, _, _ in args.phases)
-    valid = {"main", "peers", "plans", "profile", "breakdown", "modes"}
+    valid = {"main", "peers", "plans", "profile", "breakdown", "modes", "table"}
     names = [name for name, _, _ in args.phases]
     if set(names) - valid:
         p.error(f"unknown phases {sorted(set(names) - valid)}; valid: {sorted(valid)}")
+    if "table" in names and len(names) > 1:
+        p.error("table runs alone (each of its entries is a process of its own)")
+    if "table" in names and args.phases[0][1] != args.frames:
+        args.frames = args.phases[0][1]
+    args.table_modes = [m.strip() for m in args.table_modes.split(",") if m.strip()]
+    args.table_gpus = [g.strip() for g in str(args.table_gpus).split(",") if g.strip()]
+    args.checkpoint = args.checkpoint or (str(Path(args.out) / "tiny-checkpoint") if args.tiny else default_checkpoint())
     if "modes" in names and names.index("modes") != len(names) - 1:
         p.error("modes must be the last phase (it leaves the pipeline offloaded)")
     return args
 
 
+def table_env(args) -> dict:
+    """Versions and device of a table process."""
+    import importlib.metadata
+
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host": platform.node(), "python": platform.python_version(), "argv": sys.argv,
+           "engine_commit": os.environ.get("BENCH_ENGINE_COMMIT"), "device": args.device}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "bitsandbytes", "peft"):
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name] = None
+    if args.table_child and torch.cuda.is_available():   # the parent never touches the GPUs (no CUDA context)
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+        env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env
+
+
+def main_table(args):
+    """``--phases table`` (the parent: every entry in its own process) or ``--table-child`` (one entry)."""
+    import memory_table
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"bench_{args.tag}.json"
+    env = table_env(args)
+    if args.table_child == "checkpoint":
+        records = [memory_table.build_checkpoint(args)]
+    elif args.table_child:
+        records = memory_table.run_entry(memory_table.parse_entry(args.table_child, args.frames[0]), args)
+    else:
+        log = open(Path(args.out) / f"log_{args.tag}.txt", "a")
+
+        def say(message):
+            print(message, flush=True)
+            log.write(message + "\n")
+            log.flush()
+
+        say(json.dumps(env))
+        records = memory_table.run_table(args, args.table_modes, log=say)
+        say("\n==== table (identity + N frames; GPU and RSS peaks over baseline and ours; x plain: ours / plain "
+            "FluxPipeline in the same mode and process; x eager: / plain uncompiled)")
+        for line in memory_table.table_lines(records):
+            say(line)
+    path.write_text(json.dumps({"env": env, "records": records}, indent=1, default=str))
+    return records
+
+
 def main(argv=None) -> Bench:
     args = parse_args(argv)
+    if args.table_child or [name for name, _, _ in args.phases] == ["table"]:
+        return main_table(args)
     bench = Bench(args)
     for phase, frames, options in args.phases:
         t0 = time.perf_counter()

@@ -1,5 +1,8 @@
 """Print the summary of stored benchmark results: ``python bench/report.py RESULTS.json [...]``.
 
+A memory-mode table (``--phases table``) prints as the table (``memory_table.table_lines``); several table files
+(calls A and B) print one table each.
+
 Re-derives every figure of BENCHMARKS.md from the JSON that ``gpu_bench.py`` wrote (no GPU needed):
 ratios to the same-run baseline (ours, its ``--ours-variants`` and the peer methods, each against the baseline
 its record names), TFLOP/s against the measured matmul rate, GPU and host peaks, where an ours run's extra time
@@ -20,6 +23,13 @@ from sdpa_check import plans_lines  # noqa: E402
 
 def report(path: str) -> list[str]:
     payload = json.loads(Path(path).read_text())
+    if any(r.get("entry") for r in payload["records"]):   # the memory-mode table (gpu_bench.py --phases table)
+        from memory_table import table_lines
+
+        env = payload["env"]
+        return [f"== {path}: {env.get('gpu')} torch {env.get('torch')} diffusers {env.get('diffusers')} torchao "
+                f"{env.get('torchao')} bitsandbytes {env.get('bitsandbytes')} {env.get('date_utc')} engine "
+                f"{env.get('engine_commit')}", *table_lines(payload["records"])]
     env, rate = payload["env"], payload.get("matmul_tflops")
     lines = [f"== {path}: {env.get('gpu')} torch {env.get('torch')} diffusers {env.get('diffusers')} "
              f"{env.get('date_utc')} engine {env.get('engine_commit')} sdpa {env.get('sdpa_policy')}"]

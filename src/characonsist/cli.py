@@ -80,7 +80,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=2025, help="seed of every image without its own (official: %(default)s)")
     p.add_argument("--max-sequence-length", type=int, help="T5 prompt length limit in tokens (default: the model's, 512)")
     p.add_argument("--memory", default="none", metavar="MODE",
-                   help="memory mode: none | model-offload | sequential-offload | balanced (or official init_mode 0-3)")
+                   help="memory mode: none | model-offload | group-offload | sequential-offload | balanced | auto "
+                   "(the fastest that fits this machine; or official init_mode 0-3)")
+    p.add_argument("--quantize", default="none", metavar="FORMAT",
+                   help="weights of the transformer and T5: none | int8 | fp8 (torchao) | nf4 | int8-bnb "
+                   "(bitsandbytes) | fp8-storage (layerwise casting) | auto (with --memory: the fastest that fits)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory; tiny seams)")
+    p.add_argument("--attention-backend", metavar="NAME",
+                   help="diffusers attention backend, e.g. flash, _native_cudnn, sage (default: PyTorch's SDPA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (regional; "
+                   "the first group pays the compilation)")
+    p.add_argument("--lora", action="append", metavar="SOURCE[:SCALE]",
+                   help="a LoRA (file, folder or hub id) at a scale, default 1 (repeatable)")
     p.add_argument("--gpu-ids", default="0", help="GPU ids, comma-separated; only `balanced` uses more than the first")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
@@ -109,7 +120,8 @@ def request_from_args(args):
         height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
         memory=args.memory, gpu_ids=args.gpu_ids, dtype=args.dtype, save_masks=args.save_masks,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, quantize=args.quantize, vae_tiling=args.vae_tiling,
+        attention_backend=args.attention_backend, compile=args.compile, loras=list(args.lora or []))
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -121,6 +133,8 @@ def cmd_generate(args) -> int:
     say = (lambda *a: None) if args.quiet else _say
     checked = validate_request(request_from_args(args), names=CLI_NAMES)
     out = checked.folder.root
+    if checked.plan is not None:
+        say(f"memory: {checked.plan.describe()}")
     with StoryRun(checked) as run:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")

@@ -217,6 +217,11 @@ class EngineAttnProcessor:
     It does the projections exactly as diffusers' ``FluxAttnProcessor`` and hands the attention itself to
     the active method. ``_attention_backend`` / ``_parallel_config`` are kept so
     ``transformer.set_attention_backend`` keeps working.
+
+    Under ``torch.compile`` (e.g. ``transformer.compile_repeated_blocks()``) the method's attention is the one
+    region left out of the graph (``_method_attention``): it reads the run's step, masks and matches, and its query
+    groups change size from step to step. The projections before it and the output projection and MLP after it
+    keep fixed shapes, so their graphs compile once per block type and image size, not once per layer or step.
     """
 
     _attention_backend = None
@@ -229,16 +234,21 @@ class EngineAttnProcessor:
         if attention_mask is not None:
             raise ValueError("characonsist's attention processor does not take an attention_mask")
         q, k, v = _project(attn, hidden_states, encoder_hidden_states)
-        run = self.engine.run
-        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else run.text_len
-        call = AttnCall(self.kind, self.block, q, k, v, image_rotary_emb, text_len, run,
-                        self._attention_backend, self._parallel_config)
-        out = self.engine.method.attention(call)
+        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        out = self._method_attention(q, k, v, image_rotary_emb, text_len)
         if encoder_hidden_states is None:
             return out
         txt, img = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         img = attn.to_out[1](attn.to_out[0](img.contiguous()))
         return img, attn.to_add_out(txt.contiguous())
+
+    @torch.compiler.disable
+    def _method_attention(self, q, k, v, image_rotary_emb, text_len: int | None) -> torch.Tensor:
+        """The method's attention for this layer, (B, S, H*D); always run eagerly (see the class docstring)."""
+        run = self.engine.run
+        call = AttnCall(self.kind, self.block, q, k, v, image_rotary_emb, run.text_len if text_len is None else text_len,
+                        run, self._attention_backend, self._parallel_config)
+        return self.engine.method.attention(call)
 
 
 def _layer_of(name: str) -> tuple[str, int]:

@@ -28,6 +28,9 @@ from .model import GroupResult
 
 SETTINGS_KEYS = ("model", "dtype", "method", "method_options", "num_inference_steps", "guidance_scale",
                  "max_sequence_length")
+# Settings that change the weights, part of a group's settings only when set (so earlier runs keep their hashes);
+# memory modes, tiling, attention backends and compilation change how, not what, and are only recorded.
+WEIGHT_KEYS = {"quantize": "none", "loras": []}
 
 
 class Cancelled(Exception):
@@ -82,6 +85,7 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
                                "seed": seed if image.seed is None else image.seed,
                                "height": image.height or run["height"], "width": image.width or run["width"]})
             key = {k: run[k] for k in SETTINGS_KEYS}
+            key.update({k: run[k] for k, unset in WEIGHT_KEYS.items() if run.get(k, unset) != unset})
             group_hash = settings_hash({**key, "images": images})
             paths = image_paths(folder, len(group.frames))
             records = []

@@ -12,17 +12,18 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._compat import dtype_kwarg
 from ..inputs import InputError, ModelLimits, model_defaults, model_limits, read_config
+from ..memory import MEMORY_ALIASES, MODES, QUANTIZATIONS, MemoryPlan, estimate_needs
 
-# Memory modes: name -> (what it does, GPU memory the official README measured for FLUX.1-dev at 1024x1024).
+# Memory modes: name -> (what it does, GPU memory in GB for FLUX.1-dev at 1024x1024: the official README's figures,
+# group offload's from characonsist.memory.estimate_needs), from the most to the least GPU memory.
 MEMORY_MODES = {
-    "none": ("whole model on one GPU", 37),
-    "model-offload": ("enable_model_cpu_offload: one model at a time on the GPU", 26),
-    "balanced": ('device_map="balanced": spread over the GPUs in --gpu-ids (per-GPU memory)', 20),
-    "sequential-offload": ("enable_sequential_cpu_offload: one layer at a time on the GPU (slow)", 3),
+    "none": (MODES["none"].help, 37),
+    "model-offload": (MODES["model-offload"].help, 26),
+    "group-offload": (MODES["group-offload"].help, round(estimate_needs("group-offload").gpu_reserved_gib)),
+    "balanced": (MODES["balanced"].help + " (per-GPU memory)", 20),
+    "sequential-offload": (MODES["sequential-offload"].help, 3),
 }
-MEMORY_ALIASES = {"0": "none", "1": "model-offload", "2": "balanced", "3": "sequential-offload"}  # official init_mode
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else is taken as a folder path
 
@@ -116,10 +117,11 @@ def limits_of(ref: ModelRef, tokenizer=None) -> ModelLimits:
 
 
 def check_memory(memory: str, gpu_ids) -> tuple[str, list[int]]:
-    """The memory mode's name and the GPU ids (``"0,1"`` or a list of ints)."""
+    """The memory mode's name (``auto`` stays ``auto``: ``plan_memory`` resolves it) and the GPU ids (``"0,1"`` or a
+    list of ints)."""
     mode = MEMORY_ALIASES.get(str(memory), memory)
-    if mode not in MEMORY_MODES:
-        raise InputError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)} (or 0-3 as in the "
+    if mode not in MEMORY_MODES and mode != "auto":
+        raise InputError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}, auto (or 0-3 as in the "
                          "official init_mode)")
     try:
         gpus = [int(g) for g in str(gpu_ids).split(",") if g.strip()] if isinstance(gpu_ids, str) \
@@ -129,6 +131,76 @@ def check_memory(memory: str, gpu_ids) -> tuple[str, list[int]]:
     if not gpus or any(g < 0 for g in gpus):
         raise InputError(f"--gpu-ids {gpu_ids!r} names no GPU (give ids >= 0, e.g. 0 or 0,1)")
     return mode, gpus
+
+
+def check_quantize(quantize: str, ref: ModelRef | None = None) -> str:
+    """The weight format's name (``auto`` stays ``auto``); InputError if it is unknown or cannot run here."""
+    from ..memory import check_quantization
+
+    if quantize == "auto":
+        return quantize
+    if quantize not in QUANTIZATIONS:
+        raise InputError(f"unknown weight format --quantize {quantize!r}; valid: {', '.join(QUANTIZATIONS)}, auto")
+    problem = check_quantization(quantize)
+    if problem:
+        raise InputError(problem)
+    return quantize
+
+
+def check_attention_backend(name: str | None) -> str | None:
+    """A diffusers attention backend name (``transformer.set_attention_backend``), or None for PyTorch's default;
+    whether its package is installed is checked when the model loads."""
+    if name in (None, "", "default"):
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    valid = [b.value for b in AttentionBackendName]
+    if name not in valid:
+        raise InputError(f"unknown attention backend {name!r}; valid: default, {', '.join(valid)}")
+    return name
+
+
+def check_loras(specs) -> list[dict]:
+    """``--lora`` values ``SOURCE[:SCALE]`` (a LoRA file or folder, or a hub id) as ``{"source", "scale"}``; a
+    local path must exist."""
+    loras = []
+    for spec in specs or []:
+        if isinstance(spec, dict):
+            source, scale = spec.get("source"), spec.get("scale", 1.0)
+        else:
+            source, _, tail = str(spec).rpartition(":")
+            try:
+                scale = float(tail)
+            except ValueError:
+                source, scale = str(spec), 1.0
+            if not source:
+                source, scale = str(spec), 1.0
+        if not isinstance(source, str) or not source.strip():
+            raise InputError(f"--lora {spec!r}: give a LoRA file or folder, or a hub id, optionally :SCALE")
+        if not (isinstance(scale, (int, float)) and scale == scale and abs(scale) != float("inf")):
+            raise InputError(f"--lora {spec!r}: the scale must be a finite number")
+        path = Path(source).expanduser()
+        if not path.exists() and not HUB_ID.fullmatch(source):
+            raise InputError(f"--lora {source!r}: no such file or folder (a hub id looks like owner/name)")
+        loras.append({"source": str(path) if path.exists() else source, "scale": float(scale)})
+    return loras
+
+
+def plan_memory(mode: str, quantize: str, ref: ModelRef, run: dict, gpus: list[int], images: int) -> MemoryPlan:
+    """Resolve ``--memory auto`` / ``--quantize auto``: the fastest pair that fits this machine's free GPU memory
+    and available host memory for the largest group (``characonsist.memory.choose_plan``). A mode or weight format
+    given explicitly is kept."""
+    from .. import memory
+
+    gpu_free, host, n_gpus, capability = memory.visible_memory(gpus[0])
+    formats = [quantize] if quantize != "auto" else (
+        memory.available_quantizations(gpu_free is not None, capability))
+    tokens = (run["height"] // 16) * (run["width"] // 16)
+    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}.get(run["dtype"], 2)
+    modes = None if mode == "auto" else [mode]
+    return memory.choose_plan(gpu_free, host, formats, gpus=min(len(gpus), max(n_gpus, 1)),
+                              size=memory.model_size(ref.folder), images=images, tokens=tokens,
+                              text_len=run["max_sequence_length"], dtype_bytes=dtype_bytes, modes=modes)
 
 
 def resolve_dtype(name: str) -> str:
@@ -154,37 +226,28 @@ class GroupResult:
 
 
 def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: bool = True):
-    """Load the pipeline in the memory mode; return ``generate(job, progress_callback=None) -> GroupResult``."""
-    return story_engine(load_pipeline(ref, run["dtype"], mode, gpus, progress), run)
+    """Load the pipeline in the run's weight format and the memory mode; return ``generate(job,
+    progress_callback=None) -> GroupResult``."""
+    return story_engine(load_pipeline(ref, run["dtype"], mode, gpus, progress, run), run)
 
 
-def load_pipeline(ref: ModelRef, dtype: str, mode: str, gpus: list[int], progress: bool = True):
-    """The ``CharaConsistPipeline`` of ``ref`` in ``dtype`` and the memory mode (a long-lived front end such as
-    the web UI loads it once and makes a ``story_engine`` per run)."""
+def load_pipeline(ref: ModelRef, dtype: str, mode: str, gpus: list[int], progress: bool = True,
+                  run: dict | None = None):
+    """The ``CharaConsistPipeline`` of ``ref`` in ``dtype`` and the memory mode, with the run's weight format, LoRAs,
+    attention backend and compiled blocks when it gives them (``characonsist.memory.load_pipeline``). A long-lived
+    front end such as the web UI loads it once and makes a ``story_engine`` per run."""
     import torch
 
-    from .. import CharaConsistPipeline
+    from .. import CharaConsistPipeline, memory
 
-    cuda = torch.cuda.is_available()
-    dtype = getattr(torch, dtype)
-    device = f"cuda:{gpus[0]}" if cuda else "cpu"
-    if ref.kind == "toy":
-        from ..toy.model import load_toy_pipeline
-
-        flux, _ = load_toy_pipeline(device=device, dtype=dtype, path=ref.folder)
-        pipe = CharaConsistPipeline.from_pipe(flux)
-    elif mode == "balanced":
-        free = {g: f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9 / 2**30)}GiB" for g in gpus}
-        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype), device_map="balanced",
-                                max_memory=free)
-    else:
-        pipe = _from_pretrained(CharaConsistPipeline, ref.name, **dtype_kwarg(dtype))
-        if mode == "model-offload":
-            pipe.enable_model_cpu_offload(gpu_id=gpus[0])
-        elif mode == "sequential-offload":
-            pipe.enable_sequential_cpu_offload(gpu_id=gpus[0])
-        else:
-            pipe.to(device)
+    run = run or {}
+    name = str(ref.folder) if ref.kind == "toy" else ref.name
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = memory.load_pipeline(CharaConsistPipeline, name, getattr(torch, dtype),
+                                    quantize=run.get("quantize", "none"), memory=mode, gpus=gpus,
+                                    vae_tiling=bool(run.get("vae_tiling")), loras=run.get("loras") or (),
+                                    attention_backend=run.get("attention_backend"), compile=bool(run.get("compile")))
     # the engine's own bars (one per pass) go under the front end's image bar
     pipe.set_progress_bar_config(disable=not progress, desc="steps", position=1, leave=False, dynamic_ncols=True)
     return pipe
@@ -204,14 +267,8 @@ def story_engine(pipe, run: dict):
 
     generate.tokenizer = getattr(pipe, "tokenizer_2", None)
     generate.limits = pipe.input_limits()
+    generate.pipe = pipe
     return generate
-
-
-def _from_pretrained(cls, name: str, **kwargs):
-    """``from_pretrained`` with ``torch_dtype`` (newer diffusers call it ``dtype`` and warn; older lack it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        return cls.from_pretrained(name, **kwargs)
 
 
 def oom_advice(mode: str, gpus: list[int]) -> str:
@@ -234,7 +291,8 @@ def oom_advice(mode: str, gpus: list[int]) -> str:
     size = f" ({total:.0f} GiB)" if total else ""
     hint = "; ".join(fits) if fits else "none of the memory modes fits this GPU; use a smaller --height/--width"
     return (f"GPU out of memory in memory mode {mode!r} on GPU {gpus[0]}{size}. Memory modes that would fit: {hint}. "
-            "A smaller --batch-size also lowers the peak (figures: official FLUX.1-dev at 1024x1024).")
+            "A smaller --batch-size also lowers the peak; --quantize int8 or nf4 halves or quarters the weights; "
+            "--memory auto picks a mode that fits (figures: FLUX.1-dev at 1024x1024).")
 
 
 def is_oom(error: BaseException) -> bool:

@@ -20,9 +20,21 @@ from ..inputs import (
     seed_problem,
     setting_problems,
 )
+from ..memory import MemoryPlan
 from ..storyfile import Story, StoryError, load_story
 from .folder import OutputFolder, safe_name
-from .model import ModelRef, check_memory, limits_of, load_t5_tokenizer, resolve_dtype, resolve_model
+from .model import (
+    ModelRef,
+    check_attention_backend,
+    check_loras,
+    check_memory,
+    check_quantize,
+    limits_of,
+    load_t5_tokenizer,
+    plan_memory,
+    resolve_dtype,
+    resolve_model,
+)
 
 # How the command line names the request's fields, for its messages.
 CLI_NAMES = {"height": "--height", "width": "--width", "num_inference_steps": "--steps",
@@ -52,6 +64,11 @@ class StoryRequest:
     dtype: str = "auto"
     save_masks: bool = False
     overwrite: bool = False
+    quantize: str = "none"            # weight format (characonsist.memory.QUANTIZATIONS) or "auto"
+    vae_tiling: bool = False
+    attention_backend: str | None = None   # diffusers' attention backend name, e.g. "flash", "_native_cudnn"
+    compile: bool = False             # regional torch.compile of the transformer's blocks
+    loras: list = field(default_factory=list)   # "SOURCE[:SCALE]" or {"source", "scale"}
 
 
 @dataclass
@@ -68,6 +85,7 @@ class CheckedRequest:
     limits: ModelLimits
     folder: OutputFolder
     names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
+    plan: MemoryPlan | None = None   # what --memory auto / --quantize auto chose, and why
 
 
 def method_names() -> list[str]:
@@ -111,15 +129,25 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
         raise InputError(f"unknown method {excerpt(request.method)}; valid: {', '.join(methods)}")
     options = method_options(request.method, dict(request.options or {}))
     mode, gpus = check_memory(request.memory, request.gpu_ids)
+    quantize = check_quantize(request.quantize)
+    loras = check_loras(request.loras)
+    backend = check_attention_backend(request.attention_backend)
     dtype = resolve_dtype(request.dtype)
     stories = load_stories(request.stories)
     ref = resolve_model(request.model)
     run = resolve_run(request, ref, options, dtype, names)
-    if mode != "none" and ref.kind != "toy":
+    plan = None
+    if "auto" in (mode, quantize):
+        largest = max((len(g.images) for s in stories for g in s.groups), default=2)
+        plan = plan_memory(mode, quantize, ref, run, gpus, min(largest, request.batch_size or largest))
+        mode, quantize = plan.memory, plan.quantize
+    if mode not in ("none", "auto"):
         import torch
 
         if not torch.cuda.is_available():
             raise InputError(f"memory mode {mode!r} needs a CUDA GPU and none is visible; use --memory none")
+    run.update(quantize=quantize, memory=mode, vae_tiling=bool(request.vae_tiling), attention_backend=backend,
+               compile=bool(request.compile), loras=loras)
     tokenizer = load_t5_tokenizer(ref)
     limits = limits_of(ref, tokenizer)
     problems = story_problems(stories, run, limits, tokenizer, ref, names)
@@ -127,7 +155,7 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
         raise StoryError(problems)
     folder = OutputFolder(request.out)
     folder.check()
-    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names)
+    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names, plan)
 
 
 def load_stories(paths: list) -> list[Story]:
