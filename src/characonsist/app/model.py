@@ -179,6 +179,12 @@ def load_engine(ref: ModelRef, run: dict, mode: str, gpus: list[int], progress: 
             pipe.enable_sequential_cpu_offload(gpu_id=gpus[0])
         else:
             pipe.to(device)
+    return pipeline_engine(pipe, run, progress)
+
+
+def pipeline_engine(pipe, run: dict, progress: bool = True):
+    """The function that generates one story job with a loaded ``CharaConsistPipeline`` and the run's settings
+    (``generate(job, progress_callback=None) -> GroupResult``, with ``tokenizer`` and ``limits``)."""
     # the engine's own bars (one per pass) go under the front end's image bar
     pipe.set_progress_bar_config(disable=not progress, desc="steps", position=1, leave=False, dynamic_ncols=True)
 
