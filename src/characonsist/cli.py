@@ -181,7 +181,7 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
                          else f"--gpus {n}: no CUDA GPU is visible (to try several processes on a CPU: torchrun "
                          f"--nproc_per_node {n} -m characonsist {command} ...)")
     if command == "generate":
-        validate_request(request_from_args(args), names=CLI_NAMES)
+        parallel.check_one_model_per_gpu(validate_request(request_from_args(args), names=CLI_NAMES).mode)
     process = subprocess.Popen(parallel.launch_command(n, parallel.without_option(argv, "--gpus")))
     try:
         status = process.wait()
@@ -189,6 +189,9 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
         process.terminate()
         process.wait()
         raise
+    if status:
+        _say(f"characonsist: the {n}-process run ended with status {status} (see above); what was finished is kept: "
+             "run the same command again to resume", err=True)
     return status if status in (0, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED) else EXIT_FAILED
 
 

@@ -155,6 +155,13 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
+def check_one_model_per_gpu(mode: str) -> None:
+    """Refuse the memory mode that spreads one model over several GPUs when each worker holds its own model."""
+    if mode == "balanced":
+        raise InputError("--memory balanced spreads one model over several GPUs; with one process (or Ray actor) "
+                         "per GPU each holds a whole model: use --memory none or model-offload")
+
+
 def to_cpu(obj):
     """``obj`` with every tensor on the CPU (results cross processes; the writer may have no GPU of theirs)."""
     import dataclasses
@@ -204,9 +211,8 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
         return _work(procs, t0, engine_factory)
     try:
         checked = validate_request(request, names=names)
-        if size > 1 and checked.mode == "balanced":
-            raise InputError("--memory balanced spreads one model over several GPUs; with one process per GPU "
-                             "each process holds a whole model: use --memory none or model-offload")
+        if size > 1:
+            check_one_model_per_gpu(checked.mode)
         if procs is not None:
             checked.gpus = [procs.local_rank]
         run = StoryRun(checked).__enter__()

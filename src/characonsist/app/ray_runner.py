@@ -27,7 +27,7 @@ import time
 from collections import deque
 
 from ..inputs import InputError, excerpt
-from .parallel import ParallelError, Summary, to_cpu
+from .parallel import ParallelError, Summary, check_one_model_per_gpu, to_cpu
 from .request import StoryRequest, validate_request
 from .session import StoryRun, failure_message, load_engine
 
@@ -40,6 +40,7 @@ class StoryWorker:
         self.mode = mode
         self.error = None
         self.engine = None
+        _quiet_libraries()    # the driver shows the progress; loading bars of every actor would bury it
         try:
             self.engine = load_engine(ref, run, mode, [0], False, engine_factory)   # Ray sets CUDA_VISIBLE_DEVICES
         except Exception as error:
@@ -62,6 +63,18 @@ class StoryWorker:
             return "failed", failure_message(error, self.mode, [0])
 
 
+def _quiet_libraries() -> None:
+    import importlib
+
+    for name in ("diffusers", "transformers"):
+        try:
+            logging = importlib.import_module(f"{name}.utils.logging")
+            logging.set_verbosity_error()
+            logging.disable_progress_bar()
+        except Exception:
+            pass
+
+
 def _ray():
     try:
         import ray
@@ -82,9 +95,7 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: give at least 1")
     checked = validate_request(request, names=names)     # bad input is reported before Ray starts
-    if checked.mode == "balanced":
-        raise InputError("--memory balanced spreads one model over several GPUs; each Ray actor holds a whole model "
-                         "on one GPU: use --memory none or model-offload")
+    check_one_model_per_gpu(checked.mode)
     t0 = time.perf_counter()
     ray = _ray()
     started = not ray.is_initialized()

@@ -1,0 +1,211 @@
+"""Data-parallel runs on the CPU (issue 16), on the shipped toy model: two processes started with the command
+``--gpus 2`` starts (``accelerate launch --multi_gpu --num_processes 2 -m characonsist ...``, which on a machine
+without CUDA runs them on the CPU), and a local Ray cluster. Every group is written exactly once, a killed
+process's groups are taken up by a rerun, and the folder (images, storyboards, manifest) equals a one-process
+run's byte for byte. Workers run with one torch thread (torchrun's and Ray's default), so the reference does too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from characonsist import cli
+from characonsist.app import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from dp_compare import compare_folders, differences, strip_timings  # noqa: E402
+
+SCENES = ["a sunny beach", "a green forest", "a grey city", "a starry night", "a sunny beach", "a grey city"]
+KINDS = ["a robot", "a cat", "a bird", "a robot", "a cat", "a bird"]
+STORY = "\n".join(f"{scene}#{kind}#big in the middle\n{scene}#{kind}#small on the left\n"
+                  for scene, kind in zip(SCENES, KINDS))          # six groups: identity + one frame each
+ARGS = ["--model", "toy", "--steps", "3"]
+GROUPS = [f"group_{i:03d}" for i in range(len(SCENES))]
+WRITTEN = re.compile(r"(group_\d+): written \((?:process|worker) (\d+)\)")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """The story file, with the same relative path in every run (the manifest records it as given)."""
+    folder = tmp_path_factory.mktemp("dp")
+    (folder / "story.txt").write_text(STORY)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """The one-process run."""
+    here, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(workdir)
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["generate", "story.txt", *ARGS, "--out", "one", "--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        os.chdir(here)
+    return workdir / "one"
+
+
+def launch(workdir: Path, out: str, mark: str = "") -> subprocess.Popen:
+    """Two processes on the CPU, started by the command ``--gpus 2`` starts."""
+    command = parallel.launch_command(2, ["generate", "story.txt", *ARGS, "--out", out])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "CHARACONSIST_TEST_RUN": mark, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def written(output: str) -> list[tuple[str, int]]:
+    return [(m.group(1), int(m.group(2))) for m in WRITTEN.finditer(output)]
+
+
+def test_launch_command_and_options():
+    argv = ["generate", "s.txt", "--gpus", "2", "--out", "o", "--gpus=3", "--model", "toy"]
+    assert parallel.without_option(argv, "--gpus") == ["generate", "s.txt", "--out", "o", "--model", "toy"]
+    command = parallel.launch_command(4, ["generate", "s.txt"])
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert command[command.index("--num_processes") + 1] == "4" and "--multi_gpu" in command
+    assert command[-4:] == ["-m", "characonsist", "generate", "s.txt"]
+    assert parallel.launched_processes() == 1 and parallel.join() is None    # alone: no process group
+
+
+def test_gpus_without_cuda_is_one_clear_line(workdir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert cli.main(["generate", str(workdir / "story.txt"), *ARGS, "--out", str(workdir / "x"), "--gpus", "2"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert cli.main(["generate", str(workdir / "story.txt"), *ARGS, "--out", str(workdir / "x"), "--workers", "2"]) == 2
+    assert "--workers N is the number of Ray actors" in capsys.readouterr().err
+    assert not (workdir / "x").exists()
+
+
+def _worker_pid(mark: str, rank: int) -> int | None:
+    """The pid of the launched process of ``rank`` in the run marked ``mark`` (from /proc)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(item.split("=", 1) for item in environ.read_bytes().decode(errors="replace").split("\0")
+                       if "=" in item)
+        except OSError:
+            continue
+        if env.get("CHARACONSIST_TEST_RUN") == mark and env.get("RANK") == str(rank) and "LOCAL_RANK" in env:
+            return int(environ.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_two_processes_a_killed_one_and_a_rerun_write_every_group_once(workdir, reference):
+    """Process 1 is killed once the first group is written; torchrun stops process 0, which saves the manifest.
+    The rerun (two processes again) takes up exactly the groups left, split between both; the folder then equals
+    the one-process run's byte for byte (no stray temporaries, the manifest included)."""
+    out, mark = workdir / "two", uuid.uuid4().hex
+    process = launch(workdir, "two", mark)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("group_*/storyboard.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = _worker_pid(mark, 1)
+    assert pid is not None, "process 1 had ended before its groups were done"
+    os.kill(pid, signal.SIGKILL)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    first = written(output)
+    assert {rank for _, rank in first} <= {0, 1}
+    manifest = json.loads((out / "manifest.json").read_text())      # whole, never half-written
+    done = {g["name"] for g in manifest["groups"] if g["status"] == "done"}
+    assert {g for g, _ in first} <= done
+    left = [g for g in GROUPS if g not in done]
+    assert {"group_003", "group_004", "group_005"} & set(left)      # process 1's share was cut short
+
+    process = launch(workdir, "two")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert f"{len(done)} already done, {len(left)} to generate over 2 processes" in output
+    again = written(output)
+    assert sorted(g for g, _ in again) == left                       # the rest, each exactly once
+    half = (len(left) + 1) // 2                                      # accelerate's contiguous split
+    assert dict(again) == {g: 0 if i < half else 1 for i, g in enumerate(left)}
+    assert compare_folders(reference, out) == []
+
+
+def test_bench_toy_in_two_processes_merges_one_json(workdir):
+    common = ["--reduced", "--limit", "2", "--methods", "vanilla,oracle", "--steps", "2", "--threads", "1", "--quiet"]
+    here = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert cli.main(["bench", "toy", *common, "--json", "b1.json", "--images", "b1"]) == 0
+    finally:
+        os.chdir(here)
+    command = parallel.launch_command(2, ["bench", "toy", *common, "--json", "b2.json", "--images", "b2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "toy bench: 2 stories (reduced)" in result.stdout and "2 processes on cpu" in result.stdout
+    one, two = (json.loads((workdir / name).read_text()) for name in ("b1.json", "b2.json"))
+    assert two["settings"]["processes"] == 2 and len(two["methods"]["vanilla"]["stories"]) == 2
+    assert differences(strip_timings(one), strip_timings(two)) == []
+    assert compare_folders(workdir / "b1", workdir / "b2") == []
+
+
+def test_merged_bench_results_equal_one_run():
+    """The merge alone (oracle: no model): two shares of a suite give the one-process result."""
+    from characonsist.toy import bench
+    from characonsist.toy.suite import reduced_suite
+
+    stories = reduced_suite()[:3]
+    whole = bench.run_bench(None, stories, ["oracle"])
+    parts = [bench.run_bench(None, stories[:2], ["oracle"]), bench.run_bench(None, stories[2:], ["oracle"])]
+    merged = bench.merge_results(parts)
+    assert differences(strip_timings(bench._plain(whole)), strip_timings(bench._plain(merged))) == []
+    assert merged["methods"]["oracle"]["metrics"]["wall_seconds"] == max(
+        p["methods"]["oracle"]["metrics"]["wall_seconds"] for p in parts)
+
+
+def test_ray_local_cluster_writes_every_group_once_like_one_process(workdir, reference, capsys):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=200 * 2**20)
+    here = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert cli.main(["generate", "story.txt", *ARGS, "--out", "ray", "--ray", "--workers", "2"]) == 0
+        output = capsys.readouterr().out
+        done = written(output)
+        assert sorted(g for g, _ in done) == GROUPS                        # every group exactly once
+        assert {worker for _, worker in done} == {0, 1}                   # by both actors
+        assert "2 Ray worker(s) on 1 host(s)" in output
+        assert compare_folders(reference, workdir / "ray") == []
+        assert cli.main(["generate", "story.txt", *ARGS, "--out", "ray", "--ray", "--workers", "2"]) == 0
+        assert "6 already done, 0 to generate" in capsys.readouterr().out  # resume: nothing to do, no actor
+    finally:
+        os.chdir(here)
+        ray.shutdown()
+
+
+def test_dp_bench_runs_the_parallel_path_in_one_process(tmp_path):
+    """bench/dp_bench.py (the GPU measurement) at toy widths on the CPU: random weights through the same run."""
+    import dp_bench
+
+    threads = torch.get_num_threads()
+    try:
+        status = dp_bench.main(["--size", "tiny", "--stories", "2", "--frames", "1", "--steps", "2", "--height", "64",
+                                "--max-sequence-length", "128", "--out", str(tmp_path), "--images", str(tmp_path / "img"),
+                                "--inputs", str(tmp_path / "in"), "--tag", "t"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    result = json.loads((tmp_path / "dp_t.json").read_text())
+    assert (result["processes"], result["groups"], result["images"]) == (1, 2, 4)
+    assert result["per_process"][0]["groups"] == ["group_000", "group_001"] and result["run_seconds"] > 0
+    manifest = json.loads((tmp_path / "img" / "manifest.json").read_text())
+    assert [g["status"] for g in manifest["groups"]] == ["done", "done"]
