@@ -209,3 +209,76 @@ def test_dp_bench_runs_the_parallel_path_in_one_process(tmp_path):
     assert result["per_process"][0]["groups"] == ["group_000", "group_001"] and result["run_seconds"] > 0
     manifest = json.loads((tmp_path / "img" / "manifest.json").read_text())
     assert [g["status"] for g in manifest["groups"]] == ["done", "done"]
+
+
+class _Ref:
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+
+class _Actor:
+    """A fake Ray actor handle: ``generate.remote(job)`` gives a ref; after ``dies_after`` groups it is lost."""
+
+    def __init__(self, name: str, dies_after: int | None = None):
+        self.name, self.dies_after, self.taken = name, dies_after, []
+        self.generate = self
+
+    def remote(self, job):
+        from ray.exceptions import RayActorError
+
+        self.taken.append(job.folder)
+        if self.dies_after is not None and len(self.taken) > self.dies_after:
+            return _Ref(error=RayActorError())
+        return _Ref(("result", f"{job.folder} by {self.name}"))
+
+
+class _FakeRay:
+    def wait(self, refs, num_returns=1):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    def cancel(self, ref, force=False):
+        pass
+
+
+def test_ray_dispatch_hands_a_lost_actors_group_to_another():
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from characonsist.app import ray_runner
+
+    written = []
+    run = SimpleNamespace(write=lambda job, payload: written.append((job.folder, payload)) or True,
+                          fail=lambda job, why: pytest.fail(why))
+    todo = [SimpleNamespace(folder=g) for g in GROUPS]
+    actors = [_Actor("a"), _Actor("b", dies_after=1)]
+    summary = parallel.Summary()
+    ray_runner._dispatch(_FakeRay(), run, todo, actors, summary, None)
+    assert sorted(g for g, _ in written) == GROUPS                    # every group once, none lost
+    assert len(actors[1].taken) == 2 and actors[1].taken[1] in actors[0].taken   # its second group went to "a"
+    assert summary.lost and "went to another worker" in summary.lost[0]
+
+
+def test_writer_stops_at_a_file_system_error_and_raises_it():
+    from types import SimpleNamespace
+
+    from characonsist.app.folder import FolderError
+
+    def write(job, result):
+        if job.folder == "group_001":
+            raise FolderError("writing group_001/identity.png: no space left on the device")
+        return True
+
+    seen = []
+    run = SimpleNamespace(write=write, fail=None, failed=0)
+    todo = [SimpleNamespace(folder=g) for g in GROUPS[:3]]
+    writer = parallel._Writer(run, todo, parallel.Summary(), lambda job, rank, ok: seen.append(job.folder))
+    for index in range(3):
+        writer.put(index % 2, ("result", index, None))
+    with pytest.raises(FolderError, match="no space"):
+        writer.close()
+    assert seen == ["group_000"]          # nothing after the error is written

@@ -249,31 +249,20 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
         t1 = time.perf_counter()
         if on_start is not None:
             on_start()
-        inbox = _Inbox(procs) if procs is not None and size > 1 else None
-
-        def handle(rank: int, message: tuple) -> None:
-            kind = message[0]
-            if kind in ("result", "failed"):
-                job = todo[message[1]]
-                ok = run.write(job, message[2]) if kind == "result" else run.fail(job, message[2])
-                summary.written_by[job.folder] = rank
-                if on_group is not None:
-                    on_group(job, rank, ok)
-            elif kind == "lost":
-                summary.lost.append(f"process {rank}: {message[1]}" if rank >= 0 else message[1])
-
-        for index in mine:
-            job = todo[index]
-            ok = run.run(job)
-            summary.written_by[job.folder] = 0
-            if on_group is not None:
-                on_group(job, 0, ok)
-            while inbox is not None and (item := inbox.poll()) is not None:
-                handle(*item)
-        while inbox is not None and not inbox.finished:
-            item = inbox.poll(wait=True)
-            if item is not None:
-                handle(*item)
+        writer = _Writer(run, todo, summary, on_group)    # the one thread that writes into the folder
+        inbox = _Inbox(procs, writer) if procs is not None and size > 1 else None
+        try:
+            for index in mine:
+                writer.check()
+                try:
+                    message = ("result", index, run_job(todo[index], run.engine))
+                except Exception as error:  # one bad group must not end the run (as in StoryRun.run)
+                    message = ("failed", index, failure_message(error, checked.mode, checked.gpus))
+                writer.put(0, message)
+            if inbox is not None:
+                inbox.wait(writer)
+        finally:
+            writer.close()     # what is queued (finished groups) is written first; its error is raised here
         summary.failed = run.failed
         summary.run_seconds = time.perf_counter() - t1
         return summary
@@ -318,47 +307,82 @@ def _work(procs: Processes, t0: float, engine_factory) -> Summary:
     return summary
 
 
-class _Inbox:
-    """Process 0's receiver: a thread takes the other processes' messages as they come, the main thread polls."""
+class _Writer:
+    """Process 0's writer thread: every group, its own or another process's, is written here, one at a time, while
+    the main thread generates (a group's PNGs take about a second to encode: off the GPU's critical path)."""
 
-    def __init__(self, procs: Processes):
-        self.waiting = procs.size - 1
+    def __init__(self, run: StoryRun, todo: list[Job], summary: Summary, on_group=None):
+        self.run, self.todo, self.summary, self.on_group = run, todo, summary, on_group
         self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._receive, args=(procs,), daemon=True, name="characonsist-inbox")
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="characonsist-writer")
         self.thread.start()
 
-    @property
-    def finished(self) -> bool:
-        return self.waiting == 0 and self.queue.empty()
+    def put(self, rank: int, message: tuple) -> None:
+        self.queue.put((rank, message))
 
-    def _receive(self, procs: Processes) -> None:
-        pending = self.waiting
+    def check(self) -> None:
+        """Raise the error that stopped the writer (e.g. the disk is full)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, raise its error."""
+        self.queue.put(None)
+        while self.thread.is_alive():
+            self.thread.join(timeout=1.0)     # in steps: a signal (Ctrl-C, torchrun's SIGTERM) still gets through
+        self.check()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue                      # stopped: the rest is left for a rerun
+            rank, message = item
+            try:
+                self._handle(rank, message)
+            except BaseException as error:
+                self.error = error
+
+    def _handle(self, rank: int, message: tuple) -> None:
+        kind = message[0]
+        if kind == "lost":
+            self.summary.lost.append(f"process {rank}: {message[1]}" if rank >= 0 else message[1])
+            return
+        job = self.todo[message[1]]
+        ok = self.run.write(job, message[2]) if kind == "result" else self.run.fail(job, message[2])
+        self.summary.written_by[job.folder] = rank
+        if self.on_group is not None:
+            self.on_group(job, rank, ok)
+
+
+class _Inbox:
+    """Process 0's receiver thread: the other processes' messages, as they come, go to the writer."""
+
+    def __init__(self, procs: Processes, writer: _Writer):
+        self.thread = threading.Thread(target=self._receive, args=(procs, writer), daemon=True,
+                                       name="characonsist-inbox")
+        self.thread.start()
+
+    @staticmethod
+    def _receive(procs: Processes, writer: _Writer) -> None:
+        pending = procs.size - 1
         while pending:
             try:
                 rank, message = procs.receive()
             except Exception as error:    # a process died or the connection broke: stop waiting for anyone
-                self.queue.put((-1, ("broken", f"{type(error).__name__}: {error}")))
+                writer.put(-1, ("lost", f"the connection to the other processes broke ({type(error).__name__}: "
+                                        f"{error}); their unfinished groups are left for a rerun"))
                 return
-            self.queue.put((rank, message))
             if message[0] in ("done", "lost"):
                 pending -= 1
+            if message[0] != "done":
+                writer.put(rank, message)
 
-    def poll(self, wait: bool = False):
-        """The next (rank, message) to handle, or None (without ``wait``: at once; with it: after a second
-        without one). A process that is done is counted, not returned; a broken connection ends the waiting."""
-        try:
-            rank, message = self.queue.get(timeout=1.0) if wait else self.queue.get_nowait()
-        except queue.Empty:
-            return None
-        if message[0] == "done":
-            self.waiting -= 1
-            return None
-        if message[0] == "lost":
-            self.waiting -= 1
-        elif message[0] == "broken":
-            self.waiting = 0
-            return rank, ("lost", "the connection to the other processes broke (" + message[1] + ")")
-        return rank, message
+    def wait(self, writer: _Writer) -> None:
+        """Until every other process is done (or lost), or the writer stopped."""
+        while self.thread.is_alive():
+            writer.check()
+            self.thread.join(timeout=1.0)
 
 
 class _Closing:

@@ -195,11 +195,11 @@ def _dispatch(ray, run: StoryRun, todo: list, actors: list, summary: Summary, on
                 continue
             except RayError as error:         # e.g. a result that could not be sent back: this group failed
                 kind, payload = "failed", f"{type(error).__name__}: {excerpt(str(error), 300)}"
+            submit(worker)                    # the actor works on its next group while this one is written
             ok = run.write(job, payload) if kind == "result" else run.fail(job, payload)
             summary.written_by[job.folder] = worker
             if on_group is not None:
                 on_group(job, worker, ok)
-            submit(worker)
     except BaseException:
         for ref in running:
             ray.cancel(ref, force=True)
