@@ -28,7 +28,7 @@ if [ "$DEVICE" = cpu ]; then
     FLUX=(--size tiny --stories 4 --frames 1 --height 64 --max-sequence-length 128)
     export OMP_NUM_THREADS=1
 else
-    TOY=(--device cuda)
+    TOY=(--device cuda --threads 4)      # the same torch threads in both runs: the JSON records them
     TOY_TWO=("$PY" -m characonsist bench toy --gpus 2)
     FLUX=()
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/${PHASE}_gpus.txt"

@@ -282,3 +282,32 @@ def test_writer_stops_at_a_file_system_error_and_raises_it():
     with pytest.raises(FolderError, match="no space"):
         writer.close()
     assert seen == ["group_000"]          # nothing after the error is written
+
+
+class _Procs:
+    """A stand-in for ``parallel.Processes``: what process 0 broadcasts, and what a worker receives."""
+
+    def __init__(self, rank: int, received=None):
+        self.rank, self.size, self.local_rank, self.main = rank, 2, rank, rank == 0
+        self.sent, self.received = [], received
+
+    def broadcast(self, obj=None):
+        self.sent.append(obj)
+        return obj if self.main else self.received
+
+
+def test_bad_input_is_reported_by_process_0_and_stops_the_others(workdir):
+    from characonsist.app import StoryRequest
+    from characonsist.inputs import InputError
+
+    request = StoryRequest(stories=[str(workdir / "story.txt")], model="toy", out=str(workdir / "bad"),
+                           num_inference_steps=0)
+    main = _Procs(0)
+    with pytest.raises(InputError, match="num_inference_steps=0"):
+        parallel.generate(request, main)
+    assert main.sent == [None]                     # the others are told to stop before any work
+    worker = parallel.generate(request, _Procs(1, received=None))
+    assert worker.stopped and not (workdir / "bad").exists()
+    request.num_inference_steps, request.memory = 2, "balanced"
+    with pytest.raises(InputError, match="balanced"):
+        parallel.generate(request, _Procs(0))

@@ -609,13 +609,18 @@ def run(args: argparse.Namespace) -> int:
                   "takes its own GPU)", file=sys.stderr)
             return 2
         if dev.type == "cuda":
-            args.device = procs.device()
+            args.run_device = procs.device()    # this process's GPU; the JSON keeps --device as given
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or max(cpu_cores() // (procs.size if procs else 1), 1))
     try:
         return _run(args, methods, t_start, procs)
     finally:
         torch.set_num_threads(threads)     # a caller in the same process (tests) keeps its own setting
+
+
+def _device(args: argparse.Namespace) -> str:
+    """Where this process runs: ``--device``, or its own GPU when it is one of several processes."""
+    return getattr(args, "run_device", None) or args.device
 
 
 def merge_results(parts: list[dict]) -> dict:
@@ -657,7 +662,7 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     pipe = None
     defaults = {"height": 128, "width": 128, "num_inference_steps": 20, "max_sequence_length": 32}
     if any(parse_method(m)[0] != ORACLE for m in methods):
-        pipe, defaults = load_pipeline(args.model, args.device, args.dtype)
+        pipe, defaults = load_pipeline(args.model, _device(args), args.dtype)
     gen = {k: defaults[k] for k in ("height", "width", "num_inference_steps", "max_sequence_length")}
     if args.steps is not None:
         gen["num_inference_steps"] = args.steps
@@ -671,7 +676,7 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     t0 = time.perf_counter()
     try:
         result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
-                           readout_net=readout_on(args.device), seeding=args.seeding, **gen)
+                           readout_net=readout_on(_device(args)), seeding=args.seeding, **gen)
     except ValueError as e:
         result = {"error": str(e)}
     if procs is not None:
@@ -684,7 +689,7 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
         print(f"bench toy: {result['error']}", file=sys.stderr)
         return 2
     total = time.perf_counter() - t_start
-    result["settings"].update(suite=suite, model=args.model, device=args.device, device_name=device_name(args.device),
+    result["settings"].update(suite=suite, model=args.model, device=args.device, device_name=device_name(_device(args)),
                               dtype=args.dtype, torch_threads=torch.get_num_threads(), torch=torch.__version__,
                               processes=procs.size if procs else 1,
                               load_seconds=load_seconds, run_seconds=time.perf_counter() - t0, total_seconds=total)
