@@ -354,7 +354,7 @@ def cmd_bench_toy(argv: list[str]) -> int:
         check_writable_target(args.json, "file", "--json")
     if getattr(args, "images", None):
         check_writable_target(args.images, "folder", "--images")
-    if args.gpus is not None:
+    if getattr(args, "gpus", None) is not None:
         if args.gpus < 1:
             raise InputError(f"--gpus {args.gpus}: give at least 1")
         if not args.device.startswith("cuda"):

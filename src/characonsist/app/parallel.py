@@ -201,10 +201,11 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
 
     On process 0, ``on_plan(run)`` is called once the folder is locked and planned, ``on_start()`` once every
     process has loaded the model, ``on_group(job, rank, ok)`` after each group is written (or failed), wherever it
-    was generated. Process 0 raises what a one-process run
-    raises (InputError, StoryError, FolderError, KeyboardInterrupt) after telling the others to stop; a worker
-    whose run was stopped returns ``Summary(stopped=True)``. ``engine_factory(ref, run, mode, gpus, progress)``
-    replaces ``app.model.load_engine`` (benchmarks with random weights)."""
+    was generated (from process 0's writer thread). Process 0 raises what a one-process run raises (InputError,
+    StoryError, FolderError, KeyboardInterrupt) after telling the others to stop, and ParallelError when another
+    process could not load the model; a worker whose run was stopped returns ``Summary(stopped=True)``.
+    ``engine_factory(ref, run, mode, gpus, progress)`` replaces ``app.model.load_engine`` (benchmarks with random
+    weights)."""
     t0 = time.perf_counter()
     size = procs.size if procs else 1
     if procs is not None and not procs.main:
