@@ -301,7 +301,10 @@ def _work(procs: Processes, t0: float, engine_factory) -> Summary:
                 summary.failed += 1
             procs.send(message)
     except Exception as error:     # e.g. a result that cannot be pickled: process 0 learns why, then stops waiting
-        procs.send(("lost", f"{type(error).__name__}: {error}"))
+        try:
+            procs.send(("lost", f"{type(error).__name__}: {error}"))
+        except Exception:
+            pass                       # process 0 is gone too
         raise
     procs.send(("done",))
     summary.run_seconds = time.perf_counter() - t1
@@ -316,6 +319,7 @@ class _Writer:
         self.run, self.todo, self.summary, self.on_group = run, todo, summary, on_group
         self.queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._loop, daemon=True, name="characonsist-writer")
         self.thread.start()
 
@@ -328,15 +332,22 @@ class _Writer:
             raise self.error
 
     def close(self) -> None:
-        """Write what is queued, stop the thread, raise its error."""
+        """Write what is queued, stop the thread, raise its error. Interrupted meanwhile (Ctrl-C, torchrun's
+        SIGTERM): the group being written is finished, the rest left for a rerun, then the interrupt goes on (the
+        folder is closed only once nothing writes into it: no temporary outlives its journal)."""
         self.queue.put(None)
-        while self.thread.is_alive():
-            self.thread.join(timeout=1.0)     # in steps: a signal (Ctrl-C, torchrun's SIGTERM) still gets through
+        try:
+            while self.thread.is_alive():
+                self.thread.join(timeout=1.0)     # in steps: a signal still gets through
+        except KeyboardInterrupt:
+            self.stopping = True
+            self.thread.join(timeout=60)
+            raise
         self.check()
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
-            if self.error is not None:
+            if self.error is not None or self.stopping:
                 continue                      # stopped: the rest is left for a rerun
             rank, message = item
             try:
