@@ -88,6 +88,9 @@ def test_gpus_without_cuda_is_one_clear_line(workdir, capsys):
     assert "no CUDA GPU is visible" in capsys.readouterr().err
     assert cli.main(["generate", str(workdir / "story.txt"), *ARGS, "--out", str(workdir / "x"), "--workers", "2"]) == 2
     assert "--workers N is the number of Ray actors" in capsys.readouterr().err
+    story = str(workdir / "story.txt")
+    assert cli.main(["generate", "--ray", story, story, *ARGS, "--out", str(workdir / "x")]) == 2
+    assert "put --ray after the story files" in capsys.readouterr().err
     assert not (workdir / "x").exists()
 
 

@@ -120,6 +120,9 @@ def cmd_generate(args) -> int:
     if args.workers is not None and args.ray is None:
         raise InputError("--workers N is the number of Ray actors: give it with --ray (on this host: --gpus N)")
     if args.ray is not None:
+        if args.ray and Path(args.ray).exists():
+            raise InputError(f"--ray {args.ray}: that is a file here, not a Ray address; put --ray after the story "
+                             "files (or give it an address: --ray auto)")
         if args.gpus is not None:
             raise InputError("--gpus N starts N processes on this host; with --ray give the number of actors "
                              "with --workers N")
