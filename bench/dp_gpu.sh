@@ -34,6 +34,7 @@ else
     nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/${PHASE}_gpus.txt"
 fi
 mkdir -p "$OUT"
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}   # one host: results travel over the loopback
 export BENCH_ENGINE_COMMIT=${BENCH_ENGINE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 case "$PHASE" in
 toy)

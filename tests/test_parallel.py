@@ -61,8 +61,8 @@ def reference(workdir):
 def launch(workdir: Path, out: str, mark: str = "") -> subprocess.Popen:
     """Two processes on the CPU, started by the command ``--gpus 2`` starts."""
     command = parallel.launch_command(2, ["generate", "story.txt", *ARGS, "--out", out])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "CHARACONSIST_TEST_RUN": mark, "PYTHONUNBUFFERED": "1"}
+    env = {**parallel.launch_environment(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "CHARACONSIST_TEST_RUN": mark, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -150,7 +150,7 @@ def test_bench_toy_in_two_processes_merges_one_json(workdir):
     finally:
         os.chdir(here)
     command = parallel.launch_command(2, ["bench", "toy", *common, "--json", "b2.json", "--images", "b2"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**parallel.launch_environment(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "toy bench: 3 stories (reduced)" in result.stdout and "2 processes on cpu" in result.stdout

@@ -185,7 +185,8 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
                          f"--nproc_per_node {n} -m characonsist {command} ...)")
     if command == "generate":
         parallel.check_one_model_per_gpu(validate_request(request_from_args(args), names=CLI_NAMES).mode)
-    process = subprocess.Popen(parallel.launch_command(n, parallel.without_option(argv, "--gpus")))
+    process = subprocess.Popen(parallel.launch_command(n, parallel.without_option(argv, "--gpus")),
+                               env=parallel.launch_environment())
     try:
         status = process.wait()
     except KeyboardInterrupt:   # Ctrl-C reaches the processes too; a SIGTERM to this one is passed on

@@ -142,6 +142,15 @@ def launch_command(processes: int, argv: list[str], module: str = "characonsist"
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *argv]
 
 
+def launch_environment() -> dict[str, str]:
+    """The environment for ``launch_command``: this one, with gloo on the loopback interface (all processes are on
+    this host; in containers the host name may not resolve to an address gloo can use) unless set already."""
+    env = dict(os.environ)
+    if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
 def without_option(argv: list[str], name: str) -> list[str]:
     """``argv`` without ``name VALUE`` / ``name=VALUE`` (e.g. ``--gpus 2`` before relaunching)."""
     out, skip = [], False
