@@ -96,6 +96,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--batch-size", type=int, help="most images in one forward pass, identity included (default: whole group)")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="spread the groups over N GPUs of this host, one process and one model each (starts `accelerate "
+                        "launch --multi_gpu --num_processes N -m characonsist generate ...`; pick GPUs with "
+                        "CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on a Ray cluster: one actor per GPU holding the model, the groups as tasks, this process "
+                        "writing the folder (ADDRESS as ray.init takes it, e.g. auto or ray://head:10001; none: "
+                        "RAY_ADDRESS or a new local Ray); needs `pip install 'characonsist[ray]'`")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="with --ray: N actors (default: one per GPU of the cluster; a cluster without GPUs needs N, "
+                        "each actor then takes one CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace groups that were generated with other settings")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages (errors still go to stderr)")
 
@@ -127,9 +138,24 @@ def request_from_args(args):
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_generate(args) -> int:
-    from .app import CLI_NAMES, StoryRun, validate_request
+    from .app import CLI_NAMES, StoryRun, parallel, validate_request
     from .app import model as models
 
+    if args.workers is not None and args.ray is None:
+        raise InputError("--workers N is the number of Ray actors: give it with --ray (on this host: --gpus N)")
+    if args.ray is not None:
+        if args.ray and Path(args.ray).exists():
+            raise InputError(f"--ray {args.ray}: that is a file here, not a Ray address; put --ray after the story "
+                             "files (or give it an address: --ray auto)")
+        if args.gpus is not None:
+            raise InputError("--gpus N starts N processes on this host; with --ray give the number of actors "
+                             "with --workers N")
+        return cmd_generate_ray(args)
+    procs = parallel.join()
+    if procs is not None:
+        if args.gpus is not None:
+            raise InputError("--gpus N starts the processes itself: leave it out under accelerate launch / torchrun")
+        return cmd_generate_parallel(args, procs)
     say = (lambda *a: None) if args.quiet else _say
     checked = validate_request(request_from_args(args), names=CLI_NAMES)
     out = checked.folder.root
@@ -190,6 +216,131 @@ def cmd_ui(args) -> int:
     from .ui import serve
 
     return serve(args.model, args.out, args.host, args.port)
+
+
+def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
+    """``--gpus N`` (N > 1): start ``accelerate launch --multi_gpu --num_processes N -m characonsist ...`` with the
+    same arguments, after the checks that need no model (bad input gets its one-line message here)."""
+    import subprocess
+
+    from .app import CLI_NAMES, parallel, validate_request
+
+    n = args.gpus
+    if parallel.launched_processes() > 1:
+        raise InputError("--gpus N starts the processes itself: leave it out under accelerate launch / torchrun")
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < n:
+        raise InputError(f"--gpus {n}: {visible or 'no'} CUDA GPU(s) visible; give at most {visible} (to try several "
+                         f"processes on a CPU: torchrun --nproc_per_node {n} -m characonsist {command} ...)" if visible
+                         else f"--gpus {n}: no CUDA GPU is visible (to try several processes on a CPU: torchrun "
+                         f"--nproc_per_node {n} -m characonsist {command} ...)")
+    if command == "generate":
+        parallel.check_one_model_per_gpu(validate_request(request_from_args(args), names=CLI_NAMES).mode)
+    process = subprocess.Popen(parallel.launch_command(n, parallel.without_option(argv, "--gpus")),
+                               env=parallel.launch_environment())
+    try:
+        status = process.wait()
+    except KeyboardInterrupt:   # Ctrl-C reaches the processes too; a SIGTERM to this one is passed on
+        process.terminate()
+        process.wait()
+        raise
+    if status:
+        _say(f"characonsist: the {n}-process run ended with status {status} (see above); what was finished is kept: "
+             "run the same command again to resume", err=True)
+    return status if status in (0, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED) else EXIT_FAILED
+
+
+def cmd_generate_parallel(args, procs) -> int:
+    """One process of a data-parallel run (``accelerate launch -m characonsist generate ...``): process 0 prints
+    and writes, the others only generate (``app.parallel``)."""
+    from .app import CLI_NAMES, parallel
+
+    quiet = args.quiet or not procs.main
+    say = (lambda *a: None) if quiet else _say
+    if quiet:
+        _silence_libraries()
+    bars = []
+
+    def on_plan(run) -> None:
+        todo, out = run.todo, run.folder.root
+        say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate over "
+            f"{procs.size} processes -> {out}")
+        bars.append(sum(j.images for j in todo))
+
+    def on_start() -> None:
+        bars[0] = _progress(quiet, bars[0], "images").__enter__()
+
+    def on_group(job, rank: int, ok: bool) -> None:
+        if ok:
+            say(f"{job.folder}: written (process {rank})")
+        else:
+            _say(f"group {job.folder} failed (process {rank}): {job.error}", err=True)
+        if bars and not isinstance(bars[0], int):
+            bars[0].update(job.images)
+
+    try:
+        summary = parallel.generate(request_from_args(args), procs, CLI_NAMES, on_plan, on_start, on_group)
+    except parallel.ParallelError as error:
+        _say(f"characonsist: error: {error}", err=True)
+        return EXIT_FAILED
+    finally:
+        if bars and not isinstance(bars[0], int):
+            bars[0].__exit__(None, None, None)
+    if not procs.main or summary.stopped:
+        return 0   # process 0 reports and gives the run's status
+    for line in summary.lost:
+        _say(f"characonsist: {line}; its groups are left for a rerun", err=True)
+    if summary.todo:
+        out = Path(args.out)
+        done = sum(j.state == "done" for j in summary.jobs)
+        say(f"done: {done}/{len(summary.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
+    return EXIT_FAILED if summary.failed or summary.lost else 0
+
+
+def cmd_generate_ray(args) -> int:
+    """``generate --ray [ADDRESS]``: the groups as tasks of Ray actors, this process writing (``app.ray_runner``)."""
+    from .app import CLI_NAMES, ray_runner
+    from .app.parallel import ParallelError
+
+    say = (lambda *a: None) if args.quiet else _say
+    bars = []
+
+    def on_plan(run) -> None:
+        todo = run.todo
+        say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate on Ray "
+            f"-> {run.folder.root}")
+        bars.append(sum(j.images for j in todo))
+
+    def on_start() -> None:
+        bars[0] = _progress(args.quiet, bars[0], "images").__enter__()
+
+    def on_group(job, worker: int, ok: bool) -> None:
+        if ok:
+            say(f"{job.folder}: written (worker {worker})")
+        else:
+            _say(f"group {job.folder} failed (worker {worker}): {job.error}", err=True)
+        if bars and not isinstance(bars[0], int):
+            bars[0].update(job.images)
+
+    try:
+        summary = ray_runner.generate(request_from_args(args), names=CLI_NAMES, address=args.ray or None,
+                                      workers=args.workers, on_plan=on_plan, on_start=on_start, on_group=on_group,
+                                      say=say)
+    except ParallelError as error:
+        _say(f"characonsist: error: {error}", err=True)
+        return EXIT_FAILED
+    finally:
+        if bars and not isinstance(bars[0], int):
+            bars[0].__exit__(None, None, None)
+    for line in summary.lost:
+        _say(f"characonsist: {line}", err=True)
+    if summary.todo:
+        out = Path(args.out)
+        done = sum(j.state == "done" for j in summary.jobs)
+        say(f"done: {done}/{len(summary.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
+    return EXIT_FAILED if summary.failed or summary.lost else 0
 
 
 def _say(message: str, err: bool = False) -> None:
@@ -260,6 +411,13 @@ def cmd_bench_toy(argv: list[str]) -> int:
         check_writable_target(args.json, "file", "--json")
     if getattr(args, "images", None):
         check_writable_target(args.images, "folder", "--images")
+    if getattr(args, "gpus", None) is not None:
+        if args.gpus < 1:
+            raise InputError(f"--gpus {args.gpus}: give at least 1")
+        if not args.device.startswith("cuda"):
+            raise InputError(f"--gpus {args.gpus} runs one process per GPU: give --device cuda")
+        if args.gpus > 1:
+            return cmd_launch(args, ["bench", "toy", *argv], command="bench toy")
     try:
         return int(bench.run(args) or 0)
     except OSError as e:   # e.g. the disk filled up while writing the results
@@ -290,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["eval"]:            # so does eval (characonsist.evaluate.cli)
             return cmd_eval(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command == "generate" and args.gpus is not None and args.ray is None:
+            if args.gpus < 1:
+                raise InputError(f"--gpus {args.gpus}: give at least 1")
+            if args.gpus > 1:
+                return cmd_launch(args, argv)
         return {"generate": cmd_generate, "demo": cmd_demo, "ui": cmd_ui}[args.command](args)
     except (InputError, FolderError) as e:
         print(f"characonsist: error: {e}", file=sys.stderr)

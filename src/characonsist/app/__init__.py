@@ -12,7 +12,8 @@ the same mistake gets the same message everywhere and the output folder is handl
 
 Modules: ``request`` (StoryRequest and its validation), ``model`` (finding and loading the model), ``folder``
 (the output folder: lock, owned temporaries, paths), ``jobs`` (plan, run, write one group), ``manifest``,
-``session`` (StoryRun). docs/ARCHITECTURE.md shows the layers.
+``session`` (StoryRun), ``parallel`` (one process per GPU on a host) and ``ray_runner`` (a Ray cluster), both
+with one process writing the folder. docs/ARCHITECTURE.md shows the layers.
 """
 
 from __future__ import annotations

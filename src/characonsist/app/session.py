@@ -18,6 +18,7 @@ from . import model as models
 from .folder import FolderError, describe_os_error
 from .jobs import Cancelled, Job, plan_jobs, prepare_overwrite, run_job, write_job, write_storyboard
 from .manifest import check_manifest_is_ours, write_manifest
+from .model import GroupResult
 from .request import CheckedRequest, story_problems
 
 
@@ -29,6 +30,7 @@ class StoryRun:
         self.folder = checked.folder
         self.jobs: list[Job] = []
         self.engine = None
+        self.engine_factory = models.load_engine   # (ref, run, mode, gpus, progress) -> generate; benchmarks swap it
         self.failed = 0
 
     # ------------------------------------------------------------------ plan
@@ -94,20 +96,18 @@ class StoryRun:
         """Load the model (``app.model.load_engine``); prompts the pre-load checks could not read are checked
         now, before any work (StoryError)."""
         c = self.checked
-        try:
-            self.engine = models.load_engine(c.ref, c.run, c.mode, c.gpus, progress=progress)
-        except OSError as error:   # unreadable or missing weights, a broken download: one line, not a traceback
-            where = getattr(error, "filename", None) or (c.ref.folder or c.ref.name)
-            what = describe_os_error(error, where, "loading the model from") if error.errno else \
-                f"loading the model {c.ref.name}: {excerpt(str(error), 300)}; check the model's files and rerun"
-            raise FolderError(what, where) from None
-        tokenizer = getattr(self.engine, "tokenizer", None)
-        limits = getattr(self.engine, "limits", None)
+        self.engine = load_engine(c.ref, c.run, c.mode, c.gpus, progress, self.engine_factory)
+        self.check_loaded(getattr(self.engine, "tokenizer", None), getattr(self.engine, "limits", None))
+        return self.engine
+
+    def check_loaded(self, tokenizer, limits) -> None:
+        """Check the stories again with the loaded model's tokenizer and limits where the pre-load checks could
+        not have them (StoryError); also used with what a remote worker's loaded model reports."""
+        c = self.checked
         if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
             problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
             if problems:
                 raise StoryError(problems)
-        return self.engine
 
     def run(self, job: Job, progress=None, cancel=None) -> bool:
         """Generate and write one job; the manifest is saved whatever happens. Returns False when the group
@@ -117,6 +117,18 @@ class StoryRun:
             self.load()
         try:
             result = run_job(job, self.engine, progress=progress, cancel=cancel)
+        except (KeyboardInterrupt, Cancelled):
+            self._save_quietly()
+            raise
+        except Exception as error:  # one bad group must not end an overnight run
+            return self.fail(job, failure_message(error, self.checked.mode, self.checked.gpus))
+        return self.write(job, result)
+
+    def write(self, job: Job, result: GroupResult) -> bool:
+        """Write a group generated here or elsewhere (a worker process or actor of a multi-GPU run hands its
+        ``GroupResult`` to the run holding the folder), then the manifest. False if the result could not be
+        written for a reason other than the file system (FolderError propagates)."""
+        try:
             write_job(job, result, self.folder, self.checked.request.save_masks)
             return True
         except (KeyboardInterrupt, Cancelled):
@@ -124,17 +136,42 @@ class StoryRun:
         except FolderError as error:
             job.state, job.error = "failed", str(error)
             raise
-        except Exception as error:  # one bad group must not end an overnight run
+        except Exception as error:
             self.failed += 1
-            job.state = "failed"
-            oom = models.is_oom(error)
-            job.error = models.oom_advice(self.checked.mode, self.checked.gpus) if oom \
-                else f"{type(error).__name__}: {error}"
-            if oom:
-                models.free_cuda()
+            job.state, job.error = "failed", f"{type(error).__name__}: {error}"
             return False
         finally:
-            try:
-                self.save_manifest()
-            except FolderError:
-                pass   # the error that stopped the write is the one reported
+            self._save_quietly()
+
+    def fail(self, job: Job, message: str) -> bool:
+        """Record that a group failed (here or in a worker: ``message`` says why) and save the manifest."""
+        self.failed += 1
+        job.state, job.error = "failed", message
+        self._save_quietly()
+        return False
+
+    def _save_quietly(self) -> None:
+        try:
+            self.save_manifest()
+        except FolderError:
+            pass   # the error that stopped the write is the one reported
+
+
+def failure_message(error: BaseException, mode: str, gpus: list[int]) -> str:
+    """What the manifest says about a group whose generation raised ``error`` (out of GPU memory: the memory
+    modes that would fit, and the CUDA cache is freed)."""
+    if models.is_oom(error):
+        models.free_cuda()
+        return models.oom_advice(mode, gpus)
+    return f"{type(error).__name__}: {error}"
+
+
+def load_engine(ref, run: dict, mode: str, gpus: list[int], progress: bool = True, factory=None):
+    """``factory`` (default ``app.model.load_engine``) with unreadable or missing weights as one FolderError line."""
+    try:
+        return (factory or models.load_engine)(ref, run, mode, gpus, progress=progress)
+    except OSError as error:   # unreadable or missing weights, a broken download: one line, not a traceback
+        where = getattr(error, "filename", None) or (ref.folder or ref.name)
+        what = describe_os_error(error, where, "loading the model from") if error.errno else \
+            f"loading the model {ref.name}: {excerpt(str(error), 300)}; check the model's files and rerun"
+        raise FolderError(what, where) from None

@@ -469,6 +469,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "vanilla: the same noise for every image; the peers: one noise per image), or one "
                              "convention for every method")
     parser.add_argument("--quiet", action="store_true", help="no per-story progress lines")
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="split the stories over N GPUs of this host, one process each, results merged into one "
+                             "JSON (starts `accelerate launch --multi_gpu --num_processes N -m characonsist bench toy "
+                             "...`; needs --device cuda)")
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
@@ -595,15 +599,45 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"bench toy: --threads {args.threads}: needs at least 1", file=sys.stderr)
         return 2
+    from ..app import parallel
+
+    procs = parallel.join()   # several processes (accelerate launch / torchrun): each runs a share of the stories
+    if procs is not None:
+        dev = torch.device(args.device)
+        if dev.type == "cuda" and dev.index is not None:
+            print(f"bench toy: --device {args.device} with {procs.size} processes: give --device cuda (each process "
+                  "takes its own GPU)", file=sys.stderr)
+            return 2
+        if dev.type == "cuda":
+            args.run_device = procs.device()    # this process's GPU; the JSON keeps --device as given
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or cpu_cores())
+    torch.set_num_threads(args.threads or max(cpu_cores() // (procs.size if procs else 1), 1))
     try:
-        return _run(args, methods, t_start)
+        return _run(args, methods, t_start, procs)
     finally:
         torch.set_num_threads(threads)     # a caller in the same process (tests) keeps its own setting
 
 
-def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
+def _device(args: argparse.Namespace) -> str:
+    """Where this process runs: ``--device``, or its own GPU when it is one of several processes."""
+    return getattr(args, "run_device", None) or args.device
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from those of processes that each ran a contiguous share of the stories (in rank order): the
+    stories in the suite's order and the metrics computed over all of them, as one process would have them; a
+    method's ``wall_seconds`` is the longest process's."""
+    merged = {"settings": dict(parts[0]["settings"]), "methods": {}}
+    merged["settings"]["stories"] = sum(p["settings"]["stories"] for p in parts)
+    for spec, method in parts[0]["methods"].items():
+        records = [r for p in parts for r in p["methods"][spec]["stories"]]
+        metrics = aggregate(records)
+        metrics["wall_seconds"] = max(p["methods"][spec]["metrics"]["wall_seconds"] for p in parts)
+        merged["methods"][spec] = {**method, "metrics": metrics, "stories": records}
+    return merged
+
+
+def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=None) -> int:
     import torch
 
     try:
@@ -622,30 +656,47 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float) -> int:
         return 2
     if args.limit is not None:
         stories = stories[:args.limit]
+    n_stories = len(stories)
+    if procs is not None:
+        stories = procs.share(stories)    # contiguous slices, merged back in order by process 0
     pipe = None
     defaults = {"height": 128, "width": 128, "num_inference_steps": 20, "max_sequence_length": 32}
     if any(parse_method(m)[0] != ORACLE for m in methods):
-        pipe, defaults = load_pipeline(args.model, args.device, args.dtype)
+        pipe, defaults = load_pipeline(args.model, _device(args), args.dtype)
     gen = {k: defaults[k] for k in ("height", "width", "num_inference_steps", "max_sequence_length")}
     if args.steps is not None:
         gen["num_inference_steps"] = args.steps
     if "guidance_scale" in defaults:
         gen["guidance_scale"] = defaults["guidance_scale"]
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    tag = "" if procs is None else f"(process {procs.rank}) "
+    log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
+    if procs is not None:
+        procs.barrier()      # every process has its model: the run's time starts together
     load_seconds = time.perf_counter() - t_start
     t0 = time.perf_counter()
     try:
         result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
-                           readout_net=readout_on(args.device), seeding=args.seeding, **gen)
+                           readout_net=readout_on(_device(args)), seeding=args.seeding, **gen)
     except ValueError as e:
-        print(f"bench toy: {e}", file=sys.stderr)
+        result = {"error": str(e)}
+    if procs is not None:
+        parts = procs.gather(result)
+        if not procs.main:
+            return 0      # process 0 prints and writes the merged result
+        errors = sorted({p["error"] for p in parts if "error" in p})
+        result = {"error": "\n".join(errors)} if errors else merge_results(parts)
+    if "error" in result:
+        print(f"bench toy: {result['error']}", file=sys.stderr)
         return 2
     total = time.perf_counter() - t_start
-    result["settings"].update(suite=suite, model=args.model, device=args.device, device_name=device_name(args.device),
+    result["settings"].update(suite=suite, model=args.model, device=args.device, device_name=device_name(_device(args)),
                               dtype=args.dtype, torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                              processes=procs.size if procs else 1,
                               load_seconds=load_seconds, run_seconds=time.perf_counter() - t0, total_seconds=total)
     model = f"model {args.model}, {gen['num_inference_steps']} steps" if pipe is not None else "no model"
-    print(f"toy bench: {len(stories)} stories ({suite}), {model}, {args.device} ({result['settings']['device_name']})")
+    where = f"{args.device} ({result['settings']['device_name']})" if procs is None else \
+        f"{procs.size} processes on {'cpu' if args.device == 'cpu' else 'cuda'} ({result['settings']['device_name']}, each)"
+    print(f"toy bench: {n_stories} stories ({suite}), {model}, {where}")
     print(format_tables(result))
     print("seeding: " + ", ".join(f"{n} {m.get('seeding') or '-'}" for n, m in result["methods"].items()))
     per = ", ".join(f"{n} {m['metrics']['wall_seconds']:.0f}s" for n, m in result["methods"].items())
