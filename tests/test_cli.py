@@ -471,3 +471,20 @@ def test_a_target_only_a_real_write_can_refuse_is_refused_before_work(tmp_path, 
     assert cli.main(["bench", "toy", "--json", "/proc/characonsist.json", "--limit", "1"]) == 2
     assert "/proc" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_known_torchao_notices_are_dropped(caplog):
+    import logging
+
+    import characonsist  # noqa: F401  (installs the filters)
+
+    for name, text in (("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile"),
+                       ("diffusers.quantizers.torchao.torchao_quantizer",
+                        "Unable to import `torchao` Tensor objects. This may affect loading checkpoints")):
+        log = logging.getLogger(name)
+        with caplog.at_level(logging.WARNING, logger=name):
+            log.warning(text, "X")
+            log.warning("another warning stays")
+        messages = [r.getMessage() for r in caplog.records if r.name == name]
+        assert messages == ["another warning stays"], messages
+        caplog.clear()

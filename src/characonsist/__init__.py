@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from ._compat import mute_known_noise
 from .story import StoryImage
+
+mute_known_noise()
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+
+
+class _DropTorchaoEnumNotice(logging.Filter):
+    """torch >= 2.13 logs a deprecation notice for each of torchao's enums that torchao registers with pytree, at
+    torchao's import, which diffusers does on every pipeline load when torchao is installed: lines that say nothing
+    to a user of this tool. Only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in str(record.msg)
+
+
+class _DropTorchaoSafeGlobalsNotice(logging.Filter):
+    """diffusers 0.42 warns at import, when torchao (0.16 and newer) lacks the tensor classes it registers for
+    unpickling torchao-serialized checkpoints, that loading such checkpoints may fail. This tool quantizes on load
+    (``characonsist.memory``) and never unpickles one; only that notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unable to import `torchao` Tensor objects" not in str(record.msg)
+
+
+_FILTERS = {"torch.utils._pytree": _DropTorchaoEnumNotice,
+            "diffusers.quantizers.torchao.torchao_quantizer": _DropTorchaoSafeGlobalsNotice}
+
+
+def mute_known_noise() -> None:
+    """Install the filters above on their loggers once (idempotent)."""
+    for name, kind in _FILTERS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in log.filters):
+            log.addFilter(kind())
+
 
 def dtype_kwarg(dtype) -> dict:
     """``from_pretrained``'s dtype keyword: ``dtype`` where diffusers reads it (it deprecates ``torch_dtype`` and

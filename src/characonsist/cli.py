@@ -290,13 +290,7 @@ def cmd_generate_parallel(args, procs) -> int:
             bars[0].__exit__(None, None, None)
     if not procs.main or summary.stopped:
         return 0   # process 0 reports and gives the run's status
-    for line in summary.lost:
-        _say(f"characonsist: {line}; its groups are left for a rerun", err=True)
-    if summary.todo:
-        out = Path(args.out)
-        done = sum(j.state == "done" for j in summary.jobs)
-        say(f"done: {done}/{len(summary.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
-    return EXIT_FAILED if summary.failed or summary.lost else 0
+    return _summary_status(summary, args, say, "; its groups are left for a rerun")
 
 
 def cmd_generate_ray(args) -> int:
@@ -334,8 +328,13 @@ def cmd_generate_ray(args) -> int:
     finally:
         if bars and not isinstance(bars[0], int):
             bars[0].__exit__(None, None, None)
+    return _summary_status(summary, args, say)
+
+
+def _summary_status(summary, args, say, lost_suffix: str = "") -> int:
+    """The end of a run over several processes or Ray actors: lost workers, the count, the exit status."""
     for line in summary.lost:
-        _say(f"characonsist: {line}", err=True)
+        _say(f"characonsist: {line}{lost_suffix}", err=True)
     if summary.todo:
         out = Path(args.out)
         done = sum(j.state == "done" for j in summary.jobs)

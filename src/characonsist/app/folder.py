@@ -116,10 +116,21 @@ def write_file(path: str | Path, data: bytes) -> None:
     check first that ``path`` is not a file they must not replace. Raises FolderError with one clear line."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        _replace_with(path, tmp, data)
+    except OSError as e:
+        raise FolderError(describe_os_error(e, path), path) from None
+
+
+def _replace_with(path: Path, tmp: Path, data: bytes, track=None) -> None:
+    """Write ``data`` to the temporary ``tmp`` (created exclusively, never through a link, fsync'd; ``track(tmp)``
+    first records it) and rename it over ``path``; a temporary this call created is removed if anything fails."""
     created = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        if track is not None:
+            track(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)   # never someone else's
         created = True
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -127,8 +138,6 @@ def write_file(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         created = False
-    except OSError as e:
-        raise FolderError(describe_os_error(e, path), path) from None
     finally:
         if created:
             tmp.unlink(missing_ok=True)
@@ -232,25 +241,12 @@ class OutputFolder:
             raise FolderError(f"{self.flag} {self.root} is not writable (read-only or no permission), and this run "
                               f"must write {relative}; make it writable or choose another folder", self.root)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{self._token}")
-        created = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._track(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)   # never someone else's
-            created = True
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            created = False
+            _replace_with(path, tmp, data, track=self._track)
         except OSError as e:
             name = str(getattr(e, "filename", None) or "")
             where = Path(name) if name and TMP_MARK not in name else path
             raise FolderError(describe_os_error(e, where), where) from None
-        finally:
-            if created:
-                tmp.unlink(missing_ok=True)
         return True
 
     def remove(self, relative: str | Path) -> None:
