@@ -25,3 +25,17 @@ def story_pipe(tiny_pipe):
     pipe = CharaConsistPipeline.from_pipe(tiny_pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets the process-wide active backend: a test that picks one (the
+    memory tests) must not change the numerics of the tests after it (the byte-for-byte comparisons)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:   # pragma: no cover
+        yield
+        return
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
