@@ -480,7 +480,8 @@ def test_only_the_known_torchao_notices_are_dropped(caplog):
 
     for name, text in (("torch.utils._pytree", "%s is an Enum subclass and is now natively supported by torch.compile"),
                        ("diffusers.quantizers.torchao.torchao_quantizer",
-                        "Unable to import `torchao` Tensor objects. This may affect loading checkpoints")):
+                        "Unable to import `torchao` Tensor objects. This may affect loading checkpoints"),
+                       ("torchao", "Failed to load /x/torchao/_C_cutlass_90a.abi3.so: no CUDA %s")):
         log = logging.getLogger(name)
         with caplog.at_level(logging.WARNING, logger=name):
             log.warning(text, "X")

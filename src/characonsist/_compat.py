@@ -23,8 +23,23 @@ class _DropTorchaoSafeGlobalsNotice(logging.Filter):
         return "Unable to import `torchao` Tensor objects" not in str(record.msg)
 
 
+class _DropTorchaoCudaLibraryNotice(logging.Filter):
+    """torchao's wheels carry CUDA kernels (``_C_cutlass_*.so``) that cannot load where there is no CUDA; torchao
+    logs each failure at its import. On a machine without a CUDA device only those notices are dropped (with one,
+    a failure to load them is worth seeing and stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if not (text.startswith("Failed to load") and "torchao" in text and "_C" in text):
+            return True
+        import torch
+
+        return torch.cuda.is_available()
+
+
 _FILTERS = {"torch.utils._pytree": _DropTorchaoEnumNotice,
-            "diffusers.quantizers.torchao.torchao_quantizer": _DropTorchaoSafeGlobalsNotice}
+            "diffusers.quantizers.torchao.torchao_quantizer": _DropTorchaoSafeGlobalsNotice,
+            "torchao": _DropTorchaoCudaLibraryNotice}
 
 
 def mute_known_noise() -> None:
