@@ -34,6 +34,7 @@ def test_pair_scores_known_answers():
     parts = np.array([0, 1, 1, 2, 5, 0])
     exact = checks._pair_scores(torch.eye(6), parts, parts, threshold=0.5)
     assert exact["tokens"] == 4 and exact["right_part"] == 4 and exact["to_scene"] == 0
+    assert exact["per_part"] == {"head": [2, 2], "body": [1, 1], "legs": [0, 0], "tail": [0, 0], "accessory": [1, 1]}
     assert exact["above_threshold"] == 4
     assert exact["chance_all"] == pytest.approx(2 / 6 + 2 / 6 + 1 / 6 + 1 / 6)
     assert exact["chance_character"] == pytest.approx(2 / 4 + 2 / 4 + 1 / 4 + 1 / 4)
@@ -70,6 +71,8 @@ def test_every_check_runs_on_a_tiny_pipeline(tiny):
     assert sum(r["same_scene"] for r in corr["rows"]) == 1
     for part in ("right_part", "to_scene", "above_threshold", "chance_all", "chance_character"):
         assert 0.0 <= corr["other_scene"][part] <= 1.0
+    by_part = corr["other_scene"]["by_part"]
+    assert set(by_part) == set(world.PARTS[1:]) and by_part["body"] is not None
     ic = checks.in_context(pipe, defaults, n=2, batch=2)
     assert [r["vertical"] for r in ic["rows"]] == [False, True] and 0 <= ic["agree_all_four"] <= 1
     ct = checks.commit_times(pipe, defaults, n=2, batch=2)

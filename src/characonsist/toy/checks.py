@@ -269,8 +269,11 @@ def _pair_scores(sim: torch.Tensor, parts_q: np.ndarray, parts_r: np.ndarray, th
     hit = parts_r[arg.numpy()]
     prior_all = np.bincount(parts_r, minlength=len(world.PARTS)) / len(parts_r)
     prior_char = np.bincount(parts_r[parts_r > 0], minlength=len(world.PARTS)) / max(1, int((parts_r > 0).sum()))
-    return {"tokens": int(len(q)), "right_part": int((hit == parts_q[q]).sum()), "to_scene": int((hit == 0).sum()),
-            "above_threshold": int((best > threshold).sum()),
+    right = hit == parts_q[q]
+    per_part = {world.PARTS[k]: [int(right[parts_q[q] == k].sum()), int((parts_q[q] == k).sum())]
+                for k in range(1, len(world.PARTS))}
+    return {"tokens": int(len(q)), "right_part": int(right.sum()), "to_scene": int((hit == 0).sum()),
+            "above_threshold": int((best > threshold).sum()), "per_part": per_part,
             "chance_all": float(sum(prior_all[p] for p in parts_q[q])),
             "chance_character": float(sum(prior_char[p] for p in parts_q[q]))}
 
@@ -310,14 +313,20 @@ def correspondence(pipe, defaults: dict, pairs: int = 240, seed: int = 777, thre
             # sim: (tokens of b, tokens of a); both directions
             ab_scores = _pair_scores(sim, tb, ta, threshold)
             ba_scores = _pair_scores(sim.T, ta, tb, threshold)
-            rows.append({"kind": kind, "scenes": [sa, sb], "actions": [aa, ab], "same_scene": sa == sb,
-                         **{key: ab_scores[key] + ba_scores[key] for key in ab_scores}})
+            both = {key: ab_scores[key] + ba_scores[key] for key in ab_scores if key != "per_part"}
+            both["per_part"] = {p: [ab_scores["per_part"][p][0] + ba_scores["per_part"][p][0],
+                                    ab_scores["per_part"][p][1] + ba_scores["per_part"][p][1]]
+                                for p in ab_scores["per_part"]}
+            rows.append({"kind": kind, "scenes": [sa, sb], "actions": [aa, ab], "same_scene": sa == sb, **both})
 
     def agg(sel) -> dict:
         t = sum(r["tokens"] for r in sel)
         if not t:
             return {}
+        parts = {p: [sum(r["per_part"][p][0] for r in sel), sum(r["per_part"][p][1] for r in sel)]
+                 for p in world.PARTS[1:]}
         return {"pairs": len(sel), "tokens": t, "right_part": sum(r["right_part"] for r in sel) / t,
+                "by_part": {p: (right / n if n else None) for p, (right, n) in parts.items()},
                 "to_scene": sum(r["to_scene"] for r in sel) / t,
                 "above_threshold": sum(r["above_threshold"] for r in sel) / t,
                 "chance_all": sum(r["chance_all"] for r in sel) / t,
@@ -454,6 +463,9 @@ def format_report(result: dict) -> str:
                              f" into the scene {pct(r['to_scene'])}; best sim > 0.5: {pct(r['above_threshold'])}")
         lines.append("     by kind (other scene): " + ", ".join(f"{k} {pct(v['right_part'])}"
                                                                   for k, v in c["by_kind"].items() if v))
+        if c["other_scene"]:
+            lines.append("     by body part (other scene): " + ", ".join(
+                f"{p} {pct(v)}" for p, v in c["other_scene"]["by_part"].items() if v is not None))
         lines.append("     by scene pair: " + ", ".join(f"{k} {pct(v['right_part'])}"
                                                        for k, v in c["by_scene_pair"].items() if v))
     if "in_context" in result:
