@@ -39,3 +39,12 @@ def _keep_the_attention_backend():
     before = _AttentionBackendRegistry._active_backend
     yield
     _AttentionBackendRegistry.set_active_backend(before)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model checks (the fake engine never reads it)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    return folder

@@ -65,15 +65,6 @@ def fake(monkeypatch):
     return engine
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A folder that passes the model checks (the fake engine never reads it)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    return folder
-
-
 def write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)

@@ -39,15 +39,6 @@ def fake(monkeypatch):
     return engine
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A folder that passes the model checks (the fake engine never reads it)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    return folder
-
-
 def one_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
