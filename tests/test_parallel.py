@@ -314,3 +314,15 @@ def test_bad_input_is_reported_by_process_0_and_stops_the_others(workdir):
     request.num_inference_steps, request.memory = 2, "balanced"
     with pytest.raises(InputError, match="balanced"):
         parallel.generate(request, _Procs(0))
+
+
+def test_close_leaves_the_process_group(tmp_path):
+    """A run's processes leave gloo's group before exiting (an exit with the group still up can abort)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    procs = parallel.Processes(state=None, rank=0, size=1, local_rank=0)
+    assert dist.is_initialized()
+    procs.close()
+    assert not dist.is_initialized()
+    procs.close()                          # a second close (error paths) is harmless

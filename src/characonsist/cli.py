@@ -155,7 +155,10 @@ def cmd_generate(args) -> int:
     if procs is not None:
         if args.gpus is not None:
             raise InputError("--gpus N starts the processes itself: leave it out under accelerate launch / torchrun")
-        return cmd_generate_parallel(args, procs)
+        try:
+            return cmd_generate_parallel(args, procs)
+        finally:
+            procs.close()
     say = (lambda *a: None) if args.quiet else _say
     checked = validate_request(request_from_args(args), names=CLI_NAMES)
     out = checked.folder.root

@@ -90,6 +90,15 @@ class Processes:
 
         dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (``destroy_process_group``) before the process exits: gloo's threads are
+        joined here, not torn down by the interpreter's exit (which can abort with "terminate called without an
+        active exception")."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def send(self, obj) -> None:
         """Send ``obj`` (pickled) to process 0, which takes it with ``receive``."""
         import torch
