@@ -61,6 +61,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any other method option, e.g. mask_step=10 or point_tracking=false (repeatable; for ablations)")
     p.add_argument("--save-masks", action="store_true", help="also save mask and point-match visualisations per image")
+    p.add_argument("--inversion", metavar="MODE[:KEY=VALUE...]",
+                   help="how an identity picture (a story's `| picture.png` / `image:`) is followed: renoise, euler, "
+                        "fireflow or rf, e.g. euler:follow=start (default: the library's; docs/API.md)")
     p.add_argument("--height", type=int, help="image height, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 50 for FLUX.1-dev)")
@@ -97,7 +100,7 @@ def request_from_args(args):
         height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
         memory=args.memory, gpu_ids=args.gpu_ids, dtype=args.dtype, save_masks=args.save_masks,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, inversion=args.inversion)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -109,6 +112,8 @@ def cmd_generate(args) -> int:
     say = (lambda *a: None) if args.quiet else _say
     checked = validate_request(request_from_args(args), names=CLI_NAMES)
     out = checked.folder.root
+    for note in checked.notes:
+        say(note)
     with StoryRun(checked) as run:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")

@@ -52,6 +52,7 @@ class StoryRequest:
     dtype: str = "auto"
     save_masks: bool = False
     overwrite: bool = False
+    inversion: str | None = None   # how an identity picture is followed (``characonsist.inversion``); None: default
 
 
 @dataclass
@@ -68,6 +69,7 @@ class CheckedRequest:
     limits: ModelLimits
     folder: OutputFolder
     names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
+    notes: list[str] = field(default_factory=list)   # what was decided for the run (identity pictures' fitting)
 
 
 def method_names() -> list[str]:
@@ -123,11 +125,13 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     tokenizer = load_t5_tokenizer(ref)
     limits = limits_of(ref, tokenizer)
     problems = story_problems(stories, run, limits, tokenizer, ref, names)
+    picture_issues, notes = picture_problems(stories, run)
+    problems += picture_issues
     if problems:
         raise StoryError(problems)
     folder = OutputFolder(request.out)
     folder.check()
-    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names)
+    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names, notes)
 
 
 def load_stories(paths: list) -> list[Story]:
@@ -182,7 +186,36 @@ def resolve_run(request: StoryRequest, ref: ModelRef, options: dict, dtype: str,
     if problems:
         raise InputError(problems)
     run["guidance_scale"] = float(run["guidance_scale"])
+    if request.inversion is not None:
+        from ..inversion import parse_inversion
+
+        run["inversion"] = parse_inversion(request.inversion).spec()
     return run
+
+
+def picture_problems(stories: list[Story], run: dict) -> tuple[list[str], list[str]]:
+    """Every identity picture of the stories: that it exists and decodes (problems, with the group's place), and how
+    it will be fitted to the identity's size (notes: scaled to cover, centre-cropped; ``characonsist.picture``)."""
+    from ..picture import fit_size, load_picture
+
+    problems, notes = [], []
+    for story in stories:
+        for group in story.groups:
+            if group.picture is None:
+                continue
+            try:
+                image = load_picture(group.picture, f"{group.where[0]}: picture")
+            except InputError as e:
+                problems += e.problems
+                continue
+            target = (group.identity.height or run["height"], group.identity.width or run["width"])
+            fit = fit_size((image.height, image.width), target)
+            notes.append(f"{group.where[0]}: identity picture {group.picture}: {fit.describe()}")
+    if notes and "inversion" not in run:
+        from ..inversion import InversionConfig
+
+        run["inversion"] = InversionConfig().spec()
+    return problems, notes
 
 
 def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,
