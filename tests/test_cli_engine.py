@@ -118,7 +118,7 @@ def test_demo_runs_the_packaged_story_on_the_toy_model(tmp_path, tiny_model, mon
     assert "masks:" in printed and "images:" in printed
 
 
-def test_identity_picture_end_to_end(tmp_path, tiny_model):
+def test_identity_picture_end_to_end(tmp_path, tiny_model, capsys):
     """A story file naming the identity's picture: the identity image is its reconstruction (PSNR in the record and
     the manifest), the frames are generated; a rerun finds the group done."""
     import numpy as np
@@ -128,8 +128,11 @@ def test_identity_picture_end_to_end(tmp_path, tiny_model):
     story = tmp_path / "story.txt"
     story.write_text("park#a cat#sitting | me.png\npark#a cat#running\n")
     args = ["generate", str(story), "--model", str(tiny_model), "--out", str(tmp_path / "out"), "--height", "64",
-            "--width", "64", "--max-sequence-length", "32", "--steps", "3", "--quiet", "--inversion", "euler"]
+            "--width", "64", "--max-sequence-length", "32", "--steps", "3", "--inversion", "euler"]
     assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "story.txt:1: identity picture" in said and "group_000: identity from" in said
+    assert "reconstruction PSNR" in said
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     group = manifest["groups"][0]
     picture = group["engine_settings"]["identity_picture"]
@@ -138,4 +141,4 @@ def test_identity_picture_end_to_end(tmp_path, tiny_model):
     assert picture["psnr"] > 5 and "reconstruction PSNR" in group["identity"]["notes"][0]
     with Image.open(tmp_path / "out" / "group_000" / "identity.png") as image:
         assert image.size == (64, 64)
-    assert cli.main(args) == 0          # resumes: nothing to do
+    assert cli.main([*args, "--quiet"]) == 0          # resumes: nothing to do

@@ -134,9 +134,14 @@ def cmd_generate(args) -> int:
             for job in todo:
                 image_bar.set_postfix_str(job.folder)
                 if run.run(job):
+                    picture = (job.engine_settings or {}).get("identity_picture")
+                    if picture and picture.get("psnr") is not None:
+                        say(f"{job.folder}: identity from {picture['source']}: reconstruction PSNR "
+                            f"{picture['psnr']:.1f} dB")
                     fallbacks = sum(len(n) for n in job.notes)
                     if fallbacks:
-                        say(f"{job.folder}: {fallbacks} fallback note(s) (empty mask, no match, ...): see manifest.json")
+                        say(f"{job.folder}: {fallbacks} note(s) (fallbacks such as an empty mask or no match; the "
+                            "identity's picture): see manifest.json")
                 else:
                     _say(f"group {job.folder} failed: {job.error}", err=True)
                 image_bar.update(job.images)
