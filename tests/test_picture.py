@@ -127,7 +127,7 @@ def test_rf_inversion_spans_euler_and_renoise_exactly():
     assert all(torch.equal(a, b) for a, b in zip(euler, invert(_field, x0, sigmas, InversionConfig("rf", gamma=0.0),
                                                                 noise)))
     straight = invert(_field, x0, sigmas, InversionConfig("rf", gamma=1.0), noise)
-    renoise = PictureRow(InversionConfig(), x0, noise, sigmas)
+    renoise = PictureRow(InversionConfig("renoise"), x0, noise, sigmas)
     for k in range(len(sigmas)):
         torch.testing.assert_close(straight[k], renoise.at(k), atol=1e-5, rtol=1e-5)
     assert torch.equal(euler[-1], x0) and torch.equal(renoise.at(6), x0)

@@ -332,7 +332,7 @@ def test_bench_with_an_identity_picture_on_the_tiny_pipeline(story_pipe, tmp_pat
     kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=64)
     res = bench.run_bench(story_pipe, story, ["oracle", "vanilla", "characonsist+inversion=euler"],
                           identity_picture="render", image_dir=tmp_path, **kw)
-    assert res["settings"]["identity_picture"] == "render" and res["settings"]["inversion"] == "renoise"
+    assert res["settings"]["identity_picture"] == "render" and res["settings"]["inversion"] == "euler"
     oracle, vanilla, cc = (res["methods"][m] for m in ("oracle", "vanilla", "characonsist+inversion=euler"))
     assert oracle["metrics"]["picture"]["truth_consistency"] == 1.0                     # the picture's own character
     assert oracle["metrics"]["picture"]["reconstruction_truth"] == 1.0

@@ -62,8 +62,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="any other method option, e.g. mask_step=10 or point_tracking=false (repeatable; for ablations)")
     p.add_argument("--save-masks", action="store_true", help="also save mask and point-match visualisations per image")
     p.add_argument("--inversion", metavar="MODE[:KEY=VALUE...]",
-                   help="how an identity picture (a story's `| picture.png` / `image:`) is followed: renoise, euler, "
-                        "fireflow or rf, e.g. euler:follow=start (default: the library's; docs/API.md)")
+                   help="how an identity picture (a story's `| picture.png` / `image:`) is followed: euler (default), "
+                        "renoise, fireflow or rf, e.g. euler:follow=start (docs/API.md)")
     p.add_argument("--height", type=int, help="image height, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 50 for FLUX.1-dev)")

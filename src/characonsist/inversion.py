@@ -6,10 +6,10 @@ the velocity ``v = dx/dsigma`` (``eps - x0``); the sampler (``FlowMatchEulerDisc
 VAE latents) the identity's row must be, at step k, a latent the model would have there on its way to x0. Modes
 (``InversionConfig.mode``), all along the sampler's own sigmas:
 
+- ``euler`` (default): plain Euler inversion of the flow ODE, from x0 at sigma = 0 up to sigma = 1, the velocity
+  taken at the current point: ``x_k = x_{k+1} + (sigma_k - sigma_{k+1}) v(x_{k+1}, sigma_{k+1})``. N model calls.
 - ``renoise``: ``x_k = (1 - sigma_k) x0 + sigma_k eps``, eps the identity's own seed noise: the flow's forward
   process, no model call. At the end (sigma_N = 0) the row is x0 exactly.
-- ``euler``: plain Euler inversion of the flow ODE, from x0 at sigma = 0 up to sigma = 1, the velocity taken at the
-  current point: ``x_k = x_{k+1} + (sigma_k - sigma_{k+1}) v(x_{k+1}, sigma_{k+1})``. N model calls.
 - ``fireflow``: FireFlow (Deng et al., 2024, arXiv 2412.07517), a midpoint step whose first velocity is the previous
   step's midpoint velocity, reused: ``m = x + (h/2) v_prev``, ``v_prev <- v(m, sigma + h/2)``, ``x <- x + h v_prev``
   (second order at Euler's cost: N + 1 model calls).
@@ -50,7 +50,7 @@ FOLLOWS = ("steps", "start")
 class InversionConfig:
     """How the identity's row follows its picture (module docstring)."""
 
-    mode: str = "renoise"       # renoise | euler | fireflow | rf
+    mode: str = "euler"         # renoise | euler | fireflow | rf (docs/API.md: the measurement behind the default)
     follow: str = "steps"       # steps: on the path at every step; start: from the inverted noise, then free
     gamma: float = 0.5          # rf: pull toward the straight path to the noise (RF-Inversion's gamma)
     eta: float = 0.0            # follow="start": pull of the model's own steps toward the picture (RF-Inversion's eta)
@@ -67,7 +67,7 @@ class InversionConfig:
     def spec(self) -> str:
         """The text form (``parse_inversion`` reads it back): the mode, then the options that differ from their
         defaults, ``:``-separated, e.g. ``rf:gamma=0.7`` or ``euler:follow=start``."""
-        default = InversionConfig(mode="euler")
+        default = InversionConfig()
         extra = [f"{f.name}={getattr(self, f.name):g}" if isinstance(getattr(self, f.name), float)
                  else f"{f.name}={getattr(self, f.name)}"
                  for f in fields(self) if f.name != "mode" and getattr(self, f.name) != getattr(default, f.name)]
