@@ -22,6 +22,11 @@ Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``r
 * ``breakdown``: ablations at N frames: the engine with method "vanilla" (pure engine overhead), then
   CharaConsist without pre-run / background sharing / token merge, switched on one at a time, then the full
   method; the deltas say where the extra time goes.
+* ``picture``: the identity from a picture (issue 15): CharaConsist at N frames with ``identity_image`` (a seeded
+  random picture of ``--picture-size``, fitted to the run's size) for each ``--picture-inversions`` entry (default
+  renoise, euler, fireflow), against the baseline and against CharaConsist without a picture at the same N
+  (measured here unless an earlier phase did: ``x_story`` / ``gpu_peak_alloc_x_story``); the inversion's own
+  forwards are the batch-1 calls (``inversion_s``, ``inversion_calls``).
 * ``modes`` (last): peak GPU and host memory at 1024x1024 in the three modes (one GPU, model CPU offload,
   sequential CPU offload) for plain FLUX and ours, ``--mode-steps`` steps (sequential: ``--seq-steps``, it
   is slow) and time per step.
@@ -48,8 +53,10 @@ Earlier (BENCHMARKS.md, 2026-11-22):
          python3 bench/gpu_bench.py --phases modes:4 --modes ours:model,ours:sequential --skip-check --no-matmul \
              --out $OUT --tag modes
 Report:  python bench/report.py bench/results/h100-2026-11-22/bench_final.json
-CPU:     python bench/gpu_bench.py --tiny --phases plans,main:1,peers:1,profile:1,breakdown:1,modes:1 \
+CPU:     python bench/gpu_bench.py --tiny --phases plans,main:1,peers:1,profile:1,breakdown:1,picture:1,modes:1 \
              --ours-variants nomerge:use_token_merge=False --out /tmp/bench
+Picture (issue 15, not yet run on a GPU):
+         timeout 540 python3 bench/gpu_bench.py --phases main:4/on,picture:4 --budget-s 480 --out $OUT --tag picture
 Results: ``<out>/bench_<tag>.json`` (every record, written after each run), ``log_<tag>.txt``, profiler tables;
 a summary is printed last.
 """
@@ -589,6 +596,54 @@ class Bench:
                               options={})
             self.compare(record, base, base is not None and base.get("phase") != "breakdown")
 
+    def picture(self):
+        """The identity's picture for the picture phase: seeded random pixels of ``--picture-size`` (the run's
+        size by default; another size also times the fitting)."""
+        import numpy as np
+
+        height, width = self.args.picture_size or (self.size, self.size)
+        return np.random.default_rng(SEED).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+    def phase_picture(self, frames: list[int]):
+        """CharaConsist with the identity from a picture, per inversion, against plain FLUX and against CharaConsist
+        without a picture (the picture's own cost: encoding, inversion forwards, nothing else)."""
+        steps = self.args.steps
+        if self.ours is None:
+            self.log("picture: engine not available; skipped")
+            return
+        picture = self.picture()
+        for n in frames:
+            base = self.find("baseline", n)
+            reused = base is not None
+            base = base or self.baseline(n, "picture")
+            story_run = self.find("ours", n, share_bg=True, options={})
+            if story_run is None:
+                story_run = self.run(f"ours/{n}frames/share_bg=on", lambda s, n=n: self.ours_fn(n, s, share_bg=True),
+                                     n + 1, steps, phase="picture", kind="ours", frames=n, share_bg=True,
+                                     method="characonsist", options={})
+                self.compare(story_run, base, reused)
+            for inversion in self.args.picture_inversions:
+                record = self.run(f"picture/{n}frames/{inversion}",
+                                  lambda s, n=n, i=inversion: self.ours_fn(n, s, identity_image=picture, inversion=i),
+                                  n + 1, steps, phase="picture", kind="picture", frames=n, method="characonsist",
+                                  inversion=inversion, picture_size=list(picture.shape[:2]))
+                self.compare(record, base, reused)
+                if "wall_s" not in record:
+                    continue
+                single = record.get("transformer_by_batch", {}).get("1", {"calls": 0, "s": 0.0})
+                record.update(inversion_calls=single["calls"], inversion_s=single["s"])
+                line = f"    inversion {inversion}: {single['calls']} forwards of the identity, {single['s']:.2f} s"
+                if story_run is not None and "wall_s" in story_run:
+                    record.update(story=story_run["name"], x_story=record["wall_s"] / story_run["wall_s"],
+                                  extra_s_vs_story=record["wall_s"] - story_run["wall_s"],
+                                  host_delta_vs_story_gib=record["rss_peak_gib"] - story_run["rss_peak_gib"])
+                    line += f"; x{record['x_story']:.3f} the story without a picture ({record['extra_s_vs_story']:+.2f} s)"
+                    if "gpu_peak_alloc_gib" in record and "gpu_peak_alloc_gib" in story_run:
+                        record["gpu_peak_alloc_x_story"] = record["gpu_peak_alloc_gib"] / story_run["gpu_peak_alloc_gib"]
+                        line += f", GPU peak x{record['gpu_peak_alloc_x_story']:.3f}"
+                self.log(line)
+                self.save()
+
     def phase_modes(self, frames: list[int]):
         """``--modes`` entries ``pipe:mode`` in order; pipe ours|plain-flux, mode one-gpu|model|sequential."""
         n = frames[0]
@@ -756,6 +811,10 @@ def parse_args(argv=None):
                    "name:key=value[;key=value], values as Python literals where they parse, e.g. "
                    "'cudnn:volatile_backend=default,nomerge:use_token_merge=False'")
     p.add_argument("--plan-shapes", type=int, default=10, help="plans phase: new (Sq, Sk) pairs per backend")
+    p.add_argument("--picture-inversions", default="renoise,euler,fireflow",
+                   help="picture phase: inversion specs (characonsist.inversion), comma-separated")
+    p.add_argument("--picture-size", default=None, help="picture phase: the picture's HEIGHTxWIDTH (default: the "
+                   "run's size)")
     p.add_argument("--skip-check", action="store_true", help="no SDPA check / one-step profile on CUDA")
     p.add_argument("--seq-steps", type=int, default=2)
     p.add_argument("--profile-steps", type=int, default=8)
@@ -794,6 +853,13 @@ def parse_args(argv=None):
     args.modes = [m for m in args.modes.split(",") if m]
     args.breakdown = [b for b in args.breakdown.split(",") if b]
     args.peer_methods = [m.strip() for m in args.peer_methods.split(",") if m.strip()]
+    args.picture_inversions = [m.strip() for m in args.picture_inversions.split(",") if m.strip()]
+    if args.picture_size:
+        try:
+            args.picture_size = tuple(int(v) for v in args.picture_size.lower().split("x"))
+            assert len(args.picture_size) == 2 and min(args.picture_size) > 0
+        except (ValueError, AssertionError):
+            p.error(f"--picture-size {args.picture_size!r}: expected HEIGHTxWIDTH, e.g. 1536x1024")
     try:
         args.ours_variants = parse_variants(args.ours_variants)
     except ValueError as exc:
@@ -806,7 +872,7 @@ def parse_args(argv=None):
         torch.set_num_threads(args.threads or 1)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     args.tag = args.tag or "-".join(name for name, _, _ in args.phases)
-    valid = {"main", "peers", "plans", "profile", "breakdown", "modes", "table"}
+    valid = {"main", "peers", "plans", "profile", "breakdown", "picture", "modes", "table"}
     names = [name for name, _, _ in args.phases]
     if set(names) - valid:
         p.error(f"unknown phases {sorted(set(names) - valid)}; valid: {sorted(valid)}")

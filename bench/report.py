@@ -74,6 +74,12 @@ def report(path: str) -> list[str]:
             line += f"  {r['tflops_wall']:.0f} TFLOP/s ({100 * r.get('frac_of_matmul_wall', 0):.0f}% of matmul)"
         if r.get("options") and r.get("variant"):
             line += f"  options {r['options']}"
+        if r.get("kind") == "picture" and "inversion_calls" in r:   # the identity from a picture (issue 15)
+            line += f"  inversion {r['inversion_calls']} forwards {r['inversion_s']:.2f} s"
+            if "x_story" in r:
+                line += f", x{r['x_story']:.3f} the story without a picture"
+                if "gpu_peak_alloc_x_story" in r:
+                    line += f" (GPU peak x{r['gpu_peak_alloc_x_story']:.3f})"
         lines.append(line)
     lines += comparison_table(records)
     for r in records:
@@ -88,7 +94,7 @@ def comparison_table(records: list[dict]) -> list[str]:
     groups: dict[int, list[dict]] = {}
     for r in records:
         base = baseline_of(records, r)
-        if r.get("kind") in ("ours", "peer") and not r.get("mode") and r.get("phase") != "breakdown" \
+        if r.get("kind") in ("ours", "peer", "picture") and not r.get("mode") and r.get("phase") != "breakdown" \
                 and "wall_s" in r and base and "wall_s" in base:
             groups.setdefault(next(i for i, x in enumerate(records) if x is base), []).append(r)
     lines = []

@@ -133,3 +133,35 @@ def test_report_of_stored_h100_results():
     assert "x1.519" in text and "x1.339" in text      # the figures BENCHMARKS.md quotes
     assert "pre-run" in text and "415 TFLOP/s" in text
     assert any("sequential-offload" in x for x in report(str(results / "bench_modes.json")))
+
+
+def test_bench_tiny_picture_phase(tmp_path):
+    """The picture phase (issue 15): the story without a picture, then one run per inversion with the identity from a
+    picture of another size; the inversion's forwards are the batch-1 calls (none for renoise, N for Euler)."""
+    gpu_bench = _load_bench()
+    threads = torch.get_num_threads()
+    try:
+        bench = gpu_bench.main(["--tiny", "--steps", "4", "--warmup-steps", "0", "--first-warmup-steps", "0",
+                                "--phases", "picture:1", "--picture-inversions", "renoise,euler",
+                                "--picture-size", "48x80", "--out", str(tmp_path), "--tag", "pic"])
+    finally:
+        torch.set_num_threads(threads)
+    if bench.ours is None:
+        pytest.skip("engine not importable")
+    records = {r["name"]: r for r in json.loads((tmp_path / "bench_pic.json").read_text())["records"]}
+    assert not [(n, r["error"]) for n, r in records.items() if "error" in r]
+    story = records["ours/1frames/share_bg=on"]
+    for inversion, calls in (("renoise", 0), ("euler", 4)):
+        r = records[f"picture/1frames/{inversion}"]
+        assert r["inversion_calls"] == calls and r["picture_size"] == [48, 80]
+        assert r["transformer_calls"] == story["transformer_calls"] + calls
+        assert r["x_story"] == pytest.approx(r["wall_s"] / story["wall_s"]) and r["baseline"] == "baseline/2img"
+        assert r["settings"]["identity_picture"]["fit"] == "80x48 upscaled to 107x64, centre-cropped to 64x64 " \
+                                                           "(40% of it cut)"
+        assert r["nonfinite_outputs"] == 0 and r["nonfinite_images"] == 0
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--tiny", "--picture-size", "big"])
+    from report import report
+
+    text = "\n".join(report(str(tmp_path / "bench_pic.json")))
+    assert "inversion 4 forwards" in text and "the story without a picture" in text

@@ -480,3 +480,35 @@ def test_only_the_known_torchao_notices_are_dropped(caplog):
         messages = [r.getMessage() for r in caplog.records if r.name == name]
         assert messages == ["another warning stays"], messages
         caplog.clear()
+
+
+def test_identity_pictures_are_checked_and_fitted_before_the_model(tmp_path, model_dir, fake, capsys):
+    Image.new("RGB", (96, 40), (200, 10, 10)).save(tmp_path / "me.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    story = write(tmp_path, "story.txt", "park#a cat#sits | broken.png\npark#a cat#runs\n\n"
+                                         "beach#a dog#swims | gone.png\nbeach#a dog#digs\n")
+    assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"story.txt:1: picture: {tmp_path / 'broken.png'}: not an image PIL can read" in err
+    assert f"story.txt:4: picture: {tmp_path / 'gone.png'}: image file not found" in err
+    assert fake.loads == [] and not (tmp_path / "out").exists()
+    assert run(tmp_path, model_dir, "--inversion", "sideways") == cli.EXIT_BAD_INPUT
+    assert "inversion: option mode='sideways': valid: 'renoise'" in capsys.readouterr().err
+
+    story = write(tmp_path, "story.txt", "park#a cat#sits | me.png\npark#a cat#runs\n")
+    args = ["generate", str(story), "--model", str(model_dir), "--out", str(tmp_path / "out"), "--height", "32",
+            "--width", "48", "--steps", "3", "--inversion", "euler"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert f"story.txt:1: identity picture {tmp_path / 'me.png'}: 96x40 downscaled to 77x32, centre-cropped to " \
+           "48x32" in said
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    picture = manifest["groups"][0]["identity"]["picture"]
+    assert picture["path"] == str(tmp_path / "me.png") and picture["inversion"] == "euler"
+    assert len(picture["sha256"]) == 64 and manifest["settings"]["inversion"] == "euler"
+    # another picture in the same file is another group: reported, regenerated with --overwrite
+    Image.new("RGB", (96, 40), (10, 10, 200)).save(tmp_path / "me.png")
+    assert cli.main([*args, "--quiet"]) == cli.EXIT_BAD_INPUT
+    assert "identity picture" in capsys.readouterr().err
+    assert cli.main([*args, "--quiet", "--overwrite"]) == 0 and len(fake.calls) == 2
+

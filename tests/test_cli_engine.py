@@ -116,3 +116,29 @@ def test_demo_runs_the_packaged_story_on_the_toy_model(tmp_path, tiny_model, mon
     assert len(group["frames"]) == 4 and group["identity"]["prompt"].startswith("a sunny beach a robot")
     assert f"storyboard: {tmp_path / 'demo' / 'group_000' / 'storyboard.png'}" in printed
     assert "masks:" in printed and "images:" in printed
+
+
+def test_identity_picture_end_to_end(tmp_path, tiny_model, capsys):
+    """A story file naming the identity's picture: the identity image is its reconstruction (PSNR in the record and
+    the manifest), the frames are generated; a rerun finds the group done."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((80, 100, 3)) * 255).astype(np.uint8)).save(tmp_path / "me.png")
+    story = tmp_path / "story.txt"
+    story.write_text("park#a cat#sitting | me.png\npark#a cat#running\n")
+    args = ["generate", str(story), "--model", str(tiny_model), "--out", str(tmp_path / "out"), "--height", "64",
+            "--width", "64", "--max-sequence-length", "32", "--steps", "3", "--inversion", "euler"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "story.txt:1: identity picture" in said and "group_000: identity from" in said
+    assert "reconstruction PSNR" in said
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    group = manifest["groups"][0]
+    picture = group["engine_settings"]["identity_picture"]
+    assert picture["inversion"] == "euler" and picture["source_size"] == [80, 100] and picture["size"] == [64, 64]
+    assert picture["fit"] == "100x80 downscaled to 80x64, centre-cropped to 64x64 (20% of it cut)"
+    assert picture["psnr"] > 5 and "reconstruction PSNR" in group["identity"]["notes"][0]
+    with Image.open(tmp_path / "out" / "group_000" / "identity.png") as image:
+        assert image.size == (64, 64)
+    assert cli.main([*args, "--quiet"]) == 0          # resumes: nothing to do

@@ -106,3 +106,38 @@ def test_prompt_length_counts_tokens():
 def test_missing_file():
     with pytest.raises(StoryError, match="not found"):
         load_story("/nonexistent/story.txt")
+
+
+def test_the_identity_may_name_a_picture(tmp_path):
+    (tmp_path / "pics").mkdir()
+    text = tmp_path / "pics" / "story.txt"
+    text.write_text("park#a cat#sits | me.png\npark#a cat#runs\n\nbeach#a dog#swims|/abs/dog.jpg\nbeach#a dog#digs\n"
+                    "\nroom#a fox#naps\nroom#a fox#eats\n")
+    story = load_story(text)
+    assert [g.picture for g in story.groups] == [str(tmp_path / "pics" / "me.png"), "/abs/dog.jpg", None]
+    assert story.groups[0].identity.action == "sits" and story.groups[1].identity.action == "swims"
+    yaml = tmp_path / "pics" / "story.yaml"
+    yaml.write_text("scenes:\n  - background: park\n    character: a cat\n    identity: {action: sits, image: me.png}\n"
+                    "    frames: [{action: runs}]\n  - background: beach\n    character: a dog\n"
+                    "    frames: [{action: swims, image: dog.png}, {action: digs}]\n")
+    story = load_story(yaml)
+    assert [g.picture for g in story.groups] == [str(tmp_path / "pics" / "me.png"), str(tmp_path / "pics" / "dog.png")]
+    toml = tmp_path / "story.toml"
+    toml.write_text('[[scenes]]\nbackground = "park"\ncharacter = "a cat"\nidentity = {action = "sits", image = '
+                    '"me.png"}\nframes = [{action = "runs"}]\n')
+    assert load_story(toml).groups[0].picture == str(tmp_path / "me.png")
+
+
+def test_only_the_identity_takes_a_picture():
+    with pytest.raises(StoryError) as info:
+        parse_text("park#a cat#sits\npark#a cat#runs | me.png\n\nbeach#a dog#swims |\nbeach#a dog#digs\n", "s.txt")
+    assert info.value.problems == [
+        "s.txt:2: only a group's first line (its identity) may name a picture ('| picture.png'); this is a frame",
+        "s.txt:4: '|' with no picture after it; write background#character#action | picture.png"]
+    with pytest.raises(StoryError) as info:
+        parse_structured("scenes:\n  - background: park\n    character: a cat\n    identity: {action: sits, image: 3}\n"
+                         "    frames: [{action: runs, image: b.png}]\n", "s.yaml")
+    assert info.value.problems == [
+        "s.yaml: scenes[0].identity: 'image' must be the path of a picture file, got 3",
+        "s.yaml: scenes[0].frames[0]: only the identity (a scene's 'identity', else its first frame) may have an "
+        "'image'"]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,101 @@ def test_heldout_suite_is_another_suite_of_the_same_form():
     assert all(s.name.startswith("heldout-") for s in held)
     assert {s.seed for s in held}.isdisjoint({s.seed for s in full})
     assert [(s.identity, s.frames) for s in held] != [(s.identity, s.frames) for s in full]
+
+
+def test_story_pictures_show_a_known_character():
+    """The picture kinds (issue 15): a render of a sampled character in the identity's scene and action; offgrid: that
+    character 1.375x larger, off the trained positions; degraded: the readout's degradations. Deterministic."""
+    from characonsist.toy import pictures
+    from characonsist.toy.readout import read_batch
+
+    images, chars = {}, {}
+    for kind in pictures.PICTURE_KINDS:
+        images[kind], chars[kind] = pictures.story_picture("city", "bird", "small-left", 77, kind)
+        again, _ = pictures.story_picture("city", "bird", "small-left", 77, kind)
+        assert images[kind].shape == (128, 128, 3) and np.array_equal(images[kind], again)
+    assert len({c for c in chars.values()}) == 1 and chars["render"].kind == "bird"
+    assert not np.array_equal(images["render"], images["degraded"])
+    reads = read_batch([images["render"], images["degraded"]])
+    assert all(r[a] == getattr(chars["render"], a) for r in reads for a in world.ATTRIBUTES)
+    # offgrid: the character is bigger than any trained height and not centred at 0.25/0.5/0.75 of the width
+    _, mask = world.render("city", chars["render"], "small-left", rng=np.random.default_rng(0), return_mask=True)
+    region = bench.character_region(["small-left"])
+    big = bench.character_pixels(images["offgrid"], ["city"], np.ones_like(region))
+    assert big.sum() > 1.5 * mask.sum()
+    cols = np.nonzero(big.any(0))[0]
+    assert abs((cols.min() + cols.max()) / 2 / 128 - 0.25) > 0.03
+    with pytest.raises(ValueError, match="valid: render"):
+        pictures.story_picture("city", "bird", "small-left", 77, "sketch")
+
+
+def test_picture_scores_and_table():
+    from characonsist.toy.pictures import aggregate_pictures, format_picture_table, score_picture
+
+    truth = {"color": "red", "pattern": "dots", "accessory": "hat", "accessory_color": "blue"}
+    other = {**truth, "color": "teal"}
+    s = score_picture(truth, [truth, truth, other, truth], 31.5)
+    assert s["truth_hits"] == 2 and s["truth_attribute_hits"] == {**dict.fromkeys(truth, 3), "color": 2}
+    assert all(s["reconstruction_truth"].values())
+    s2 = score_picture(truth, [other, other, other], None)
+    s.update(frames=3, frame_adherence_hits=4, frame_adherence_fields=4)
+    s2.update(frames=2, frame_adherence_hits=4, frame_adherence_fields=4)
+    m = aggregate_pictures([s, s2, {"error": "x"}])
+    assert m["stories"] == 2 and m["truth_consistency"] == pytest.approx(2 / 5)
+    assert m["reconstruction_truth"] == 0.5 and m["reconstruction_psnr"] == 31.5 and m["frame_adherence"] == 1.0
+    text = format_picture_table({"settings": {"identity_picture": "render", "inversion": "renoise"},
+                                 "methods": {"cc": {"metrics": {"picture": m}}, "x": {"metrics": {}}}})
+    assert text.splitlines()[2].split()[:3] == ["cc", "40.0", "40.0"] and "render, inversion renoise" in text
+
+
+def test_bench_with_an_identity_picture_on_the_tiny_pipeline(story_pipe, tmp_path):
+    story = suite.make_suite()[:1]
+    kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=64)
+    res = bench.run_bench(story_pipe, story, ["oracle", "vanilla", "characonsist+inversion=euler"],
+                          identity_picture="render", image_dir=tmp_path, **kw)
+    assert res["settings"]["identity_picture"] == "render" and res["settings"]["inversion"] == "euler"
+    oracle, vanilla, cc = (res["methods"][m] for m in ("oracle", "vanilla", "characonsist+inversion=euler"))
+    assert oracle["metrics"]["picture"]["truth_consistency"] == 1.0                     # the picture's own character
+    assert oracle["metrics"]["picture"]["reconstruction_truth"] == 1.0
+    for run in (vanilla, cc):
+        rec = run["stories"][0]
+        assert "error" not in rec and rec["psnr"] is not None and set(rec["truth"]) == set(world.ATTRIBUTES)
+        assert rec["frame_adherence_fields"] == 16
+    assert cc["options"] == {"inversion": "euler"}
+    with Image.open(tmp_path / "vanilla" / f"{story[0].name}.png") as strip:
+        assert strip.size == (32 * 6, 32)                                      # the picture, then the 5 images
+    with pytest.raises(ValueError, match="identity picture"):
+        bench.run_bench(story_pipe, story, ["vanilla"], identity_picture="photo", **kw)
+    from characonsist.inputs import InputError
+
+    with pytest.raises(InputError, match="inversion"):
+        bench.run_bench(story_pipe, story, ["vanilla+inversion=nope"], identity_picture="render", **kw)
+
+
+def test_picture_comparison_script(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "toy_picture_compare.py"
+    spec = importlib.util.spec_from_file_location("toy_picture_compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def story(name, hits, attr):
+        return {"name": name, "frames": 4, "truth_hits": hits,
+                "truth_attribute_hits": dict.fromkeys(("color", "pattern", "accessory", "accessory_color"), attr)}
+
+    def spec_entry(stories):
+        picture = {"stories": len(stories), "truth_consistency": 0.5, "truth_attribute_agreement":
+                   dict.fromkeys(("color", "pattern", "accessory", "accessory_color"), 0.5), "frame_adherence": 1.0,
+                   "reconstruction_psnr": 30.0, "reconstruction_truth": 1.0}
+        return {"metrics": {"picture": picture, "seconds_per_story": 1.0, "background_consistency": None},
+                "stories": stories}
+
+    data = {"methods": {"a": spec_entry([story("s1", 1, 2), story("s2", 1, 2)]),
+                        "b": spec_entry([story("s1", 3, 4), story("s2", 3, 4), story("s3", 0, 0)])}}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    runs = compare.load([str(tmp_path / "r.json")])
+    assert list(runs) == ["a", "b"] and len(compare.table(runs)) == 3
+    line = compare.paired(runs, "a")[0]
+    assert line.startswith("b - a (2 stories): all 4 +50.0 [+50.0, +50.0], mean attribute +50.0")
+    assert compare.main([str(tmp_path / "r.json"), "--reference", "zz"]) == 2

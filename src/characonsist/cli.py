@@ -73,6 +73,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", action="append", choices=LAYOUTS, metavar="LAYOUT",
                    help=f"also write pages of every finished image to DIR/layouts as PNG and PDF: {', '.join(LAYOUTS)} "
                         "(repeatable)")
+    p.add_argument("--inversion", metavar="MODE[:KEY=VALUE...]",
+                   help="how an identity picture (a story's `| picture.png` / `image:`) is followed: euler (default), "
+                        "renoise, fireflow or rf, e.g. euler:follow=start (docs/API.md)")
     p.add_argument("--height", type=int, help="image height, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 50 for FLUX.1-dev)")
@@ -132,7 +135,8 @@ def request_from_args(args):
         seed=args.seed, max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
         memory=args.memory, gpu_ids=args.gpu_ids, dtype=args.dtype, save_masks=args.save_masks,
         overwrite=args.overwrite, quantize=args.quantize, vae_tiling=args.vae_tiling,
-        attention_backend=args.attention_backend, compile=args.compile, loras=list(args.lora or []))
+        attention_backend=args.attention_backend, compile=args.compile, loras=list(args.lora or []),
+        inversion=args.inversion)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -164,6 +168,8 @@ def cmd_generate(args) -> int:
     out = checked.folder.root
     if checked.plan is not None:
         say(f"memory: {checked.plan.describe()}")
+    for note in checked.notes:
+        say(note)
     with StoryRun(checked) as run:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
@@ -185,9 +191,14 @@ def cmd_generate(args) -> int:
             for job in todo:
                 image_bar.set_postfix_str(job.folder)
                 if run.run(job):
+                    picture = (job.engine_settings or {}).get("identity_picture")
+                    if picture and picture.get("psnr") is not None:
+                        say(f"{job.folder}: identity from {picture['source']}: reconstruction PSNR "
+                            f"{picture['psnr']:.1f} dB")
                     fallbacks = sum(len(n) for n in job.notes)
                     if fallbacks:
-                        say(f"{job.folder}: {fallbacks} fallback note(s) (empty mask, no match, ...): see manifest.json")
+                        say(f"{job.folder}: {fallbacks} note(s) (fallbacks such as an empty mask or no match; the "
+                            "identity's picture): see manifest.json")
                 else:
                     _say(f"group {job.folder} failed: {job.error}", err=True)
                 image_bar.update(job.images)

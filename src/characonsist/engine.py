@@ -50,6 +50,7 @@ class Slot:
     real_len: int               # T5 tokens of the whole prompt (no end token), <= text length
     char_len: int = 0           # T5 tokens of the character field (it starts at bg_len)
     pos: int = 0                # position in the chunk (identity = 0)
+    picture: object = None      # the identity from a picture: ``inversion.PictureRow`` (its row follows it)
 
     @property
     def is_identity(self) -> bool:
@@ -188,6 +189,37 @@ class AttnCall:
         return out.flatten(2, 3).to(self.query.dtype)
 
 
+def sampler_schedule(scheduler, num_steps: int, image_seq_len: int, device):
+    """A copy of the pipeline's flow-matching scheduler set to ``num_steps`` steps for images of ``image_seq_len``
+    tokens, as ``FluxPipeline`` sets it (linear sigmas shifted by the resolution-dependent ``mu``), and its
+    timesteps. Every group of a chunk and a picture's inversion (``characonsist.inversion``) use this one rule."""
+    sched = copy.deepcopy(scheduler)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    if getattr(sched.config, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(image_seq_len, sched.config.get("base_image_seq_len", 256),
+                         sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                         sched.config.get("max_shift", 1.15))
+    timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
+    sched.set_begin_index(0)
+    return sched, timesteps
+
+
+def flow_velocity(transformer, latents: torch.Tensor, sigma: float, embeds, pooled, text_ids, img_ids,
+                  guidance_scale: float) -> torch.Tensor:
+    """The model's velocity for packed ``latents`` (B, S, C) at noise level ``sigma``, called as the engine calls it
+    (FLUX's timestep = sigma; the guidance embedding where the model has one). For passes outside the lockstep
+    batch (a picture's inversion)."""
+    batch = latents.shape[0]
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=latents.device, dtype=torch.float32).expand(batch)
+    timestep = torch.full([batch], float(sigma) * 1000, device=latents.device, dtype=torch.float32)
+    return transformer(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+                       pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
+                       return_dict=False)[0]
+
+
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, attn.head_dim))
 
@@ -303,19 +335,25 @@ class Engine:
         return groups
 
     def _reset(self, group: Group, num_steps: int, device, twin_steps: int = 0) -> None:
-        sched = copy.deepcopy(self.pipe.scheduler)
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-        if getattr(sched.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(group.latents0.shape[1], sched.config.get("base_image_seq_len", 256),
-                             sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
-                             sched.config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
-        sched.set_begin_index(0)
+        sched, timesteps = sampler_schedule(self.pipe.scheduler, num_steps, group.latents0.shape[1], device)
         group.scheduler, group.timesteps, group.latents = sched, timesteps, group.latents0.clone()
         group.twins = bool(twin_steps)
         if group.twins:   # the twins start from the same noise and denoise plainly
             group.latents = torch.cat([group.latents, group.latents])
+        self._follow_picture(group, 0, start=True)
+
+    def _follow_picture(self, g: Group, step: int, start: bool = False) -> None:
+        """Put the picture identity's row (and its twin) where the picture is at ``step`` (``Slot.picture``):
+        at every step when it follows the picture's path (``follow="steps"``), only at the start otherwise."""
+        for row, s in enumerate(g.slots):
+            picture = s.picture
+            if picture is None or not (start or picture.follow == "steps") or step >= len(picture.sigmas):
+                continue
+            x = picture.at(step).to(g.latents.device, g.latents.dtype)
+            g.latents[row] = x[0]
+            twin = g.twin_row(s.pos)
+            if twin is not None and twin < g.latents.shape[0]:
+                g.latents[twin] = x[0]
 
     # ------------------------------------------------------------------ the loop
     def generate(self, slots: list[Slot], *, num_inference_steps: int, guidance_scale: float,
@@ -408,4 +446,10 @@ class Engine:
                                  pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
                                  img_ids=g.img_ids, return_dict=False)[0]
         if not last:   # a pre-run stops at its last step's prediction, as the official code does
+            for row, s in enumerate(g.slots):   # a picture identity's own steps may be pulled toward it
+                if s.picture is not None and s.picture.follow != "steps":
+                    for r in (row, g.twin_row(s.pos)):
+                        if r is not None and r < batch:
+                            noise_pred[r] = s.picture.velocity(step, g.latents[r], noise_pred[r])
             g.latents = g.scheduler.step(noise_pred, t, g.latents, return_dict=False)[0]
+            self._follow_picture(g, step + 1)

@@ -30,9 +30,11 @@ from .inputs import (
     seed_problem,
     setting_problems,
 )
+from .inversion import InversionConfig, inversion_calls, parse_inversion, prepare_picture_row
 from .match import Matches
 from .methods import Method, get_method
 from .methods.base import story_seeds
+from .picture import describe_source, fit_picture, load_picture, psnr
 from .story import StoryImage
 
 FluxPipeline = import_flux()
@@ -50,6 +52,7 @@ class StoryPipelineOutput:
     notes: list[list[str]]            # identity first: fallbacks taken
     method: str
     settings: dict = field(default_factory=dict)
+    picture: dict | None = None       # identity from a picture: its source, fit, inversion and reconstruction PSNR
 
     @property
     def images(self) -> list:
@@ -197,8 +200,8 @@ class CharaConsistPipeline(FluxPipeline):
     def check_inputs(self, identity, frames=(), method: str | Method = "characonsist", height=None, width=None,
                      num_inference_steps=None, guidance_scale=None, seed=None, generator=None,
                      max_sequence_length=None, batch_size=None, output_type="pil", callback_on_step_end=None,
-                     callback_on_step_end_tensor_inputs=("latents",), **method_options
-                     ) -> tuple[list[StoryImage], Method]:
+                     callback_on_step_end_tensor_inputs=("latents",), identity_image=None, inversion=None,
+                     **method_options) -> tuple[list[StoryImage], Method]:
         """Check a call's inputs before any work (diffusers' ``check_inputs``): every problem at once, as one
         ``characonsist.inputs.InputError`` (a ValueError). Returns the images (identity first) and the method.
 
@@ -228,6 +231,19 @@ class CharaConsistPipeline(FluxPipeline):
         if unknown:
             problems.append(f"callback_on_step_end_tensor_inputs: {', '.join(map(excerpt, unknown))} not available; "
                             "valid: 'latents'")
+        if identity_image is not None:
+            try:
+                load_picture(identity_image, "identity_image")
+            except InputError as e:
+                problems += e.problems
+        if inversion is not None or identity_image is not None:
+            try:
+                parse_inversion(inversion)
+            except InputError as e:
+                problems += e.problems
+            if identity_image is None:
+                problems.append(f"inversion={excerpt(inversion)} is given without an identity_image (it says how "
+                                "the identity follows a picture)")
         if images:
             places = ["identity", *(f"frames[{i}]" for i in range(len(images) - 1))]
             problems += _seed_problems(len(images), seed, generator)
@@ -275,13 +291,20 @@ class CharaConsistPipeline(FluxPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         progress_callback: Callable[[str, int, int], None] | None = None,
+        identity_image=None,
+        inversion: str | dict | InversionConfig | None = None,
         **method_options,
     ) -> StoryPipelineOutput | tuple:
         """Generate the identity and its frames. Settings left at None take the model's defaults
         (``story_defaults``: FLUX.1-dev's 1024 px, 50 steps, guidance 3.5, 512 tokens; a model folder's
         ``characonsist_defaults.json``, e.g. the toy model's, wins). ``progress_callback(phase, done, total)`` is
         called after every denoising step of every pass (pre-runs included); an exception raised in it stops the
-        call. See docs/API.md."""
+        call.
+
+        ``identity_image`` (a PIL image, an array or an image file) makes the identity that picture, captioned by
+        ``identity``: it is fitted to the identity's size (scaled to cover, centre-cropped), and the identity's row
+        follows it by ``inversion`` (``characonsist.inversion``; None: the default); ``out.identity`` is the
+        reconstruction and ``out.picture`` says how close it is (PSNR). See docs/API.md."""
         defaults = self.story_defaults()
         num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -289,7 +312,7 @@ class CharaConsistPipeline(FluxPipeline):
         images, method = self.check_inputs(
             identity, frames, method, height, width, num_inference_steps, guidance_scale, seed, generator,
             max_sequence_length, batch_size, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            **method_options)
+            identity_image, inversion, **method_options)
         default_h = height or defaults["height"]
         default_w = width or defaults["width"]
         multiple = self.vae_scale_factor * 2
@@ -309,7 +332,11 @@ class CharaConsistPipeline(FluxPipeline):
         results: dict[int, dict] = {}
         notes: dict[int, list[str]] = {}
         progress = _StepBars(self, progress_callback)
+        picture = None
         try:
+            if identity_image is not None:
+                picture = self._picture(identity_image, parse_inversion(inversion), slots[0], num_inference_steps,
+                                        guidance_scale, max_sequence_length, progress)
             for chunk in chunks:
                 chunk_slots = []
                 for pos, k in enumerate(chunk):
@@ -340,11 +367,38 @@ class CharaConsistPipeline(FluxPipeline):
             "guidance_scale": guidance_scale, "max_sequence_length": max_sequence_length, "batch_size": batch_size,
             "sizes": [[s.height, s.width] for s in slots], "seeding": seeding,
         }
+        notes_out = [list(notes[k]) for k in range(len(images))]
+        if picture is not None:
+            fitted, info = picture
+            info["psnr"] = None if output_type == "latent" else psnr(ordered[0]["image"], fitted)
+            settings["identity_picture"] = info
+            said = f"{info['psnr']:.2f} dB" if info["psnr"] is not None else "not measured (latent output)"
+            notes_out[0].insert(0, f"identity from the picture {info['source']} ({info['fit']}), inversion "
+                                   f"{info['inversion']}: reconstruction PSNR {said}")
+            if info["follow"] == "steps" and len(images) > 1:
+                notes_out[0].insert(1, "the identity follows its picture at every step: what it shares with the "
+                                       "frames does not change it")
         out = StoryPipelineOutput(
             identity=ordered[0]["image"], frames=[r["image"] for r in ordered[1:]],
             masks=[r.get("mask") for r in ordered], matches=[r.get("matches") for r in ordered[1:]],
-            seeds=seeds, notes=[notes[k] for k in range(len(images))], method=method.name, settings=settings)
+            seeds=seeds, notes=notes_out, method=method.name, settings=settings,
+            picture=None if picture is None else picture[1])
         return out if return_dict else (out.images,)
+
+    def _picture(self, identity_image, config: InversionConfig, slot: Slot, num_inference_steps: int,
+                 guidance_scale: float, max_sequence_length: int, progress) -> tuple:
+        """Fit the identity's picture to its size and prepare the row that follows it (``inversion``); returns
+        (fitted picture, its record for ``out.picture``)."""
+        source = load_picture(identity_image, "identity_image")
+        fitted, fit = fit_picture(source, slot.height, slot.width)
+        slot.picture = prepare_picture_row(
+            self, fitted, config, prompt=slot.image.prompt, height=slot.height, width=slot.width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            max_sequence_length=max_sequence_length, seed=slot.seed, progress=progress)
+        info = {"source": describe_source(identity_image), "source_size": list(fit.source), "size": list(fit.target),
+                "fit": fit.describe(), "inversion": config.spec(), "follow": config.follow,
+                "inversion_calls": inversion_calls(config, num_inference_steps)}
+        return fitted, info
 
     @staticmethod
     def _chunks(images: list[StoryImage], method: Method, batch_size: int | None) -> list[list[int]]:

@@ -1,7 +1,9 @@
 """Story files: the official text format and a structured YAML/TOML story, parsed into groups and checked.
 
 Text format (official ``inference.py``): one ``background#character#action`` prompt per line, a blank line
-between groups, the first line of a group is its identity image, the other lines are its frames.
+between groups, the first line of a group is its identity image, the other lines are its frames. The identity may
+be a picture of the character: its line ends with ``| path/to/picture.png`` (relative paths are read from the
+story file's folder), e.g. ``a sunny park#a girl with a red scarf#standing | me.png``.
 
 Structured format (``.yaml``/``.yml``/``.toml``)::
 
@@ -12,6 +14,7 @@ Structured format (``.yaml``/``.yml``/``.toml``)::
         background: a sunny park                # default for the images of this scene
         character: pip
         identity: {action: standing}            # optional: else the first frame is the identity
+        # identity: {action: standing, image: me.png}   # the identity is this picture (its caption as above)
         frames:
           - {action: waving, caption: Pip says hello, seed: 7, height: 768, width: 1024}
 
@@ -29,7 +32,8 @@ from .inputs import InputError, excerpt, seed_problem, size_problem
 from .story import StoryImage
 
 FIELDS = ("background", "character", "action")
-IMAGE_KEYS = {*FIELDS, "caption", "seed", "height", "width"}
+IMAGE_KEYS = {*FIELDS, "caption", "seed", "height", "width", "image"}
+PICTURE_MARK = "|"   # text format: ``bg#character#action | picture.png`` on a group's first line
 SCENE_KEYS = {"name", "background", "character", "action", "identity", "frames", "seed", "height", "width"}
 STORY_KEYS = {"title", "characters", "defaults", "scenes"}
 STRUCTURED_SUFFIXES = (".yaml", ".yml", ".toml")
@@ -48,6 +52,7 @@ class Group:
     frames: list[StoryImage]
     captions: list[str | None]
     where: list[str]
+    picture: str | None = None       # the identity's picture file (resolved against the story file's folder)
 
     @property
     def images(self) -> list[StoryImage]:
@@ -82,12 +87,19 @@ def load_story(path: str | Path) -> Story:
     except OSError as e:
         raise StoryError([f"{path}: cannot read the story file ({e.strerror or e}); check its permissions"]) from None
     if path.suffix.lower() in STRUCTURED_SUFFIXES:
-        return parse_structured(text, str(path), toml=path.suffix.lower() == ".toml")
-    return parse_text(text, str(path))
+        return parse_structured(text, str(path), toml=path.suffix.lower() == ".toml", base=path.parent)
+    return parse_text(text, str(path), base=path.parent)
 
 
-def parse_text(text: str, source: str = "<text>") -> Story:
-    """Parse the official format: ``background#character#action`` lines, blank lines between groups."""
+def _picture_path(value, base: Path | None) -> str:
+    """A picture path as written in a story file, resolved against the story file's folder (``base``)."""
+    path = Path(str(value).strip()).expanduser()
+    return str(path if path.is_absolute() or base is None else base / path)
+
+
+def parse_text(text: str, source: str = "<text>", base: str | Path | None = None) -> Story:
+    """Parse the official format: ``background#character#action`` lines, blank lines between groups; a group's
+    first line may end with ``| picture`` (the identity is that picture; a relative path is read from ``base``)."""
     problems: list[str] = []
     blocks: list[list[tuple[int, str]]] = [[]]
     for number, line in enumerate(text.splitlines(), start=1):
@@ -99,16 +111,26 @@ def parse_text(text: str, source: str = "<text>") -> Story:
     if not blocks:
         raise StoryError([f"{source}: the story is empty (no background#character#action lines)"])
     groups = []
+    base = Path(base) if base is not None else None
     for index, block in enumerate(blocks):
-        images, where = [], []
-        for number, line in block:
+        images, where, picture = [], [], None
+        for k, (number, line) in enumerate(block):
             place = f"{source}:{number}"
-            image = _image_from_fields(_split_line(line, place, problems), {}, place, problems)
+            line, mark, path = line.partition(PICTURE_MARK)
+            if mark and k:
+                problems.append(f"{place}: only a group's first line (its identity) may name a picture "
+                                f"('{PICTURE_MARK} picture.png'); this is a frame")
+            elif mark and not path.strip():
+                problems.append(f"{place}: '{PICTURE_MARK}' with no picture after it; write "
+                                f"background#character#action {PICTURE_MARK} picture.png")
+            elif mark:
+                picture = _picture_path(path, base)
+            image = _image_from_fields(_split_line(line.strip(), place, problems), {}, place, problems)
             if image is not None:
                 images.append(image)
                 where.append(place)
         if len(images) == len(block):
-            groups.append(Group(f"group_{index:03d}", images[0], images[1:], [None] * len(images), where))
+            groups.append(Group(f"group_{index:03d}", images[0], images[1:], [None] * len(images), where, picture))
     if problems:
         raise StoryError(problems)
     return Story(source, groups, format="text")
@@ -151,8 +173,9 @@ def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: l
     return StoryImage(*(fields[name].strip() for name in FIELDS), **sizes)
 
 
-def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> Story:
-    """Parse a YAML or TOML story (see the module docstring for the layout)."""
+def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base: str | Path | None = None) -> Story:
+    """Parse a YAML or TOML story (see the module docstring for the layout). The identity's ``image`` (a picture of
+    the character) is read from ``base`` when relative."""
     try:
         if toml:
             import tomllib
@@ -200,13 +223,22 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
             problems.append(f"{place}: empty group (no identity and no frames)")
             continue
         inherited = {k: scene[k] for k in ("background", "character", "action", "seed", "height", "width") if k in scene}
-        images, captions, where = [], [], []
-        for image_place, entry in entries:
+        images, captions, where, picture = [], [], [], None
+        for k, (image_place, entry) in enumerate(entries):
             if not isinstance(entry, dict):
                 problems.append(f"{image_place}: an image must be a mapping with background, character, action")
                 continue
             for key in sorted(set(entry) - IMAGE_KEYS):
                 problems.append(f"{image_place}: unknown key {excerpt(key)} (valid: {', '.join(sorted(IMAGE_KEYS))})")
+            if "image" in entry:
+                value = entry["image"]
+                if k:
+                    problems.append(f"{image_place}: only the identity (a scene's 'identity', else its first frame) "
+                                    "may have an 'image'")
+                elif not isinstance(value, str) or not value.strip():
+                    problems.append(f"{image_place}: 'image' must be the path of a picture file, got {excerpt(value)}")
+                else:
+                    picture = _picture_path(value, Path(base) if base is not None else None)
             merged = {**defaults, **inherited, **entry}
             if isinstance(merged.get("character"), str):
                 merged["character"] = characters.get(merged["character"], merged["character"])
@@ -222,7 +254,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False) -> S
         if name in names:
             problems.append(f"{place}: two scenes are named {name!r}")
         names.add(name)
-        groups.append(Group(name, images[0], images[1:], captions, where))
+        groups.append(Group(name, images[0], images[1:], captions, where, picture))
     if problems:
         raise StoryError(problems)
     return Story(source, groups, title=data.get("title"), format="toml" if toml else "yaml")

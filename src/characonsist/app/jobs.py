@@ -84,6 +84,9 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
                 images.append({"background": image.background, "character": image.character, "action": image.action,
                                "seed": seed if image.seed is None else image.seed,
                                "height": image.height or run["height"], "width": image.width or run["width"]})
+            if group.picture is not None:   # a changed picture (its bytes) or inversion makes another group
+                images[0]["picture"] = {"path": group.picture, "sha256": _digest(group.picture),
+                                        "inversion": run.get("inversion")}
             key = {k: run[k] for k in SETTINGS_KEYS}
             key.update({k: run[k] for k, unset in WEIGHT_KEYS.items() if run.get(k, unset) != unset})
             group_hash = settings_hash({**key, "images": images})
@@ -97,6 +100,15 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             _inspect(job, out, save_masks)
             jobs.append(job)
     return jobs
+
+
+def _digest(path: str) -> str | None:
+    from ..picture import file_digest
+
+    try:
+        return file_digest(path)
+    except OSError:   # checked before planning; a picture gone since is reported when the group runs
+        return None
 
 
 def is_ours(record: dict | None) -> bool:
@@ -163,7 +175,8 @@ def _describe_change(old: dict | None, new: dict) -> list[str]:
     changed = [f"{key} {old_settings.get(key)!r} -> {value!r}" for key, value in new["settings"].items()
                if old_settings.get(key) != value]
     changed += [f"{name} {key} {old.get(key)!r} -> {new.get(key)!r}"
-                for key in ("background", "character", "action", "seed", "height", "width") if old.get(key) != new.get(key)]
+                for key in ("background", "character", "action", "seed", "height", "width", "picture")
+                if old.get(key) != new.get(key)]
     return changed
 
 

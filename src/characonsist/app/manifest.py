@@ -50,6 +50,8 @@ def manifest(stories: list[Story], run: dict, jobs: list[Job]) -> dict:
         for i, r in enumerate(job.records):
             item = {k: r[k] for k in ("path", "prompt", "background", "character", "action", "seed", "height",
                                       "width", "caption")}
+            if "picture" in r:
+                item["picture"] = r["picture"]
             item["finished"] = bool(job.finished[i]) if job.finished else False
             if job.notes:
                 item["notes"] = job.notes[i]

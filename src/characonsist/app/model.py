@@ -258,11 +258,13 @@ def story_engine(pipe, run: dict):
 
     def generate(job, progress_callback=None) -> GroupResult:
         images = job.group.images
+        picture = getattr(job.group, "picture", None)
+        extra = {"identity_image": picture, "inversion": run.get("inversion")} if picture is not None else {}
         out = pipe(identity=images[0], frames=images[1:], method=run["method"], height=run["height"],
                    width=run["width"], num_inference_steps=run["num_inference_steps"],
                    guidance_scale=run["guidance_scale"], seed=[r["seed"] for r in job.records],
                    max_sequence_length=run["max_sequence_length"], batch_size=run["batch_size"],
-                   progress_callback=progress_callback, **run["method_options"])
+                   progress_callback=progress_callback, **run["method_options"], **extra)
         return GroupResult([out.identity, *out.frames], out.masks, out.matches, out.notes, out.settings)
 
     generate.tokenizer = getattr(pipe, "tokenizer_2", None)

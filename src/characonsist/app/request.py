@@ -69,6 +69,7 @@ class StoryRequest:
     attention_backend: str | None = None   # diffusers' attention backend name, e.g. "flash", "_native_cudnn"
     compile: bool = False             # regional torch.compile of the transformer's blocks
     loras: list = field(default_factory=list)   # "SOURCE[:SCALE]" or {"source", "scale"}
+    inversion: str | None = None   # how an identity picture is followed (``characonsist.inversion``); None: default
 
 
 @dataclass
@@ -86,6 +87,7 @@ class CheckedRequest:
     folder: OutputFolder
     names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
     plan: MemoryPlan | None = None   # what --memory auto / --quantize auto chose, and why
+    notes: list[str] = field(default_factory=list)   # what was decided for the run (identity pictures' fitting)
 
 
 def method_names() -> list[str]:
@@ -151,11 +153,13 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     tokenizer = load_t5_tokenizer(ref)
     limits = limits_of(ref, tokenizer)
     problems = story_problems(stories, run, limits, tokenizer, ref, names)
+    picture_issues, notes = picture_problems(stories, run)
+    problems += picture_issues
     if problems:
         raise StoryError(problems)
     folder = OutputFolder(request.out)
     folder.check()
-    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names, plan)
+    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names, plan, notes)
 
 
 def load_stories(paths: list) -> list[Story]:
@@ -210,7 +214,36 @@ def resolve_run(request: StoryRequest, ref: ModelRef, options: dict, dtype: str,
     if problems:
         raise InputError(problems)
     run["guidance_scale"] = float(run["guidance_scale"])
+    if request.inversion is not None:
+        from ..inversion import parse_inversion
+
+        run["inversion"] = parse_inversion(request.inversion).spec()
     return run
+
+
+def picture_problems(stories: list[Story], run: dict) -> tuple[list[str], list[str]]:
+    """Every identity picture of the stories: that it exists and decodes (problems, with the group's place), and how
+    it will be fitted to the identity's size (notes: scaled to cover, centre-cropped; ``characonsist.picture``)."""
+    from ..picture import fit_size, load_picture
+
+    problems, notes = [], []
+    for story in stories:
+        for group in story.groups:
+            if group.picture is None:
+                continue
+            try:
+                image = load_picture(group.picture, f"{group.where[0]}: picture")
+            except InputError as e:
+                problems += e.problems
+                continue
+            target = (group.identity.height or run["height"], group.identity.width or run["width"])
+            fit = fit_size((image.height, image.width), target)
+            notes.append(f"{group.where[0]}: identity picture {group.picture}: {fit.describe()}")
+    if notes and "inversion" not in run:
+        from ..inversion import InversionConfig
+
+        run["inversion"] = InversionConfig().spec()
+    return problems, notes
 
 
 def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,

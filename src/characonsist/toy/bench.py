@@ -31,6 +31,7 @@ import numpy as np
 
 from .._compat import dtype_kwarg
 from . import world
+from .pictures import PICTURE_KINDS, aggregate_pictures, format_picture_table, score_picture, story_picture
 from .suite import MODES, ToyStory, heldout_suite, load_stories, make_suite, reduced_suite
 
 # ablations of CharaConsist: name -> (registry name, options); the option names are the engine's contract
@@ -276,12 +277,13 @@ def aggregate(stories: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- running
 
-def _oracle_images(story: ToyStory, seed: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The truth: one sampled identity drawn into every image; a scene keeps its layout within the story.
-    Also the true character masks pooled to the toy model's token grid (:func:`pool_mask`)."""
+def _oracle_images(story: ToyStory, seed: int, size: int, character: world.Character | None = None
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The truth: one sampled identity (or ``character``) drawn into every image; a scene keeps its layout within
+    a story. Also the true character masks pooled to the toy model's token grid (:func:`pool_mask`)."""
     rng = np.random.default_rng(seed)
     truth = story.truth
-    ch = world.sample_character(rng, kind=truth[0][1])
+    ch = character if character is not None else world.sample_character(rng, kind=truth[0][1])
     images, masks = [], []
     for scene, _, action in truth:
         layout = np.random.default_rng([seed, list(world.SCENES).index(scene)])
@@ -315,7 +317,7 @@ def method_seeding(name: str, seeding: str = "official") -> str | None:
 def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
               log=None, readout_net=None, image_dir: str | Path | None = None, seeding: str = "official",
-              **gen_kwargs) -> dict:
+              identity_picture: str | None = None, inversion: str | None = None, **gen_kwargs) -> dict:
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
     Story ``i`` is generated from seed ``seed + story.seed``, spread over its images by each method's official
@@ -325,6 +327,12 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     on every method. Each method's convention is recorded (``methods[spec]["seeding"]``, ``settings["seeding"]``)
     with every story's seeds. ``gen_kwargs`` go to the pipeline call (e.g. ``guidance_scale``).
     With ``image_dir``, each story is saved as one strip ``image_dir/<method>/<story>.png`` (identity first).
+
+    ``identity_picture`` (``toy.pictures.PICTURE_KINDS``): every story's identity is a render of a known character
+    (``pictures.story_picture``), followed by ``inversion`` (a spec's own ``+inversion=...`` wins), and each method
+    also gets ``metrics["picture"]``: the frames against the picture's true attributes, the reconstruction's PSNR and
+    readout (``pictures.aggregate_pictures``); the oracle draws the picture's character. The strips then start with
+    the picture.
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``.
     """
     from ..methods.base import story_seeds
@@ -337,6 +345,16 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     settings = {"seed": seed, "height": height, "width": width, "num_inference_steps": num_inference_steps,
                 "max_sequence_length": max_sequence_length, "stories": len(stories), "seeding": conventions,
                 **gen_kwargs}
+    if identity_picture is not None:
+        if identity_picture not in PICTURE_KINDS:
+            raise ValueError(f"identity picture {identity_picture!r}; valid: {', '.join(PICTURE_KINDS)}")
+        from ..inversion import parse_inversion
+
+        settings.update(identity_picture=identity_picture, inversion=parse_inversion(inversion).spec())
+        for spec in methods:
+            spec_inv = parse_method(spec)[1].get("inversion")
+            if spec_inv is not None:
+                parse_inversion(str(spec_inv))
     result: dict = {"settings": settings, "methods": {}}
     if pipe is not None and hasattr(pipe, "token_spans"):    # prompt lengths, before any generation
         problems = set()
@@ -351,21 +369,33 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     for spec in methods:
         name, options = parse_method(spec)
         options.pop("seeding", None)
+        spec_inversion = options.pop("inversion", inversion)
+        if identity_picture is not None and name != ORACLE:
+            options.update(inversion=None if spec_inversion is None else str(spec_inversion))
         records = []
         t_method = time.perf_counter()
         for n, story in enumerate(stories):
             s = seed + story.seed
             seeds = story_seeds(s, len(story.images), conventions[spec]) if conventions[spec] else [s]
+            picture = character = psnr = None
+            if identity_picture is not None:
+                picture, character = story_picture(*story.truth[0], s, identity_picture, height)
             t0 = time.perf_counter()
             try:
                 if name == ORACLE:
-                    images, masks = _oracle_images(story, s, height)
+                    images, masks = _oracle_images(story, s, height, character)
                 else:
+                    extra = {"identity_image": picture} if picture is not None else {}
                     out = pipe(identity=story.identity, frames=list(story.frames), method=name, seed=seeds,
                                num_inference_steps=num_inference_steps, height=height, width=width,
-                               max_sequence_length=max_sequence_length, output_type="np", **gen_kwargs, **options)
+                               max_sequence_length=max_sequence_length, output_type="np", **gen_kwargs, **options,
+                               **extra)
                     images = [to_uint8(im) for im in (out.identity, *out.frames)]
                     masks = [None if m is None else np.asarray(m, bool) for m in (out.masks or [])]
+                    if out.picture is not None:
+                        psnr = out.picture["psnr"]
+                if picture is not None and name == ORACLE:   # the truth: the picture itself is the identity
+                    images[0] = picture
             except Exception as e:  # a failing story is reported, the others still count
                 records.append({"name": story.name, "mode": story.mode, "error": f"{type(e).__name__}: {e}"})
                 if log:
@@ -376,7 +406,8 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                 from PIL import Image
                 folder = Path(image_dir) / spec.replace("/", "_")
                 folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.concatenate(images, axis=1)).save(folder / f"{story.name}.png")
+                strip = [picture, *images] if picture is not None else images
+                Image.fromarray(np.concatenate(strip, axis=1)).save(folder / f"{story.name}.png")
             reads, conf = read_batch(images, readout_net, confidence=True)
             rec = score_story(story.truth, reads, images, story.mode, masks if any(
                 m is not None for m in masks) else None)
@@ -385,12 +416,20 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                        confidence=[min(c.values()) for c in conf])
             if "mask_scores" in rec:
                 rec["masks"] = [_mask_text(m) for m in masks]
+            if character is not None:
+                rec.update(score_picture(character.attributes(), reads, psnr))
+                named = [r[f] == v for (scene, kind, action), r in zip(story.truth[1:], reads[1:])
+                         for f, v in zip(ADHERENCE_FIELDS, (scene, kind, *action.split("-")[::-1]))]
+                rec.update(frame_adherence_hits=int(sum(named)), frame_adherence_fields=len(named))
             records.append(rec)
             if log:
                 fg = [x["fg"] for x in rec.get("mask_scores", []) if x is not None]
                 log(f"[{spec}] {n + 1}/{len(stories)} {story.name}: identity {rec['identity_hits']}/{rec['frames']}"
+                    + (f", picture {rec['truth_hits']}/{rec['frames']}" if "truth_hits" in rec else "")
                     + (f", mask fg {100 * np.mean(fg):.0f}%" if fg else "") + f" in {seconds:.1f}s")
         metrics = aggregate(records)
+        if identity_picture is not None:
+            metrics["picture"] = aggregate_pictures(records)
         metrics["wall_seconds"] = time.perf_counter() - t_method    # generation, readout and scoring
         result["methods"][spec] = {"method": name, "options": options, "seeding": conventions[spec], "metrics": metrics,
                                    "stories": records}
@@ -468,6 +507,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a story's seed reaches its images: each method's official convention (CharaConsist, "
                              "vanilla: the same noise for every image; the peers: one noise per image), or one "
                              "convention for every method")
+    parser.add_argument("--identity-picture", default=None, choices=PICTURE_KINDS,
+                        help="the identity is a picture of a known character (render: as trained; offgrid: another "
+                             "size and position; degraded: the readout's degradations); the frames are scored against "
+                             "its true attributes (docs/TOY_WORLD.md)")
+    parser.add_argument("--inversion", default=None, metavar="MODE[:KEY=VALUE...]",
+                        help="how the identity follows its picture (characonsist.inversion: renoise, euler, fireflow, "
+                             "rf; e.g. euler:follow=start); a method spec's own +inversion=... wins (default: the "
+                             "library's)")
     parser.add_argument("--quiet", action="store_true", help="no per-story progress lines")
     parser.add_argument("--gpus", type=int, default=None, metavar="N",
                         help="split the stories over N GPUs of this host, one process each, results merged into one "
@@ -678,7 +725,9 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     t0 = time.perf_counter()
     try:
         result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
-                           readout_net=readout_on(_device(args)), seeding=args.seeding, **gen)
+                           readout_net=readout_on(_device(args)), seeding=args.seeding,
+                           identity_picture=getattr(args, "identity_picture", None),
+                           inversion=getattr(args, "inversion", None), **gen)
     except ValueError as e:
         result = {"error": str(e)}
     if procs is not None:
@@ -700,6 +749,9 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
         f"{procs.size} processes on {'cpu' if args.device == 'cpu' else 'cuda'} ({result['settings']['device_name']}, each)"
     print(f"toy bench: {n_stories} stories ({suite}), {model}, {where}")
     print(format_tables(result))
+    if result["settings"].get("identity_picture"):
+        print()
+        print(format_picture_table(result))
     print("seeding: " + ", ".join(f"{n} {m.get('seeding') or '-'}" for n, m in result["methods"].items()))
     per = ", ".join(f"{n} {m['metrics']['wall_seconds']:.0f}s" for n, m in result["methods"].items())
     print(f"total {total:.0f}s wall: loading {load_seconds:.0f}s, {per}")
