@@ -113,7 +113,7 @@ def format_picture_table(result: dict) -> str:
                      f"{pct(p['reconstruction_truth']):>11}")
     settings = result.get("settings", {})
     lines.append(f"(percent; identity from a picture ({settings.get('identity_picture')}, inversion "
-                 f"{settings.get('inversion')}): frames whose unnamed attributes all equal the picture's true ones, "
+                 f"{settings.get('inversion')} where a row names none): frames whose unnamed attributes all equal the picture's true ones, "
                  "and per attribute;\n adhere = named fields of the frames read back as captioned; PSNR = the output "
                  "identity against the picture; recon all 4 = the output identity read back as the truth)")
     return "\n".join(lines)
