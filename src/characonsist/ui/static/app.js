@@ -261,7 +261,7 @@ async function check() {
     showProblems([]); status(`ready: ${res.groups.length} group(s)`); $("#command").textContent = res.command;
     $("#notes").replaceChildren(...(res.notes || []).map(n => el("li", {text: n})));
     return true;
-  } catch (e) { showProblems(e.problems); status("fix the problems below", true); return false; }
+  } catch (e) { showProblems(e.problems); $("#notes").replaceChildren(); status("fix the problems below", true); return false; }
 }
 
 async function submit(data) {
@@ -457,7 +457,7 @@ async function start() {
   $("#show-masks").addEventListener("change", showGallery);
   $("#show-matches").addEventListener("change", showGallery);
   $("#story-picker").addEventListener("change", e => { if (e.target.value) openStory(e.target.value); });
-  $("#new-story").addEventListener("click", () => { story = emptyStory(); gallery = []; $("#name").value = ""; render(); showGallery(); changed(); });
+  $("#new-story").addEventListener("click", () => { story = emptyStory(); gallery = []; $("#name").value = ""; $("#notes").replaceChildren(); render(); showGallery(); changed(); });
   $("#load-file").addEventListener("change", e => { if (e.target.files[0]) loadFile(e.target.files[0]); e.target.value = ""; });
   $$(".save-file").forEach(b => b.addEventListener("click", () => saveFile(b.dataset.format)));
   $$("#run input, #run select, #run textarea").forEach(n => n.addEventListener("change", changed));
