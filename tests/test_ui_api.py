@@ -357,3 +357,155 @@ class _FakeSocket:
 
     def close(self):
         pass
+
+
+# ------------------------------------------------------------------------------------------ the identity's picture
+
+def png_bytes(size=(96, 40), color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, color)
+    image.paste((20, 20, 220), (size[0] // 3, size[1] // 4, 2 * size[0] // 3, 3 * size[1] // 4))
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, filename="me.png", kind="application/octet-stream"):
+    return client.post("/api/pictures", params={"filename": filename}, content=data, headers={"content-type": kind})
+
+
+def test_picture_upload_is_checked_stored_by_its_bytes_and_served(ui, tmp_path, monkeypatch):
+    from characonsist.ui import worker as worker_module
+
+    data = png_bytes()
+    first = upload(ui, data, filename="../../etc/passwd.png")     # a path from the browser is only a name
+    assert first.status_code == 201, first.text
+    stored = first.json()
+    digest = __import__("hashlib").sha256(data).hexdigest()
+    assert stored["file"] == f"{digest[:16]}.png" and stored["image"] == f"../pictures/{digest[:16]}.png"
+    assert (stored["name"], stored["width"], stored["height"], stored["format"]) == ("passwd.png", 96, 40, "PNG")
+    pictures = tmp_path / "ui" / "pictures"
+    assert [p.name for p in pictures.iterdir()] == [stored["file"]]
+    assert (pictures / stored["file"]).read_bytes() == data                    # its bytes as uploaded
+    assert not (tmp_path / "etc").exists()
+    again = upload(ui, data, filename="copy.png")                              # the same picture: the same file
+    assert again.status_code == 200 and again.json()["file"] == stored["file"] and not again.json()["stored"]
+    served = ui.get(stored["url"])
+    assert served.status_code == 200 and served.headers["content-type"] == "image/png" and served.content == data
+    jpeg = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(jpeg, "JPEG")
+    assert upload(ui, jpeg.getvalue(), "x.jpg", "image/jpeg").json()["file"].endswith(".jpg")
+
+    bad = upload(ui, b"GIF89a but not really", filename="../../secret/notes.png")
+    assert bad.status_code == 422
+    assert bad.json()["problems"] == ["picture: notes.png: not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)"]
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, "TIFF")
+    refused = upload(ui, tiff.getvalue(), "scan.tif")
+    assert refused.status_code == 422 and "scan.tif: a TIFF picture; save it as PNG, JPEG, WEBP, GIF or BMP" in \
+        refused.json()["problems"][0]
+    assert upload(ui, b"", "empty.png").json()["problems"] == [
+        "picture: empty.png: the file is empty; choose a picture (PNG, JPEG, WebP, GIF or BMP)"]
+    big = upload(ui, b"\0" * (worker_module.MAX_PICTURE_BYTES + 1), "huge.png")
+    assert big.status_code == 413 and "16 MiB" in big.json()["problems"][0]
+    form = upload(ui, data, kind="multipart/form-data; boundary=x")
+    assert form.status_code == 415                                              # a cross-site form cannot send it
+    assert len(list(pictures.iterdir())) == 2                                   # nothing refused was kept
+    # a file there that characonsist did not write is never replaced
+    other = png_bytes(color=(0, 200, 0))
+    name = __import__("hashlib").sha256(other).hexdigest()[:16] + ".png"
+    (pictures / name).write_bytes(b"someone else's")
+    assert upload(ui, other).status_code == 409 and (pictures / name).read_bytes() == b"someone else's"
+    monkeypatch.setattr(worker_module, "MAX_PICTURE_PIXELS", 1000)
+    many = upload(ui, png_bytes((50, 30)), "wide.png")
+    assert many.status_code == 422 and "50x30 is more than 0.001 megapixels" in many.json()["problems"][0]
+    for path in ("/pictures/%2e%2e%2fmanifest.json", "/pictures/nothing.png", f"/pictures/{name[:-4]}.txt",
+                 "/pictures/0123456789abcdef.png"):
+        assert ui.get(path).status_code == 404, path
+    assert ui.post("/api/validate", json={"name": "pictures", "story": STORY}).status_code == 422
+
+
+def picture_story(ref, actions=("sitting", "running")):
+    story = doc(*actions)
+    story["scenes"][0]["images"][0]["image"] = ref
+    return story
+
+
+def test_generate_with_a_picture_and_resume_it_from_the_command_line(ui, tmp_path, monkeypatch, capsys):
+    stored = upload(ui, png_bytes()).json()
+    story = picture_story(stored["image"])
+    settings = {**SETTINGS, "inversion": "renoise"}
+    checked = ui.post("/api/validate", json={"name": "walk", "story": story, "settings": settings}).json()
+    assert any("identity picture" in n and "96x40 upscaled to 154x64, centre-cropped to 64x64" in n
+               for n in checked.get("notes", [])), checked
+    assert "--inversion renoise" in checked["command"]
+    seen = run(ui, kind="generate", name="walk", story=story, settings=settings)
+    assert seen[-1]["type"] == "done", seen[-1]
+    assert "inversion" not in {e.get("phase") for e in seen if e["type"] == "progress"}   # renoise: no inversion pass
+    gallery = [e for e in seen if e["type"] == "group"][0]["gallery"]
+    picture = gallery["picture"]
+    assert picture["url"] == stored["url"] and picture["inversion"] == "renoise"
+    assert isinstance(picture["psnr"], float) and picture["fit"].startswith("96x40 upscaled")
+    assert "reconstruction PSNR" in gallery["images"][0]["notes"][0]
+    folder = tmp_path / "ui" / "walk"
+    from characonsist.picture import fit_picture, psnr
+
+    fitted, _ = fit_picture(Image.open(io.BytesIO(png_bytes())).convert("RGB"), 64, 64)
+    with Image.open(folder / "000_walk" / "identity.png") as identity:   # the identity shown is the reconstruction
+        assert abs(psnr(identity, fitted) - picture["psnr"]) < 1e-6
+    assert f"image: ../pictures/{stored['file']}" in (folder / "story.yaml").read_text()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    record = manifest["groups"][0]["identity"]["picture"]
+    assert record["path"] == str(tmp_path / "ui" / "pictures" / stored["file"]) and record["sha256"] == stored["sha256"]
+    before = {p: p.read_bytes() for p in folder.rglob("*.png")}
+    # the command the UI shows resumes it; so does the saved story file read from another folder, relative paths
+    opened = ui.get("/api/stories/walk").json()
+    assert opened["story"]["scenes"][0]["images"][0]["image"] == stored["image"]
+    assert opened["settings"]["inversion"] == "renoise" and opened["groups"][0]["picture"]["psnr"] == picture["psnr"]
+    assert cli.main(shlex.split(opened["command"])[1:]) == 0
+    monkeypatch.chdir(tmp_path / "ui")
+    argv = shlex.split(opened["command"])[1:]
+    argv[1], argv[argv.index("--out") + 1] = "walk/story.yaml", "walk"
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("0 to generate") == 2
+    assert {p: p.read_bytes() for p in folder.rglob("*.png")} == before
+    # the zip holds the picture where the story file's ../pictures/ points once unpacked
+    names = zipfile.ZipFile(io.BytesIO(ui.get("/api/stories/walk/zip").content)).namelist()
+    assert f"pictures/{stored['file']}" in names and "walk/story.yaml" in names
+    # story files in every format keep the reference
+    for fmt, filename in (("yaml", "s.yaml"), ("toml", "s.toml"), ("text", "s.txt")):
+        plain = picture_story(stored["image"]) if fmt == "text" else story
+        if fmt == "text":
+            plain["title"], plain["scenes"][0]["name"] = "", ""
+        text = ui.post("/api/storyfile", json={"story": plain, "format": fmt}).json()["text"]
+        back = ui.post("/api/parse", json={"filename": filename, "text": text}).json()["story"]
+        assert back["scenes"][0]["images"][0]["image"] == stored["image"], fmt
+    assert text.splitlines()[0] == f"park#a cat#sitting | {stored['image']}"
+    # a picture the UI did not store is never read: the story names it, the check says to upload it
+    for ref in ("/etc/hostname", "../walk/story.yaml", "me.png"):
+        refused = ui.post("/api/validate", json={"name": "walk", "story": picture_story(ref), "settings": SETTINGS})
+        assert refused.status_code == 422 and refused.json()["problems"][0].startswith(
+            f"scenes[0].identity: picture {ref!r} is not one uploaded to this UI"), refused.json()
+
+
+def test_a_command_line_run_with_a_picture_resumes_in_the_ui_once_the_picture_is_uploaded(ui, tmp_path, tiny_model,
+                                                                                           capsys):
+    data = png_bytes((50, 70), (10, 120, 200))
+    (tmp_path / "me.png").write_bytes(data)
+    story = tmp_path / "mine.txt"
+    story.write_text("park#a cat#sitting | me.png\npark#a cat#running\n")
+    folder = tmp_path / "ui" / "mine"
+    assert cli.main(["generate", str(story), "--model", tiny_model, "--out", str(folder), "--height", "64", "--width",
+                     "64", "--steps", "3", "--option", "mask_step=1", "--quiet"]) == 0
+    opened = ui.get("/api/stories/mine").json()
+    assert opened["story"]["scenes"][0]["images"][0]["image"] == str(tmp_path / "me.png")   # outside: not read
+    assert opened["groups"][0]["picture"]["url"] is None and opened["groups"][0]["picture"]["psnr"] is not None
+    refused = ui.post("/api/validate", json={"name": "mine", "story": opened["story"], "settings": opened["settings"]})
+    assert refused.status_code == 422 and "not one uploaded to this UI" in refused.json()["problems"][0]
+    stored = upload(ui, data, "me.png").json()
+    opened = ui.get("/api/stories/mine").json()                 # the same bytes: the story names the stored copy
+    assert opened["story"]["scenes"][0]["images"][0]["image"] == stored["image"]
+    assert opened["groups"][0]["picture"]["url"] == stored["url"]
+    kept = (folder / "group_000" / "identity.png").read_bytes()
+    seen = run(ui, kind="generate", name="mine", story=opened["story"], settings=opened["settings"])
+    assert seen[-1]["type"] == "done" and [e for e in seen if e["type"] == "plan"][0]["todo"] == []
+    assert (folder / "group_000" / "identity.png").read_bytes() == kept

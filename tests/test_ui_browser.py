@@ -1,6 +1,8 @@
 """`characonsist ui` in a real browser: the command starts the server and prints its address, headless Chromium
 (Debian's chromium and chromium-driver, installed by scripts/test.sh) loads the page, a two-frame story is typed
-in, generated on the toy model with its progress shown, the images appear, and a comic page is exported.
+in, its identity is the user's picture (a file that is not a picture is refused first, the form kept), it is
+generated on the toy model with its progress shown, the images appear with the reconstruction's PSNR, and a comic
+page is exported.
 Screenshots go under the test's temporary folder (and to $CHARACONSIST_UI_SCREENSHOTS when set, e.g. docs/img)."""
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def _browser(tmp_path):
     return webdriver.Chrome(service=Service(str(DRIVER)), options=options)
 
 
+def _toy_picture(path: Path) -> None:
+    """A user's drawing of their character: a render of the toy world's robot at 160 px (the model makes 128)."""
+    import numpy as np
+    from PIL import Image
+
+    from characonsist.toy import world
+
+    robot = world.sample_character(np.random.default_rng(3), kind="robot")
+    Image.fromarray(world.render("beach", robot, "big-centre", size=160)).save(path)
+
+
 def test_make_a_story_in_the_browser(server, tmp_path):
     _need_browser()
     from selenium.webdriver.common.by import By
@@ -108,6 +121,25 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         assert rows[2].find_element(By.CSS_SELECTOR, ".seed-lock").is_selected()
         type_in(driver.find_element(By.ID, "steps"), "4")
         assert "mixed" in driver.find_element(By.ID, "bg-info").text
+
+        # the identity is the user's own picture: a file that is not one is refused and nothing in the form is lost
+        not_picture, picture = tmp_path / "notes.png", tmp_path / "my robot.png"
+        not_picture.write_text("this is not a picture")
+        _toy_picture(picture)
+        choose = driver.find_element(By.CSS_SELECTOR, ".picture-row input.picture-input")
+        choose.send_keys(str(not_picture))
+        wait.until(lambda d: "not an image PIL can read" in d.find_element(By.ID, "problems").text)
+        assert "notes.png" in driver.find_element(By.ID, "problems").text
+        assert driver.find_element(By.ID, "title").get_attribute("value") == "Robot day"
+        assert [r.find_element(By.CSS_SELECTOR, "input.action").get_attribute("value")
+                for r in driver.find_elements(By.CSS_SELECTOR, ".scene .row")][1] == "small on the left"
+        assert not driver.find_elements(By.CSS_SELECTOR, ".picture-thumb")
+        driver.find_element(By.CSS_SELECTOR, ".picture-row input.picture-input").send_keys(str(picture))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".picture-thumb") and d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth",
+            d.find_element(By.CSS_SELECTOR, ".picture-thumb")) == 160)
+        assert "my robot.png, 160x160" in driver.find_element(By.CSS_SELECTOR, ".picture-name").text
+        assert "the masks need the character's words" in driver.find_element(By.CSS_SELECTOR, ".picture-hint").text
         driver.find_element(By.ID, "generate").click()
 
         wait.until(lambda d: any(e["type"] == "done" for e in d.execute_script("return window.uiEvents")))
@@ -121,6 +153,12 @@ def test_make_a_story_in_the_browser(server, tmp_path):
             d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 128
             for im in d.find_elements(By.CSS_SELECTOR, "#gallery img.image")))
         assert "done" in driver.find_element(By.ID, "status").text
+        assert "160x160 downscaled to 128x128" in driver.find_element(By.ID, "notes").text
+        identity = driver.find_element(By.CSS_SELECTOR, '.tile[data-index="0"]')
+        assert "identity (from the picture)" in identity.text
+        assert re.search(r"reconstruction PSNR \d+\.\d dB · euler", identity.find_element(By.CSS_SELECTOR, ".psnr").text)
+        assert driver.execute_script("return arguments[0].naturalWidth",
+                                     identity.find_element(By.CSS_SELECTOR, "img.picture-source")) == 160
         driver.find_element(By.ID, "show-masks").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.mask")) == 3)
         driver.find_element(By.ID, "show-masks").click()
@@ -145,6 +183,8 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         assert image.width > 2 * 480 and image.height > 2 * 480     # two panels across, two down
     story = (folder / "robot-day" / "story.yaml").read_text()
     assert "caption: Bot walks away" in story and "background: a green forest" in story
+    (stored,) = (folder / "pictures").iterdir()
+    assert f"image: ../pictures/{stored.name}" in story and stored.read_bytes() == picture.read_bytes()
     for shot in ("ui.png", "export.png"):
         assert (shots / shot).stat().st_size > 10_000
     copy = os.environ.get("CHARACONSIST_UI_SCREENSHOTS")

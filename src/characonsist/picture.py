@@ -75,7 +75,7 @@ def load_picture(value, place: str = "identity_image"):
     [0, 1] (a torch tensor is taken as an array, channels last or first), or a path to an image file.
 
     Raises InputError naming ``place`` and what is wrong (missing file, not an image, bad shape, ...)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(value, Image.Image):
         if value.width < 1 or value.height < 1:
@@ -89,19 +89,7 @@ def load_picture(value, place: str = "identity_image"):
             raise InputError(f"{place}: {path} is a folder, not an image file")
         if not path.is_file():
             raise InputError(f"{place}: {path}: image file not found")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                if image.width < 1 or image.height < 1:
-                    raise InputError(f"{place}: {path}: the picture is empty ({image.width}x{image.height})")
-                return image.convert("RGB")
-        except UnidentifiedImageError:
-            raise InputError(f"{place}: {path}: not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
-        except Image.DecompressionBombError as e:
-            raise InputError(f"{place}: {path}: {e}; scale the picture down first") from None
-        except OSError as e:
-            raise InputError(f"{place}: {path}: cannot read the image ({e.strerror or e}); is the file complete "
-                             "and readable?") from None
+        return _decode(path, str(path), place)[0]
     if hasattr(value, "detach") and hasattr(value, "cpu"):   # a torch tensor
         value = value.detach().float().cpu().numpy()
         if value.ndim == 3 and value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):
@@ -110,6 +98,41 @@ def load_picture(value, place: str = "identity_image"):
         return _from_array(value, place)
     raise InputError(f"{place}: expected a PIL image, an array (H, W[, 3 or 4]) or an image file path, got "
                      f"{type(value).__name__} {excerpt(value)}")
+
+
+def load_picture_bytes(data: bytes, name: str, place: str = "picture", formats: tuple[str, ...] | None = None,
+                       max_pixels: int | None = None):
+    """``(RGB PIL image, PIL format name)`` of an image file's bytes (an upload), decoded completely, with the same
+    messages as a file (``name`` stands for the file in them). ``formats`` (PIL names such as ``"PNG"``) and
+    ``max_pixels`` refuse other formats and larger pictures before they are decoded."""
+    import io
+
+    return _decode(io.BytesIO(data), name, place, formats, max_pixels)
+
+
+def _decode(source, name: str, place: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None):
+    """Open and decode an image file (a path or a file object) completely: ``(RGB image, format)``, or InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(source) as image:
+            if formats is not None and image.format not in formats:
+                raise InputError(f"{place}: {name}: a {image.format} picture; save it as "
+                                 f"{', '.join(formats[:-1])} or {formats[-1]}")
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise InputError(f"{place}: {name}: {image.width}x{image.height} is more than "
+                                 f"{max_pixels / 1e6:g} megapixels; scale the picture down first")
+            image.load()
+            if image.width < 1 or image.height < 1:
+                raise InputError(f"{place}: {name}: the picture is empty ({image.width}x{image.height})")
+            return image.convert("RGB"), image.format
+    except UnidentifiedImageError:
+        raise InputError(f"{place}: {name}: not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{place}: {name}: {e}; scale the picture down first") from None
+    except OSError as e:
+        raise InputError(f"{place}: {name}: cannot read the image ({e.strerror or e}); is the file complete "
+                         "and readable?") from None
 
 
 def _from_array(array: np.ndarray, place: str):

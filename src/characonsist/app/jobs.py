@@ -84,12 +84,17 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
                 images.append({"background": image.background, "character": image.character, "action": image.action,
                                "seed": seed if image.seed is None else image.seed,
                                "height": image.height or run["height"], "width": image.width or run["width"]})
+            hashed = images
             if group.picture is not None:   # a changed picture (its bytes) or inversion makes another group
                 images[0]["picture"] = {"path": group.picture, "sha256": _digest(group.picture),
                                         "inversion": run.get("inversion")}
+                # where the picture was read is recorded, not hashed: the same story file read from another folder
+                # (a relative path, a web UI's story) or the same bytes elsewhere resume the same group
+                hashed = [{**images[0], "picture": {k: v for k, v in images[0]["picture"].items() if k != "path"}},
+                          *images[1:]]
             key = {k: run[k] for k in SETTINGS_KEYS}
             key.update({k: run[k] for k, unset in WEIGHT_KEYS.items() if run.get(k, unset) != unset})
-            group_hash = settings_hash({**key, "images": images})
+            group_hash = settings_hash({**key, "images": hashed})
             paths = image_paths(folder, len(group.frames))
             records = []
             for i, (image, spec, path) in enumerate(zip(group.images, images, paths)):

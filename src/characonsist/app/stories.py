@@ -7,7 +7,9 @@ spelled out), to and from story files in the formats the command line reads (YAM
 
 The dict: ``{"title", "character", "scenes": [{"name", "background", "images": [image, ...]}]}``, the first image
 of a scene is its identity; an image is ``{"background", "character", "action", "caption", "seed", "height",
-"width"}``. An image's empty background / character is the scene's background / the story's character. Writing
+"width"}``, and an identity may have ``"image"``: its picture's path as the story file writes it (``image:``, or
+``| path`` in the text format; relative to the story file's folder). An image's empty background / character is
+the scene's background / the story's character. Writing
 goes through ``storyfile``'s parser again, so a document that cannot be a story file gets that parser's
 messages, with their places (``story.yaml: scenes[0].frames[1]: ...``).
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from ..inputs import InputError
 from ..methods.base import story_seeds
-from ..storyfile import FIELDS, Story, StoryError, parse_structured, parse_text
+from ..storyfile import FIELDS, PICTURE_MARK, Story, StoryError, parse_structured, parse_text
 
 FORMATS = ("yaml", "toml", "text")
 SUFFIX = {"yaml": ".yaml", "toml": ".toml", "text": ".txt"}
@@ -35,7 +37,8 @@ def format_of(name: str) -> str:
 
 
 def parse_story(text: str, name: str) -> Story:
-    """Parse story text by the format its file name implies (StoryError with every problem and its place)."""
+    """Parse story text by the format its file name implies (StoryError with every problem and its place); an
+    identity's picture path is kept as written."""
     fmt = format_of(name)
     return parse_text(text, name) if fmt == "text" else parse_structured(text, name, toml=fmt == "toml")
 
@@ -55,6 +58,8 @@ def story_document(story: Story) -> dict:
             images.append({"background": image.background, "character": image.character, "action": image.action,
                            "caption": caption or "", "seed": image.seed, "height": image.height,
                            "width": image.width})
+        if group.picture is not None:
+            images[0]["image"] = group.picture
         scenes.append({"name": scene_name(group.name), "background": "", "images": images})
     return _factor(story.title or "", scenes)
 
@@ -96,6 +101,8 @@ def document_from_manifest(manifest: dict) -> dict:
                            "seed": None if record["seed"] == seed else record["seed"],
                            "height": None if record["height"] == settings.get("height") else record["height"],
                            "width": None if record["width"] == settings.get("width") else record["width"]})
+        if (group["identity"].get("picture") or {}).get("path"):
+            images[0]["image"] = group["identity"]["picture"]["path"]
         name = group["name"]
         if "/" in name:
             raise InputError(f"group {name!r}: this run folder holds several stories; open one story's run folder")
@@ -126,7 +133,7 @@ def structured(doc: dict) -> dict:
             item = {"background": str(image.get("background") or "").strip() or str(scene.get("background") or "").strip(),
                     "character": str(image.get("character") or "").strip() or character,
                     "action": str(image.get("action") or "").strip()}
-            for key in EXTRA:
+            for key in (*EXTRA, "image"):
                 value = image.get(key)
                 if value is not None and value != "":
                     item[key] = value.strip() if isinstance(value, str) else value
@@ -159,8 +166,9 @@ def dump_story(doc: dict, fmt: str = "yaml") -> str:
 
 
 def _text(data: dict) -> str:
-    """The official text format: one ``background#character#action`` line per image, a blank line between
-    groups. It has nothing else: a story with a title, scene names, captions, seeds or sizes is refused."""
+    """The official text format: one ``background#character#action`` line per image (an identity's picture after
+    ``|``), a blank line between groups. It has nothing else: a story with a title, scene names, captions, seeds or
+    sizes is refused."""
     lost = sorted({k for s in data["scenes"] for im in [s.get("identity", {}), *s["frames"]] for k in im
                    if k in EXTRA} | ({"title"} if "title" in data else set())
                   | ({"name"} if any("name" in s for s in data["scenes"]) else set()))
@@ -173,11 +181,17 @@ def _text(data: dict) -> str:
         for f, image in enumerate([scene.get("identity"), *scene["frames"]]):
             if image is None:
                 continue
-            if any("#" in image[k] or "\n" in image[k] for k in FIELDS):
+            if any(c in image[k] for k in FIELDS for c in ("#", PICTURE_MARK, "\n")):
                 place = "identity" if f == 0 else f"frames[{f - 1}]"
-                raise InputError(f"scenes[{s}].{place}: a field holds '#' or a line break, which the text format "
-                                 "cannot hold: save it as YAML or TOML")
-            lines.append("#".join(image[k] for k in FIELDS))
+                raise InputError(f"scenes[{s}].{place}: a field holds '#', '{PICTURE_MARK}' or a line break, which the "
+                                 "text format cannot hold: save it as YAML or TOML")
+            line = "#".join(image[k] for k in FIELDS)
+            if image.get("image"):
+                if "\n" in image["image"]:
+                    raise InputError(f"scenes[{s}].identity: the picture's path holds a line break, which the text "
+                                     "format cannot hold: save it as YAML or TOML")
+                line += f" | {image['image']}"
+            lines.append(line)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 

@@ -2,9 +2,10 @@
 to the worker and the workspace (``ui/worker.py``), which call the application layer.
 
 Safe by default: the server answers only requests whose ``Host`` is the address it serves (a web page elsewhere
-cannot reach it by DNS rebinding), writes only through JSON POSTs (a cross-site form cannot send them), takes
-no file path from the browser (stories are names, files are looked up inside the story's folder), and reads
-story files the browser uploads as text.
+cannot reach it by DNS rebinding), writes only through JSON POSTs and picture uploads sent as
+``application/octet-stream`` or ``image/*`` (a cross-site form can send neither), takes no file path from the
+browser (stories are names, files are looked up inside the story's folder, pictures are stored under a name made
+from their bytes), and reads story files the browser uploads as text.
 """
 
 from __future__ import annotations
@@ -26,11 +27,23 @@ from starlette.routing import Route
 from ..app.layouts import LAYOUTS
 from ..app.stories import FORMATS, SUFFIX, dump_story, parse_story, story_document
 from ..inputs import InputError
-from .worker import Settings, UiError, Worker, Workspace, check_name
+from .worker import (
+    MAX_PICTURE_BYTES,
+    MAX_PICTURE_PIXELS,
+    PICTURE_FORMATS,
+    PICTURES,
+    Settings,
+    UiError,
+    Worker,
+    Workspace,
+    check_name,
+    stored_picture,
+)
 
 STATIC = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "text/javascript; charset=utf-8"),
           "style.css": ("style.css", "text/css; charset=utf-8")}
-SERVED = {".png": "image/png", ".pdf": "application/pdf", ".yaml": "text/yaml; charset=utf-8",
+SERVED = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp",
+          ".pdf": "application/pdf", ".yaml": "text/yaml; charset=utf-8",
           ".toml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".json": "application/json"}
 MAX_BODY = 2 * 2**20
 
@@ -48,6 +61,25 @@ async def body(request: Request) -> dict:
     if not isinstance(data, dict):
         raise UiError("expected a JSON object", status=400)
     return data
+
+
+async def picture_bytes(request: Request) -> bytes:
+    """An uploaded picture's bytes: sent as ``application/octet-stream`` or ``image/*`` (never a form), at most
+    ``MAX_PICTURE_BYTES`` (read no further)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/octet-stream" and not kind.startswith("image/"):
+        raise UiError("send the picture's bytes (Content-Type: application/octet-stream or image/...)", status=415)
+    too_big = UiError(f"picture: more than the UI takes ({MAX_PICTURE_BYTES // 2**20} MiB); scale it down or save it "
+                      "as JPEG", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_PICTURE_BYTES:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_PICTURE_BYTES:
+            raise too_big
+    return bytes(data)
 
 
 def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starlette:
@@ -71,6 +103,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
 
     async def info(request: Request):
         from ..app.model import limits_of, load_t5_tokenizer
+        from ..inversion import MODES
         from ..methods import METHODS, method_class
 
         ref = worker.ref
@@ -87,7 +120,9 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
             "model": worker.model, "model_state": worker.model_state, "model_error": worker.model_error,
             "defaults": ref.defaults, "out": str(space.root), "methods": methods, "layouts": list(LAYOUTS),
             "formats": list(FORMATS), "limits": {"multiple": limits.multiple, "max_side": limits.max_side,
-                                                 "vocabulary": list(limits.vocabulary or [])}})
+                                                 "vocabulary": list(limits.vocabulary or [])},
+            "inversions": list(MODES), "pictures": {"max_bytes": MAX_PICTURE_BYTES, "max_pixels": MAX_PICTURE_PIXELS,
+                                                    "formats": list(PICTURE_FORMATS)}})
 
     async def stories(request: Request):
         return JSONResponse({"stories": await run_in_threadpool(space.stories)})
@@ -161,6 +196,15 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def upload_picture(request: Request):
+        data = await picture_bytes(request)
+        stored = await run_in_threadpool(space.store_picture, data, request.query_params.get("filename"))
+        return JSONResponse(stored, status_code=201 if stored["stored"] else 200)
+
+    async def serve_picture(request: Request):
+        path = space.picture(request.path_params["file"])
+        return FileResponse(path, media_type=SERVED[path.suffix], headers={"Cache-Control": "no-cache"})
+
     async def serve_file(request: Request):
         name, rel = request.path_params["name"], request.path_params["path"]
         path = space.file(name, rel)
@@ -183,6 +227,8 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
                 if any(parent.is_symlink() for parent in path.parents if folder in parent.parents):
                     continue
                 zf.write(path, f"{name}/{rel.as_posix()}")
+            for file in sorted(await run_in_threadpool(story_pictures, space, name)):   # beside the story folder,
+                zf.write(space.picture(file), f"{PICTURES}/{file}")    # where its story.yaml's ../pictures/ points
         return Response(buffer.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
 
@@ -194,10 +240,29 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         Route("/api/jobs", handle(jobs), methods=["GET", "POST"]), Route("/api/jobs/{id}", handle(job)),
         Route("/api/jobs/{id}/events", handle(events)),
         Route("/api/jobs/{id}/cancel", handle(cancel), methods=["POST"]),
+        Route("/api/pictures", handle(upload_picture), methods=["POST"]),
+        Route(f"/{PICTURES}/{{file}}", handle(serve_picture)),
         Route("/files/{name}/{path:path}", handle(serve_file)), Route("/{asset:str}", handle(static_asset(page))),
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)
+
+
+def story_pictures(space: Workspace, name: str) -> set[str]:
+    """The stored pictures a story's ``story.yaml`` names (those still there)."""
+    try:
+        doc = space.story(name)["story"]
+    except UiError:
+        return set()
+    files = {stored_picture(im.get("image")) for scene in doc["scenes"] for im in scene["images"]}
+    found = set()
+    for file in files - {None}:
+        try:
+            space.picture(file)
+            found.add(file)
+        except UiError:
+            pass
+    return found
 
 
 def static_asset(page):

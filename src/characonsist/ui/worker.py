@@ -4,11 +4,14 @@ list of its events (queued, progress, images, done, ...), which the server strea
 
 Stories live in the workspace (``characonsist ui --out DIR``): ``DIR/<name>/`` is an ordinary run folder of
 ``characonsist generate`` plus its ``story.yaml``, so the command line resumes or re-runs what the UI made.
+Pictures uploaded as identities are kept in ``DIR/pictures/<sha256 prefix>.<ext>`` (their bytes as uploaded) and
+named in ``story.yaml`` as ``image: ../pictures/...``, which the command line reads from the story file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import queue
 import random
@@ -26,13 +29,18 @@ from ..app.layouts import LAYOUTS, write_layouts
 from ..app.regenerate import regenerate
 from ..app.request import story_problems
 from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
-from ..inputs import InputError
+from ..inputs import InputError, excerpt
 from ..output import read_json
 from ..storyfile import StoryError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 STORY_FILE = "story.yaml"
 MAX_SEED = 2**32 - 1    # re-rolled seeds: small enough to read and type
+PICTURES = "pictures"   # DIR/pictures: the uploaded identity pictures (not a story name)
+PICTURE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}   # what browsers show
+PICTURE_NAME = re.compile(r"[0-9a-f]{16}\.(?:png|jpg|webp|gif|bmp)")
+MAX_PICTURE_BYTES = 16 * 2**20      # an upload's size (a large phone photo is 5-10 MB)
+MAX_PICTURE_PIXELS = 50_000_000     # its pixels, checked before decoding (the identity is fitted to ~1 MP anyway)
 
 
 class UiError(Exception):
@@ -49,7 +57,29 @@ def check_name(name) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise UiError(f"story name {name!r}: use 1-64 lower-case letters, digits, '-' or '_' (it names the story's "
                       "folder)")
+    if name == PICTURES:
+        raise UiError(f"story name {name!r}: the UI keeps the uploaded pictures in that folder; choose another name")
     return name
+
+
+def picture_ref(file: str) -> str:
+    """How a story file in a story's folder names a stored picture (relative to the story file's folder)."""
+    return f"../{PICTURES}/{file}"
+
+
+def stored_picture(ref) -> str | None:
+    """The stored picture's file name a story's ``image`` names (``../pictures/<sha>.<ext>``), else None."""
+    if not isinstance(ref, str):
+        return None
+    head, _, file = ref.strip().rpartition("/")
+    return file if head == f"../{PICTURES}" and PICTURE_NAME.fullmatch(file) else None
+
+
+def upload_name(filename) -> str:
+    """The browser's file name, for messages only: its last part, printable, at most 80 characters."""
+    name = str(filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable()).strip()
+    return name[:80] or "picture"
 
 
 def new_seed() -> int:
@@ -68,6 +98,7 @@ class Settings:
     guidance: float | None = None
     seed: int = 2025
     save_masks: bool = True
+    inversion: str | None = None   # how an identity picture is followed (None: the default, euler)
 
     @classmethod
     def parse(cls, data) -> Settings:
@@ -94,7 +125,7 @@ class Settings:
         return cls(method=settings.get("method", "characonsist"), options=options, height=settings.get("height"),
                    width=settings.get("width"), steps=settings.get("num_inference_steps"),
                    guidance=settings.get("guidance_scale"), seed=settings.get("seed", 2025),
-                   save_masks=bool(settings.get("save_masks", True)))
+                   save_masks=bool(settings.get("save_masks", True)), inversion=settings.get("inversion"))
 
 
 def cli_command(model: str, folder: Path, settings: Settings) -> str:
@@ -111,7 +142,8 @@ def cli_command(model: str, folder: Path, settings: Settings) -> str:
     for key, value in options.items():
         parts += ["--option", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     for flag, value in (("--height", settings.height), ("--width", settings.width), ("--steps", settings.steps),
-                        ("--guidance", settings.guidance), ("--seed", settings.seed)):
+                        ("--guidance", settings.guidance), ("--seed", settings.seed),
+                        ("--inversion", settings.inversion)):
         if value is not None:
             parts += [flag, str(value)]
     if settings.save_masks:
@@ -150,6 +182,7 @@ class Workspace:
         self.root = Path(root).expanduser().resolve()
         self.model = model
         self.lock = OutputFolder(self.root)
+        self._storing = threading.Lock()   # uploads run in the server's threads; one writes at a time
 
     def open(self) -> None:
         """Create the folder and hold its lock while the UI runs (a second UI on it, or a `generate --out` into
@@ -175,6 +208,105 @@ class Workspace:
         if path.is_symlink() or not path.is_file():
             raise UiError(f"{rel!r}: no such file in story {name}", status=404)
         return path
+
+    # ------------------------------------------------------------------ pictures
+    def store_picture(self, data: bytes, filename=None) -> dict:
+        """Keep an uploaded identity picture: checked as the command line checks a story's picture (it decodes
+        completely), in a format browsers show, at most ``MAX_PICTURE_BYTES`` and ``MAX_PICTURE_PIXELS``; written
+        atomically with its bytes as uploaded to ``pictures/<sha256[:16]>.<ext>`` (the same picture twice is one
+        file; a file there that characonsist did not write is never replaced). ``filename`` is the browser's name,
+        used in messages only. UiError says what is wrong."""
+        from ..picture import file_digest, load_picture_bytes
+
+        name = upload_name(filename)
+        kinds = "PNG, JPEG, WebP, GIF or BMP"
+        if not data:
+            raise UiError(f"picture: {name}: the file is empty; choose a picture ({kinds})")
+        if len(data) > MAX_PICTURE_BYTES:
+            raise UiError(f"picture: {name}: {len(data) / 2**20:.1f} MiB is more than the UI takes "
+                          f"({MAX_PICTURE_BYTES // 2**20} MiB); scale it down or save it as JPEG", status=413)
+        try:
+            image, fmt = load_picture_bytes(data, name, "picture", tuple(PICTURE_FORMATS), MAX_PICTURE_PIXELS)
+        except InputError as e:
+            raise UiError(e.problems) from None
+        digest = hashlib.sha256(data).hexdigest()
+        file = f"{digest[:16]}.{PICTURE_FORMATS[fmt]}"
+        with self._storing:
+            try:
+                path = self.lock.path(f"{PICTURES}/{file}")
+                if path.is_symlink() or (path.exists() and not (path.is_file() and file_digest(path) == digest)):
+                    raise FolderError(f"{path} was not written by characonsist: move it away (characonsist never "
+                                      "replaces files it did not write)", path)
+                stored = not path.exists()
+                if stored:
+                    self.lock.write_bytes(f"{PICTURES}/{file}", data)
+            except FolderError as e:
+                raise UiError(str(e), status=409) from None
+        return {"image": picture_ref(file), "file": file, "url": self.picture_url(file), "name": name,
+                "width": image.width, "height": image.height, "format": fmt, "bytes": len(data), "sha256": digest,
+                "stored": stored}
+
+    def picture(self, file: str) -> Path:
+        """A stored picture's path (404 unless it is a plain file named as the UI names them)."""
+        if not isinstance(file, str) or not PICTURE_NAME.fullmatch(file):
+            raise UiError(f"{file!r}: not a picture of the UI", status=404)
+        try:
+            path = self.lock.path(f"{PICTURES}/{file}")
+        except FolderError as e:
+            raise UiError(str(e), status=404) from None
+        if path.is_symlink() or not path.is_file():
+            raise UiError(f"{file!r}: no such picture in {self.root / PICTURES}", status=404)
+        return path
+
+    def picture_url(self, file: str) -> str:
+        return f"/{PICTURES}/{file}"
+
+    def picture_problems(self, doc) -> list[str]:
+        """Every picture a story document names that is not one stored here (the UI reads no other file)."""
+        problems = []
+        scenes = doc.get("scenes") if isinstance(doc, dict) else None
+        for s, scene in enumerate(scenes if isinstance(scenes, list) else []):
+            images = scene.get("images") if isinstance(scene, dict) else None
+            for i, image in enumerate(images if isinstance(images, list) else []):
+                ref = image.get("image") if isinstance(image, dict) else None
+                if ref is None or ref == "":
+                    continue
+                place = f"scenes[{s}].{'identity' if i == 0 else f'frames[{i - 1}]'}"
+                file = stored_picture(ref)
+                if file is None:
+                    problems.append(f"{place}: picture {excerpt(ref)} is not one uploaded to this UI (it reads no "
+                                    "other file): choose the picture with the identity's picture button")
+                    continue
+                try:
+                    self.picture(file)
+                except UiError:
+                    problems.append(f"{place}: picture {file} is no longer in {self.root / PICTURES}: choose it again")
+        return problems
+
+    def _stored(self, digest) -> str | None:
+        """The stored picture with these bytes (sha256), if any."""
+        if not isinstance(digest, str) or len(digest) != 64:
+            return None
+        from ..picture import file_digest
+
+        for ext in PICTURE_FORMATS.values():
+            try:
+                path = self.picture(f"{digest[:16]}.{ext}")
+            except UiError:
+                continue
+            if file_digest(path) == digest:
+                return path.name
+        return None
+
+    def _adopt_pictures(self, doc: dict, manifest: dict) -> None:
+        """A story rebuilt from a command-line run's manifest names its pictures where that run read them; the same
+        bytes uploaded here are named as the UI names them (the groups stay finished: the picture's sha256 counts)."""
+        for scene, group in zip(doc["scenes"], manifest.get("groups") or []):
+            identity = scene["images"][0] if scene["images"] else {}
+            if identity.get("image") and stored_picture(identity["image"]) is None:
+                file = self._stored((group["identity"].get("picture") or {}).get("sha256"))
+                if file:
+                    identity["image"] = picture_ref(file)
 
     def stories(self) -> list[dict]:
         found = []
@@ -214,6 +346,7 @@ class Workspace:
             doc = self._story_file(folder)
             if doc is None and manifest:
                 doc = document_from_manifest(manifest)
+                self._adopt_pictures(doc, manifest)
         except InputError as e:
             raise UiError(e.problems if hasattr(e, "problems") else str(e)) from None
         if doc is None:
@@ -248,9 +381,23 @@ class Workspace:
                                "mask": self.url(name, mask) if mask in group.get("masks", []) else None,
                                "match": self.url(name, match) if match in group.get("masks", []) else None})
             groups.append({"name": group["name"], "status": group["status"], "error": group.get("error"),
-                           "changes": group.get("changes"), "images": images,
+                           "changes": group.get("changes"), "images": images, "picture": self._gallery_picture(group),
                            "storyboard": self.url(name, group["storyboard"]) if group.get("storyboard") else None})
         return groups
+
+    def _gallery_picture(self, group: dict) -> dict | None:
+        """A group whose identity is a picture: the picture (its URL when stored here) and, once generated, how
+        close the reconstruction is (PSNR), how the picture was fitted and the inversion."""
+        record = group["identity"].get("picture")
+        if not record:
+            return None
+        made = (group.get("engine_settings") or {}).get("identity_picture") or {}
+        file = Path(str(record.get("path") or "")).name
+        if not (PICTURE_NAME.fullmatch(file) and file.startswith(str(record.get("sha256"))[:16])):
+            file = self._stored(record.get("sha256"))   # a command-line run's picture, uploaded here too
+        url = self.picture_url(file) if file else None
+        return {"url": url, "path": record.get("path"), "inversion": made.get("inversion") or record.get("inversion"),
+                "psnr": made.get("psnr"), "fit": made.get("fit"), "source_size": made.get("source_size")}
 
     def exports(self, name: str) -> list[dict]:
         folder = self.folder(name) / "layouts"
@@ -294,12 +441,19 @@ class Worker:
         """The story text and the application layer's checked request (InputError / FolderError with every
         problem), exactly as ``characonsist generate`` would check the saved story file."""
         folder = self.workspace.folder(name)
+        problems = self.workspace.picture_problems(doc)
+        if problems:
+            raise InputError(problems)
         text = dump_story(doc, "yaml")
         story = parse_story(text, str(folder / STORY_FILE))
+        for group in story.groups:   # ../pictures/<file> from the story's folder (which may not exist yet)
+            if group.picture is not None:
+                group.picture = str(self.workspace.root / PICTURES / stored_picture(group.picture))
         request = StoryRequest(stories=[story], model=self.model, out=str(folder), method=settings.method,
                                options=dict(settings.options), height=settings.height, width=settings.width,
                                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                               seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite)
+                               seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite,
+                               inversion=settings.inversion)
         return text, validate_request(request)
 
     def validate(self, name: str, doc: dict, settings: Settings) -> dict:
@@ -308,7 +462,7 @@ class Worker:
         except (InputError, FolderError) as e:
             raise UiError(getattr(e, "problems", None) or [str(e)]) from None
         return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
-                "command": cli_command(self.model, self.workspace.folder(name), settings)}
+                "notes": checked.notes, "command": cli_command(self.model, self.workspace.folder(name), settings)}
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
@@ -525,4 +679,5 @@ class Worker:
                       "skipped": [j.folder for j in run.jobs if j.state != "done"]}
 
 
-__all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command"]
+__all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command", "picture_ref",
+           "stored_picture"]

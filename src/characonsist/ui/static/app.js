@@ -100,6 +100,62 @@ function rowView(s, i, image) {
   return el("div", {class: "row" + (lineMode ? " line-mode" : ""), "data-i": i}, ...cells);
 }
 
+// The identity's picture: the upload goes to the server as bytes; the story names the stored copy
+// (../pictures/<sha>.<ext>, relative to the story's folder), which is what the command line reads too.
+function storedPicture(ref) {
+  const m = /^\.\.\/pictures\/([0-9a-f]{16}\.(?:png|jpg|webp|gif|bmp))$/.exec((ref || "").trim());
+  return m ? m[1] : null;
+}
+
+async function uploadPicture(file, image) {
+  const limit = info?.pictures?.max_bytes;
+  if (limit && file.size > limit) {
+    showProblems([`picture: ${file.name}: ${(file.size / 2 ** 20).toFixed(1)} MiB is more than the UI takes (${limit / 2 ** 20} MiB); scale it down or save it as JPEG`]);
+    status(`picture ${file.name} refused`, true);
+    return;
+  }
+  status(`uploading ${file.name}…`);
+  let ok = false, body;
+  try {
+    const res = await fetch(`/api/pictures?filename=${encodeURIComponent(file.name)}`,
+      {method: "POST", headers: {"Content-Type": "application/octet-stream"}, body: file});
+    ok = res.ok;
+    body = await res.json().catch(() => ({problems: [`${res.status} ${res.statusText}`]}));
+  } catch (e) { body = {problems: [`picture: ${file.name}: cannot upload it (${e.message})`]}; }
+  if (!ok) { showProblems(body.problems); status(`picture ${file.name} refused`, true); return; }
+  image.image = body.image;
+  image.pictureInfo = `${body.name}, ${body.width}x${body.height}`;
+  render(); changed(); showProblems([]);
+  status(`picture ${body.name}: ${body.width}x${body.height} ${body.format}, kept as pictures/${body.file}`);
+}
+
+function pictureView(image) {
+  const ref = image.image || "";
+  const file = storedPicture(ref);
+  const input = el("input", {type: "file", class: "picture-input", accept: "image/png,image/jpeg,image/webp,image/gif,image/bmp",
+    onchange: e => { if (e.target.files[0]) uploadPicture(e.target.files[0], image); e.target.value = ""; }});
+  const cells = [el("span", {class: "role", text: "picture"}),
+    el("label", {class: "file picture-choose", title: "or drop a picture on this line"}, ref ? "another picture…" : "use a picture of the character…", input)];
+  if (file) cells.push(el("img", {class: "picture-thumb", src: `/pictures/${file}`, alt: "the identity's picture"}));
+  if (ref) {
+    cells.push(el("span", {class: "picture-name small" + (file ? "" : " missing"),
+      text: file ? (image.pictureInfo || `pictures/${file}`) : `${ref}: not uploaded to this UI; choose the file`}));
+    cells.push(el("button", {type: "button", class: "icon remove-picture", title: "no picture: generate the identity", text: "✕",
+      onclick: () => { delete image.image; delete image.pictureInfo; render(); changed(); }}));
+  }
+  cells.push(el("span", {class: "muted small picture-hint", text: ref
+    ? "The identity is this picture; the row above still captions it (background / character / action): the masks need the character's words."
+    : "Optional: your own drawing or photo of the character as the identity (PNG, JPEG, WebP, GIF, BMP)."}));
+  const row = el("div", {class: "picture-row"}, ...cells);
+  row.addEventListener("dragover", e => { e.preventDefault(); row.classList.add("drop"); });
+  row.addEventListener("dragleave", () => row.classList.remove("drop"));
+  row.addEventListener("drop", e => {
+    e.preventDefault(); row.classList.remove("drop");
+    if (e.dataTransfer.files[0]) uploadPicture(e.dataTransfer.files[0], image);
+  });
+  return row;
+}
+
 function sceneView(s) {
   const scene = story.scenes[s];
   const head = el("div", {class: "scene-head"},
@@ -108,7 +164,7 @@ function sceneView(s) {
     el("label", {}, "Background (every image's, unless a row gives its own)", el("input", {class: "scene-background",
       value: scene.background, placeholder: "a sunny beach", oninput: e => { scene.background = e.target.value; changed(); }})),
     el("button", {type: "button", class: "remove-scene", text: "remove scene", onclick: () => { story.scenes.splice(s, 1); render(); changed(); }}));
-  const rows = scene.images.map((image, i) => rowView(s, i, image));
+  const rows = scene.images.flatMap((image, i) => i === 0 ? [rowView(s, i, image), pictureView(image)] : [rowView(s, i, image)]);
   const add = el("button", {type: "button", class: "add-frame", text: "+ frame", onclick: () => { scene.images.push(emptyImage()); render(); changed(); }});
   return el("div", {class: "scene", "data-s": s}, head, ...rows, add);
 }
@@ -156,7 +212,8 @@ function settings() {
   if ("use_token_merge" in known) options.use_token_merge = $("#token-merge").checked;
   const num = id => numberOrNull($(id).value);
   return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? 2025,
-          width: num("#width"), height: num("#height"), save_masks: $("#save-masks").checked};
+          width: num("#width"), height: num("#height"), save_masks: $("#save-masks").checked,
+          inversion: $("#inversion").value || null};
 }
 
 function showSettings(s) {
@@ -169,6 +226,10 @@ function showSettings(s) {
   for (const [id, key] of [["#steps", "steps"], ["#guidance", "guidance"], ["#seed", "seed"], ["#width", "width"], ["#height", "height"]])
     $(id).value = s[key] ?? "";
   $("#save-masks").checked = s.save_masks !== false;
+  const inversion = s.inversion && s.inversion !== "euler" ? s.inversion : "";
+  if (inversion && !$$("#inversion option").some(o => o.value === inversion))
+    $("#inversion").append(el("option", {value: inversion, text: inversion}));   // a command line's MODE:KEY=VALUE
+  $("#inversion").value = inversion;
   methodChanged();
 }
 
@@ -191,15 +252,16 @@ function payload(extra = {}) { return {name: storyName(), story: cleanStory(), s
 
 function cleanStory() {   // the document without the editor's own fields
   return {title: story.title, character: story.character, scenes: story.scenes.map(sc => ({name: sc.name, background: sc.background,
-    images: sc.images.map(({shownSeed, ...im}) => im)}))};
+    images: sc.images.map(({shownSeed, pictureInfo, ...im}) => im)}))};
 }
 
 async function check() {
   try {
     const res = await api("/api/validate", payload());
     showProblems([]); status(`ready: ${res.groups.length} group(s)`); $("#command").textContent = res.command;
+    $("#notes").replaceChildren(...(res.notes || []).map(n => el("li", {text: n})));
     return true;
-  } catch (e) { showProblems(e.problems); status("fix the problems below", true); return false; }
+  } catch (e) { showProblems(e.problems); $("#notes").replaceChildren(); status("fix the problems below", true); return false; }
 }
 
 async function submit(data) {
@@ -275,9 +337,11 @@ function showGallery() {
       const pic = el("div", {class: "pic"});
       if (im.url) pic.append(el("img", {src: im.url, alt: `${group.name} ${im.role} ${im.index}`, class: "image"}));
       if (masks && im.mask) pic.append(el("img", {src: im.mask, class: "mask", alt: "mask"}));
+      const fromPicture = im.role === "identity" && group.picture;
       const tile = el("div", {class: "tile", "data-group": group.name, "data-index": im.index}, pic,
-        el("div", {text: `${im.role === "identity" ? "identity" : "frame " + im.index} · seed ${im.seed}`}),
+        el("div", {text: `${im.role === "identity" ? (fromPicture ? "identity (from the picture)" : "identity") : "frame " + im.index} · seed ${im.seed}`}),
         im.caption ? el("div", {class: "muted", text: im.caption}) : null);
+      if (fromPicture) tile.append(pictureInfo(group.picture));
       if (matches && im.match) tile.append(el("img", {src: im.match, class: "match", alt: "point matches"}));
       if ((im.notes || []).length) tile.append(el("details", {class: "notes small"},
         el("summary", {text: `${im.notes.length} note(s)`}), ...im.notes.map(n => el("div", {text: n}))));
@@ -301,6 +365,14 @@ function showGallery() {
     const seed = story.scenes[s]?.images[i]?.shownSeed;
     if (seed !== undefined) $(".seed-value", row).placeholder = seed;
   });
+}
+
+function pictureInfo(p) {   // the identity made from a picture: the picture, how close the reconstruction is, the fit
+  const psnr = typeof p.psnr === "number" ? `reconstruction PSNR ${p.psnr.toFixed(1)} dB` : "not generated yet";
+  return el("div", {class: "picture-info small"},
+    p.url ? el("img", {class: "picture-source", src: p.url, alt: "the picture", title: "the picture it reconstructs"}) : null,
+    el("div", {class: "psnr", text: `${psnr} · ${p.inversion || "euler"}`}),
+    p.fit ? el("div", {class: "muted fit", text: `picture ${p.fit}`}) : null);
 }
 
 function showExports(files) {
@@ -385,7 +457,7 @@ async function start() {
   $("#show-masks").addEventListener("change", showGallery);
   $("#show-matches").addEventListener("change", showGallery);
   $("#story-picker").addEventListener("change", e => { if (e.target.value) openStory(e.target.value); });
-  $("#new-story").addEventListener("click", () => { story = emptyStory(); gallery = []; $("#name").value = ""; render(); showGallery(); changed(); });
+  $("#new-story").addEventListener("click", () => { story = emptyStory(); gallery = []; $("#name").value = ""; $("#notes").replaceChildren(); render(); showGallery(); changed(); });
   $("#load-file").addEventListener("change", e => { if (e.target.files[0]) loadFile(e.target.files[0]); e.target.value = ""; });
   $$(".save-file").forEach(b => b.addEventListener("click", () => saveFile(b.dataset.format)));
   $$("#run input, #run select, #run textarea").forEach(n => n.addEventListener("change", changed));
