@@ -90,6 +90,8 @@ def test_make_a_story_in_the_browser(server, tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     address, folder = server
+    copy = os.environ.get("CHARACONSIST_UI_SCREENSHOTS")   # the README's pictures: the toy model's own 20 steps
+    steps = 20 if copy else 4
     shots = tmp_path / "screenshots"
     shots.mkdir()
     driver = _browser(tmp_path)
@@ -119,7 +121,7 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         type_in(rows[2].find_element(By.CSS_SELECTOR, "input.background"), "a green forest")
         rows[2].find_element(By.CSS_SELECTOR, ".reroll").click()              # a locked seed of its own
         assert rows[2].find_element(By.CSS_SELECTOR, ".seed-lock").is_selected()
-        type_in(driver.find_element(By.ID, "steps"), "4")
+        type_in(driver.find_element(By.ID, "steps"), str(steps))
         assert "mixed" in driver.find_element(By.ID, "bg-info").text
 
         # the identity is the user's own picture: a file that is not one is refused and nothing in the form is lost
@@ -145,10 +147,10 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         wait.until(lambda d: any(e["type"] == "done" for e in d.execute_script("return window.uiEvents")))
         events = driver.execute_script("return window.uiEvents")
         progress = [e for e in events if e["type"] == "progress"]
-        assert progress and progress[-1]["phase"] == "main" and progress[-1]["done"] == progress[-1]["total"] == 4
-        assert driver.find_element(By.ID, "steps-text").text == "main 4/4"
+        assert progress and progress[-1]["phase"] == "main" and progress[-1]["done"] == progress[-1]["total"] == steps
+        assert driver.find_element(By.ID, "steps-text").text == f"main {steps}/{steps}"
         assert driver.find_element(By.ID, "progress-images").get_attribute("data-value") == "1"
-        assert driver.find_element(By.ID, "progress-steps").get_attribute("data-value") == "4"
+        assert driver.find_element(By.ID, "progress-steps").get_attribute("data-value") == str(steps)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.image")) == 3 and all(
             d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", im) == 128
             for im in d.find_elements(By.CSS_SELECTOR, "#gallery img.image")))
@@ -187,7 +189,6 @@ def test_make_a_story_in_the_browser(server, tmp_path):
     assert f"image: ../pictures/{stored.name}" in story and stored.read_bytes() == picture.read_bytes()
     for shot in ("ui.png", "export.png"):
         assert (shots / shot).stat().st_size > 10_000
-    copy = os.environ.get("CHARACONSIST_UI_SCREENSHOTS")
     if copy:
         shutil.copy(shots / "ui.png", Path(copy) / "ui.png")
         shutil.copy(page, Path(copy) / "ui_comic_2x2.png")
