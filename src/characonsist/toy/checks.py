@@ -15,6 +15,9 @@ the properties of FLUX.1 that consistency methods rely on, each measured without
 4. ``in_context``: the model draws one character twice in a two-panel image with the same identity in both
    panels, while two seeds of one prompt agree no more than chance.
 
+Besides them, on request (``--two-characters``, no bar): ``two_characters``, how well two characters of different
+kinds in one image (``world.render_two``) read back, and whether their identities leak into each other.
+
     python -m characonsist.toy.checks --device cuda --json out/toy_checks.json     # all of them
     python -m characonsist.toy.checks --only correspondence,in_context --pairs 60 --panels 48   # a CPU look
     python -m characonsist.toy.checks --only adherence --two-characters 96 --device cuda   # two characters too

@@ -33,6 +33,9 @@ Stages (``--stage vae|init|transformer|all|export``; ``all`` = vae then transfor
    is kept and is what ships.
 3. ``export``: cast to float16 and save the shipped folder with ``characonsist_defaults.json``.
 
+Two-character images (``world.render_two``) can be mixed in with ``--two-character-every K`` (off by default, so
+the shipped recipe is unchanged; ``step_kind``, ``two_character_batch``).
+
 Text conditioning (v2): the prompt reaches the image through FLUX's joint attention only (context-free T5
 tokens, a constant pooled CLIP vector; ``build_pipeline``), the premise of every mask in the methods.
 Everything that the text encoders and the VAE produce is rounded to float16 first, so the float16 folder that
