@@ -6,6 +6,8 @@
 #   bash bench/toy_train.sh $OUT continue    # new run starting from the shipped transformer (continues a model)
 #   bash bench/toy_train.sh $OUT resume      # the next call: resumes the run and finishes its schedule
 # Then, here: cat run.tar.* | tar xf - -C RUN && python -m characonsist.toy.train --out RUN --stage export
+# ARGS adds options to every training command, e.g. ARGS="--two-character-every 2" mixes in two-character images
+# (docs/TOY_WORLD.md, "Two characters in one image"; kept in the run's config once set).
 # Carry .whl (diffusers 0.42.1, importlib_metadata 10.2.0, lazy_importer 0.1.0; BENCHMARKS.md).
 # Each training command runs under `timeout`, so the run folder comes back even if training hangs.
 set -u
@@ -13,6 +15,7 @@ OUT=${1:?output folder}
 PART=${2:?scratch, continue or resume}
 MINUTES=${MINUTES:-8.6}          # training command's own budget (it saves and stops before it)
 EXTRA=${EXTRA:-7.6}              # minutes of training planned for the resume call
+ARGS=${ARGS:-}                    # more options of characonsist.toy.train for the training commands
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
@@ -20,7 +23,7 @@ RUN=runs/toy-v3
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TRAIN="timeout 545 python3 -m torch.distributed.run --standalone --nproc_per_node $NGPU -m characonsist.toy.train
-       --out $RUN --stage transformer --precision bf16 --compile --cache /tmp/toy-data --minutes $MINUTES"
+       --out $RUN --stage transformer --precision bf16 --compile --cache /tmp/toy-data --minutes $MINUTES $ARGS"
 quiet() { grep -v -e Warning -e Loading | cut -c1-300; }
 case "$PART" in
     scratch|continue)

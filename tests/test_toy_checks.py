@@ -88,3 +88,41 @@ def test_similarity_of_an_image_with_itself_is_one(tiny):
     (sim,) = checks.single_block_similarity(pipe, defaults, [img, img], [prompt, prompt], 0.9, seed=0)
     assert sim.shape == (256, 256)
     assert torch.allclose(sim.diagonal(), torch.ones(256), atol=1e-4)
+
+
+def test_two_character_scores_known_answers():
+    rng = np.random.default_rng(8)
+    truths = [world.sample_two_fields(rng) for _ in range(6)]
+    chars = [tuple(world.sample_character(rng, k) for k in kinds) for _, kinds, _ in truths]
+    images = [world.render_two(s, ch, a, rng=rng) for (s, _, a), ch in zip(truths, chars)]
+    right = checks.score_two_characters(truths, images)        # the renderer as the model: everything reads back
+    assert right["n"] == 6 and all(v == 1.0 for v in right["adherence"].values()), right["adherence"]
+    assert right["rows"][0]["caption"] == world.two_caption(*truths[0])
+    expect = np.mean([all(getattr(a, x) == getattr(b, x) for x in checks.ATTRS) for a, b in chars])
+    assert right["same_all_four"] == expect and 0 < right["chance_all_four"] < 1
+    swapped = [np.concatenate([im[:, 128:], im[:, :128]], 1) for im in images]   # each kind in the other half
+    s = checks.score_two_characters(truths, swapped)["adherence"]
+    assert s["kinds"] == 1.0 and s["kinds_in_order"] == 0.0 and s["scene"] == 1.0
+    copied = [world.render_two(s, (ch[0], world.Character(ch[1].kind, **ch[0].attributes())), a, rng=rng)
+              for (s, _, a), ch in zip(truths, chars)]                      # one identity on both: a full leak
+    leak = checks.score_two_characters(truths, copied)
+    assert leak["same_all_four"] == 1.0 and all(v == 1.0 for v in leak["same_attribute"].values())
+
+
+def test_two_character_measure_runs_end_to_end(tiny, tmp_path):
+    pipe, defaults = tiny
+    res = checks.two_characters(pipe, defaults, n=2, batch=2)
+    assert (res["n"], res["width"], res["height"]) == (2, 256, 128) and len(res["rows"]) == 2
+    assert set(res["adherence"]) == {"all_named", "scene", "kinds", "kinds_in_order", "actions", "bound"}
+    assert all(0 <= v <= 1 for v in [*res["adherence"].values(), *res["same_attribute"].values(), res["unsure"]])
+    assert all(len(r["reads"]) == 2 and world.parse_two_caption(r["caption"]) for r in res["rows"])
+    assert "two characters (2 images of 256x128" in checks.format_report({"two_characters": res})
+    # the command line, on the tiny pipeline saved as a model folder
+    import json
+
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "characonsist_defaults.json").write_text(json.dumps(defaults))
+    assert checks.main(["--model-dir", str(tmp_path / "model"), "--only", "schedule", "--two-characters", "2",
+                        "--batch", "2", "--json", str(tmp_path / "out.json")]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["two_characters"]["n"] == 2 and out["verdicts"] == {"schedule": out["verdicts"]["schedule"]}

@@ -191,3 +191,48 @@ def test_schedule_is_flux_dev_at_1024_and_two_panels_get_their_own_shift():
     assert np.abs(toy[:-1] - np.interp(np.arange(20) * 2.5, np.arange(51), flux)).max() < 1e-3
     assert train.pipeline_mu(256) == pytest.approx(1.15) and train.pipeline_mu(64) == pytest.approx(0.5)
     assert train.pipeline_mu(512) > train.pipeline_mu(256)
+
+
+def test_step_kind_mixes_two_character_steps_only_when_asked():
+    kinds = lambda **kw: [train.step_kind(s, train.TrainConfig(**kw)) for s in range(8)]   # noqa: E731
+    assert kinds() == ["single", "pair"] * 4                                   # the shipped recipe
+    assert kinds(two_character_every=2) == ["single", "pair", "two", "pair"] * 2
+    assert kinds(two_character_every=3) == ["single", "pair", "single", "pair", "two", "pair", "single", "pair"]
+    assert kinds(two_panel_every=0, two_character_every=4) == ["single"] * 3 + ["two"] + ["single"] * 3 + ["two"]
+    assert kinds(two_panel_every=0) == ["single"] * 8
+
+
+def test_two_character_data_set_renders_wide_images_with_their_prompts():
+    images, prompts = train.render_dataset(4, seed=1, chunk=2, workers=1, two_characters=True)
+    assert images.shape == (4, 128, 256, 3) and len(prompts) == 4
+    for p in prompts:     # the story line's prompt: every word in the toy vocabulary or "and"
+        assert set(p.split()) <= set(world.VOCAB_WORDS) | {"and"} and p.split().count("and") == 2
+    a, pa = train.render_dataset(4, seed=1, chunk=2, workers=1, two_characters=True, shard=(0, 2))
+    b, pb = train.render_dataset(4, seed=1, chunk=2, workers=1, two_characters=True, shard=(1, 2))
+    assert np.array_equal(np.concatenate([a, b]), images) and pa + pb == prompts    # one chunk each
+    tok = train.build_pipeline(0).tokenizer_2
+    assert max(len(tok(p).input_ids) for p in prompts) <= train.TrainConfig.max_sequence_length
+
+
+def test_training_mixes_in_two_character_images_on_cpu(tmp_path, monkeypatch):
+    import time
+
+    pipe = _tiny_pipe()
+    pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)   # what the VAE stage measures and sets
+    run = tmp_path / "run"
+    run.mkdir()
+    train.save_run_pipeline(pipe, run)
+    cfg = train.TrainConfig(steps=4, batch=2, warmup=1, per_identity=2, two_character_every=2)
+    images, prompts = train.render_dataset(4, seed=0, chunk=4, workers=1, per_identity=2)
+    two_images, two_prompts = train.render_dataset(2, seed=0, chunk=2, workers=1, two_characters=True)
+    calls = []
+    batch = train.two_character_batch
+    monkeypatch.setattr(train, "two_character_batch", lambda *a, **k: calls.append(a[1]) or batch(*a, **k))
+    with pytest.raises(ValueError, match="no two-character data set"):
+        train.train_transformer(run, cfg, images, prompts, torch.device("cpu"), time.time() + 600, "fp32")
+    train.train_transformer(run, cfg, images, prompts, torch.device("cpu"), time.time() + 600, "fp32",
+                            two_images=two_images, two_prompts=two_prompts)
+    assert calls == [1]                                  # step 2 of 4 (single, pair, two, pair), batch // 2 images
+    state = train._state(run)
+    assert state["transformer_step"] == 4 and state["config"]["two_character_every"] == 2
+    assert (run / "ema.safetensors").exists()

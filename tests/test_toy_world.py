@@ -163,3 +163,87 @@ def test_part_map_labels_the_body_parts_where_the_mask_is():
                 assert len(rows["legs"]) and rows["legs"].mean() > rows["body"].mean()
             assert bool(len(rows["tail"])) == (kind in ("cat", "bird"))
             assert not len(rows["legs"]) or kind != "cat"
+
+
+# ------------------------------------------------------------------ two characters in one image
+
+TWO = (Character("cat", "red", "stripes", "hat", "blue"), Character("bird", "teal", "dots", "bow", "pink"))
+
+
+def test_two_character_captions_round_trip_in_the_vocabulary_plus_and():
+    words = set(VOCAB_WORDS) | {"and"}
+    for scene in SCENES:
+        for k0 in KINDS:
+            for k1 in KINDS:
+                if k0 == k1:
+                    continue
+                for a0 in ACTIONS:
+                    for a1 in ("small-left", "big-right"):
+                        cap = world.two_caption(scene, (k0, k1), (a0, a1))
+                        assert set(cap.replace("#", " ").split()) <= words
+                        assert world.parse_two_caption(cap) == (scene, (k0, k1), (a0, a1))
+    cap = "a sunny beach#a cat and a robot#small on the left and big on the right"
+    assert world.two_caption("beach", ("cat", "robot"), ("small-left", "big-right")) == cap
+    assert world.parse_two_caption(" Beach # cat AND robot # small-left and big-right") == (
+        "beach", ("cat", "robot"), ("small-left", "big-right"))
+
+
+def test_two_character_captions_refuse_one_kind_twice_and_missing_halves():
+    with pytest.raises(ValueError, match="different kinds"):
+        world.two_caption("beach", ("cat", "cat"), ("small-left", "big-right"))
+    with pytest.raises(ValueError, match="one kind"):
+        world.parse_two_caption("a sunny beach#a cat and a cat#small on the left and big on the right")
+    with pytest.raises(ValueError, match="two characters joined by 'and'"):
+        world.parse_two_caption("a sunny beach#a cat#small on the left and big on the right")
+    with pytest.raises(ValueError, match="two actions joined by 'and'"):
+        world.parse_two_caption("a sunny beach#a cat and a robot#small on the left")
+    with pytest.raises(ValueError, match="a sunny beach"):
+        world.parse_two_caption("a moon base#a cat and a robot#small on the left and big on the right")
+
+
+def test_render_two_keeps_each_character_in_its_half_in_one_scene():
+    rng = np.random.default_rng(4)
+    for scene in SCENES:
+        actions = (str(rng.choice(list(ACTIONS))), "big-left")
+        seed = int(rng.integers(1000))
+        plain = world.render_two(scene, TWO, ("big-right", "big-left"), rng=np.random.default_rng(seed))
+        img, boxes, masks, parts = world.render_two(scene, TWO, ("big-right", "big-left"),
+                                                    rng=np.random.default_rng(seed), return_box=True,
+                                                    return_mask=True, return_parts=True)
+        assert np.array_equal(plain, img) and img.shape == (128, 256, 3) and img.dtype == np.uint8
+        assert not np.array_equal(img, world.render_two(scene, TWO, actions, rng=np.random.default_rng(seed + 1)))
+        for i in range(2):
+            other = slice(128, 256) if i == 0 else slice(0, 128)
+            assert masks[i].shape == (128, 256) and not masks[i][:, other].any() and masks[i].sum() > 500
+            assert np.array_equal(parts[i] > 0, masks[i])
+            x0, y0, x1, y1 = boxes[i]
+            assert 128 * i <= x0 < x1 <= 128 * (i + 1) and y0 < y1
+            ys, xs = np.nonzero(masks[i])
+            assert x0 - 1 <= xs.min() and xs.max() <= x1
+        flat = _interior(img)
+        scene_colors = {tuple(c) for c in world.SCENE_COLORS[scene]}
+        assert {tuple(c) for c in img[~(masks[0] | masks[1]) & flat]} <= scene_colors
+        assert world.BODY_COLORS["red"] in {tuple(c) for c in img[:, :128][masks[0][:, :128] & flat[:, :128]]}
+        assert world.BODY_COLORS["teal"] in {tuple(c) for c in img[:, 128:][masks[1][:, 128:] & flat[:, 128:]]}
+
+
+def test_render_two_clips_a_character_at_the_middle():
+    # the bird's tail tip, big on the left of the right half, is at x = 128 + 32 - 0.45 H = 126.6 (H = 0.58 x 128):
+    # it is cut at the middle, as a single render cuts it at its border
+    _, (m0, m1) = world.render_two("beach", TWO, ("small-left", "big-left"), return_mask=True)
+    assert m1[:, 128].any() and not m1[:, :128].any() and not m0[:, 64:].any()
+
+
+def test_two_character_examples_are_seeded_and_label_each_half():
+    a = world.sample_two_example(np.random.default_rng(5))
+    b = world.sample_two_example(np.random.default_rng(5))
+    assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
+    rng = np.random.default_rng(0)
+    seen_kinds = set()
+    for _ in range(30):
+        img, labels, cap = world.sample_two_example(rng, size=32)
+        scene, kinds, actions = world.parse_two_caption(cap)
+        assert img.shape == (32, 64, 3) and kinds[0] != kinds[1]
+        assert [(x["scene"], x["kind"], x["action"]) for x in labels] == list(zip((scene, scene), kinds, actions))
+        seen_kinds.add(kinds)
+    assert len(seen_kinds) == 6                         # every ordered pair of different kinds

@@ -15,8 +15,12 @@ the properties of FLUX.1 that consistency methods rely on, each measured without
 4. ``in_context``: the model draws one character twice in a two-panel image with the same identity in both
    panels, while two seeds of one prompt agree no more than chance.
 
+Besides them, on request (``--two-characters``, no bar): ``two_characters``, how well two characters of different
+kinds in one image (``world.render_two``) read back, and whether their identities leak into each other.
+
     python -m characonsist.toy.checks --device cuda --json out/toy_checks.json     # all of them
     python -m characonsist.toy.checks --only correspondence,in_context --pairs 60 --panels 48   # a CPU look
+    python -m characonsist.toy.checks --only adherence --two-characters 96 --device cuda   # two characters too
 """
 
 from __future__ import annotations
@@ -345,23 +349,22 @@ def correspondence(pipe, defaults: dict, pairs: int = 240, seed: int = 777, thre
 
 def read_panels(image: np.ndarray) -> tuple[dict, dict]:
     """Readouts of the two panels of a two-panel image (side by side when wider than tall, else stacked)."""
-    h, w = image.shape[:2]
-    a, b = (image[:, : w // 2], image[:, w // 2:]) if w > h else (image[: h // 2], image[h // 2:])
-    ra, rb = readout.read_batch([a, b])
-    return ra, rb
+    return readout.read_pairs([image])[0]
 
 
 def _agree(a: dict, b: dict) -> bool:
     return all(a[x] == b[x] for x in ATTRS)
 
 
+def chance_per_attribute(reads: list[dict]) -> dict[str, float]:
+    """Per attribute, the agreement two independent draws would have, from its marginal frequencies."""
+    return {a: float(((np.array(list(collections.Counter(r[a] for r in reads).values()), float) / len(reads))
+                      ** 2).sum()) for a in ATTRS}
+
+
 def chance_agreement(reads: list[dict]) -> float:
     """The all-four agreement two independent draws would have, from the attributes' marginal frequencies."""
-    out = 1.0
-    for a in ATTRS:
-        freq = np.array(list(collections.Counter(r[a] for r in reads).values()), float) / len(reads)
-        out *= float((freq ** 2).sum())
-    return out
+    return math.prod(chance_per_attribute(reads).values())
 
 
 def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 16) -> dict:
@@ -406,6 +409,58 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "two_seeds_per_attribute": {a: float(np.mean([x[a] == y[a] for x, y in zip(singles_a, singles_b)]))
                                         for a in ATTRS},
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
+
+
+# ------------------------------------------------------------------------------------------------ two characters
+
+def score_two_characters(truths: list, images: list[np.ndarray]) -> dict:
+    """Read two-character images half by half (``readout.read_pairs``) and score them against their truths
+    (scene, kinds, actions), the i-th character in the i-th half; see :func:`two_characters`."""
+    pairs, conf = readout.read_pairs(images, confidence=True)
+    rows = []
+    for (scene, kinds, actions), reads, cf in zip(truths, pairs, conf, strict=True):
+        got_kinds = tuple(r["kind"] for r in reads)
+        got_actions = tuple(r["action"] for r in reads)
+        ok = {"scene": all(r["scene"] == scene for r in reads),
+              "kinds": sorted(got_kinds) == sorted(kinds), "kinds_in_order": got_kinds == tuple(kinds),
+              "actions": sorted(got_actions) == sorted(actions),
+              "bound": sorted(zip(got_kinds, got_actions)) == sorted(zip(kinds, actions))}
+        ok["all_named"] = ok["scene"] and ok["bound"]
+        rows.append({"caption": world.two_caption(scene, kinds, actions), "reads": list(reads), **ok,
+                     "same": {a: reads[0][a] == reads[1][a] for a in ATTRS},
+                     "unsure": [min(c.values()) < 0.9 for c in cf]})
+    chars = [r for row in rows for r in row["reads"]]
+    return {"n": len(rows),
+            "adherence": {k: float(np.mean([r[k] for r in rows]))
+                          for k in ("all_named", "scene", "kinds", "kinds_in_order", "actions", "bound")},
+            "same_attribute": {a: float(np.mean([r["same"][a] for r in rows])) for a in ATTRS},
+            "same_all_four": float(np.mean([all(r["same"].values()) for r in rows])),
+            "chance_attribute": chance_per_attribute(chars), "chance_all_four": chance_agreement(chars),
+            "unsure": float(np.mean([u for r in rows for u in r["unsure"]])), "rows": rows}
+
+
+def two_characters(pipe, defaults: dict, n: int = 200, seed: int = 55, batch: int = 16) -> dict:
+    """Two characters of different kinds in one image (``world.two_caption`` prompts, vanilla samples at the
+    model's height and twice its width, each half read on its own): do both characters' named fields read back,
+    and do their unnamed attributes leak from one to the other? No bar (issue 10 sets none); a measure for
+    multi-character stories.
+
+    Adherence, per image: ``scene`` (both halves), ``kinds`` (the halves' kinds are the caption's two, in either
+    order), ``kinds_in_order`` (the first-named on the left), ``actions`` (the halves' actions are the caption's
+    two, either way round), ``bound`` (each half's kind and action are one caption character's: the pairing too),
+    and ``all_named`` (scene and bound). The toy text encoders give the model a bag of words: it cannot know which
+    kind is named first or which action goes with which kind, so ``kinds_in_order`` and ``bound`` given
+    ``kinds`` and ``actions`` have a ceiling of chance unless the text encoder changes.
+
+    Leak: the share of images whose two characters read the same value of each attribute (and of all four), against
+    the chance agreement from the attributes' frequencies over all characters read: the renders draw the two
+    identities independently, so agreement above chance is one character's identity copied onto the other.
+    ``unsure``: the share of characters whose least sure field has a softmax probability under 0.9."""
+    rng = np.random.default_rng(seed)
+    truths = [world.sample_two_fields(rng) for _ in range(n)]
+    images = generate(pipe, defaults, [_prompt(world.two_caption(*t)) for t in truths],
+                      [seed + i for i in range(n)], batch, width=2 * defaults["width"])
+    return {**score_two_characters(truths, images), "width": 2 * defaults["width"], "height": defaults["height"]}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -475,6 +530,16 @@ def format_report(result: dict) -> str:
                      + ", ".join(f"{a} {pct(v)}" for a, v in c["agree_per_attribute"].items())
                      + f"); panels' named fields {pct(c['panels_named_correct'])}; two seeds of one prompt "
                      f"{pct(c['two_seeds_agree'])} (chance {pct(c['chance'])})")
+    if "two_characters" in result:
+        c = result["two_characters"]
+        a = c["adherence"]
+        lines.append(f"two characters ({c['n']} images of {c['width']}x{c['height']}, no bar): every named field "
+                     f"{pct(a['all_named'])} (scene {pct(a['scene'])}, kinds {pct(a['kinds'])}, in order "
+                     f"{pct(a['kinds_in_order'])}, actions {pct(a['actions'])}, bound to their kinds "
+                     f"{pct(a['bound'])}); unsure {pct(c['unsure'])}")
+        lines.append(f"   leak: both characters read the same all four {pct(c['same_all_four'])} (chance "
+                     f"{pct(c['chance_all_four'])}); " + ", ".join(
+                         f"{x} {pct(c['same_attribute'][x])} ({pct(c['chance_attribute'][x])})" for x in ATTRS))
     v = verdicts(result)
     if v:
         lines.append("verdict: " + ", ".join(f"{k} {'PASS' if ok else 'FAIL'}" for k, ok in v.items()))
@@ -482,6 +547,7 @@ def format_report(result: dict) -> str:
 
 
 PARTS_OF_RUN = ("adherence", "diversity", "schedule", "commit_times", "correspondence", "in_context")
+EXTRA_PARTS = ("two_characters",)      # measured on request only (no bar in issue 10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,12 +555,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=str(TOY_MODEL_DIR))
-    ap.add_argument("--only", default=",".join(PARTS_OF_RUN), help="comma list of: " + ", ".join(PARTS_OF_RUN))
+    ap.add_argument("--only", default=",".join(PARTS_OF_RUN),
+                    help="comma list of: " + ", ".join(PARTS_OF_RUN + EXTRA_PARTS))
     ap.add_argument("--n", type=int, default=200, help="captions for adherence")
     ap.add_argument("--seeds", type=int, default=64, help="seeds per diversity prompt")
     ap.add_argument("--commit-n", type=int, default=64, help="images for the commit times")
     ap.add_argument("--pairs", type=int, default=240, help="render pairs for correspondence")
     ap.add_argument("--panels", type=int, default=200, help="two-panel images for in-context identity")
+    ap.add_argument("--two-characters", type=int, nargs="?", const=200, default=None, metavar="N",
+                    help="also the two-character measure, on N images (default 200)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
@@ -503,9 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = [p for p in args.only.split(",") if p]
-    unknown = set(parts) - set(PARTS_OF_RUN)
+    unknown = set(parts) - set(PARTS_OF_RUN + EXTRA_PARTS)
     if unknown:
-        ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS_OF_RUN)}")
+        ap.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from "
+                 f"{', '.join(PARTS_OF_RUN + EXTRA_PARTS)}")
+    if args.two_characters is not None and "two_characters" not in parts:
+        parts.append("two_characters")
     pipe, defaults = load_toy_pipeline(device=args.device, path=args.model_dir)
     result: dict = {"model_dir": args.model_dir, "device": args.device, "defaults": defaults, "seconds": {}}
     runs = {"adherence": lambda: adherence(pipe, defaults, args.n, args.batch),
@@ -513,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             "schedule": lambda: schedule(pipe, defaults),
             "commit_times": lambda: commit_times(pipe, defaults, args.commit_n, args.batch),
             "correspondence": lambda: correspondence(pipe, defaults, args.pairs, batch=args.batch),
-            "in_context": lambda: in_context(pipe, defaults, args.panels, batch=args.batch)}
+            "in_context": lambda: in_context(pipe, defaults, args.panels, batch=args.batch),
+            "two_characters": lambda: two_characters(pipe, defaults, args.two_characters or 200, batch=args.batch)}
     for part in parts:
         t = time.perf_counter()
         result[part] = runs[part]()

@@ -104,15 +104,16 @@ def degrade(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) 
 
 # ---------------------------------------------------------------- reading
 
-def _to_tensor(images) -> torch.Tensor:
-    """uint8 HxWx3 arrays or PIL images -> float (N, 3, 128, 128) in [0, 1]."""
+def _to_tensor(images, resize: bool = True) -> torch.Tensor:
+    """uint8 HxWx3 arrays or PIL images -> float (N, 3, 128, 128) in [0, 1] (without ``resize``: at their own
+    size, which must be one size)."""
     out = []
     for im in images:
         if not isinstance(im, np.ndarray):
             im = np.asarray(im.convert("RGB"))
         if im.dtype != np.uint8:  # float images in [0, 1] (diffusers output_type="np")
             im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
-        if im.shape[:2] != (SIZE, SIZE):
+        if resize and im.shape[:2] != (SIZE, SIZE):
             from PIL import Image
             im = np.asarray(Image.fromarray(im[..., :3]).resize((SIZE, SIZE), Image.BILINEAR))
         out.append(torch.from_numpy(np.array(im[..., :3])))
@@ -167,19 +168,44 @@ def read(image) -> dict[str, str]:
     return read_batch([image])[0]
 
 
+def split_pair(image) -> tuple[np.ndarray, np.ndarray]:
+    """The two halves of a two-panel or two-character image (uint8 or float array, or PIL image): left and right
+    when it is wider than tall, else top and bottom."""
+    im = np.asarray(image.convert("RGB")) if not isinstance(image, np.ndarray) else image
+    h, w = im.shape[:2]
+    return (im[:, : w // 2], im[:, w // 2:]) if w > h else (im[: h // 2], im[h // 2:])
+
+
+def read_pairs(images, net: ReadoutNet | None = None, batch: int = 64, confidence: bool = False):
+    """Read both halves of each two-panel or two-character image (``split_pair``; e.g. ``world.render_two``'s
+    256x128 images: each half a 128x128 view of one character): a list of (first, second) field dicts, and with
+    ``confidence`` a list of (first, second) confidence dicts as well (see ``read_batch``)."""
+    halves = [h for im in images for h in split_pair(im)]
+    res = read_batch(halves, net, batch, confidence)
+    reads, conf = res if confidence else (res, None)
+    pairs = list(zip(reads[0::2], reads[1::2]))
+    return (pairs, list(zip(conf[0::2], conf[1::2]))) if confidence else pairs
+
+
 # ---------------------------------------------------------------- data, training, accuracy
 
-def _render_chunk(args: tuple[int, int, int]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
-    seed, chunk, n = args
-    rng = np.random.default_rng([seed, chunk])
-    out = [world.sample_example(rng, size=SIZE) for _ in range(n)]
+def _render_chunk(args: tuple) -> tuple[list[np.ndarray], list]:
+    seed, chunk, n, two_characters = args
+    if two_characters:      # labels are (left, right) pairs
+        rng = np.random.default_rng([seed, chunk, 2])
+        out = [world.sample_two_example(rng, size=SIZE) for _ in range(n)]
+    else:
+        rng = np.random.default_rng([seed, chunk])
+        out = [world.sample_example(rng, size=SIZE) for _ in range(n)]
     return [o[0] for o in out], [o[1] for o in out]
 
 
-def render_set(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, list[dict[str, str]]]:
+def render_set(n: int, seed: int, workers: int = 1, two_characters: bool = False) -> tuple[np.ndarray, list]:
     """``n`` random renders (uint8 N x 128 x 128 x 3) and their labels; deterministic for ``seed`` (chunks of
-    500, chunk ``i`` drawn from ``default_rng([seed, i])``, whatever the number of worker processes)."""
-    jobs = [(seed, i, min(500, n - 500 * i)) for i in range((n + 499) // 500)]
+    500, chunk ``i`` drawn from ``default_rng([seed, i])``, whatever the number of worker processes). With
+    ``two_characters``: ``world.sample_two_example`` images (N x 128 x 256 x 3, chunk ``i`` drawn from
+    ``default_rng([seed, i, 2])``) and (left, right) labels."""
+    jobs = [(seed, i, min(500, n - 500 * i), two_characters) for i in range((n + 499) // 500)]
     if workers > 1:
         from multiprocessing import get_context
         with get_context("spawn").Pool(workers) as pool:
@@ -204,20 +230,36 @@ def vae_roundtrip(images: np.ndarray, vae, batch: int = 64) -> list[np.ndarray]:
 
 
 def measure_accuracy(n: int = 1000, seed: int = 12345, degrade: bool = False,
-                     net: ReadoutNet | None = None, strength: float = 1.0, vae=None) -> dict[str, float]:
+                     net: ReadoutNet | None = None, strength: float = 1.0, vae=None,
+                     two_characters: bool = False) -> dict[str, float]:
     """Per-field accuracy on ``n`` held-out renders (training uses other seeds); ``degrade`` applies
     :func:`degrade_batch` at ``strength``; ``vae`` (an ``AutoencoderKL``) round-trips the renders through it
-    first. Also ``all_identity``: the four identity attributes all right."""
-    imgs, labels = render_set(n, seed)
+    first. Also ``all_identity``: the four identity attributes all right.
+
+    With ``two_characters``, ``n`` two-character renders (``world.render_two``; degraded and round-tripped whole)
+    read half by half (``read_pairs``): the fields are over the 2n characters, and ``both_named`` /
+    ``both_all`` are the shares of images whose two characters read every named field / every field right."""
+    imgs, labels = render_set(n, seed, two_characters=two_characters)
     if vae is not None:
         imgs = np.stack(vae_roundtrip(imgs, vae))
     if degrade:
         gen = torch.Generator().manual_seed(seed)
-        x = torch.cat([degrade_batch(_to_tensor(imgs[i:i + 256]), gen, strength) for i in range(0, n, 256)])
+        x = torch.cat([degrade_batch(_to_tensor(imgs[i:i + 256], resize=False), gen, strength)
+                       for i in range(0, n, 256)])
         imgs = list((x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
-    pred = read_batch(imgs, net)
-    acc = {f: float(np.mean([p[f] == t[f] for p, t in zip(pred, labels)])) for f in world.FIELDS}
-    acc["all_identity"] = float(np.mean([all(p[a] == t[a] for a in world.ATTRIBUTES) for p, t in zip(pred, labels)]))
+    if two_characters:
+        pairs = read_pairs(imgs, net)
+        pred, labels = [r for p in pairs for r in p], [t for p in labels for t in p]
+    else:
+        pred = read_batch(imgs, net)
+    right = [{f: p[f] == t[f] for f in world.FIELDS} for p, t in zip(pred, labels, strict=True)]
+    acc = {f: float(np.mean([r[f] for r in right])) for f in world.FIELDS}
+    acc["all_identity"] = float(np.mean([all(r[a] for a in world.ATTRIBUTES) for r in right]))
+    if two_characters:
+        named = [all(r[f] for f in world.NAMED_FIELDS) for r in right]
+        every = [all(r.values()) for r in right]
+        acc["both_named"] = float(np.mean([a and b for a, b in zip(named[0::2], named[1::2])]))
+        acc["both_all"] = float(np.mean([a and b for a, b in zip(every[0::2], every[1::2])]))
     return acc
 
 
@@ -280,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--strength", type=float, nargs="+", default=[1.0],
                    help="degradation strengths to measure (1 = the training distribution)")
     e.add_argument("--vae", action="store_true", help="also through the shipped toy model's VAE (encode + decode)")
+    e.add_argument("--two-characters", action="store_true",
+                   help="two-character renders (world.render_two), read half by half")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "train":
@@ -290,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     net = load_readout(args.weights)
     for st in (0.0, *args.strength):
         t0 = time.time()
-        acc = measure_accuracy(args.n, args.seed, degrade=st > 0, net=net, strength=st)
+        acc = measure_accuracy(args.n, args.seed, degrade=st > 0, net=net, strength=st,
+                               two_characters=args.two_characters)
         name = f"degraded x{st:g}" if st > 0 else "clean"
         print(f"{name:13s} n={args.n} seed={args.seed} ({time.time() - t0:.0f}s):", _report(acc), flush=True)
     if args.vae:
         from .model import load_toy_pipeline
         vae = load_toy_pipeline()[0].vae
-        acc = measure_accuracy(args.n, args.seed, net=net, vae=vae)
+        acc = measure_accuracy(args.n, args.seed, net=net, vae=vae, two_characters=args.two_characters)
         print(f"{'toy VAE':13s} n={args.n} seed={args.seed}:", _report(acc), flush=True)
     return 0
 

@@ -33,6 +33,9 @@ Stages (``--stage vae|init|transformer|all|export``; ``all`` = vae then transfor
    is kept and is what ships.
 3. ``export``: cast to float16 and save the shipped folder with ``characonsist_defaults.json``.
 
+Two-character images (``world.render_two``) can be mixed in with ``--two-character-every K`` (off by default, so
+the shipped recipe is unchanged; ``step_kind``, ``two_character_batch``).
+
 Text conditioning (v2): the prompt reaches the image through FLUX's joint attention only (context-free T5
 tokens, a constant pooled CLIP vector; ``build_pipeline``), the premise of every mask in the methods.
 Everything that the text encoders and the VAE produce is rounded to float16 first, so the float16 folder that
@@ -86,6 +89,8 @@ class TrainConfig:
     ema: float = 0.999               # EMA decay of the shipped weights (``ema_decay``)
     uniform_frac: float = 0.1        # share of timesteps drawn uniformly (covers s near 0 and 1)
     two_panel_every: int = 2         # every k-th step trains on two-panel images (0: never); see two_panel_batch
+    two_character_every: int = 0     # every k-th other step trains on two-character images (0: never, the shipped
+    n_two_characters: int = 24_000   # recipe); a data set of this many world.render_two images; see step_kind
 
 
 VAE_CONFIG = dict(
@@ -127,13 +132,21 @@ def all_prompts() -> list[str]:
             for s in world.SCENES for k in world.KINDS for a in world.ACTIONS]
 
 
-def _render_chunk(args: tuple[int, int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+def _render_chunk(args: tuple[int, int, int, int, int, bool]) -> tuple[np.ndarray, list[str]]:
     """Render ``n`` examples from the chunk's own seeded generator (independent of the worker count): random
-    identities, each drawn ``per_identity`` times in a random scene and action, one after the other."""
+    identities, each drawn ``per_identity`` times in a random scene and action, one after the other; with
+    ``two_characters``, ``world.sample_two_example`` images (size x 2 size) from the generator ``[seed, chunk, 2]``."""
     from ..story import StoryImage
     from . import world
 
-    seed, chunk, n, size, per_identity = args
+    seed, chunk, n, size, per_identity, two_characters = args
+    if two_characters:
+        rng = np.random.default_rng([seed, chunk, 2])
+        images, prompts = np.empty((n, size, 2 * size, 3), np.uint8), []
+        for i in range(n):
+            images[i], _, cap = world.sample_two_example(rng, size)
+            prompts.append(StoryImage.parse(cap).prompt)
+        return images, prompts
     rng = np.random.default_rng([seed, chunk])
     images, prompts = np.empty((n, size, size, 3), np.uint8), []
     ch = None
@@ -147,18 +160,21 @@ def _render_chunk(args: tuple[int, int, int, int, int]) -> tuple[np.ndarray, lis
 
 
 def render_dataset(n: int, seed: int, size: int = 128, chunk: int = 500, workers: int | None = None,
-                   per_identity: int = 1, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, list[str]]:
+                   per_identity: int = 1, shard: tuple[int, int] = (0, 1),
+                   two_characters: bool = False) -> tuple[np.ndarray, list[str]]:
     """``n`` seeded examples: uint8 images (n, size, size, 3) and their prompts. Call before CUDA starts.
 
     Images ``k * per_identity ... (k + 1) * per_identity - 1`` show one character (``chunk`` must be a multiple
     of ``per_identity``). ``shard = (rank, world)`` renders only the chunks ``c`` with ``c % world == rank``: the
-    data set is the same for every number of processes, each process holds its own part of it.
+    data set is the same for every number of processes, each process holds its own part of it. With
+    ``two_characters``: two-character images (n, size, 2 size, 3) of ``world.sample_two_example`` (independent
+    identities; ``per_identity`` is not used) and their prompts (``world.two_caption``'s fields joined).
     """
-    if chunk % per_identity:
+    if chunk % per_identity and not two_characters:
         raise ValueError(f"chunk {chunk} must be a multiple of per_identity {per_identity}")
     rank, world_size = shard
-    jobs = [(seed, c, min(chunk, n - c * chunk), size, per_identity) for c in range(math.ceil(n / chunk))
-            if c % world_size == rank]
+    jobs = [(seed, c, min(chunk, n - c * chunk), size, per_identity, two_characters)
+            for c in range(math.ceil(n / chunk)) if c % world_size == rank]
     if not jobs:
         raise ValueError(f"{n} images in chunks of {chunk} leave nothing for process {rank} of {world_size}")
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 1) // world_size))
@@ -197,6 +213,32 @@ def two_panel_batch(latents: torch.Tensor, per_identity: int, n: int, generator:
     other = (first + torch.randint(1, per_identity, (n,), generator=generator, device=device)) % per_identity
     a, b = ident * per_identity + first, ident * per_identity + other
     return torch.cat([latents[a], latents[b]], dim=-2 if vertical else -1), a, b
+
+
+def two_character_batch(latents: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` two-character training images: latents (n, C, h, 2w) drawn from the two-character data set's
+    (``render_dataset(..., two_characters=True)``), and their indices (for their prompts).
+
+    Unlike two-panel images these are rendered whole (one scene layout across both halves), so they are not put
+    together from single latents. They show two characters of different kinds with independent identities: the
+    model must keep each one's appearance to itself (the leak ``checks.two_characters`` measures), where two-panel
+    images teach it to copy one identity."""
+    idx = torch.randint(0, len(latents), (n,), generator=generator, device=latents.device)
+    return latents[idx], idx
+
+
+def step_kind(step: int, cfg: TrainConfig) -> str:
+    """What training step ``step`` trains on: ``"pair"`` (two-panel images) every ``two_panel_every``-th step
+    (steps ``k - 1, 2k - 1, ...``), ``"two"`` (two-character images) every ``two_character_every``-th of the other
+    steps, counted among them (the ``j``-th other step, from 0, when ``j % k == k - 1``), else ``"single"``. With
+    two-panel images every 2nd step and two-character images every 2nd other step, a quarter of the steps are
+    single images, a quarter two-character images and half two-panel images. ``two_character_every = 0`` leaves
+    the shipped recipe's steps as they were."""
+    p, k = cfg.two_panel_every, cfg.two_character_every
+    if p and step % p == p - 1:
+        return "pair"
+    other = step - step // p if p else step          # how many non-pair steps come before this one
+    return "two" if k and other % k == k - 1 else "single"
 
 
 def to_pixels(images: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
@@ -500,13 +542,16 @@ class Dist:
 def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: list[str], device,
                       deadline: float, precision: str = "bf16", auto_steps: bool = False,
                       save_every: int = 1000, rewarm: int = 0, extra_minutes: float = 0.0,
-                      compile: bool = False, dist_: Dist | None = None) -> None:
+                      compile: bool = False, dist_: Dist | None = None, two_images: np.ndarray | None = None,
+                      two_prompts: list[str] | None = None) -> None:
     """Stage 2: flow matching of the transformer on the fixed data set's latents (resumes).
 
     Every ``two_panel_every``-th step trains on two-panel images (``two_panel_batch``: one identity drawn twice,
     side by side or one above the other, ``batch // 2`` of them so the step has as many tokens), the other steps
-    on single images. Each step's noise levels use the resolution shift of its token count, as the pipeline
-    samples them.
+    on single images, or, with ``two_character_every`` and the two-character data set (``two_images``,
+    ``two_prompts``), every so many of them on two-character images (``two_character_batch``, ``batch // 2``;
+    ``step_kind`` says which). Each step's noise levels use the resolution shift of its token count, as the
+    pipeline samples them.
 
     The run keeps the float32 weights and an exponential moving average of them (``ema_decay``, saved in
     float16 as ``ema.safetensors``; the EMA is what ``export`` ships). Adam's moments are not kept (the run
@@ -540,6 +585,16 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
     if cfg.two_panel_every:       # every ordered pair of prompts: (first, second) -> first * len(uniq) + second
         pair_embeds, pair_pooled = encode_prompts(
             pipe, [two_panel_prompt(a, b) for a in uniq for b in uniq], cfg.max_sequence_length, device)
+    if cfg.two_character_every:
+        if two_images is None or two_prompts is None or not len(two_images):
+            raise ValueError("two_character_every is set but no two-character data set was given (two_images, "
+                             "two_prompts: render_dataset(..., two_characters=True))")
+        two_latents = encode_images(vae, two_images, device)
+        two_uniq = sorted(set(two_prompts))
+        two_index = {p: i for i, p in enumerate(two_uniq)}
+        two_prompt_idx = torch.tensor([two_index[p] for p in two_prompts], device=device)
+        two_embeds, two_pooled = encode_prompts(pipe, two_uniq, cfg.max_sequence_length, device)
+        log(f"transformer: {len(two_latents)} two-character latents per process, {len(two_uniq)} prompts")
     log(f"transformer: {len(latents)} latents per process x {dist_.world}, {len(uniq)} prompts encoded "
         f"({time.time() - t0:.0f} s)")
     named = dict(transformer.named_parameters())
@@ -560,7 +615,7 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         forward = torch.compile(forward, dynamic=False)
     size_tokens = (cfg.size // 8) ** 2
     mu_single, mu_pair = pipeline_mu(size_tokens), pipeline_mu(2 * size_tokens)
-    losses, t1, start = {"single": [], "pair": []}, time.time(), step
+    losses, t1, start = {"single": [], "pair": [], "two": []}, time.time(), step
     use_bf16 = precision == "bf16" and device.type == "cuda"
 
     def save() -> None:
@@ -575,8 +630,14 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         dist_.barrier()
 
     def batch(step: int, gen: torch.Generator):
-        """(x0, embeds, pooled, sigmas, kind) of this step (single images or two-panel images)."""
-        if cfg.two_panel_every and step % cfg.two_panel_every == cfg.two_panel_every - 1:
+        """(x0, embeds, pooled, sigmas, kind) of this step (single, two-panel or two-character images)."""
+        kind = step_kind(step, cfg)
+        if kind == "two":
+            n = max(1, cfg.batch // 2)
+            lat, idx = two_character_batch(two_latents, n, gen)
+            sig = sample_sigmas(n, mu_pair, cfg.uniform_frac, gen, device)
+            return lat, two_embeds[two_prompt_idx[idx]], two_pooled[two_prompt_idx[idx]], sig, "two"
+        if kind == "pair":
             n = max(1, cfg.batch // 2)
             lat, a, b = two_panel_batch(latents, cfg.per_identity, n, gen, vertical=(step // cfg.two_panel_every) % 2)
             pair = prompt_idx[a] * len(uniq) + prompt_idx[b]
@@ -630,8 +691,9 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         if step % 500 == 0:
             rate = (step - start) / (time.time() - t1)
             recent = {k: np.mean(v[-10:]) if v else float("nan") for k, v in losses.items()}
+            two = f" two-character {recent['two']:.4f}" if cfg.two_character_every else ""
             log(f"transformer step {step}/{cfg.steps} loss single {recent['single']:.4f} two-panel "
-                f"{recent['pair']:.4f} lr {lr_at(step, cfg):.2e} ({rate:.1f} steps/s)")
+                f"{recent['pair']:.4f}{two} lr {lr_at(step, cfg):.2e} ({rate:.1f} steps/s)")
         if step % save_every == 0:
             save()
     log(f"transformer: stopped at step {step}/{cfg.steps} after {time.time() - t1:.0f} s of training")
@@ -726,13 +788,17 @@ def probe_auto(batch: int) -> tuple[str, int]:
     raise RuntimeError("no probe ran: see the errors above")
 
 
-def _dataset(cfg: TrainConfig, cache: Path | None, shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, list[str]]:
-    """The seeded data set (this process's part of it), from ``cache`` when it holds it, else rendered."""
-    key = f"seed{cfg.seed}_n{cfg.n_images}_k{cfg.per_identity}_s{cfg.size}_part{shard[0]}of{shard[1]}"
+def _dataset(cfg: TrainConfig, cache: Path | None, shard: tuple[int, int] = (0, 1),
+             two_characters: bool = False) -> tuple[np.ndarray, list[str]]:
+    """The seeded data set (this process's part of it), from ``cache`` when it holds it, else rendered; with
+    ``two_characters``, the two-character data set (``cfg.n_two_characters`` images)."""
+    key = (f"seed{cfg.seed}_two{cfg.n_two_characters}" if two_characters
+           else f"seed{cfg.seed}_n{cfg.n_images}_k{cfg.per_identity}") + f"_s{cfg.size}_part{shard[0]}of{shard[1]}"
     if cache is not None and (cache / f"{key}.json").exists():
         return np.load(cache / f"{key}.npy"), json.loads((cache / f"{key}.json").read_text())
-    images, prompts = render_dataset(cfg.n_images, cfg.seed, cfg.size, cfg.render_chunk,
-                                     per_identity=cfg.per_identity, shard=shard)
+    images, prompts = render_dataset(cfg.n_two_characters if two_characters else cfg.n_images, cfg.seed, cfg.size,
+                                     cfg.render_chunk, per_identity=cfg.per_identity, shard=shard,
+                                     two_characters=two_characters)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         np.save(cache / f"{key}.npy", images)
@@ -763,6 +829,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra-minutes", type=float, default=0.0,
                     help="with --steps auto: minutes of training planned in later calls (the schedule spans them)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
+    ap.add_argument("--two-character-every", type=int, default=None,
+                    help="train every k-th non-two-panel step on two-character images (0: never, the default; kept "
+                         "in the run's config once set)")
+    ap.add_argument("--n-two-characters", type=int, default=None, help="size of the two-character data set")
     ap.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights, not the EMA")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -789,7 +859,7 @@ def main(argv: list[str] | None = None) -> None:
     auto_steps = args.steps == "auto"
     if args.steps is not None and not auto_steps:
         cfg.steps = int(args.steps)
-    for key in ("n_images", "vae_steps", "batch", "seed", "lr"):
+    for key in ("n_images", "vae_steps", "batch", "seed", "lr", "two_character_every", "n_two_characters"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     if args.stage == "init":
@@ -801,8 +871,12 @@ def main(argv: list[str] | None = None) -> None:
     if dist_.world > 1 and args.stage != "transformer":
         ap.error("several processes (torchrun) train the transformer only: --stage transformer")
     images, prompts = _dataset(cfg, args.cache, (dist_.rank, dist_.world))  # before CUDA starts (forks)
+    two_images = two_prompts = None
+    if cfg.two_character_every and args.stage in ("transformer", "all", "render"):
+        two_images, two_prompts = _dataset(cfg, args.cache, (dist_.rank, dist_.world), two_characters=True)
     if dist_.main:
-        _log(run, f"data set of {len(images)} images per process ready in {time.time() - t_start:.0f} s")
+        _log(run, f"data set of {len(images)} images per process ready in {time.time() - t_start:.0f} s"
+             + (f" (and {len(two_images)} two-character images)" if two_images is not None else ""))
     if args.stage == "render":
         return
     device = dist_.start()
@@ -817,7 +891,8 @@ def main(argv: list[str] | None = None) -> None:
             _save_state(run, state)
         dist_.barrier()
         train_transformer(run, cfg, images, prompts, device, deadline, args.precision, auto_steps,
-                          rewarm=args.rewarm, extra_minutes=args.extra_minutes, compile=args.compile, dist_=dist_)
+                          rewarm=args.rewarm, extra_minutes=args.extra_minutes, compile=args.compile, dist_=dist_,
+                          two_images=two_images, two_prompts=two_prompts)
     if dist_.main:
         _log(run, f"done in {time.time() - t_start:.0f} s")
     dist_.stop()

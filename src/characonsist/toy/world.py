@@ -138,6 +138,49 @@ def parse_caption(text: str) -> tuple[str, str, str]:
             _lookup("action", parts[2], ACTIONS))
 
 
+# two characters of different kinds in one image (``render_two``): the i-th character phrase and the i-th action
+# phrase are the i-th character's, drawn in the i-th half of a twice-as-wide image (left half first)
+TWO_JOIN = " and "
+
+
+def two_caption(scene: str, kinds: tuple[str, str], actions: tuple[str, str]) -> str:
+    """``background#character and character#action and action``, e.g.
+    ``a sunny beach#a cat and a robot#small on the left and big on the right`` (the cat small on the left of the
+    image's left half, the robot big on the right of its right half)."""
+    _check("scene", scene, SCENES)
+    kinds, actions = tuple(kinds), tuple(actions)
+    if len(kinds) != 2 or len(actions) != 2:
+        raise ValueError(f"a two-character caption needs two kinds and two actions, got {kinds} and {actions}")
+    for k in kinds:
+        _check("kind", k, KINDS)
+    for a in actions:
+        _check("action", a, ACTIONS)
+    if kinds[0] == kinds[1]:
+        raise ValueError(f"the two characters must be of different kinds, got {kinds[0]!r} twice")
+    return (f"{SCENES[scene]}#{TWO_JOIN.join(KINDS[k] for k in kinds)}#"
+            f"{TWO_JOIN.join(ACTIONS[a] for a in actions)}")
+
+
+def parse_two_caption(text: str) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """``background#character and character#action and action`` -> (scene, (kind, kind), (action, action)) keys;
+    phrases or keys accepted (``beach#cat and robot#small-left and big-right``)."""
+    parts = text.split("#")
+    if len(parts) != 3:
+        raise ValueError(f"caption {text!r} needs exactly two '#': background#character and character#action and "
+                         "action")
+    fields = []
+    for name, part, table in (("character", parts[1], KINDS), ("action", parts[2], ACTIONS)):
+        items = f" {_norm(part)} ".split(TWO_JOIN)
+        if len(items) != 2:
+            raise ValueError(f"{name} field {part!r} of {text!r} must name two {name}s joined by 'and', e.g. "
+                             f"{TWO_JOIN.join(list(table.values())[:2])!r}")
+        fields.append(tuple(_lookup(name, item, table) for item in items))
+    kinds, actions = fields
+    if kinds[0] == kinds[1]:
+        raise ValueError(f"caption {text!r} names two characters of one kind ({kinds[0]}); they must differ")
+    return _lookup("scene", parts[0], SCENES), kinds, actions
+
+
 # ---------------------------------------------------------------- painting helpers
 
 class _Mask:
@@ -156,13 +199,15 @@ class _Mask:
 
 
 class _Canvas:
-    """A float RGB canvas with shape masks in pixel coordinates (supersampled)."""
+    """A float RGB canvas with shape masks in pixel coordinates (supersampled); ``width`` (default: square) makes
+    it wider than tall. ``clip_x`` (supersampled columns ``lo, hi``) limits every later shape to those columns."""
 
-    def __init__(self, size: int):
-        self.n = size * _SS
-        self.img = np.zeros((self.n, self.n, 3), np.float32)
-        c = (np.arange(self.n, dtype=np.float32) + 0.5) / _SS   # pixel centres in output-pixel units
-        self.y, self.x = c[:, None], c[None, :]
+    def __init__(self, size: int, width: int | None = None):
+        self.nh, self.nw = size * _SS, (width or size) * _SS
+        self.img = np.zeros((self.nh, self.nw, 3), np.float32)
+        self.y = ((np.arange(self.nh, dtype=np.float32) + 0.5) / _SS)[:, None]   # pixel centres, output-pixel units
+        self.x = ((np.arange(self.nw, dtype=np.float32) + 0.5) / _SS)[None, :]
+        self.clip_x = (0, self.nw)
 
     def paint(self, mask: _Mask, color) -> None:
         ys, xs = mask.window
@@ -170,15 +215,14 @@ class _Canvas:
 
     def _window(self, x0, y0, x1, y1) -> tuple[slice, slice]:
         """Index slices of the supersampled pixels whose centres may lie in the box."""
-        def idx(a, b):
-            lo = int(np.clip(np.floor(min(a, b) * _SS - 1), 0, self.n))
-            hi = int(np.clip(np.ceil(max(a, b) * _SS + 1), 0, self.n))
-            return slice(lo, hi)
-        return idx(y0, y1), idx(x0, x1)
+        def idx(a, b, lo, hi):
+            return slice(int(np.clip(np.floor(min(a, b) * _SS - 1), lo, hi)),
+                         int(np.clip(np.ceil(max(a, b) * _SS + 1), lo, hi)))
+        return idx(y0, y1, 0, self.nh), idx(x0, x1, *self.clip_x)
 
     def _mask(self, box, fn) -> _Mask:
         ys, xs = self._window(*box)
-        m = np.zeros((self.n, self.n), bool)
+        m = np.zeros((self.nh, self.nw), bool)
         m[ys, xs] = fn(self.x[:, xs], self.y[ys, :])
         return _Mask(m, (ys, xs))
 
@@ -200,9 +244,14 @@ class _Canvas:
             return ((s0 >= 0) & (s1 >= 0) & (s2 >= 0)) | ((s0 <= 0) & (s1 <= 0) & (s2 <= 0))
         return self._mask((min(xs), min(ys), max(xs), max(ys)), inside)
 
+    def _pool(self, a: np.ndarray) -> np.ndarray:
+        """Supersampled (nh, nw, ...) -> (h, w, s*s, ...): each output pixel's supersamples."""
+        s, h, w = _SS, self.nh // _SS, self.nw // _SS
+        return a.reshape(h, s, w, s, *a.shape[2:]).swapaxes(1, 2).reshape(h, w, s * s, *a.shape[2:])
+
     def result(self) -> np.ndarray:
-        s, n = _SS, self.n // _SS
-        img = self.img.reshape(n, s, n, s, 3).mean(axis=(1, 3))
+        s, h, w = _SS, self.nh // _SS, self.nw // _SS
+        img = self.img.reshape(h, s, w, s, 3).mean(axis=(1, 3))
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -211,12 +260,12 @@ class _TrackingCanvas(_Canvas):
     coverage) and which body part (``part``, an index into ``PARTS``) painted it last, as the image shows it.
     Painting itself is :class:`_Canvas`'s, so the image is byte-identical to an untracked render."""
 
-    def __init__(self, size: int):
-        super().__init__(size)
+    def __init__(self, size: int, width: int | None = None):
+        super().__init__(size, width)
         self.track = False
         self.part = 0
-        self.cover = np.zeros((self.n, self.n), bool)
-        self.parts = np.zeros((self.n, self.n), np.uint8)
+        self.cover = np.zeros((self.nh, self.nw), bool)
+        self.parts = np.zeros((self.nh, self.nw), np.uint8)
 
     def paint(self, mask: _Mask, color) -> None:
         super().paint(mask, color)
@@ -228,14 +277,12 @@ class _TrackingCanvas(_Canvas):
 
     def coverage(self) -> np.ndarray:
         """Fraction (float32, 0-1) of each output pixel's supersamples painted while tracking."""
-        s, n = _SS, self.n // _SS
-        return self.cover.reshape(n, s, n, s).mean(axis=(1, 3), dtype=np.float32)
+        return self._pool(self.cover).mean(axis=2, dtype=np.float32)
 
     def part_map(self) -> np.ndarray:
-        """uint8 (size, size): per output pixel, the part painted on most of its supersamples (0 = scene) where
-        at least half of them are the character's (the ``return_mask`` rule), else 0."""
-        s, n = _SS, self.n // _SS
-        blocks = self.parts.reshape(n, s, n, s).transpose(0, 2, 1, 3).reshape(n, n, s * s)
+        """uint8 (h, w): per output pixel, the part painted on most of its supersamples (0 = scene) where at least
+        half of them are the character's (the ``return_mask`` rule), else 0."""
+        blocks = self._pool(self.parts)
         counts = np.stack([(blocks == k).sum(-1) for k in range(len(PARTS))], -1)
         counts[..., 0] = 0
         out = counts.argmax(-1).astype(np.uint8)
@@ -245,27 +292,29 @@ class _TrackingCanvas(_Canvas):
 
 # ---------------------------------------------------------------- scenes
 
-def _scene(cv: _Canvas, scene: str, size: int, rng: np.random.Generator) -> None:
-    S = size
+def _scene(cv: _Canvas, scene: str, size: int, rng: np.random.Generator, width: int | None = None) -> None:
+    """Paint ``scene``'s random layout, ``size`` tall and ``width`` (default ``size``) wide: a wider scene has
+    proportionally more trees, buildings and stars, and still one sun or moon."""
+    S, W = size, width or size
     ground = _GROUND * S
     if scene == "beach":
         horizon = rng.uniform(0.50, 0.56) * S
-        cv.paint(cv.rect(0, 0, S, S), (135, 200, 245))                     # sky
-        cv.paint(cv.rect(0, horizon, S, horizon + 0.12 * S), (40, 90, 180))  # sea
-        cv.paint(cv.rect(0, horizon + 0.12 * S, S, S), (240, 220, 160))      # sand
-        sx = rng.uniform(0.1, 0.9) * S
+        cv.paint(cv.rect(0, 0, W, S), (135, 200, 245))                     # sky
+        cv.paint(cv.rect(0, horizon, W, horizon + 0.12 * S), (40, 90, 180))  # sea
+        cv.paint(cv.rect(0, horizon + 0.12 * S, W, S), (240, 220, 160))      # sand
+        sx = rng.uniform(0.1, W / S - 0.1) * S
         cv.paint(cv.ellipse(sx, 0.12 * S, 0.07 * S, 0.07 * S), (255, 240, 120))  # sun
     elif scene == "forest":
-        cv.paint(cv.rect(0, 0, S, S), (30, 85, 40))
-        for _ in range(7):
-            tx, w = rng.uniform(0, S), rng.uniform(0.04, 0.07) * S
+        cv.paint(cv.rect(0, 0, W, S), (30, 85, 40))
+        for _ in range(round(7 * W / S)):
+            tx, w = rng.uniform(0, W), rng.uniform(0.04, 0.07) * S
             cv.paint(cv.rect(tx - w / 2, 0.2 * S, tx + w / 2, ground), (100, 60, 30))       # trunk
             cv.paint(cv.ellipse(tx, rng.uniform(0.12, 0.25) * S, 0.13 * S, 0.1 * S), (65, 145, 60))  # canopy
-        cv.paint(cv.rect(0, 0.8 * S, S, S), (85, 115, 45))                # forest floor
+        cv.paint(cv.rect(0, 0.8 * S, W, S), (85, 115, 45))                # forest floor
     elif scene == "city":
-        cv.paint(cv.rect(0, 0, S, S), (170, 190, 215))                    # sky
+        cv.paint(cv.rect(0, 0, W, S), (170, 190, 215))                    # sky
         x = -rng.uniform(0, 0.1) * S
-        while x < S:
+        while x < W:
             w, top = rng.uniform(0.14, 0.24) * S, rng.uniform(0.15, 0.45) * S
             shade = (105, 105, 115) if rng.random() < 0.5 else (140, 140, 150)
             cv.paint(cv.rect(x, top, x + w - 0.02 * S, 0.8 * S), shade)
@@ -273,15 +322,15 @@ def _scene(cv: _Canvas, scene: str, size: int, rng: np.random.Generator) -> None
                 for wx in np.arange(x + 0.03 * S, x + w - 0.06 * S, 0.07 * S):
                     cv.paint(cv.rect(wx, wy, wx + 0.03 * S, wy + 0.04 * S), (225, 225, 150))
             x += w
-        cv.paint(cv.rect(0, 0.8 * S, S, S), (75, 75, 80))                 # road
+        cv.paint(cv.rect(0, 0.8 * S, W, S), (75, 75, 80))                 # road
     elif scene == "night":
-        cv.paint(cv.rect(0, 0, S, S), (20, 30, 90))                       # sky
-        for _ in range(14):
+        cv.paint(cv.rect(0, 0, W, S), (20, 30, 90))                       # sky
+        for _ in range(round(14 * W / S)):
             r = 0.008 * S
-            cv.paint(cv.ellipse(rng.uniform(0, S), rng.uniform(0, 0.6) * S, r, r), (255, 255, 255))
-        mx = rng.uniform(0.15, 0.85) * S
+            cv.paint(cv.ellipse(rng.uniform(0, W), rng.uniform(0, 0.6) * S, r, r), (255, 255, 255))
+        mx = rng.uniform(0.15, W / S - 0.15) * S
         cv.paint(cv.ellipse(mx, 0.14 * S, 0.08 * S, 0.08 * S), (240, 240, 200))  # moon
-        cv.paint(cv.rect(0, 0.8 * S, S, S), (35, 40, 60))                 # ground
+        cv.paint(cv.rect(0, 0.8 * S, W, S), (35, 40, 60))                 # ground
     else:
         _check("scene", scene, SCENES)
 
@@ -402,6 +451,30 @@ def action_geometry(action: str, size: int = 128) -> tuple[float, float, float]:
     return _CENTRE_X[p] * size, _GROUND * size, _HEIGHT[s] * size
 
 
+def _place(action: str, size: int, rng: np.random.Generator, jitter: bool) -> tuple[float, float, float]:
+    """(centre x, feet y, height) of a character doing ``action``, jittered when ``jitter``."""
+    cx, feet, H = action_geometry(action, size)
+    if jitter:
+        cx += rng.uniform(-0.03, 0.03) * size
+        feet += rng.uniform(-0.02, 0.02) * size
+        H *= rng.uniform(0.95, 1.05)
+    return cx, feet, H
+
+
+def _extras(cv: _Canvas, boxes: list, return_box: bool, return_mask: bool, return_parts: bool,
+            half: int = 0) -> tuple:
+    """The requested extras in the order (box, mask, parts). With ``half`` (two characters, ``half`` columns
+    each), each is a pair: the characters' boxes, and each character's full-image mask and part map, zero outside
+    its half."""
+    out: list = [tuple(boxes) if half else boxes[0]] if return_box else []
+    for want, make in ((return_mask, lambda: cv.coverage() >= 0.5), (return_parts, lambda: cv.part_map())):
+        if want:
+            a = make()
+            out.append(tuple(np.where(np.arange(a.shape[1]) // half == i, a, 0).astype(a.dtype) for i in range(2))
+                       if half else a)
+    return tuple(out)
+
+
 def render(scene: str, character: Character, action: str, size: int = 128,
            rng: np.random.Generator | None = None, return_box: bool = False, return_mask: bool = False,
            return_parts: bool = False):
@@ -421,20 +494,53 @@ def render(scene: str, character: Character, action: str, size: int = 128,
     track = return_mask or return_parts
     cv = _TrackingCanvas(size) if track else _Canvas(size)
     _scene(cv, scene, size, rng)
-    cx, feet, H = action_geometry(action, size)
-    if jitter:
-        cx += rng.uniform(-0.03, 0.03) * size
-        feet += rng.uniform(-0.02, 0.02) * size
-        H *= rng.uniform(0.95, 1.05)
+    cx, feet, H = _place(action, size, rng, jitter)
     if track:
         cv.track = True
     box = _character(cv, character, cx, feet, H)
     img = cv.result()
     if not (return_box or return_mask or return_parts):
         return img
-    extras = (((box,) if return_box else ()) + ((cv.coverage() >= 0.5,) if return_mask else ())
-              + ((cv.part_map(),) if return_parts else ()))
-    return (img, *extras)
+    return (img, *_extras(cv, [box], return_box, return_mask, return_parts))
+
+
+def render_two(scene: str, characters: tuple[Character, Character], actions: tuple[str, str], size: int = 128,
+               rng: np.random.Generator | None = None, return_box: bool = False, return_mask: bool = False,
+               return_parts: bool = False):
+    """Draw two characters in one ``scene``: uint8 (size, 2 * size, 3), the i-th character doing the i-th action
+    in the i-th half (left half first).
+
+    The scene is one continuous layout across the whole width (twice the trees, buildings and stars of a single
+    render, one sun or moon). Each character's action places it within its own half, as ``render`` places one in a
+    ``size`` image, and it is drawn only inside its half (clipped at the middle as a single render is clipped at
+    its border), so the two never overlap and each half is a single render's view of its character: the readout
+    reads each half (``readout.read_pairs``). ``rng`` jitters the layout and each character as in ``render``.
+
+    Extras as in ``render``, each a pair (one per character): boxes (x0, y0, x1, y1) in the wide image's pixels,
+    clipped to the character's half; masks and part maps (size, 2 * size), zero outside the character's half.
+    """
+    _check("scene", scene, SCENES)
+    characters, actions = tuple(characters), tuple(actions)
+    if len(characters) != 2 or len(actions) != 2:
+        raise ValueError(f"render_two draws two characters doing two actions, got {len(characters)} and "
+                         f"{len(actions)}")
+    jitter = rng is not None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    track = return_mask or return_parts
+    cv = _TrackingCanvas(size, 2 * size) if track else _Canvas(size, 2 * size)
+    _scene(cv, scene, size, rng, width=2 * size)
+    if track:
+        cv.track = True
+    boxes = []
+    for i, (character, action) in enumerate(zip(characters, actions)):
+        cx, feet, H = _place(action, size, rng, jitter)
+        cv.clip_x = (i * size * _SS, (i + 1) * size * _SS)
+        x0, y0, x1, y1 = _character(cv, character, cx + i * size, feet, H)
+        boxes.append((max(x0, i * size), y0, min(x1, (i + 1) * size), y1))
+    img = cv.result()
+    if not (return_box or return_mask or return_parts):
+        return img
+    return (img, *_extras(cv, boxes, return_box, return_mask, return_parts, half=size))
 
 
 def labels_of(scene: str, character: Character, action: str) -> dict[str, str]:
@@ -451,3 +557,22 @@ def sample_example(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarra
     action = str(rng.choice(list(ACTIONS)))
     img = render(scene, ch, action, size=size, rng=rng)
     return img, labels_of(scene, ch, action), caption(scene, ch.kind, action)
+
+
+def sample_two_fields(rng: np.random.Generator) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """Random named fields of a two-character image: (scene, kinds, actions), a uniform scene, two different kinds
+    in random order and an action each."""
+    scene = str(rng.choice(list(SCENES)))
+    kinds = tuple(str(k) for k in rng.choice(list(KINDS), size=2, replace=False))
+    return scene, kinds, tuple(str(rng.choice(list(ACTIONS))) for _ in kinds)
+
+
+def sample_two_example(rng: np.random.Generator, size: int = 128
+                       ) -> tuple[np.ndarray, tuple[dict[str, str], dict[str, str]], str]:
+    """A random two-character (image, (left labels, right labels), caption): ``sample_two_fields``, each character
+    with its own random identity (``render_two``, ``two_caption``)."""
+    scene, kinds, actions = sample_two_fields(rng)
+    chars = tuple(sample_character(rng, k) for k in kinds)
+    img = render_two(scene, chars, actions, size=size, rng=rng)
+    labels = tuple(labels_of(scene, ch, a) for ch, a in zip(chars, actions))
+    return img, labels, two_caption(scene, kinds, actions)
