@@ -35,6 +35,7 @@ class FakeEngine:
         self.calls: list[str] = []
         self.fail_on = fail_on or {}
         self.tokenizer = None
+        self.notes: dict[int, list[str]] = {}     # image index -> the notes the engine reports for it
 
     def __call__(self, job, progress_callback=None):
         self.calls.append(job.folder)
@@ -47,7 +48,7 @@ class FakeEngine:
             images.append(Image.fromarray(rng.integers(0, 255, (r["height"], r["width"], 3), dtype=np.uint8)))
             masks.append(rng.random((r["height"] // 16, r["width"] // 16)) > 0.5)
         matches = [FakeMatches(4) for _ in job.records[1:]]
-        notes = [[] for _ in job.records]
+        notes = [list(self.notes.get(i, [])) for i in range(len(job.records))]
         return GroupResult(images, masks, matches, notes, {"method": job.records[0]["method"], "fake": True})
 
 
@@ -512,3 +513,18 @@ def test_identity_pictures_are_checked_and_fitted_before_the_model(tmp_path, mod
     assert "identity picture" in capsys.readouterr().err
     assert cli.main([*args, "--quiet", "--overwrite"]) == 0 and len(fake.calls) == 2
 
+
+
+def test_a_groups_notes_are_printed_with_their_image(tmp_path, model_dir, fake, capsys):
+    fake.notes = {1: ["main step 4: no match above sim_threshold=0.5, no foreground sharing"],
+                  2: [f"note {k}" for k in range(4)]}
+    story = write(tmp_path, "story.txt", "park#a cat#sits\npark#a cat#runs\nbeach#a cat#swims\n")
+    args = ["generate", str(story), "--model", str(model_dir), "--out", str(tmp_path / "out"), "--height", "32",
+            "--width", "48", "--steps", "3"]
+    assert cli.main(args) == 0
+    said = capsys.readouterr().out
+    assert "group_000/frame_01: main step 4: no match above sim_threshold=0.5, no foreground sharing" in said
+    assert "group_000/frame_02: note 0" in said and "group_000/frame_02: note 1" in said
+    assert "note 2" not in said and "group_000: 2 more note(s) in manifest.json" in said
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["groups"][0]["frames"][1]["notes"] == [f"note {k}" for k in range(4)]

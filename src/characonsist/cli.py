@@ -195,16 +195,24 @@ def cmd_generate(args) -> int:
                     if picture and picture.get("psnr") is not None:
                         say(f"{job.folder}: identity from {picture['source']}: reconstruction PSNR "
                             f"{picture['psnr']:.1f} dB")
-                    fallbacks = sum(len(n) for n in job.notes)
-                    if fallbacks:
-                        say(f"{job.folder}: {fallbacks} note(s) (fallbacks such as an empty mask or no match; the "
-                            "identity's picture): see manifest.json")
+                    _say_notes(job, say)
                 else:
                     _say(f"group {job.folder} failed: {job.error}", err=True)
                 image_bar.update(job.images)
         _write_layouts(run, args, say)
     say(f"done: {len(run.jobs) - run.failed}/{len(run.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
     return EXIT_FAILED if run.failed else 0
+
+
+def _say_notes(job, say, shown: int = 3) -> None:
+    """The group's notes (fallbacks taken: an empty mask, no match; how a picture was followed), the first few
+    with their image, the rest counted; all of them are in manifest.json and each PNG's record."""
+    notes = [(Path(record["path"]).stem, note) for record, image_notes in zip(job.records, job.notes)
+             for note in image_notes]
+    for stem, note in notes[:shown]:
+        say(f"{job.folder}/{stem}: {note}")
+    if len(notes) > shown:
+        say(f"{job.folder}: {len(notes) - shown} more note(s) in manifest.json")
 
 
 def _write_layouts(run, args, say) -> None:
