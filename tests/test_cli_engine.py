@@ -131,7 +131,7 @@ def test_identity_picture_end_to_end(tmp_path, tiny_model, capsys):
             "--width", "64", "--max-sequence-length", "32", "--steps", "3", "--inversion", "euler"]
     assert cli.main(args) == 0
     said = capsys.readouterr().out
-    assert "story.txt:1: identity picture" in said and "group_000: identity from" in said
+    assert "story.txt:1: identity picture" in said and "group_000/identity: identity from the picture" in said
     assert "reconstruction PSNR" in said
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     group = manifest["groups"][0]

@@ -191,11 +191,7 @@ def cmd_generate(args) -> int:
             for job in todo:
                 image_bar.set_postfix_str(job.folder)
                 if run.run(job):
-                    picture = (job.engine_settings or {}).get("identity_picture")
-                    if picture and picture.get("psnr") is not None:
-                        say(f"{job.folder}: identity from {picture['source']}: reconstruction PSNR "
-                            f"{picture['psnr']:.1f} dB")
-                    _say_notes(job, say)
+                    _say_notes(job, say)      # an identity picture's reconstruction PSNR is its first note
                 else:
                     _say(f"group {job.folder} failed: {job.error}", err=True)
                 image_bar.update(job.images)
