@@ -257,7 +257,7 @@ def test_ray_dispatch_hands_a_lost_actors_group_to_another():
     written = []
     run = SimpleNamespace(write=lambda job, payload: written.append((job.folder, payload)) or True,
                           fail=lambda job, why: pytest.fail(why))
-    todo = [SimpleNamespace(folder=g) for g in GROUPS]
+    todo = [SimpleNamespace(folder=g, group=SimpleNamespace(picture=None)) for g in GROUPS]
     actors = [_Actor("a"), _Actor("b", dies_after=1)]
     summary = parallel.Summary()
     ray_runner._dispatch(_FakeRay(), run, todo, actors, summary, None)

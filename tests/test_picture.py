@@ -3,6 +3,7 @@ every method with a picture, and a real photograph through the tiny pipeline (CP
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -301,3 +302,32 @@ def test_a_real_photograph_through_the_tiny_pipeline(story_pipe):
         assert out.picture["source_size"] == [512, 512] and out.picture["fit"] == "512x512 downscaled to 32x32"
         assert math.isfinite(out.picture["psnr"]) and np.isfinite(out.frames[0]).all()
         assert out.masks[0] is not None
+
+
+def test_a_job_is_made_from_the_picture_it_planned_and_can_carry_its_bytes(tmp_path):
+    """The bytes a group is made from are the bytes its manifest's sha256 names; a worker on another machine gets
+    them in the job (Ray), not a path it may not have."""
+    from characonsist.app.jobs import Job, picture_of, with_picture_bytes
+    from characonsist.picture import file_digest
+    from characonsist.story import StoryImage
+    from characonsist.storyfile import Group
+
+    path = tmp_path / "me.png"
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(path)
+    group = Group("g", StoryImage("park", "a cat", "sits"), [StoryImage("park", "a cat", "runs")], [None, None],
+                  ["s.txt:1", "s.txt:2"], picture=str(path))
+    records = [{"picture": {"path": str(path), "sha256": file_digest(path)}}, {}]
+    job = Job(group, "g", records, "hash")
+    assert picture_of(job).getpixel((0, 0)) == (200, 10, 10)
+
+    carried = with_picture_bytes(job)
+    assert carried.group.picture == path.read_bytes() and job.group.picture == str(path)   # the job is unchanged
+    path.unlink()                                   # the worker's machine has no such file: the bytes suffice
+    assert picture_of(carried).size == (20, 10)
+    with pytest.raises(InputError, match="cannot read it"):
+        picture_of(job)
+
+    Image.new("RGB", (20, 10), (10, 10, 200)).save(path)       # edited after the run was planned
+    with pytest.raises(InputError, match="changed since the run was planned"):
+        picture_of(job)
+    assert picture_of(dataclasses.replace(job, group=dataclasses.replace(group, picture=None))) is None

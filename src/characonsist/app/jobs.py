@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..inputs import InputError
 from ..output import (
     json_safe,
     mask_visual,
@@ -201,6 +202,44 @@ def prepare_overwrite(job: Job, out: OutputFolder) -> None:
         record = read_png_record(old) if not old.is_symlink() else None
         if rel not in expected and is_ours(record) and record.get("group", job.folder) == job.folder:
             out.remove(rel)
+
+
+def picture_of(job: Job):
+    """The identity's picture of ``job`` as the planned bytes decoded (an RGB PIL image), or None without one.
+    ``job.group.picture`` is its file, or the file's bytes already read (``with_picture_bytes``); bytes that no
+    longer match the sha256 planned (and recorded) are refused, so a group is never made from another picture than
+    the one its manifest names."""
+    import hashlib
+
+    from ..picture import load_picture_bytes
+
+    source = job.group.picture
+    if source is None:
+        return None
+    planned = (job.records[0].get("picture") or {})
+    name = planned.get("path") or (source if isinstance(source, str) else "the picture")
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as e:
+        raise InputError(f"identity picture {name}: cannot read it ({e.strerror or e})") from None
+    if planned.get("sha256") and hashlib.sha256(data).hexdigest() != planned["sha256"]:
+        raise InputError(f"identity picture {name}: the file changed since the run was planned; run the command "
+                         "again (the group is planned with the new picture)")
+    return load_picture_bytes(data, name, place="identity picture")[0]
+
+
+def with_picture_bytes(job: Job) -> Job:
+    """A copy of ``job`` that carries its picture's bytes instead of its path (for a worker on another machine,
+    e.g. a Ray actor, that cannot read the path); the job itself is not changed."""
+    import dataclasses
+
+    if not isinstance(job.group.picture, str):
+        return job
+    try:
+        data = Path(job.group.picture).read_bytes()
+    except OSError:
+        return job            # the worker reports it (picture_of) as this group's failure
+    return dataclasses.replace(job, group=dataclasses.replace(job.group, picture=data))
 
 
 def run_job(job: Job, generate, progress=None, cancel=None) -> GroupResult:

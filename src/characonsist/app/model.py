@@ -257,8 +257,10 @@ def story_engine(pipe, run: dict):
     """``generate(job, progress_callback=None) -> GroupResult`` for a loaded pipeline and a run's settings."""
 
     def generate(job, progress_callback=None) -> GroupResult:
+        from .jobs import picture_of
+
         images = job.group.images
-        picture = getattr(job.group, "picture", None)
+        picture = picture_of(job)
         extra = {"identity_image": picture, "inversion": run.get("inversion")} if picture is not None else {}
         out = pipe(identity=images[0], frames=images[1:], method=run["method"], height=run["height"],
                    width=run["width"], num_inference_steps=run["num_inference_steps"],

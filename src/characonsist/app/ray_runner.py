@@ -27,6 +27,7 @@ import time
 from collections import deque
 
 from ..inputs import InputError, excerpt
+from .jobs import with_picture_bytes
 from .parallel import ParallelError, Summary, check_one_model_per_gpu, to_cpu
 from .request import StoryRequest, validate_request
 from .session import StoryRun, failure_message, load_engine
@@ -171,7 +172,8 @@ def _dispatch(ray, run: StoryRun, todo: list, actors: list, summary: Summary, on
     def submit(worker: int) -> None:
         if pending:
             index = pending.popleft()
-            running[alive[worker].generate.remote(todo[index])] = (worker, index)
+            # the picture travels as bytes: the actor may be on a machine without the file
+            running[alive[worker].generate.remote(with_picture_bytes(todo[index]))] = (worker, index)
 
     for worker in list(alive):
         submit(worker)
