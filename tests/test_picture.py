@@ -16,7 +16,7 @@ from characonsist.engine import sampler_schedule
 from characonsist.inputs import InputError
 from characonsist.inversion import InversionConfig, PictureRow, encode_picture, invert, parse_inversion
 from characonsist.methods.base import story_seeds
-from characonsist.picture import fit_picture, fit_size, load_picture, psnr
+from characonsist.picture import describe_source, fit_picture, fit_size, load_picture, psnr
 
 KW = dict(height=32, width=32, num_inference_steps=8, max_sequence_length=32)
 IDENTITY = "in the park#a red cat#sitting"
@@ -319,6 +319,7 @@ def test_a_job_is_made_from_the_picture_it_planned_and_can_carry_its_bytes(tmp_p
     records = [{"picture": {"path": str(path), "sha256": file_digest(path)}}, {}]
     job = Job(group, "g", records, "hash")
     assert picture_of(job).getpixel((0, 0)) == (200, 10, 10)
+    assert describe_source(picture_of(job)) == str(path)      # the notes name the file, not "Image (20, 10)"
 
     carried = with_picture_bytes(job)
     assert carried.group.picture == path.read_bytes() and job.group.picture == str(path)   # the job is unchanged

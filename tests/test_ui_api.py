@@ -437,6 +437,9 @@ def test_generate_with_a_picture_and_resume_it_from_the_command_line(ui, tmp_pat
     checked = ui.post("/api/validate", json={"name": "walk", "story": story, "settings": settings}).json()
     assert any("identity picture" in n and "96x40 upscaled to 154x64, centre-cropped to 64x64" in n
                for n in checked.get("notes", [])), checked
+    assert any(n.startswith(f"walk/story.yaml: scenes[0].identity: identity picture pictures/{stored['file']}")
+               for n in checked["notes"]), checked      # paths inside the folder, relative to it
+    assert not any(str(tmp_path) in n for n in checked["notes"])
     assert "--inversion renoise" in checked["command"]
     seen = run(ui, kind="generate", name="walk", story=story, settings=settings)
     assert seen[-1]["type"] == "done", seen[-1]
@@ -446,6 +449,7 @@ def test_generate_with_a_picture_and_resume_it_from_the_command_line(ui, tmp_pat
     assert picture["url"] == stored["url"] and picture["inversion"] == "renoise"
     assert isinstance(picture["psnr"], float) and picture["fit"].startswith("96x40 upscaled")
     assert "reconstruction PSNR" in gallery["images"][0]["notes"][0]
+    assert f"identity from the picture pictures/{stored['file']}" in gallery["images"][0]["notes"][0]
     folder = tmp_path / "ui" / "walk"
     from characonsist.picture import fit_picture, psnr
 

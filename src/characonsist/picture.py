@@ -62,10 +62,16 @@ def fit_size(source: tuple[int, int], target: tuple[int, int]) -> Fit:
     return Fit(source, scaled, target)
 
 
+SOURCE_KEY = "characonsist_source"   # PIL ``info`` key: the file a picture's bytes came from (``describe_source``)
+
+
 def describe_source(value) -> str:
     """A short name for a picture value (its path, or its type and size) for messages and records."""
     if isinstance(value, (str, Path)):
         return str(value)
+    named = (getattr(value, "info", None) or {}).get(SOURCE_KEY)    # a PIL image read from a file's bytes
+    if isinstance(named, str):
+        return named
     shape = getattr(value, "shape", None) or getattr(value, "size", None)
     return f"{type(value).__name__} {tuple(shape) if shape is not None else ''}".strip()
 

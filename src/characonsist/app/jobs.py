@@ -211,7 +211,7 @@ def picture_of(job: Job):
     the one its manifest names."""
     import hashlib
 
-    from ..picture import load_picture_bytes
+    from ..picture import SOURCE_KEY, load_picture_bytes
 
     source = job.group.picture
     if source is None:
@@ -225,7 +225,9 @@ def picture_of(job: Job):
     if planned.get("sha256") and hashlib.sha256(data).hexdigest() != planned["sha256"]:
         raise InputError(f"identity picture {name}: the file changed since the run was planned; run the command "
                          "again (the group is planned with the new picture)")
-    return load_picture_bytes(data, name, place="identity picture")[0]
+    image = load_picture_bytes(data, name, place="identity picture")[0]
+    image.info[SOURCE_KEY] = str(name)       # the notes and records name the file, not "Image (w, h)"
+    return image
 
 
 def with_picture_bytes(job: Job) -> Job:

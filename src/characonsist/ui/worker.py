@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import os
 import queue
 import random
 import re
@@ -196,6 +197,12 @@ class Workspace:
     def folder(self, name: str) -> Path:
         return self.lock.path(check_name(name))
 
+    def relative(self, messages: list[str]) -> list[str]:
+        """Messages as the page shows them: paths inside the output folder relative to it (the CLI's messages
+        name absolute paths; the page's user knows only the folder's contents)."""
+        prefix = f"{self.root}{os.sep}"
+        return [m.replace(prefix, "") for m in messages]
+
     def file(self, name: str, rel: str) -> Path:
         """A file inside a story's folder to serve (never a path outside it, a link, or a hidden file)."""
         folder = self.folder(name)
@@ -377,7 +384,8 @@ class Workspace:
                 images.append({"index": i, "role": "identity" if i == 0 else "frame", "path": item["path"],
                                "url": self.url(name, item["path"]) if item.get("finished") else None,
                                "seed": item["seed"], "caption": item.get("caption"), "prompt": item["prompt"],
-                               "height": item["height"], "width": item["width"], "notes": item.get("notes", []),
+                               "height": item["height"], "width": item["width"],
+                               "notes": self.relative(item.get("notes", [])),
                                "mask": self.url(name, mask) if mask in group.get("masks", []) else None,
                                "match": self.url(name, match) if match in group.get("masks", []) else None})
             groups.append({"name": group["name"], "status": group["status"], "error": group.get("error"),
@@ -460,9 +468,9 @@ class Worker:
         try:
             _, checked = self.request(name, doc, settings)
         except (InputError, FolderError) as e:
-            raise UiError(getattr(e, "problems", None) or [str(e)]) from None
+            raise UiError(self.workspace.relative(getattr(e, "problems", None) or [str(e)])) from None
         return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
-                "notes": checked.notes, "command": cli_command(self.model, self.workspace.folder(name), settings)}
+                "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings)}
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
