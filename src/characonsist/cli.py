@@ -28,7 +28,10 @@ EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 # ---------------------------------------------------------------------------------------------- arguments
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="characonsist", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="characonsist", description="The same character across many images, without training: story files in, "
+        "storyboards out (CharaConsist and its peers on FLUX.1; a small toy model ships for CPUs). Start with "
+        "`characonsist demo`.")
     parser.add_argument("--version", action="version", version=f"characonsist {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
