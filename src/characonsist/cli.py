@@ -296,6 +296,7 @@ def cmd_generate_parallel(args, procs) -> int:
     def on_group(job, rank: int, ok: bool) -> None:
         if ok:
             say(f"{job.folder}: written (process {rank})")
+            _say_notes(job, say)
         else:
             _say(f"group {job.folder} failed (process {rank}): {job.error}", err=True)
         if bars and not isinstance(bars[0], int):
@@ -334,6 +335,7 @@ def cmd_generate_ray(args) -> int:
     def on_group(job, worker: int, ok: bool) -> None:
         if ok:
             say(f"{job.folder}: written (worker {worker})")
+            _say_notes(job, say)
         else:
             _say(f"group {job.folder} failed (worker {worker}): {job.error}", err=True)
         if bars and not isinstance(bars[0], int):
