@@ -513,3 +513,45 @@ def test_a_command_line_run_with_a_picture_resumes_in_the_ui_once_the_picture_is
     seen = run(ui, kind="generate", name="mine", story=opened["story"], settings=opened["settings"])
     assert seen[-1]["type"] == "done" and [e for e in seen if e["type"] == "plan"][0]["todo"] == []
     assert (folder / "group_000" / "identity.png").read_bytes() == kept
+
+
+def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_path, capsys):
+    """A small GPU's memory mode and weight format reach the UI's one model, every story's manifest and the
+    command it shows; what cannot work is refused before the UI starts."""
+    import importlib.util
+
+    from characonsist.ui.worker import Loading
+
+    for argv, message in ((["--memory", "auto"], "--memory/--quantize auto plans for one story's size"),
+                          (["--memory", "model-offload"], "needs a CUDA GPU and none is visible"),
+                          (["--quantize", "int4"], "unknown weight format --quantize 'int4'"),
+                          (["--gpu-ids", "x"], "--gpu-ids 'x' must be comma-separated integers")):
+        assert cli.main(["ui", "--model", tiny_model, "--out", str(tmp_path / "refused"), "--port", "0",
+                         *argv]) == cli.EXIT_BAD_INPUT, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "refused").exists()
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao not installed")
+
+    from torchao.utils import TorchAOBaseTensor
+
+    space = Workspace(tmp_path / "ui", tiny_model, Loading(quantize="int8", dtype="float32", memory="0"))
+    worker = Worker(space, tiny_model)
+    assert space.loading == Loading(memory="none", quantize="int8", dtype="float32")   # "0" is the official none
+    space.open()
+    worker.start()
+    try:
+        client = TestClient(create_app(worker, ["testserver"]))
+        seen = run(client, kind="generate", name="walk", story=doc("sitting", "running"), settings=SETTINGS)
+        assert seen[-1]["type"] == "done", seen[-1]
+        assert isinstance(worker.pipe.transformer.transformer_blocks[0].attn.to_q.weight, TorchAOBaseTensor)
+        settings = json.loads((tmp_path / "ui" / "walk" / "manifest.json").read_text())["settings"]
+        assert settings["quantize"] == "int8" and settings["dtype"] == "float32"
+        command = client.get("/api/stories/walk").json()["command"]
+        assert "--quantize int8 --dtype float32" in command and "--memory" not in command
+    finally:
+        worker.stop()
+        space.close()
+    capsys.readouterr()
+    assert cli.main(shlex.split(command)[1:]) == 0      # the shown command loads alike: the story is done, not changed
+    assert "1 group(s), 1 already done, 0 to generate" in capsys.readouterr().out

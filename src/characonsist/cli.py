@@ -57,7 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the UI's folder: one run folder per story (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
     ui.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
+    add_loading_arguments(ui, auto=False)   # one model for every story: a small GPU's mode and format
     return parser
+
+
+def add_loading_arguments(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    """How the model is loaded (memory mode, weight format, VAE tiling, GPUs, dtype): ``generate`` and ``ui``."""
+    p.add_argument("--memory", default="none", metavar="MODE",
+                   help="memory mode: none | model-offload | group-offload | sequential-offload | balanced"
+                   + (" | auto (the fastest that fits this machine; or official init_mode 0-3)" if auto
+                      else " (or official init_mode 0-3)"))
+    p.add_argument("--quantize", default="none", metavar="FORMAT",
+                   help="weights of the transformer and T5: none | int8 | fp8 (torchao) | nf4 | int8-bnb "
+                   "(bitsandbytes) | fp8-storage (layerwise casting)"
+                   + (" | auto (with --memory: the fastest that fits)" if auto else ""))
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory; tiny seams)")
+    p.add_argument("--gpu-ids", default="0", help="GPU ids, comma-separated; only `balanced` uses more than the first")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,22 +102,13 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 3.5 for FLUX.1-dev)")
     p.add_argument("--seed", type=int, default=2025, help="seed of every image without its own (official: %(default)s)")
     p.add_argument("--max-sequence-length", type=int, help="T5 prompt length limit in tokens (default: the model's, 512)")
-    p.add_argument("--memory", default="none", metavar="MODE",
-                   help="memory mode: none | model-offload | group-offload | sequential-offload | balanced | auto "
-                   "(the fastest that fits this machine; or official init_mode 0-3)")
-    p.add_argument("--quantize", default="none", metavar="FORMAT",
-                   help="weights of the transformer and T5: none | int8 | fp8 (torchao) | nf4 | int8-bnb "
-                   "(bitsandbytes) | fp8-storage (layerwise casting) | auto (with --memory: the fastest that fits)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (less GPU memory; tiny seams)")
+    add_loading_arguments(p)
     p.add_argument("--attention-backend", metavar="NAME",
                    help="diffusers attention backend, e.g. flash, _native_cudnn, sage (default: PyTorch's SDPA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (regional; "
                    "the first group pays the compilation)")
     p.add_argument("--lora", action="append", metavar="SOURCE[:SCALE]",
                    help="a LoRA (file, folder or hub id) at a scale, default 1 (repeatable)")
-    p.add_argument("--gpu-ids", default="0", help="GPU ids, comma-separated; only `balanced` uses more than the first")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--batch-size", type=int, help="most images in one forward pass, identity included (default: whole group)")
     p.add_argument("--gpus", type=int, metavar="N",
                    help="spread the groups over N GPUs of this host, one process and one model each (starts `accelerate "
@@ -235,8 +243,10 @@ def cmd_ui(args) -> int:
     if problem:
         raise InputError(problem)
     from .ui import serve
+    from .ui.worker import Loading
 
-    return serve(args.model, args.out, args.host, args.port)
+    return serve(args.model, args.out, args.host, args.port, loading=Loading(
+        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype))
 
 
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:

@@ -48,15 +48,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0.1", port: int = 8765,
-          say=print) -> int:
+          say=print, loading=None) -> int:
     """Start the UI and serve until interrupted (InputError / FolderError before anything starts)."""
     import uvicorn
 
     from .server import create_app
     from .worker import Worker, Workspace
 
-    workspace = Workspace(out, model)
-    worker = Worker(workspace, model)      # InputError for a model that cannot be found, before anything starts
+    workspace = Workspace(out, model, loading)
+    worker = Worker(workspace, model)      # InputError for a model that cannot be found (or bad loading options)
     sock = bind(host, port)
     workspace.open()
     try:
@@ -64,8 +64,9 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
         app = create_app(worker, allowed_hosts(host))
         address = sock.getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        say(f"characonsist ui: http://{shown}:{address[1]}/  (model {model}, stories in {workspace.root}; "
-            "Ctrl-C stops)")
+        how = " ".join(workspace.loading.flags())
+        say(f"characonsist ui: http://{shown}:{address[1]}/  (model {model}{' ' + how if how else ''}, stories in "
+            f"{workspace.root}; Ctrl-C stops)")
         if host not in LOOPBACK:
             print(f"characonsist: warning: --host {host} makes the UI reachable from other machines; it has no login: "
                   "anyone who reaches it can run the model and read the stories in its folder", file=sys.stderr)

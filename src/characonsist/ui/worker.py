@@ -87,6 +87,50 @@ def new_seed() -> int:
     return random.SystemRandom().randint(0, MAX_SEED)
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How the UI loads its one model, the same for every story (``characonsist ui --memory --quantize --vae-tiling
+    --gpu-ids --dtype``, as ``characonsist generate`` takes them): what a small GPU needs to run the UI at all."""
+
+    memory: str = "none"
+    quantize: str = "none"
+    vae_tiling: bool = False
+    gpu_ids: str = "0"
+    dtype: str = "auto"
+
+    def check(self, ref) -> Loading:
+        """The options with their names resolved (``0``-``3`` -> the mode's name), checked before the UI starts:
+        InputError for an unknown one, ``auto`` (the UI's stories have no fixed size to plan for), or a mode that
+        needs a CUDA GPU where none is visible."""
+        mode, gpus = models.check_memory(self.memory, self.gpu_ids)
+        quantize = models.check_quantize(self.quantize, ref)
+        models.resolve_dtype(self.dtype)
+        if "auto" in (mode, quantize):
+            raise InputError("ui: --memory/--quantize auto plans for one story's size; the UI loads one model for "
+                             "stories of any size: give the mode and format (`characonsist generate ... --memory auto` "
+                             "prints what it picks for a story)")
+        if mode != "none":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise InputError(f"ui: --memory {self.memory} needs a CUDA GPU and none is visible; use --memory none")
+        return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
+
+    def request_fields(self) -> dict:
+        """The ``StoryRequest`` fields of every story the UI runs (so its manifest records them as the CLI's)."""
+        return {"memory": self.memory, "quantize": self.quantize, "vae_tiling": self.vae_tiling,
+                "gpu_ids": self.gpu_ids, "dtype": self.dtype}
+
+    def flags(self) -> list[str]:
+        """The ``characonsist generate`` flags that load the model the same way (those not at their default)."""
+        default, parts = Loading(), []
+        for name, flag in (("memory", "--memory"), ("quantize", "--quantize"), ("gpu_ids", "--gpu-ids"),
+                           ("dtype", "--dtype")):
+            if getattr(self, name) != getattr(default, name):
+                parts += [flag, str(getattr(self, name))]
+        return parts + (["--vae-tiling"] if self.vae_tiling else [])
+
+
 @dataclass
 class Settings:
     """A run's settings as the editor holds them (None = the model's default)."""
@@ -129,12 +173,12 @@ class Settings:
                    save_masks=bool(settings.get("save_masks", True)), inversion=settings.get("inversion"))
 
 
-def cli_command(model: str, folder: Path, settings: Settings) -> str:
+def cli_command(model: str, folder: Path, settings: Settings, loading: Loading | None = None) -> str:
     """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
     import shlex
 
     parts = ["characonsist", "generate", str(folder / STORY_FILE), "--model", model, "--out", str(folder),
-             "--method", settings.method]
+             "--method", settings.method, *(loading or Loading()).flags()]
     options = dict(settings.options)
     for key, flag in (("share_bg", "share-bg"), ("use_token_merge", "token-merge")):
         if key in options:
@@ -179,9 +223,10 @@ class UiJob:
 class Workspace:
     """The UI's output folder: one run folder per story, nothing read or written outside it."""
 
-    def __init__(self, root: str | Path, model: str):
+    def __init__(self, root: str | Path, model: str, loading: Loading | None = None):
         self.root = Path(root).expanduser().resolve()
         self.model = model
+        self.loading = loading or Loading()
         self.lock = OutputFolder(self.root)
         self._storing = threading.Lock()   # uploads run in the server's threads; one writes at a time
 
@@ -362,7 +407,7 @@ class Workspace:
             else Settings()
         return {"name": name, "story": doc, "settings": dataclasses.asdict(settings),
                 "groups": self.gallery(name, manifest), "exports": self.exports(name),
-                "command": cli_command(self.model, folder, settings)}
+                "command": cli_command(self.model, folder, settings, self.loading)}
 
     def url(self, name: str, rel: str) -> str | None:
         path = self.folder(name) / rel
@@ -422,6 +467,7 @@ class Worker:
         self.workspace = workspace
         self.model = model
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
+        self.loading = workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
         self.pipe = None
         self.loads = 0                                  # how often the model was loaded (once)
         self.model_state = "not loaded"
@@ -461,7 +507,7 @@ class Worker:
                                options=dict(settings.options), height=settings.height, width=settings.width,
                                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                                seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite,
-                               inversion=settings.inversion)
+                               inversion=settings.inversion, **self.workspace.loading.request_fields())
         return text, validate_request(request)
 
     def validate(self, name: str, doc: dict, settings: Settings) -> dict:
@@ -470,7 +516,8 @@ class Worker:
         except (InputError, FolderError) as e:
             raise UiError(self.workspace.relative(getattr(e, "problems", None) or [str(e)])) from None
         return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
-                "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings)}
+                "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings,
+                                                  self.workspace.loading)}
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
@@ -557,8 +604,10 @@ class Worker:
                 self.model_state = "loading"
                 self.loads += 1
                 try:
-                    self.pipe = models.load_pipeline(self.ref, models.resolve_dtype("auto"), "none", [0],
-                                                     progress=False)
+                    how = self.loading
+                    self.pipe = models.load_pipeline(
+                        self.ref, models.resolve_dtype(how.dtype), how.memory, [int(g) for g in how.gpu_ids.split(",")],
+                        progress=False, run={"quantize": how.quantize, "vae_tiling": how.vae_tiling})
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
