@@ -135,7 +135,7 @@ def test_oracle_run_and_cli_json(tmp_path, capsys):
     assert bench.main(["--methods", "oracle+x", "--quiet"]) == 2
 
 
-def test_methods_all_and_device_checks(tmp_path, capsys):
+def test_methods_all_and_device_checks(tmp_path, capsys, monkeypatch):
     assert bench.expand_methods("all") == list(bench.ALL_METHODS)
     assert bench.ALL_METHODS == ("vanilla", "characonsist", "characonsist-no-tracking", "characonsist-no-merge",
                                  "characonsist-no-mask", "consistory", "storysync", "storydiffusion")
@@ -149,6 +149,10 @@ def test_methods_all_and_device_checks(tmp_path, capsys):
     assert bench.main(["--methods", "oracle", "--limit", "1", "--threads", "1", "--quiet", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["torch_threads"] == 1
     assert torch.get_num_threads() == before                       # the caller's setting is restored
+    for omp, want in (("1", 1), ("", None), ("zero", None)):           # OMP_NUM_THREADS caps it when --threads is not given
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        assert bench.main(["--methods", "oracle", "--limit", "1", "--quiet", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["settings"]["torch_threads"] == (want or bench.cpu_cores())
     if not torch.cuda.is_available():
         assert "CUDA is not available" in bench.check_device("cuda")
         assert bench.main(["--methods", "oracle", "--device", "cuda", "--quiet"]) == 2

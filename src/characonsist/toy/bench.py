@@ -500,7 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the model and the readout run there")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: every core this process may use)")
+                        help="torch CPU threads (default: OMP_NUM_THREADS when set, else every core this process "
+                             "may use)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
     parser.add_argument("--seeding", default="official", choices=SEEDING_CHOICES,
@@ -544,6 +545,15 @@ def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
     pipe = CharaConsistPipeline.from_pipe(flux)
     pipe.set_progress_bar_config(disable=True)
     return pipe, defaults
+
+
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it is set to a positive number (the usual way to cap a job's threads), else None."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def cpu_cores() -> int:
@@ -658,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
         if dev.type == "cuda":
             args.run_device = procs.device()    # this process's GPU; the JSON keeps --device as given
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or max(cpu_cores() // (procs.size if procs else 1), 1))
+    torch.set_num_threads(args.threads or omp_threads() or max(cpu_cores() // (procs.size if procs else 1), 1))
     try:
         return _run(args, methods, t_start, procs)
     finally:
