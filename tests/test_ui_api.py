@@ -95,7 +95,7 @@ def test_page_assets_and_info(ui):
     assert {"vanilla", "consistory", "storysync", "storydiffusion"} <= set(info["methods"])
     assert info["layouts"] == ["storyboard", "strip", "2x2", "panel"]
     assert info["formats"] == ["yaml", "toml", "text"]
-    assert info["defaults"]["num_inference_steps"] >= 1
+    assert info["defaults"]["num_inference_steps"] >= 1 and info["loading"] == ""
 
 
 def test_story_files_in_every_format_round_trip(ui):
@@ -549,6 +549,7 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
         assert settings["quantize"] == "int8" and settings["dtype"] == "float32"
         command = client.get("/api/stories/walk").json()["command"]
         assert "--quantize int8 --dtype float32" in command and "--memory" not in command
+        assert client.get("/api/info").json()["loading"] == "--quantize int8 --dtype float32"   # the page's header
     finally:
         worker.stop()
         space.close()

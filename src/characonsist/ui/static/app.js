@@ -427,7 +427,7 @@ async function saveFile(format) {
 // ------------------------------------------------------------------------------------------ start
 async function start() {
   info = await api("/api/info");
-  $("#model").textContent = `model ${info.model} (${info.model_state}) · ${info.defaults.width}x${info.defaults.height}, ${info.defaults.num_inference_steps} steps · folder ${info.out}`;
+  $("#model").textContent = `model ${info.model}${info.loading ? " " + info.loading : ""} (${info.model_state}) · ${info.defaults.width}x${info.defaults.height}, ${info.defaults.num_inference_steps} steps · folder ${info.out}`;
   $("#method").replaceChildren(...Object.keys(info.methods).map(m => el("option", {value: m, text: m})));
   $("#export-layout").replaceChildren(...info.layouts.map(l => el("option", {value: l, text: l})));
   if (info.limits.vocabulary.length) $("#vocabulary").textContent = `this model knows only these words: ${info.limits.vocabulary.join(" ")}`;
