@@ -188,6 +188,11 @@ def picture_size(path: str | Path, place: str = "picture") -> tuple[int, int]:
     return image.height, image.width
 
 
+def bytes_digest(data: bytes) -> str:
+    """The sha256 of a picture's bytes, as ``file_digest`` gives it for its file."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_digest(path: str | Path) -> str:
     """The sha256 of a file's bytes (a changed picture makes a different group: resume regenerates it)."""
     h = hashlib.sha256()

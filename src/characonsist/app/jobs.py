@@ -209,9 +209,7 @@ def picture_of(job: Job):
     ``job.group.picture`` is its file, or the file's bytes already read (``with_picture_bytes``); bytes that no
     longer match the sha256 planned (and recorded) are refused, so a group is never made from another picture than
     the one its manifest names."""
-    import hashlib
-
-    from ..picture import SOURCE_KEY, load_picture_bytes
+    from ..picture import SOURCE_KEY, bytes_digest, load_picture_bytes
 
     source = job.group.picture
     if source is None:
@@ -222,7 +220,7 @@ def picture_of(job: Job):
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
     except OSError as e:
         raise InputError(f"identity picture {name}: cannot read it ({e.strerror or e})") from None
-    if planned.get("sha256") and hashlib.sha256(data).hexdigest() != planned["sha256"]:
+    if planned.get("sha256") and bytes_digest(data) != planned["sha256"]:
         raise InputError(f"identity picture {name}: the file changed since the run was planned; run the command "
                          "again (the group is planned with the new picture)")
     image = load_picture_bytes(data, name, place="identity picture")[0]

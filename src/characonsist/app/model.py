@@ -133,6 +133,16 @@ def check_memory(memory: str, gpu_ids) -> tuple[str, list[int]]:
     return mode, gpus
 
 
+def check_memory_device(mode: str) -> None:
+    """InputError when the memory mode needs a CUDA GPU (every mode but ``none``; ``auto`` picks one that fits)
+    and none is visible."""
+    if mode not in ("none", "auto"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"memory mode {mode!r} needs a CUDA GPU and none is visible; use --memory none")
+
+
 def check_quantize(quantize: str, ref: ModelRef | None = None) -> str:
     """The weight format's name (``auto`` stays ``auto``); InputError if it is unknown or cannot run here."""
     from ..memory import check_quantization

@@ -28,6 +28,7 @@ from .model import (
     check_attention_backend,
     check_loras,
     check_memory,
+    check_memory_device,
     check_quantize,
     limits_of,
     load_t5_tokenizer,
@@ -143,11 +144,7 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
         largest = max((len(g.images) for s in stories for g in s.groups), default=2)
         plan = plan_memory(mode, quantize, ref, run, gpus, min(largest, request.batch_size or largest))
         mode, quantize = plan.memory, plan.quantize
-    if mode not in ("none", "auto"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError(f"memory mode {mode!r} needs a CUDA GPU and none is visible; use --memory none")
+    check_memory_device(mode)
     run.update(quantize=quantize, memory=mode, vae_tiling=bool(request.vae_tiling), attention_backend=backend,
                compile=bool(request.compile), loras=loras)
     tokenizer = load_t5_tokenizer(ref)

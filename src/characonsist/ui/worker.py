@@ -11,7 +11,6 @@ named in ``story.yaml`` as ``image: ../pictures/...``, which the command line re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import os
 import queue
@@ -109,17 +108,8 @@ class Loading:
             raise InputError("ui: --memory/--quantize auto plans for one story's size; the UI loads one model for "
                              "stories of any size: give the mode and format (`characonsist generate ... --memory auto` "
                              "prints what it picks for a story)")
-        if mode != "none":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise InputError(f"ui: --memory {self.memory} needs a CUDA GPU and none is visible; use --memory none")
+        models.check_memory_device(mode)
         return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
-
-    def request_fields(self) -> dict:
-        """The ``StoryRequest`` fields of every story the UI runs (so its manifest records them as the CLI's)."""
-        return {"memory": self.memory, "quantize": self.quantize, "vae_tiling": self.vae_tiling,
-                "gpu_ids": self.gpu_ids, "dtype": self.dtype}
 
     def flags(self) -> list[str]:
         """The ``characonsist generate`` flags that load the model the same way (those not at their default)."""
@@ -268,7 +258,7 @@ class Workspace:
         atomically with its bytes as uploaded to ``pictures/<sha256[:16]>.<ext>`` (the same picture twice is one
         file; a file there that characonsist did not write is never replaced). ``filename`` is the browser's name,
         used in messages only. UiError says what is wrong."""
-        from ..picture import file_digest, load_picture_bytes
+        from ..picture import bytes_digest, file_digest, load_picture_bytes
 
         name = upload_name(filename)
         kinds = "PNG, JPEG, WebP, GIF or BMP"
@@ -281,7 +271,7 @@ class Workspace:
             image, fmt = load_picture_bytes(data, name, "picture", tuple(PICTURE_FORMATS), MAX_PICTURE_PIXELS)
         except InputError as e:
             raise UiError(e.problems) from None
-        digest = hashlib.sha256(data).hexdigest()
+        digest = bytes_digest(data)
         file = f"{digest[:16]}.{PICTURE_FORMATS[fmt]}"
         with self._storing:
             try:
@@ -467,7 +457,7 @@ class Worker:
         self.workspace = workspace
         self.model = model
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
-        self.loading = workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
+        workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
         self.pipe = None
         self.loads = 0                                  # how often the model was loaded (once)
         self.model_state = "not loaded"
@@ -507,7 +497,7 @@ class Worker:
                                options=dict(settings.options), height=settings.height, width=settings.width,
                                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                                seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite,
-                               inversion=settings.inversion, **self.workspace.loading.request_fields())
+                               inversion=settings.inversion, **dataclasses.asdict(self.workspace.loading))
         return text, validate_request(request)
 
     def validate(self, name: str, doc: dict, settings: Settings) -> dict:
@@ -604,7 +594,7 @@ class Worker:
                 self.model_state = "loading"
                 self.loads += 1
                 try:
-                    how = self.loading
+                    how = self.workspace.loading
                     self.pipe = models.load_pipeline(
                         self.ref, models.resolve_dtype(how.dtype), how.memory, [int(g) for g in how.gpu_ids.split(",")],
                         progress=False, run={"quantize": how.quantize, "vae_tiling": how.vae_tiling})
