@@ -317,7 +317,7 @@ def test_bad_input_is_reported_by_process_0_and_stops_the_others(workdir):
 
 
 def test_close_leaves_the_process_group(tmp_path):
-    """A run's processes leave gloo's group before exiting (an exit with the group still up can abort)."""
+    """A Python caller can leave gloo's group and go on."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -326,3 +326,22 @@ def test_close_leaves_the_process_group(tmp_path):
     procs.close()
     assert not dist.is_initialized()
     procs.close()                          # a second close (error paths) is harmless
+
+
+def test_a_launched_process_exits_with_its_code_after_the_exit_handlers():
+    """``exit_process``: under a launcher (WORLD_SIZE > 1) the code survives, buffered output and atexit handlers
+    are not lost, and no interpreter teardown runs (no ``__del__`` at exit); alone, a normal ``sys.exit``."""
+    script = ("import atexit, sys\n"
+              "from characonsist.app.parallel import exit_process\n"
+              "class Late:\n"
+              "    def __del__(self): print('teardown ran', flush=True)\n"
+              "late = Late()\n"
+              "atexit.register(lambda: print('handler ran', flush=True))\n"
+              "sys.stdout.write('buffered ')\n"
+              "exit_process(3)\n")
+    for size, teardown in (("2", False), ("1", True)):
+        env = {**os.environ, "WORLD_SIZE": size}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert result.stdout.startswith("buffered handler ran")
+        assert ("teardown ran" in result.stdout) is teardown

@@ -1,8 +1,7 @@
 """``python -m characonsist``: the command line (also what ``accelerate launch -m characonsist ...`` starts)."""
 
-import sys
-
+from .app.parallel import exit_process
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -170,10 +170,7 @@ def cmd_generate(args) -> int:
     if procs is not None:
         if args.gpus is not None:
             raise InputError("--gpus N starts the processes itself: leave it out under accelerate launch / torchrun")
-        try:
-            return cmd_generate_parallel(args, procs)
-        finally:
-            procs.close()
+        return cmd_generate_parallel(args, procs)     # the process ends in parallel.exit_process (__main__)
     say = (lambda *a: None) if args.quiet else _say
     checked = validate_request(request_from_args(args), names=CLI_NAMES)
     out = checked.folder.root

@@ -91,9 +91,8 @@ class Processes:
         dist.barrier()
 
     def close(self) -> None:
-        """Leave the process group (``destroy_process_group``) before the process exits: gloo's threads are
-        joined here, not torn down by the interpreter's exit (which can abort with "terminate called without an
-        active exception")."""
+        """Leave the process group (``destroy_process_group``), for a Python caller that goes on after the run.
+        The command line's processes do not: they leave through ``exit_process``."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -142,6 +141,28 @@ def join() -> Processes | None:
         raise RuntimeError(f"the launcher started {launched_processes()} processes but accelerate sees "
                            f"{state.num_processes} ({state.distributed_type})")
     return Processes(state, state.process_index, state.num_processes, state.local_process_index)
+
+
+def exit_process(code: int) -> None:
+    """End a process that a launcher started as one of several (``python -m characonsist`` under ``accelerate
+    launch`` / torchrun) with ``code``, once its work is done: stdout and stderr flushed and Python's exit handlers
+    run, then ``os._exit``, so no C++ destructor runs. A normal interpreter exit tears gloo's threads down, with or
+    without ``destroy_process_group`` first, and that teardown aborted a finished run now and then on a loaded
+    2-core CI machine ("terminate called without an active exception", SIGABRT, exit -6, which torchrun reports as
+    a failed run although every result had been written). A process alone exits normally (``sys.exit``)."""
+    if launched_processes() <= 1:
+        sys.exit(code)
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1)
 
 
 def launch_command(processes: int, argv: list[str], module: str = "characonsist") -> list[str]:

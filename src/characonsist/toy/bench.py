@@ -673,8 +673,6 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, methods, t_start, procs)
     finally:
         torch.set_num_threads(threads)     # a caller in the same process (tests) keeps its own setting
-        if procs is not None:
-            procs.close()
 
 
 def _device(args: argparse.Namespace) -> str:
