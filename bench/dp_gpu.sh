@@ -6,6 +6,7 @@
 #   flux: full-size FLUX.1-dev architecture, random bf16 weights, identity + 4 frames x 8 stories, 1024x1024, STEPS
 #         steps (default 20), one process on GPU 0, then two processes (accelerate launch); throughput ratio, peak
 #         GPU memory per process (bench/dp_bench.py, bench/dp_compare.py speed)
+# On your own GPU machine with the package installed: bash bench/dp_gpu.sh toy $OUT (no wheels needed).
 # Device call, one per phase (carry .whl: diffusers 0.42.1 and its missing pure-Python wheels, as BENCHMARKS.md
 # says; accelerate is on the machine):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -9,9 +9,7 @@ OUT=${1:?output folder}
 TAG=${2:-table}
 ENTRIES=${ENTRIES:?QUANTIZE/MEMORY[+compile][@N] entries, comma-separated}
 BUDGET=${BUDGET:-500}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+source bench/gpu_env.sh    # the carried wheels on the device machine, else the installed packages
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 df -h /dev/shm /tmp | tail -2
 GPUS=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")

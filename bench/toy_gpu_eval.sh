@@ -7,9 +7,7 @@
 set -u
 OUT=${1:?output folder}
 PARTS=${PARTS:-checks,full,heldout}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+source bench/gpu_env.sh    # the carried wheels on the device machine, else the installed packages
 nvidia-smi --query-gpu=name --format=csv,noheader
 quiet() { grep -v -e Warning -e Loading; }
 case ",$PARTS," in *,checks,*)

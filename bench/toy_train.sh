@@ -16,9 +16,7 @@ PART=${2:?scratch, continue or resume}
 MINUTES=${MINUTES:-8.6}          # training command's own budget (it saves and stops before it)
 EXTRA=${EXTRA:-7.6}              # minutes of training planned for the resume call
 ARGS=${ARGS:-}                    # more options of characonsist.toy.train for the training commands
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+source bench/gpu_env.sh    # the carried wheels on the device machine, else the installed packages
 RUN=runs/toy-v3
 NGPU=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

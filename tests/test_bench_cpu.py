@@ -165,3 +165,29 @@ def test_bench_tiny_picture_phase(tmp_path):
 
     text = "\n".join(report(str(tmp_path / "bench_pic.json")))
     assert "inversion 4 forwards" in text and "the story without a picture" in text
+
+
+@pytest.mark.parametrize("with_wheels", [False, True])
+def test_gpu_scripts_take_the_installed_packages_without_carried_wheels(tmp_path, with_wheels):
+    """bench/gpu_env.sh: without .whl/ the installed packages and the checkout's src/ are used (a user's own GPU
+    machine); with .whl/ holding wheels, they are installed to /tmp/site first (the lent machine). A wheel that does
+    not install stops the script with a message."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "gpu_env.sh").write_bytes((root / "bench" / "gpu_env.sh").read_bytes())
+    if with_wheels:
+        (tmp_path / ".whl").mkdir()
+        (tmp_path / ".whl" / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", "-c", "source bench/gpu_env.sh && echo PYTHONPATH=$PYTHONPATH"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    if with_wheels:
+        assert result.returncode == 1 and "installing the wheels of .whl/ failed" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"PYTHONPATH={tmp_path}/src" in result.stdout
