@@ -18,6 +18,7 @@ from .metrics import METRICS, PAIR_MODES
 from .references import BENCHMARKS, references
 from .report import ReportError, check_ours, compare_html, compare_table, terminal_summary, text_table, write_report
 from .runfolder import RunError, read_run
+from .segment import ALIASES
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=d.clip, help="CLIP model (default: %(default)s)")
     p.add_argument("--dinov2", default=d.dinov2, help="DINOv2 model (default: %(default)s)")
     p.add_argument("--segmenter", default=d.segmenter,
-                   help="masks where the run has none: a SAM or a CLIPSeg model (hub id or folder), or the aliases "
-                        "sam / clipseg (default: %(default)s, prompted with the --box-detector box)")
+                   help=f"masks where the run has none: sam ({ALIASES['sam']}, prompted with the --box-detector box), "
+                        f"clipseg ({ALIASES['clipseg']}), or a SAM or CLIPSeg hub id or folder (default: %(default)s)")
     p.add_argument("--box-detector", default=d.box_detector,
                    help="OWLv2 model giving SAM its box, queried with the character text (default: %(default)s)")
     p.add_argument("--face-detector", default=d.face_detector, help="OWLv2 model (default: %(default)s)")

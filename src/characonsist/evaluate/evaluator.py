@@ -19,7 +19,7 @@ from .models import (
     fill_colour,
 )
 from .runfolder import EvalGroup, Run, method_mask
-from .segment import DEFAULT_SAM, load_segmenter
+from .segment import load_segmenter
 
 EVAL_FORMAT = "characonsist-eval/1"
 MASK_MODES = ("auto", "method", "model")
@@ -32,7 +32,7 @@ class EvalConfig:
 
     clip: str | None = "openai/clip-vit-large-patch14"
     dinov2: str | None = "facebook/dinov2-base"
-    segmenter: str | None = DEFAULT_SAM    # SAM or CLIPSeg (hub id, folder, or the aliases sam / clipseg)
+    segmenter: str | None = "sam"          # SAM or CLIPSeg: the aliases sam / clipseg (segment.ALIASES), hub id, folder
     box_detector: str | None = "google/owlv2-base-patch16-ensemble"  # SAM's box prompt (character text query)
     face_detector: str | None = "google/owlv2-base-patch16-ensemble"
     face_model: str | None = "facenet"     # FaceNet (alias, URL or .pt) or ArcFace ONNX (.onnx, folder, owner/repo:file)
