@@ -78,6 +78,18 @@ def test_segmenter_option_picks_sam_or_clipseg(tiny, monkeypatch):
         bank.get("segmenter")
 
 
+def test_clipseg_through_eval_and_a_missing_segmenter_skips_only_the_masked_metrics(tmp_path, tiny):
+    run = read_run(write_run(tmp_path, [[{"image": noise(80)}, {"image": noise(81)}]]))
+    cfg = config(tiny, metrics=("clip_t", "clip_i", "clip_i_fg"), segmenter=tiny["clipseg"])
+    result = evaluate_run(run, cfg, ModelBank(cfg))
+    assert result["metrics"]["clip_i_fg"]["preprocessing"].count("CLIPSegForImageSegmentation") == 1
+    cfg = config(tiny, metrics=("clip_t", "clip_i", "clip_i_fg", "clip_i_bg"), segmenter=str(tmp_path / "nowhere"))
+    result = evaluate_run(run, cfg, ModelBank(cfg))
+    status = {k: m["status"] for k, m in result["metrics"].items()}
+    assert status == {"clip_t": "ok", "clip_i": "ok", "clip_i_fg": "skipped", "clip_i_bg": "skipped"}
+    assert "nowhere" in result["metrics"]["clip_i_fg"]["reason"]
+
+
 def test_no_box_is_a_note_and_the_image_left_out(tmp_path, tiny):
     ranked = scored(tiny)
     (high, a), (_, b), (low, c) = ranked[0], ranked[1], ranked[-1]

@@ -184,7 +184,15 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
             record("clip_i", per_pair=M.pair_similarity(emb, index_pairs))
         masked = keys & {"clip_i_fg", "clip_i_bg"}
         if masked:
-            masks, sources, how, note = _masks(run, group, images, config, bank)
+            try:
+                masks, sources, how, note = _masks(run, group, images, config, bank)
+            except ModelUnavailable as e:  # no masks for this group: CLIP-T and CLIP-I stand
+                for k in masked:
+                    if info[k]["status"] == "ok":  # other groups had masks
+                        notes.append(f"{info[k]['label']} not computed: {e}")
+                    else:
+                        info[k].update(status="skipped", reason=str(e))
+                return
             if note:
                 notes.append(note)
             for row, source in zip(image_rows, sources):
