@@ -5,11 +5,15 @@ which preprocessing it used; the report prints that next to every figure.
 
 * CLIP (CLIP-T, CLIP-I, CLIP-I-fg/bg): transformers ``CLIPModel`` + its ``CLIPProcessor``.
 * DINOv2: transformers ``Dinov2Model``; the CLS token after the last layer norm (``pooler_output``).
-* Segmenter (foreground masks where the run has none): transformers ``CLIPSegForImageSegmentation``,
-  prompted with the image's character text; the paper used SAM.
-* Face detector: transformers ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face".
-* Face embedder: an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run with
-  onnxruntime (``pip install 'characonsist[eval]'``).
+* Segmenter (foreground masks where the run has none), as the paper: SAM (``segment.py``: transformers
+  ``SamModel``, default ``facebook/sam-vit-huge``) prompted with the ``Owlv2ForObjectDetection`` box of the
+  image's character text, the best of its three masks by predicted IoU; or ``CLIPSegForImageSegmentation``
+  prompted with the character text (``--segmenter clipseg``).
+* Face detector: transformers ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face"
+  (the paper used RetinaFace).
+* Face embedder, as the paper: FaceNet (``facenet.py``: Inception-ResNet-v1 with facenet-pytorch's VGGFace2
+  weights, written here); or an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run
+  with onnxruntime (``pip install 'characonsist[eval]'``).
 * DreamSim: the official ``dreamsim`` package and its checkpoints (``pip install dreamsim``; it needs
   torchvision, which this project does not install).
 """

@@ -6,8 +6,8 @@ detector already used for faces) queried with the image's character text, best b
 masks for the box and the one with the highest predicted IoU is kept (logits > 0, at the image's size). An image
 where OWLv2 finds no box above the threshold gets no mask, with a note: its pairs are left out of CLIP-I-fg/bg.
 
-Default size: ``facebook/sam-vit-huge``, SAM's own default model (``sam_model_registry["default"]`` is ViT-H) and
-the one its demo runs; the paper names no size. ``facebook/sam-vit-base`` is the quick choice
+Default size: ``facebook/sam-vit-huge``, SAM's own default model (``sam_model_registry["default"]`` is ViT-H in
+the segment-anything repository); the paper names no size. ``facebook/sam-vit-base`` is the quick choice
 (``--segmenter facebook/sam-vit-base``). CLIPSeg (``--segmenter clipseg``) stays available.
 """
 
