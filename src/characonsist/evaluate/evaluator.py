@@ -185,7 +185,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
         masked = keys & {"clip_i_fg", "clip_i_bg"}
         if masked:
             try:
-                masks, sources, how, note = _masks(run, group, images, config, bank)
+                masks, sources, how, mask_notes = _masks(run, group, images, config, bank)
             except ModelUnavailable as e:  # no masks for this group: CLIP-T and CLIP-I stand
                 for k in masked:
                     if info[k]["status"] == "ok":  # other groups had masks
@@ -193,8 +193,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
                     else:
                         info[k].update(status="skipped", reason=str(e))
                 return
-            if note:
-                notes.append(note)
+            notes.extend(mask_notes)
             for row, source in zip(image_rows, sources):
                 row["mask_source"] = source
             fill = fill_colour()
@@ -253,41 +252,39 @@ def _usable(mask) -> bool:
 
 
 def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBank):
-    """Foreground masks of a group, their source per image, and how they were made (for the report).
+    """Foreground masks of a group, their source per image, how they were made (for the report) and notes.
 
     ``auto`` takes the run's own masks when every image of the group has a usable one (not empty, not full),
     else the segmenter's for the whole group (so that a pair is never compared across two mask sources); where
     the segmenter cannot be had, the run's masks where present."""
     own = [method_mask(run, im, image.size) for im, image in zip(group.images, images)]
     own = [m if _usable(m) else None for m in own]
+    notes = []
     if config.masks == "auto" and not all(m is not None for m in own) and any(m is not None for m in own):
         lacking = [im.path for im, m in zip(group.images, own) if m is None]
-        note = (f"the run's own masks are missing or empty for {', '.join(lacking)}: the segmenter's "
-                           "masks are used for the whole group")
-    else:
-        note = None
+        notes.append(f"the run's own masks are missing or empty for {', '.join(lacking)}: the segmenter's "
+                     "masks are used for the whole group")
     if config.masks == "method" or (config.masks == "auto" and all(m is not None for m in own)):
-        return own, ["method" if m is not None else None for m in own], "the method's own (masks/*_mask.png)", note
+        return own, ["method" if m is not None else None for m in own], "the method's own (masks/*_mask.png)", notes
     try:
         segmenter = bank.get("segmenter")
     except ModelUnavailable:
         if config.masks == "model" or not any(m is not None for m in own):
             raise
-        return own, ["method" if m is not None else None for m in own], "the method's own where present", note
+        return own, ["method" if m is not None else None for m in own], "the method's own where present", notes
     texts = [im.character or im.prompt for im in group.images]
     if hasattr(segmenter, "segment"):
         made, why = segmenter.segment(images, texts)
     else:
         made, why = segmenter.masks(images, texts), [None] * len(images)
-    lines = [note] if note else []
     for im, m, reason in zip(group.images, made, why):
         if reason:
-            lines.append(f"{im.path}: {reason}")
+            notes.append(f"{im.path}: {reason}")
         elif m is not None and not _usable(m):
-            lines.append(f"{im.path}: the segmenter's mask is {'empty' if not m.any() else 'the whole image'}; "
+            notes.append(f"{im.path}: the segmenter's mask is {'empty' if not m.any() else 'the whole image'}; "
                          "left out of CLIP-I-fg/bg")
     made = [m if _usable(m) else None for m in made]
-    return made, ["model" if m is not None else None for m in made], segmenter.describe(), "; ".join(lines) or None
+    return made, ["model" if m is not None else None for m in made], segmenter.describe(), notes
 
 
 def _bar(progress: bool, total: int):
