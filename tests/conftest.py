@@ -41,6 +41,14 @@ def _keep_the_attention_backend():
     _AttentionBackendRegistry.set_active_backend(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_eval_models(tmp_path_factory):
+    """Tiny random models of every eval metric, saved like real ones (``characonsist.evaluate.tiny``); shared."""
+    from characonsist.evaluate.tiny import save_tiny_models
+
+    return save_tiny_models(tmp_path_factory.mktemp("tiny_eval_models"))
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A folder that passes the model checks (the fake engine never reads it)."""

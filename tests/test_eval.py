@@ -15,15 +15,14 @@ from characonsist.evaluate import EvalConfig, ModelBank, ModelUnavailable, evalu
 from characonsist.evaluate import metrics as M
 from characonsist.evaluate.models import ArcFaceOnnx, ClipModel, ClipSegSegmenter, Dinov2, Owlv2FaceDetector
 from characonsist.evaluate.runfolder import RunError, method_mask
-from characonsist.evaluate.tiny import save_tiny_models
 from characonsist.output import json_bytes, mask_visual, png_bytes
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return save_tiny_models(tmp_path_factory.mktemp("tiny_eval_models"))
+def tiny(tiny_eval_models):
+    return tiny_eval_models
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +32,8 @@ def bank(tiny):
 
 def config(tiny, **kw) -> EvalConfig:
     base = dict(clip=tiny["clip"], dinov2=tiny["dinov2"], segmenter=tiny["segmenter"],
-                face_detector=tiny["face_detector"], face_model=tiny["face_model"], dreamsim=None, device="cpu",
-                face_threshold=0.0)
+                box_detector=tiny["face_detector"], face_detector=tiny["face_detector"], face_model=tiny["face_model"],
+                dreamsim=None, device="cpu", face_threshold=0.0, box_threshold=0.0)
     return EvalConfig(**{**base, **kw})
 
 
@@ -91,11 +90,11 @@ def test_every_model_loads_from_its_saved_folder_and_scores_identical_images_one
     dino = Dinov2(tiny["dinov2"], "cpu")
     d = dino.embed_images([image, image, noise(2)])
     assert M.cosine(d[0], d[1]) == pytest.approx(1.0, abs=1e-6) and M.cosine(d[0], d[2]) < 0.9999
-    masks = ClipSegSegmenter(tiny["segmenter"], "cpu").masks([image, noise(3, 48)], ["a robot", "a cat"])
+    masks = ClipSegSegmenter(tiny["clipseg"], "cpu").masks([image, noise(3, 48)], ["a robot", "a cat"])
     assert masks[0].shape == (SIZE, SIZE) and masks[1].shape == (48, 48) and masks[0].dtype == bool
     boxes = Owlv2FaceDetector(tiny["face_detector"], "cpu", threshold=0.0).detect([image, image])
     assert boxes[0] == boxes[1]
-    arc = ArcFaceOnnx(tiny["face_model"], "cpu")
+    arc = ArcFaceOnnx(tiny["arcface"], "cpu")
     assert arc.size == (112, 112)
     e = arc.embed([image, image, noise(4)])
     assert e.shape == (3, 16) and M.cosine(e[0], e[1]) == pytest.approx(1.0, abs=1e-6)
@@ -106,7 +105,7 @@ def test_missing_onnxruntime_names_the_extra(tiny, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ModelUnavailable, match=r"characonsist\[eval\]"):
-        ArcFaceOnnx(tiny["face_model"], "cpu")
+        ArcFaceOnnx(tiny["arcface"], "cpu")
 
 
 def test_pairs_and_masking_functions():
@@ -250,7 +249,7 @@ def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     assert cli.main(["generate", str(story), "--model", "toy", "--out", str(run), "--steps", "2", "--save-masks",
                      "--quiet"]) == 0
     models = ["--clip", tiny["clip"], "--dinov2", tiny["dinov2"], "--segmenter", tiny["segmenter"],
-              "--face-detector", tiny["face_detector"], "--face-model", tiny["face_model"], "--device", "cpu", "--quiet"]
+              "--box-detector", tiny["face_detector"], "--box-threshold", "0", "--face-detector", tiny["face_detector"], "--face-model", tiny["face_model"], "--device", "cpu", "--quiet"]
     assert cli.main(["eval", str(run), *models]) == 0
     out = capsys.readouterr().out
     assert "overall (mean of groups)" in out and "CLIP-T" in out and "DreamSim: skipped" in out

@@ -18,6 +18,7 @@ from .metrics import METRICS, PAIR_MODES
 from .references import BENCHMARKS, references
 from .report import ReportError, check_ours, compare_html, compare_table, terminal_summary, text_table, write_report
 from .runfolder import RunError, read_run
+from .segment import ALIASES
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -42,13 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIP-T text: the prompt (default) or the caption (converted benchmarks hold the source prompt)")
     p.add_argument("--clip", default=d.clip, help="CLIP model (default: %(default)s)")
     p.add_argument("--dinov2", default=d.dinov2, help="DINOv2 model (default: %(default)s)")
-    p.add_argument("--segmenter", default=d.segmenter, help="CLIPSeg model for masks (default: %(default)s)")
+    p.add_argument("--segmenter", default=d.segmenter,
+                   help=f"masks where the run has none: sam ({ALIASES['sam']}, prompted with the --box-detector box), "
+                        f"clipseg ({ALIASES['clipseg']}), or a SAM or CLIPSeg hub id or folder (default: %(default)s)")
+    p.add_argument("--box-detector", default=d.box_detector,
+                   help="OWLv2 model giving SAM its box, queried with the character text (default: %(default)s)")
     p.add_argument("--face-detector", default=d.face_detector, help="OWLv2 model (default: %(default)s)")
     p.add_argument("--face-model", default=d.face_model,
-                   help="ArcFace ONNX file, folder with one, or owner/repo:file (needs the eval extra)")
+                   help="face embedder: facenet (facenet-pytorch's VGGFace2 weights, downloaded once), a URL or .pt "
+                        "file of them, or an ArcFace .onnx file, folder with one, or owner/repo:file (needs the "
+                        "eval extra) (default: %(default)s)")
     p.add_argument("--dreamsim", default=d.dreamsim, help="DreamSim type of the official package (default: %(default)s)")
     p.add_argument("--dreamsim-cache", help="DreamSim checkpoint folder (default: HF_HOME/dreamsim)")
     p.add_argument("--seg-threshold", type=float, default=d.seg_threshold, help="CLIPSeg probability threshold")
+    p.add_argument("--box-threshold", type=float, default=d.box_threshold,
+                   help="OWLv2 score threshold for SAM's character box (default: %(default)s)")
     p.add_argument("--face-threshold", type=float, default=d.face_threshold, help="OWLv2 face score threshold")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,7 +81,8 @@ def config_from(args) -> EvalConfig:
     none = lambda v: None if v is None or str(v).lower() == "none" else v  # noqa: E731
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     return EvalConfig(clip=none(args.clip), dinov2=none(args.dinov2), segmenter=none(args.segmenter),
-                      face_detector=none(args.face_detector), face_model=none(args.face_model),
+                      box_detector=none(args.box_detector), face_detector=none(args.face_detector),
+                      face_model=none(args.face_model), box_threshold=args.box_threshold,
                       dreamsim=none(args.dreamsim), dreamsim_cache=args.dreamsim_cache, device=args.device,
                       pairs=args.pairs, masks=args.masks, text=args.text, seg_threshold=args.seg_threshold,
                       face_threshold=args.face_threshold, metrics=metrics)

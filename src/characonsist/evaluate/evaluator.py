@@ -11,14 +11,15 @@ from . import metrics as M
 from .models import (
     ArcFaceOnnx,
     ClipModel,
-    ClipSegSegmenter,
     Dinov2,
     DreamSim,
     ModelUnavailable,
+    Owlv2Detector,
     Owlv2FaceDetector,
     fill_colour,
 )
 from .runfolder import EvalGroup, Run, method_mask
+from .segment import load_segmenter
 
 EVAL_FORMAT = "characonsist-eval/1"
 MASK_MODES = ("auto", "method", "model")
@@ -31,9 +32,10 @@ class EvalConfig:
 
     clip: str | None = "openai/clip-vit-large-patch14"
     dinov2: str | None = "facebook/dinov2-base"
-    segmenter: str | None = "CIDAS/clipseg-rd64-refined"
+    segmenter: str | None = "sam"          # SAM or CLIPSeg: the aliases sam / clipseg (segment.ALIASES), hub id, folder
+    box_detector: str | None = "google/owlv2-base-patch16-ensemble"  # SAM's box prompt (character text query)
     face_detector: str | None = "google/owlv2-base-patch16-ensemble"
-    face_model: str | None = None          # ArcFace ONNX: a file, a folder with one, or owner/repo:file
+    face_model: str | None = "facenet"     # FaceNet (alias, URL or .pt) or ArcFace ONNX (.onnx, folder, owner/repo:file)
     dreamsim: str | None = "ensemble"      # dreamsim_type of the official package
     dreamsim_cache: str | None = None
     device: str = "auto"
@@ -41,6 +43,7 @@ class EvalConfig:
     masks: str = "auto"                    # auto: the run's own masks where every image has one, else the segmenter
     text: str = "prompt"                   # CLIP-T text: the prompt, or the caption where there is one
     seg_threshold: float = 0.4
+    box_threshold: float = 0.1
     face_threshold: float = 0.3
     metrics: tuple[str, ...] = tuple(M.METRICS)
 
@@ -78,21 +81,23 @@ class ModelBank:
     def _build(self, kind: str):
         c = self.config
         name = {"clip": c.clip, "dinov2": c.dinov2, "segmenter": c.segmenter, "face_detector": c.face_detector,
-                "face_model": c.face_model, "dreamsim": c.dreamsim}[kind]
+                "box_detector": c.box_detector, "face_model": c.face_model, "dreamsim": c.dreamsim}[kind]
         if not name or str(name).lower() == "none":
-            hint = ("pass --face-model: an ArcFace ONNX file (e.g. insightface's buffalo_l w600k_r50.onnx)"
-                    if kind == "face_model" else f"switched off (--{kind.replace('_', '-')} none)")
-            raise ModelUnavailable(f"no {kind.replace('_', ' ')}: {hint}")
+            raise ModelUnavailable(f"no {kind.replace('_', ' ')}: switched off (--{kind.replace('_', '-')} none)")
         if kind == "clip":
             return ClipModel(name, c.device)
         if kind == "dinov2":
             return Dinov2(name, c.device)
         if kind == "segmenter":
-            return ClipSegSegmenter(name, c.device, c.seg_threshold)
+            return load_segmenter(name, c.device, c.seg_threshold, lambda: self.get("box_detector"), c.box_threshold)
         if kind == "face_detector":
             return Owlv2FaceDetector(name, c.device, c.face_threshold)
+        if kind == "box_detector":  # one OWLv2 in memory when faces and boxes use the same model
+            return self.get("face_detector") if name == c.face_detector else Owlv2Detector(name, c.device)
         if kind == "face_model":
-            return ArcFaceOnnx(name, c.device)
+            from .facenet import FaceNet, is_facenet_source
+
+            return FaceNet(name, c.device) if is_facenet_source(name) else ArcFaceOnnx(name, c.device)
         return DreamSim(name, c.dreamsim_cache, c.device)
 
 
@@ -179,9 +184,16 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
             record("clip_i", per_pair=M.pair_similarity(emb, index_pairs))
         masked = keys & {"clip_i_fg", "clip_i_bg"}
         if masked:
-            masks, sources, how, note = _masks(run, group, images, config, bank)
-            if note:
-                notes.append(note)
+            try:
+                masks, sources, how, mask_notes = _masks(run, group, images, config, bank)
+            except ModelUnavailable as e:  # no masks for this group: CLIP-T and CLIP-I stand
+                for k in masked:
+                    if info[k]["status"] == "ok":  # other groups had masks
+                        notes.append(f"{info[k]['label']} not computed: {e}")
+                    else:
+                        info[k].update(status="skipped", reason=str(e))
+                return
+            notes.extend(mask_notes)
             for row, source in zip(image_rows, sources):
                 row["mask_source"] = source
             fill = fill_colour()
@@ -211,7 +223,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
 
     def faces(keys):
         detector, embedder = bank.get("face_detector"), bank.get("face_model")
-        info["id_sim"].update(model=f"detector: {detector.describe()}; embedder: ArcFace ONNX {embedder.file.name}",
+        info["id_sim"].update(model=f"detector: {detector.describe()}; embedder: {embedder.label}",
                               preprocessing=embedder.describe())
         boxes = detector.detect(images)
         embs = [None] * len(images)
@@ -240,30 +252,39 @@ def _usable(mask) -> bool:
 
 
 def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBank):
-    """Foreground masks of a group, their source per image, and how they were made (for the report).
+    """Foreground masks of a group, their source per image, how they were made (for the report) and notes.
 
     ``auto`` takes the run's own masks when every image of the group has a usable one (not empty, not full),
     else the segmenter's for the whole group (so that a pair is never compared across two mask sources); where
     the segmenter cannot be had, the run's masks where present."""
     own = [method_mask(run, im, image.size) for im, image in zip(group.images, images)]
     own = [m if _usable(m) else None for m in own]
+    notes = []
     if config.masks == "auto" and not all(m is not None for m in own) and any(m is not None for m in own):
         lacking = [im.path for im, m in zip(group.images, own) if m is None]
-        note = (f"the run's own masks are missing or empty for {', '.join(lacking)}: the segmenter's "
-                           "masks are used for the whole group")
-    else:
-        note = None
+        notes.append(f"the run's own masks are missing or empty for {', '.join(lacking)}: the segmenter's "
+                     "masks are used for the whole group")
     if config.masks == "method" or (config.masks == "auto" and all(m is not None for m in own)):
-        return own, ["method" if m is not None else None for m in own], "the method's own (masks/*_mask.png)", note
+        return own, ["method" if m is not None else None for m in own], "the method's own (masks/*_mask.png)", notes
     try:
         segmenter = bank.get("segmenter")
     except ModelUnavailable:
         if config.masks == "model" or not any(m is not None for m in own):
             raise
-        return own, ["method" if m is not None else None for m in own], "the method's own where present", note
-    made = segmenter.masks(images, [im.character or im.prompt for im in group.images])
+        return own, ["method" if m is not None else None for m in own], "the method's own where present", notes
+    texts = [im.character or im.prompt for im in group.images]
+    if hasattr(segmenter, "segment"):
+        made, why = segmenter.segment(images, texts)
+    else:
+        made, why = segmenter.masks(images, texts), [None] * len(images)
+    for im, m, reason in zip(group.images, made, why):
+        if reason:
+            notes.append(f"{im.path}: {reason}")
+        elif m is not None and not _usable(m):
+            notes.append(f"{im.path}: the segmenter's mask is {'empty' if not m.any() else 'the whole image'}; "
+                         "left out of CLIP-I-fg/bg")
     made = [m if _usable(m) else None for m in made]
-    return made, ["model" if m is not None else None for m in made], segmenter.describe(), note
+    return made, ["model" if m is not None else None for m in made], segmenter.describe(), notes
 
 
 def _bar(progress: bool, total: int):

@@ -5,11 +5,15 @@ which preprocessing it used; the report prints that next to every figure.
 
 * CLIP (CLIP-T, CLIP-I, CLIP-I-fg/bg): transformers ``CLIPModel`` + its ``CLIPProcessor``.
 * DINOv2: transformers ``Dinov2Model``; the CLS token after the last layer norm (``pooler_output``).
-* Segmenter (foreground masks where the run has none): transformers ``CLIPSegForImageSegmentation``,
-  prompted with the image's character text; the paper used SAM.
-* Face detector: transformers ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face".
-* Face embedder: an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run with
-  onnxruntime (``pip install 'characonsist[eval]'``).
+* Segmenter (foreground masks where the run has none), as the paper: SAM (``segment.py``: transformers
+  ``SamModel``, default ``facebook/sam-vit-huge``) prompted with the ``Owlv2ForObjectDetection`` box of the
+  image's character text, the best of its three masks by predicted IoU; or ``CLIPSegForImageSegmentation``
+  prompted with the character text (``--segmenter clipseg``).
+* Face detector: transformers ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face"
+  (the paper used RetinaFace).
+* Face embedder, as the paper: FaceNet (``facenet.py``: Inception-ResNet-v1 with facenet-pytorch's VGGFace2
+  weights, written here); or an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run
+  with onnxruntime (``pip install 'characonsist[eval]'``).
 * DreamSim: the official ``dreamsim`` package and its checkpoints (``pip install dreamsim``; it needs
   torchvision, which this project does not install).
 """
@@ -192,35 +196,31 @@ class ClipSegSegmenter(_Torch):
         return out
 
 
-class Owlv2FaceDetector(_Torch):
-    """The best-scoring box for a face query (OWLv2, zero-shot), or None below the threshold."""
+class Owlv2Detector(_Torch):
+    """OWLv2 zero-shot detection: per image, the best-scoring box for a text query, or None below a threshold."""
 
-    QUERY = "a photo of a human face"
-
-    def __init__(self, name: str, device: str = "auto", threshold: float = 0.3):
+    def __init__(self, name: str, device: str = "auto"):
         super().__init__(device)
         from transformers import AutoProcessor, Owlv2ForObjectDetection
 
         with _quiet():
             self.model = _load(Owlv2ForObjectDetection, name, "OWLv2 detector").eval().to(self.device)
             self.processor = _load(AutoProcessor, name, "OWLv2 processor")
-        self.name, self.threshold = name, threshold
+        self.name = name
 
-    def describe(self) -> str:
-        return (f"Owlv2ForObjectDetection {self.name}, query {self.QUERY!r}, best box with score >= {self.threshold} "
-                f"({_describe_processor(self.processor)})")
-
-    def detect(self, images) -> list[tuple[float, float, float, float, float] | None]:
-        """Per image ``(x0, y0, x1, y1, score)`` in pixels, or None."""
+    def best_boxes(self, images, queries, threshold: float) -> list[tuple[float, float, float, float, float] | None]:
+        """Per image ``(x0, y0, x1, y1, score)`` in pixels for its query (truncated to the text model's length), or
+        None when the best score is below ``threshold``; ``last_scores`` keeps each image's best score."""
         images = list(images)
-        batch = self.processor(text=[[self.QUERY]] * len(images), images=images, return_tensors="pt")
+        batch = self.processor(text=[[q] for q in queries], images=images, truncation=True, return_tensors="pt")
         out = self._run(self.model, **batch)
         scores = out.logits.max(dim=-1).values.sigmoid().float().cpu().numpy()
         boxes = out.pred_boxes.float().cpu().numpy()
-        found = []
+        found, self.last_scores = [], []
         for image, s, b in zip(images, scores, boxes):
             k = int(np.argmax(s))
-            if s[k] < self.threshold:
+            self.last_scores.append(float(s[k]))
+            if s[k] < threshold:
                 found.append(None)
                 continue
             side = max(image.width, image.height)  # OWLv2 pads to a square (bottom, right) before resizing
@@ -229,6 +229,25 @@ class Owlv2FaceDetector(_Torch):
             x1, y1 = min(float(image.width), cx + w / 2), min(float(image.height), cy + h / 2)
             found.append((x0, y0, x1, y1, float(s[k])) if x1 - x0 >= 2 and y1 - y0 >= 2 else None)
         return found
+
+
+class Owlv2FaceDetector(Owlv2Detector):
+    """The best-scoring box for a face query (OWLv2, zero-shot), or None below the threshold."""
+
+    QUERY = "a photo of a human face"
+
+    def __init__(self, name: str, device: str = "auto", threshold: float = 0.3):
+        super().__init__(name, device)
+        self.threshold = threshold
+
+    def describe(self) -> str:
+        return (f"Owlv2ForObjectDetection {self.name}, query {self.QUERY!r}, best box with score >= {self.threshold} "
+                f"({_describe_processor(self.processor)})")
+
+    def detect(self, images) -> list[tuple[float, float, float, float, float] | None]:
+        """Per image ``(x0, y0, x1, y1, score)`` in pixels, or None."""
+        images = list(images)
+        return self.best_boxes(images, [self.QUERY] * len(images), self.threshold)
 
 
 class ArcFaceOnnx:
@@ -250,6 +269,7 @@ class ArcFaceOnnx:
         shape = self.session.get_inputs()[0].shape
         self.size = tuple(int(d) if isinstance(d, int) else 112 for d in shape[2:4]) if len(shape) == 4 else (112, 112)
         self.file, self.margin = file, 0.2
+        self.label = f"ArcFace ONNX {file.name}"
 
     def describe(self) -> str:
         return (f"ArcFace ONNX {self.file.name} (onnxruntime): square crop of the face box with {self.margin:.0%} "

@@ -1,8 +1,11 @@
 """Tiny random models for every metric, built from configs and saved like the real ones (tests, offline demos).
 
-``save_tiny_models(folder)`` writes ``clip/``, ``dinov2/``, ``clipseg/``, ``owlv2/`` (transformers folders with
-their processors, loadable by ``from_pretrained``) and ``arcface.onnx`` (an ArcFace-shaped ONNX graph: NCHW
-112x112 RGB in, a 16-d embedding out). Their scores mean nothing; they exercise the real loading and scoring code.
+``save_tiny_models(folder)`` writes ``clip/``, ``dinov2/``, ``sam/``, ``clipseg/``, ``owlv2/`` (transformers
+folders with their processors, loadable by ``from_pretrained``), ``facenet.pt`` (a narrow, shallow
+Inception-ResNet-v1 state dict with facenet-pytorch's key names) and ``arcface.onnx`` (an ArcFace-shaped ONNX graph:
+NCHW 112x112 RGB in, a 16-d embedding out). Their scores mean nothing; they exercise the real loading and scoring
+code. Keys of the returned dict: ``segmenter`` is SAM and ``face_model`` FaceNet (the defaults), ``clipseg`` and
+``arcface`` the alternatives.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
         Owlv2ForObjectDetection,
         Owlv2ImageProcessor,
         Owlv2Processor,
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
         ViTImageProcessor,
     )
 
@@ -78,16 +85,52 @@ def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
     processor = CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32},
                                                                    image_mean=list(CLIP_MEAN), image_std=list(clip_std)),
                                  tokenizer=tok)
-    paths["segmenter"] = _save(seg, processor, folder / "clipseg")
+    paths["clipseg"] = _save(seg, processor, folder / "clipseg")
+
+    sam = SamModel(SamConfig(
+        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                           patch_size=8, window_size=4, global_attn_indexes=[1], num_pos_feats=8, mlp_dim=32,
+                           initializer_range=0.02),  # the default 1e-10 makes image embeddings ~0
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_attention_heads=2, iou_head_hidden_dim=16)))
+    processor = SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+                                               mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16}))
+    paths["segmenter"] = _save(sam, processor, folder / "sam")
 
     owl_tok = _tokenizer(16)
     owl = Owlv2ForObjectDetection(Owlv2Config(text_config=_text_config(owl_tok, 16), vision_config=_vision_config(48),
                                               projection_dim=32))
+    with torch.no_grad():  # boxes = the grid's prior boxes (a random box head predicts mostly degenerate ones)
+        owl.box_head.dense2.weight.zero_()
+        owl.box_head.dense2.bias.zero_()
     processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 32, "width": 32}), tokenizer=owl_tok)
     paths["face_detector"] = _save(owl, processor, folder / "owlv2")
 
-    paths["face_model"] = str(save_tiny_arcface(folder / "arcface.onnx", seed))
+    paths["face_model"] = str(save_tiny_facenet(folder / "facenet.pt", seed))
+    paths["arcface"] = str(save_tiny_arcface(folder / "arcface.onnx", seed))
     return paths
+
+
+def save_tiny_facenet(path: str | Path, seed: int = 0, divisor: int = 8, depths=(1, 1, 1), dim: int = 32) -> Path:
+    """A random ``InceptionResnetV1`` (widths / ``divisor``, ``depths`` blocks, ``dim``-d) saved as a state dict in
+    facenet-pytorch's layout. Its batch-norm statistics are those of a batch of random faces (so that activations keep
+    their scale through the net and different faces get different embeddings)."""
+    import torch
+
+    from .facenet import CROP, InceptionResnetV1
+
+    torch.manual_seed(seed)
+    net = InceptionResnetV1(divisor=divisor, depths=tuple(depths), dim=dim)
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the calibration batch
+    with torch.no_grad():
+        net.train()(torch.randn(8, 3, CROP, CROP))
+    net.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def _save(model, processor, path: Path) -> str:
