@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-detector", default=d.face_detector, help="OWLv2 model (default: %(default)s)")
     p.add_argument("--face-model", default=d.face_model,
                    help="ArcFace ONNX file, folder with one, or owner/repo:file (needs the eval extra)")
-    p.add_argument("--dreamsim", default=d.dreamsim, help="DreamSim type of the official package (default: %(default)s)")
-    p.add_argument("--dreamsim-cache", help="DreamSim checkpoint folder (default: HF_HOME/dreamsim)")
+    p.add_argument("--dreamsim", default=d.dreamsim,
+                   help="DreamSim type of the official package: ensemble, dino_vitb16, clip_vitb32, open_clip_vitb32 "
+                        "(default: %(default)s)")
+    p.add_argument("--dreamsim-cache", help="the dreamsim package's checkpoint folder (default: ./models when it "
+                                            "holds the type's files, else HF_HOME/dreamsim; missing files download)")
     p.add_argument("--seg-threshold", type=float, default=d.seg_threshold, help="CLIPSeg probability threshold")
     p.add_argument("--face-threshold", type=float, default=d.face_threshold, help="OWLv2 face score threshold")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
