@@ -7,12 +7,14 @@ dreamsim_type=...)`` and with ``characonsist.evaluate.dreamsim.load_dreamsim``, 
 embeddings and distances on a few images. It also reports how far the LoRA moves the package's embeddings (so
 the differences have a scale). Needs a venv with torch + torchvision + ``dreamsim`` (not the project's):
 
-    PYTHONPATH=src /work/venv-ref/bin/python bench/dreamsim_reference.py --dino-repo /path/to/facebookresearch/dino
+    PYTHONPATH=src /work/venv-ref/bin/python bench/dreamsim_reference.py --dino-repo /path/to/facebookresearch/dino \
+        --dinov2-repo /path/to/facebookresearch/dinov2
 
 ``--dino-repo``: a checkout of facebookresearch/dino, installed as torch.hub's cached ``facebookresearch_dino_main``
 so the package's ``torch.hub.load('facebookresearch/dino:main', ...)`` runs offline; without it, torch.hub.load
 is replaced by the package's own copy of DINO's ViT (``feature_extraction/vision_transformer.py``) loading the
-same checkpoint file. Output: a table and ``--json``.
+same checkpoint file. ``--dinov2-repo``: likewise for facebookresearch/dinov2 (``dinov2_vitb14`` needs it; it also
+builds DINOv2's ViT for the random weights). Output: a table and ``--json``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TYPES = ("ensemble", "dino_vitb16", "clip_vitb32", "open_clip_vitb32")
+TYPES = ("ensemble", "dino_vitb16", "clip_vitb32", "open_clip_vitb32", "dinov2_vitb14")
 LORA = {"ensemble": (16, 8.0), "single": (16, 32.0)}   # r, lora_alpha of configs/train_*_lora.yaml
 
 
@@ -37,7 +39,7 @@ def randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             norm = ("norm" in name or "pos_drop" in name) and p.ndim == 1 and name.endswith("weight")
-            p.copy_(1 + 0.1 * noise if norm else 0.02 * noise)
+            p.copy_(1 + 0.1 * noise if norm or name.endswith(".gamma") else 0.02 * noise)
 
 
 def write_backbones(kind: str, cache: Path, gen: torch.Generator) -> None:
@@ -47,7 +49,15 @@ def write_backbones(kind: str, cache: Path, gen: torch.Generator) -> None:
     for name in dreamsim_args["model_config"][kind]["model_type"].split(","):
         patch = int(name[-2:])
         vit = vit_base(patch_size=patch)
-        if name.startswith("dino"):
+        if name.startswith("dinov2"):   # DINOv2's own ViT (its hub code, layer scale, 37x37 positions)
+            from dinov2.hub.backbones import dinov2_vitb14
+
+            vit = dinov2_vitb14(pretrained=False)
+            randomize(vit, gen)
+            (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
+            torch.save(vit.state_dict(), cache / "checkpoints" / "dinov2_vitb14_pretrain.pth")
+            torch.save(vit.state_dict(), cache / "dinov2_vitb14_pretrain.pth")   # the package checks it is there
+        elif name.startswith("dino"):
             randomize(vit, gen)
             (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
             torch.save(vit.state_dict(), cache / "checkpoints" / "dino_vitbase16_pretrain.pth")
@@ -96,7 +106,8 @@ def images():
             Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).convert("L")]
 
 
-def compare(kind: str, root: Path, dino_repo: Path | None, seed: int, safetensors: bool) -> dict:
+def compare(kind: str, root: Path, dino_repo: Path | None, dinov2_repo: Path | None, seed: int,
+            safetensors: bool) -> dict:
     import dreamsim
 
     from characonsist.evaluate.dreamsim import load_dreamsim
@@ -104,10 +115,10 @@ def compare(kind: str, root: Path, dino_repo: Path | None, seed: int, safetensor
     cache = root / kind
     cache.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
-    if "dino" in kind or kind == "ensemble":
-        if dino_repo:
-            shutil.copytree(dino_repo, cache / "facebookresearch_dino_main",
-                            ignore=shutil.ignore_patterns(".git"))
+    if kind == "dinov2_vitb14":
+        shutil.copytree(dinov2_repo, cache / "facebookresearch_dinov2_main", ignore=shutil.ignore_patterns(".git"))
+    elif ("dino" in kind or kind == "ensemble") and dino_repo:
+        shutil.copytree(dino_repo, cache / "facebookresearch_dino_main", ignore=shutil.ignore_patterns(".git"))
     write_backbones(kind, cache, gen)
     write_adapter(kind, cache, gen, safetensors)
 
@@ -144,6 +155,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--types", default=",".join(TYPES))
     p.add_argument("--dino-repo", type=Path, help="a checkout of facebookresearch/dino (torch.hub's cached repo)")
+    p.add_argument("--dinov2-repo", type=Path, help="a checkout of facebookresearch/dinov2 (for dinov2_vitb14; "
+                                                   "without it that type is left out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -151,17 +164,30 @@ def main(argv=None) -> int:
     if args.dino_repo is None:
         from dreamsim.feature_extraction.vision_transformer import vit_base
 
-        def hub_load(repo, name, **_):   # DINO's hubconf: vit_base(patch 16), the checkpoint from torch.hub's folder
+        hub_load_original = torch.hub.load
+
+        def hub_load(repo, name, **kw):   # DINO's hubconf: vit_base(patch 16), the checkpoint from torch.hub's folder
+            if "dinov2" in repo:
+                return hub_load_original(repo, name, **kw)
             model = vit_base(patch_size=16, num_classes=0)
             model.load_state_dict(torch.load(Path(torch.hub.get_dir()) / "checkpoints" /
                                              "dino_vitbase16_pretrain.pth", weights_only=True), strict=True)
             return model
 
         torch.hub.load = hub_load
+    kinds = args.types.split(",")
+    if "dinov2_vitb14" in kinds and args.dinov2_repo is None:
+        print("dinov2_vitb14 left out: pass --dinov2-repo")
+        kinds.remove("dinov2_vitb14")
+    if args.dinov2_repo:
+        import sys
+
+        sys.path.insert(0, str(args.dinov2_repo))   # to build DINOv2's ViT for the random weights
     rows = []
     with tempfile.TemporaryDirectory(prefix="dreamsim_ref_") as tmp:
-        for k, kind in enumerate(args.types.split(",")):
-            rows.append(compare(kind, Path(tmp), args.dino_repo, args.seed + k, safetensors=kind != "ensemble"))
+        for k, kind in enumerate(kinds):
+            rows.append(compare(kind, Path(tmp), args.dino_repo, args.dinov2_repo, args.seed + k,
+                                safetensors=kind != "ensemble"))
             r = rows[-1]
             print(f"{kind:18s} dim {r['embedding_dim']:5d}  pixels {r['pixels_max_abs_diff']:.1e}  embedding "
                   f"{r['embedding_max_abs_diff']:.2e}  distance {r['distance_max_abs_diff']:.2e}  (LoRA moves the "

@@ -45,6 +45,7 @@ HEAD_DIM = 64  # every backbone here (ViT-B: 768 / 12 heads; ViT-L: 1024 / 16)
 
 RELEASES = "https://github.com/ssundaram21/dreamsim/releases/download"
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
 
 
 @dataclass(frozen=True)
@@ -52,21 +53,22 @@ class Backbone:
     """One ViT of DreamSim: its checkpoint file (relative to the cache folder) and how it was trained."""
 
     file: str
-    family: str                 # dino | clip | open_clip
+    family: str                 # dino | dinov2 | clip | open_clip
     feature: str                # cls (last block's CLS token) | embedding (final norm, CLS, projection)
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        return (IMAGENET_MEAN, IMAGENET_STD) if self.family == "dino" else (CLIP_MEAN, CLIP_STD)
+        return (IMAGENET_MEAN, IMAGENET_STD) if self.family.startswith("dino") else (CLIP_MEAN, CLIP_STD)
 
     @property
     def clip_layout(self) -> bool:
         """CLIP weights converted to DINO's layout: ``ln_pre`` stored as ``pos_drop``, a ``proj`` matrix."""
-        return self.family != "dino"
+        return not self.family.startswith("dino")
 
 
 BACKBONES = {
     "dino_vitb16": Backbone("checkpoints/dino_vitbase16_pretrain.pth", "dino", "cls"),
+    "dinov2_vitb14": Backbone("checkpoints/dinov2_vitb14_pretrain.pth", "dinov2", "cls"),
     "clip_vitb16": Backbone("clip_vitb16_pretrain.pth.tar", "clip", "embedding"),
     "clip_vitb32": Backbone("clip_vitb32_pretrain.pth.tar", "clip", "embedding"),
     "open_clip_vitb16": Backbone("open_clip_vitb16_pretrain.pth.tar", "open_clip", "embedding"),
@@ -92,9 +94,13 @@ TYPES = {
                                 f"{RELEASES}/v0.2.0-checkpoints/dreamsim_clip_vitb32_checkpoint.zip"),
     "open_clip_vitb32": DreamSimType(("open_clip_vitb32",), "open_clip_vitb32_single_lora",
                                      f"{RELEASES}/v0.2.0-checkpoints/dreamsim_open_clip_vitb32_checkpoint.zip"),
+    "dinov2_vitb14": DreamSimType(("dinov2_vitb14",), "dinov2_vitb14_single_lora",
+                                  f"{RELEASES}/v0.2.1-checkpoints/dreamsim_dinov2_vitb14_checkpoint.zip"),
 }
-# DINO's backbone is not in the zips: the package gets it through torch.hub (facebookresearch/dino, hubconf.py)
-EXTRA_URLS = {"checkpoints/dino_vitbase16_pretrain.pth": DINO_URL}
+# DINO's and DINOv2's backbones: the package gets them through torch.hub (facebookresearch/dino and /dinov2), whose
+# hubconf downloads these files into torch.hub's folder (set to the cache folder), ``checkpoints/``
+EXTRA_URLS = {"checkpoints/dino_vitbase16_pretrain.pth": DINO_URL,
+              "checkpoints/dinov2_vitb14_pretrain.pth": DINOV2_URL}
 
 
 # ----------------------------------------------------------------------------------------------------- the ViT
@@ -129,19 +135,31 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+class LayerScale(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
 
-    def __init__(self, width: int, heads: int, hidden: int, eps: float, quick_gelu: bool):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (DINOv2: each branch times
+    a learned per-channel scale, ``ls1`` / ``ls2``)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, eps: float, quick_gelu: bool, layer_scale: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
+        self.ls1 = LayerScale(width) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, hidden, quick_gelu)
+        self.ls2 = LayerScale(width) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -160,18 +178,17 @@ class DreamSimViT(nn.Module):
                  proj_dim: int | None = None):
         super().__init__()
         self.backbone = backbone
-        eps = 1e-6 if backbone.family == "dino" else 1e-5
+        eps = 1e-6 if backbone.family in ("dino", "dinov2") else 1e-5
+        layer_scale = backbone.family == "dinov2"
         heads = max(1, width // HEAD_DIM)
         self.patch_embed = PatchEmbed(width, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, width))
         self.ln_pre = nn.LayerNorm(width, eps=eps) if backbone.clip_layout else None
-        self.blocks = nn.ModuleList(Block(width, heads, hidden, eps, backbone.family == "clip") for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, hidden, eps, backbone.family == "clip", layer_scale)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(torch.zeros(width, proj_dim)) if proj_dim else None
-        mean, std = backbone.mean_std
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -179,7 +196,9 @@ class DreamSimViT(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels``: (N, 3, 224, 224) in [0, 1] -> (N, out_dim) features (not normalised)."""
-        x = self.patch_embed((pixels - self.mean) / self.std)
+        mean, std = (torch.tensor(v, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+                     for v in self.backbone.mean_std)
+        x = self.patch_embed((pixels - mean) / std)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
         if x.shape[1] != self.pos_embed.shape[1]:
             raise ValueError(f"{x.shape[1]} tokens for {self.pos_embed.shape[1]} position embeddings")
@@ -209,24 +228,44 @@ def native_to_official(state: dict) -> dict:
 def build_vit(name: str, state: dict, where: str) -> DreamSimViT:
     """A backbone sized from its checkpoint ``state`` (native names; ``proj`` included for CLIP layouts)."""
     backbone = BACKBONES[name]
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items() if k != "mask_token"}
+    # (DINOv2's mask_token is for training only)
     try:
         width = state["cls_token"].shape[-1]
         patch = state["patch_embed.proj.weight"].shape[-1]
-        tokens = state["pos_embed"].shape[1]
         depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
         hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
         proj_dim = state["proj"].shape[1] if backbone.clip_layout else None
+        pos = state["pos_embed"]
     except (KeyError, ValueError, IndexError) as e:
         raise ModelUnavailable(f"{where}: not a {name} checkpoint of the DreamSim package (missing {e})") from None
-    if (IMAGE_SIZE // patch) ** 2 + 1 != tokens:
-        raise ModelUnavailable(f"{where}: {tokens} position embeddings do not fit a {IMAGE_SIZE}x{IMAGE_SIZE} "
-                                  f"image in {patch}x{patch} patches")
-    vit = DreamSimViT(backbone, width, depth, patch, hidden, tokens, proj_dim)
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    grid = IMAGE_SIZE // patch
+    if pos.shape[1] != grid * grid + 1:
+        if backbone.family != "dinov2":
+            raise ModelUnavailable(f"{where}: {pos.shape[1]} position embeddings do not fit a {IMAGE_SIZE}x"
+                                   f"{IMAGE_SIZE} image in {patch}x{patch} patches")
+        state["pos_embed"] = dinov2_positions(pos, grid)
+    with torch.device("meta"):
+        vit = DreamSimViT(backbone, width, depth, patch, hidden, grid * grid + 1, proj_dim)
+    missing, unexpected = vit.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ModelUnavailable(f"{where}: does not match the {name} backbone (missing {missing[:4]}, "
-                                  f"unexpected {unexpected[:4]})")
+                               f"unexpected {unexpected[:4]})")
     return vit
+
+
+def dinov2_positions(pos: torch.Tensor, grid: int, offset: float = 0.1) -> torch.Tensor:
+    """DINOv2's position embeddings for a ``grid`` x ``grid`` patch grid, resized as its hub model does at run time
+    (``interpolate_pos_encoding``: bicubic, no antialiasing, scale factor ``(grid + 0.1) / side``)."""
+    side = math.isqrt(pos.shape[1] - 1)
+    patches = pos[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    scale = (grid + offset) / side
+    patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if patches.shape[-2:] != (grid, grid):
+        raise ModelUnavailable(f"DINOv2 position embeddings: {side}x{side} resized to {tuple(patches.shape[-2:])}, "
+                               f"not {grid}x{grid}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    return torch.cat([pos[:, :1].float(), patches], dim=1).to(pos.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- the full model

@@ -130,7 +130,8 @@ def save_tiny_dreamsim(folder: str | Path, kind: str = "ensemble", seed: int = 0
                        patch: int = 32, proj_dim: int = 24, rank: int = 4, lora_alpha: float = 2.0,
                        lora_scale: float = 0.05) -> Path:
     """DreamSim's cache layout for ``kind`` with tiny random ViTs (``width // 64`` heads, 224x224 input in
-    ``patch``-pixel patches): DINO's backbone as a plain state dict in ``checkpoints/``, CLIP/OpenCLIP as
+    ``patch``-pixel patches): DINO's (DINOv2's, with a larger position grid) backbone as a plain state dict in
+    ``checkpoints/``, CLIP/OpenCLIP as
     ``{'state_dict': ..., 'proj'}`` files, and a peft LoRA adapter on every ``qkv`` (``adapter_config.json`` +
     ``adapter_model.safetensors``, keys as peft saves them for the package's model). ``lora_scale=0`` writes a zero
     adapter."""
@@ -154,6 +155,10 @@ def save_tiny_dreamsim(folder: str | Path, kind: str = "ensemble", seed: int = 0
             noise = torch.randn(value.shape, generator=gen)
             is_norm_weight = value.ndim == 1 and key.endswith("weight") and "norm" in key or key.startswith("ln_pre.w")
             state[key] = 1 + 0.1 * noise if is_norm_weight else 0.05 * noise
+        if backbone.family == "dinov2":  # as the hub model: positions for a larger grid, resized at load
+            side = IMAGE_SIZE // patch + 2
+            state["pos_embed"] = 0.05 * torch.randn(1, side * side + 1, width, generator=gen)
+            state["mask_token"] = torch.zeros(1, width)
         state = native_to_official(state)
         path = folder / backbone.file
         path.parent.mkdir(parents=True, exist_ok=True)
