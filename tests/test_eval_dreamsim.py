@@ -186,3 +186,27 @@ def test_evaluate_run_computes_the_dreamsim_column(cache, tmp_path):
     values = [p["dreamsim"] for p in result["groups"][0]["pairs"]]
     assert values[0] == pytest.approx(0.0, abs=1e-6) and values[1] > 1e-4
     assert result["overall"]["dreamsim"]["n"] == 2
+
+
+@pytest.mark.parametrize("kind", sorted(set(D.TYPES) - {"ensemble"}))
+def test_every_single_type_loads_from_its_layout_and_scores_known_answers(kind, tmp_path):
+    model = D.load_dreamsim(kind, save_tiny_dreamsim(tmp_path, kind, seed=5), download=False)
+    (branch,) = model.branches
+    assert branch.backbone is D.BACKBONES[kind]
+    assert model.embed(model.preprocess([noise(1)])).shape[1] == (WIDTH if kind.startswith("dino") else PROJ)
+    pixels = model.preprocess([noise(1), noise(2)])
+    assert float(model.distance(pixels[:1], pixels[:1])[0]) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < float(model.distance(pixels[:1], pixels[1:])[0]) <= 2
+    assert isinstance(branch.blocks[0].ls1, D.LayerScale) == (kind == "dinov2_vitb14")
+
+
+def test_dinov2_positions_are_resized_to_the_224_grid_keeping_the_class_token():
+    side, grid, width = 37, 16, 8                          # DINOv2 ViT-B/14: 518 / 14 = 37 -> 224 / 14 = 16
+    cls, patch = torch.randn(1, 1, width), torch.randn(1, 1, width)
+    out = D.dinov2_positions(torch.cat([cls, patch.expand(1, side * side, width)], dim=1), grid)
+    assert out.shape == (1, grid * grid + 1, width) and torch.equal(out[:, :1], cls)
+    assert torch.allclose(out[:, 1:], patch.expand(1, grid * grid, width), atol=1e-5)   # bicubic keeps a constant
+    ramp = torch.arange(side, dtype=torch.float32).view(1, side, 1, 1).expand(1, side, side, width)
+    resized = D.dinov2_positions(torch.cat([cls, ramp.reshape(1, -1, width)], dim=1), grid)[0, 1:, 0]
+    rows = resized.view(grid, grid)[:, 0]
+    assert bool((rows[1:] > rows[:-1]).all()) and torch.allclose(resized.view(grid, grid), rows[:, None].expand(grid, grid))
