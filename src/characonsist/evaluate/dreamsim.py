@@ -8,8 +8,9 @@ The model is the one ``dreamsim.dreamsim(pretrained=True, dreamsim_type=...)`` o
 * backbones: DINO-style ViTs (pre-norm blocks, CLS token, learned position embedding). CLIP and OpenCLIP weights
   come converted to that layout, with a layer norm after the position embedding (``ln_pre``), layer-norm eps 1e-5
   (DINO: 1e-6), QuickGELU for OpenAI CLIP, GELU otherwise;
-* features: DINO gives the CLS token of the last block's output (before the final norm, the package's ``cls``);
-  CLIP/OpenCLIP give the final-normed CLS token times the projection (``embedding``);
+* features: DINO and DINOv2 give the CLS token of the last block's output (before the final norm, the package's
+  ``cls``); CLIP/OpenCLIP give the final-normed CLS token times the projection (``embedding``). DINOv2 adds layer
+  scale and resizes its 37x37 position embeddings to the 16x16 grid as its hub model does;
 * the ensemble concatenates DINO ViT-B/16 (768), CLIP ViT-B/16 (512) and OpenCLIP ViT-B/16 (512): 1792 values;
 * the fine-tuned LoRA adapter (peft, on every ``qkv`` projection) is merged into the weights at load time:
   ``W + lora_alpha / r * B @ A``;
@@ -18,8 +19,8 @@ The model is the one ``dreamsim.dreamsim(pretrained=True, dreamsim_type=...)`` o
 
 Files: the official cache folder as the package lays it out (``cache_dir``, the package's default ``./models``):
 each type's checkpoint zip unpacked there (``*_pretrain.pth.tar`` backbones, ``<tag>_lora/`` adapter), and DINO's
-backbone where ``torch.hub`` puts it (``checkpoints/dino_vitbase16_pretrain.pth``). Missing files are downloaded
-from the package's URLs, unless offline.
+and DINOv2's backbones where ``torch.hub`` puts them (``checkpoints/``). Missing files are downloaded from the same
+URLs as the package, unless offline.
 """
 
 from __future__ import annotations
@@ -273,9 +274,9 @@ def dinov2_positions(pos: torch.Tensor, grid: int, offset: float = 0.1) -> torch
 class DreamSimModel(nn.Module):
     """DreamSim's backbones (LoRA merged): ``embed`` gives centred unit embeddings, ``distance`` 1 - cosine."""
 
-    def __init__(self, kind: str, branches: list[DreamSimViT]):
+    def __init__(self, kind: str, branches: list[DreamSimViT], cache_dir: Path | None = None):
         super().__init__()
-        self.kind = kind
+        self.kind, self.cache_dir = kind, cache_dir
         self.branches = nn.ModuleList(branches)
 
     @staticmethod
@@ -481,6 +482,4 @@ def load_dreamsim(kind: str = "ensemble", cache_dir: str | Path | None = None, d
     adapter = cache_dir / spec.adapter
     config, weights = read_adapter(adapter)
     merge_adapter(branches, config, weights, str(adapter))
-    model = DreamSimModel(kind, branches)
-    model.cache_dir = cache_dir
-    return model.eval().requires_grad_(False).to(device)
+    return DreamSimModel(kind, branches, cache_dir).eval().requires_grad_(False).to(device)
