@@ -249,15 +249,16 @@ def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     assert cli.main(["generate", str(story), "--model", "toy", "--out", str(run), "--steps", "2", "--save-masks",
                      "--quiet"]) == 0
     models = ["--clip", tiny["clip"], "--dinov2", tiny["dinov2"], "--segmenter", tiny["segmenter"],
-              "--box-detector", tiny["face_detector"], "--box-threshold", "0", "--face-detector", tiny["face_detector"], "--face-model", tiny["face_model"], "--device", "cpu", "--quiet"]
+              "--box-detector", tiny["face_detector"], "--box-threshold", "0", "--face-detector", tiny["face_detector"],
+              "--face-model", tiny["face_model"], "--dreamsim-cache", tiny["dreamsim_cache"], "--device", "cpu", "--quiet"]
     assert cli.main(["eval", str(run), *models]) == 0
     out = capsys.readouterr().out
-    assert "overall (mean of groups)" in out and "CLIP-T" in out and "DreamSim: skipped" in out
+    assert "overall (mean of groups)" in out and "CLIP-T" in out and "DreamSim" in out and "skipped" not in out
     report = run / "eval"
     result = json.loads((report / "eval.json").read_text())
     assert result["run"]["method"] == "characonsist" and len(result["groups"][0]["images"]) == 3
     assert result["overall"]["clip_i"]["n"] == 2 and result["overall"]["clip_i_bg"]["n"] == 1  # one fixed-scene pair
-    for key in ("clip_t", "clip_i", "dinov2"):
+    for key in ("clip_t", "clip_i", "dinov2", "dreamsim"):
         assert result["metrics"][key]["status"] == "ok" and result["metrics"][key]["model"]
     assert (report / "groups.csv").read_text().splitlines()[-1].split(",")[1] == "overall"
     assert len((report / "pairs.csv").read_text().splitlines()) == 3

@@ -53,8 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="face embedder: facenet (facenet-pytorch's VGGFace2 weights, downloaded once), a URL or .pt "
                         "file of them, or an ArcFace .onnx file, folder with one, or owner/repo:file (needs the "
                         "eval extra) (default: %(default)s)")
-    p.add_argument("--dreamsim", default=d.dreamsim, help="DreamSim type of the official package (default: %(default)s)")
-    p.add_argument("--dreamsim-cache", help="DreamSim checkpoint folder (default: HF_HOME/dreamsim)")
+    p.add_argument("--dreamsim", default=d.dreamsim,
+                   help="DreamSim type of the official package: ensemble, dino_vitb16, clip_vitb32, open_clip_vitb32 "
+                        "(default: %(default)s)")
+    p.add_argument("--dreamsim-cache", help="the dreamsim package's checkpoint folder (default: ./models when it "
+                                            "holds the type's files, else HF_HOME/dreamsim; missing files download)")
     p.add_argument("--seg-threshold", type=float, default=d.seg_threshold, help="CLIPSeg probability threshold")
     p.add_argument("--box-threshold", type=float, default=d.box_threshold,
                    help="OWLv2 score threshold for SAM's character box (default: %(default)s)")

@@ -14,8 +14,9 @@ which preprocessing it used; the report prints that next to every figure.
 * Face embedder, as the paper: FaceNet (``facenet.py``: Inception-ResNet-v1 with facenet-pytorch's VGGFace2
   weights, written here); or an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run
   with onnxruntime (``pip install 'characonsist[eval]'``).
-* DreamSim: the official ``dreamsim`` package and its checkpoints (``pip install dreamsim``; it needs
-  torchvision, which this project does not install).
+* DreamSim: the official checkpoints (the ``dreamsim`` package's cache folder and download URLs) run by
+  ``evaluate/dreamsim.py`` in plain torch (no torchvision, timm, open_clip or dreamsim package): DINO ViT-B/16 CLS +
+  CLIP and OpenCLIP ViT-B/16 projected CLS for ``ensemble``, the fine-tuned LoRA merged at load time.
 """
 
 from __future__ import annotations
@@ -297,35 +298,29 @@ class ArcFaceOnnx:
         return _unit(np.stack(out).reshape(len(out), -1))
 
 
-class DreamSim:
-    """DreamSim embeddings through the official package (``dreamsim``), checkpoints in ``cache_dir``."""
+class DreamSim(_Torch):
+    """DreamSim embeddings (``evaluate/dreamsim.py``: the official checkpoints in plain torch), from ``cache_dir``."""
 
-    def __init__(self, kind: str = "ensemble", cache_dir: str | None = None, device: str = "auto"):
-        try:
-            from dreamsim import dreamsim
-        except Exception as e:  # ImportError, or torchvision failing to load against this torch
-            raise ModelUnavailable("DreamSim needs the official `dreamsim` package (`pip install dreamsim`, with a "
-                                   f"torchvision that matches your torch; not part of the eval extra): {e}") from None
-        import torch
+    def __init__(self, kind: str = "ensemble", cache_dir: str | None = None, device: str = "auto",
+                 progress: bool = True):
+        super().__init__(device)
+        from .dreamsim import load_dreamsim
 
-        self.torch, self.device = torch, pick_device(device)
         self.kind = kind
-        cache = cache_dir or str(_default_cache() / "dreamsim")
-        try:
-            self.model, self.preprocess = dreamsim(pretrained=True, device=self.device, cache_dir=cache,
-                                                   dreamsim_type=kind)
-        except Exception as e:
-            raise ModelUnavailable(f"cannot load DreamSim {kind!r} from {cache} (the package downloads its checkpoints "
-                                   f"there on first use): {e}") from None
+        self.model = load_dreamsim(kind, cache_dir, self.device, progress=progress)
 
     def describe(self) -> dict:
-        return {"model": f"DreamSim {self.kind} (official dreamsim package)",
-                "preprocessing": "resize 224x224 (bicubic), [0, 1]; the package's per-backbone normalisation; "
-                                 "distance = 1 - cosine of the embeddings"}
+        from .dreamsim import TYPES
 
-    def embed_images(self, images) -> np.ndarray:
-        with self.torch.inference_mode():
-            out = [self.model.embed(self.preprocess(im).to(self.device)) for im in images]
+        names = " + ".join(TYPES[self.kind].backbones)
+        return {"model": f"DreamSim {self.kind} ({names}, LoRA merged; checkpoints in {self.model.cache_dir})",
+                "preprocessing": "RGB, resize 224x224 (PIL bicubic), [0, 1], each backbone's mean/std; embeddings "
+                                 "concatenated, centred, unit length; distance = 1 - cosine"}
+
+    def embed_images(self, images, batch_size: int = 16) -> np.ndarray:
+        images = list(images)
+        out = [self._head(self.model.embed, self.model.preprocess(images[i:i + batch_size]).to(self.device))
+               for i in range(0, len(images), batch_size)]
         return _unit(self.torch.cat(out))
 
 
@@ -334,14 +329,6 @@ def _unit(x) -> np.ndarray:
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _default_cache():
-    from pathlib import Path
-
-    from huggingface_hub.constants import HF_HOME
-
-    return Path(HF_HOME)
 
 
 def _resolve_file(name: str, what: str, suffix: str):

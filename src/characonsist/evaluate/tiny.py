@@ -2,10 +2,11 @@
 
 ``save_tiny_models(folder)`` writes ``clip/``, ``dinov2/``, ``sam/``, ``clipseg/``, ``owlv2/`` (transformers
 folders with their processors, loadable by ``from_pretrained``), ``facenet.pt`` (a narrow, shallow
-Inception-ResNet-v1 state dict with facenet-pytorch's key names) and ``arcface.onnx`` (an ArcFace-shaped ONNX graph:
-NCHW 112x112 RGB in, a 16-d embedding out). Their scores mean nothing; they exercise the real loading and scoring
-code. Keys of the returned dict: ``segmenter`` is SAM and ``face_model`` FaceNet (the defaults), ``clipseg`` and
-``arcface`` the alternatives.
+Inception-ResNet-v1 state dict with facenet-pytorch's key names), ``arcface.onnx`` (an ArcFace-shaped ONNX graph:
+NCHW 112x112 RGB in, a 16-d embedding out) and ``dreamsim/`` (the DreamSim package's cache layout with tiny ViTs
+and a random LoRA adapter, ``save_tiny_dreamsim``). Their scores mean nothing; they exercise the real loading and
+scoring code. Keys of the returned dict: ``segmenter`` is SAM and ``face_model`` FaceNet (the defaults), ``clipseg``
+and ``arcface`` the alternatives, ``dreamsim_cache`` the DreamSim folder.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
 
     paths["face_model"] = str(save_tiny_facenet(folder / "facenet.pt", seed))
     paths["arcface"] = str(save_tiny_arcface(folder / "arcface.onnx", seed))
+    paths["dreamsim_cache"] = str(save_tiny_dreamsim(folder / "dreamsim", "ensemble", seed))
     return paths
 
 
@@ -165,3 +167,53 @@ def save_tiny_arcface(path: str | Path, seed: int = 0, dim: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def save_tiny_dreamsim(folder: str | Path, kind: str = "ensemble", seed: int = 0, width: int = 128, depth: int = 2,
+                       patch: int = 32, proj_dim: int = 24, rank: int = 4, lora_alpha: float = 2.0,
+                       lora_scale: float = 0.05) -> Path:
+    """DreamSim's cache layout for ``kind`` with tiny random ViTs (``width // 64`` heads, 224x224 input in
+    ``patch``-pixel patches): DINO's (DINOv2's, with a larger position grid) backbone as a plain state dict in
+    ``checkpoints/``, CLIP/OpenCLIP as
+    ``{'state_dict': ..., 'proj'}`` files, and a peft LoRA adapter on every ``qkv`` (``adapter_config.json`` +
+    ``adapter_model.safetensors``, keys as peft saves them for the package's model). ``lora_scale=0`` writes a zero
+    adapter."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .dreamsim import BACKBONES, IMAGE_SIZE, TYPES, DreamSimViT, native_to_official
+
+    folder = Path(folder)
+    gen = torch.Generator().manual_seed(seed)
+    spec = TYPES[kind]
+    tokens = (IMAGE_SIZE // patch) ** 2 + 1
+    lora = {}
+    for index, name in enumerate(spec.backbones):
+        backbone = BACKBONES[name]
+        vit = DreamSimViT(backbone, width, depth, patch, 2 * width, tokens, proj_dim if backbone.clip_layout else None)
+        state = {}
+        for key, value in vit.state_dict().items():
+            noise = torch.randn(value.shape, generator=gen)
+            is_norm_weight = value.ndim == 1 and key.endswith("weight") and "norm" in key or key.startswith("ln_pre.w")
+            state[key] = 1 + 0.1 * noise if is_norm_weight else 0.05 * noise
+        if backbone.family == "dinov2":  # as the hub model: positions for a larger grid, resized at load
+            side = IMAGE_SIZE // patch + 2
+            state["pos_embed"] = 0.05 * torch.randn(1, side * side + 1, width, generator=gen)
+            state["mask_token"] = torch.zeros(1, width)
+        state = native_to_official(state)
+        path = folder / backbone.file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": state} if backbone.clip_layout else state, path)
+        for block in range(depth):
+            prefix = f"base_model.model.extractor_list.{index}.model.blocks.{block}.attn.qkv"
+            lora[f"{prefix}.lora_A.weight"] = lora_scale * torch.randn(rank, width, generator=gen)
+            lora[f"{prefix}.lora_B.weight"] = lora_scale * torch.randn(3 * width, rank, generator=gen)
+    adapter = folder / spec.adapter
+    adapter.mkdir(parents=True, exist_ok=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": lora_alpha, "lora_dropout": 0.0, "bias": "none",
+         "target_modules": ["qkv"]}, indent=2))
+    save_file({k: v.contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"))
+    return folder
