@@ -237,3 +237,20 @@ def test_eval_picks_sam_and_facenet_by_default(tmp_path, tiny, monkeypatch):
     assert pair_values(result, "id_sim")[1] == pytest.approx(1.0, abs=1e-6)
     page = (run / "eval" / "eval.html").read_text()
     assert "SamModel" in page and "FaceNet InceptionResnetV1" in page
+
+
+def test_quiet_reaches_the_face_model_download(tiny, tmp_path, monkeypatch):
+    """``eval --quiet``: the bank loads FaceNet without a download bar (``ModelBank(progress=False)``)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    bars = []
+
+    def download(url, dst, progress=True, **kw):
+        bars.append(progress)
+        save_tiny_facenet(dst, seed=3)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    for progress in (False, True):
+        (tmp_path / "torch" / "hub" / "checkpoints" / FN.FACENET_FILE).unlink(missing_ok=True)
+        ModelBank(config(tiny, face_model="facenet"), progress=progress).get("face_model")
+    assert bars == [False, True]

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ReportError) as e:
         print(f"characonsist eval: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    bank = ModelBank(config)
+    bank = ModelBank(config, progress=not args.quiet)
     results = []
     for run in runs:
         result = evaluate_run(run, config, bank, progress=not args.quiet)

@@ -66,6 +66,7 @@ class ModelBank:
 
     config: EvalConfig
     loaded: dict = field(default_factory=dict)
+    progress: bool = True        # download bars of the checkpoints fetched by URL (FaceNet, DreamSim)
 
     def get(self, kind: str):
         if kind not in self.loaded:
@@ -97,8 +98,9 @@ class ModelBank:
         if kind == "face_model":
             from .facenet import FaceNet, is_facenet_source
 
-            return FaceNet(name, c.device) if is_facenet_source(name) else ArcFaceOnnx(name, c.device)
-        return DreamSim(name, c.dreamsim_cache, c.device)
+            return FaceNet(name, c.device, progress=self.progress) if is_facenet_source(name) \
+                else ArcFaceOnnx(name, c.device)
+        return DreamSim(name, c.dreamsim_cache, c.device, progress=self.progress)
 
 
 class _Skip(Exception):
