@@ -31,6 +31,7 @@ def resolve_checkpoint(source: str, *, aliases: dict[str, str], what: str, flag:
     to do (offline: the URL and the path to put the file at)."""
     import torch
 
+    source = str(source)
     source = aliases.get(source.lower(), source)
     if source.startswith(("http://", "https://")):
         name = os.path.basename(source.split("?")[0]) or expected
