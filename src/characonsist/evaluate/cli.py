@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"clipseg ({ALIASES['clipseg']}), or a SAM or CLIPSeg hub id or folder (default: %(default)s)")
     p.add_argument("--box-detector", default=d.box_detector,
                    help="OWLv2 model giving SAM its box, queried with the character text (default: %(default)s)")
-    p.add_argument("--face-detector", default=d.face_detector, help="OWLv2 model (default: %(default)s)")
+    p.add_argument("--face-detector", default=d.face_detector,
+                   help="retinaface (RetinaFace ResNet-50, the paper's detector; facexlib's release of the PyTorch "
+                        "port's weights, downloaded once), retinaface-mobilenet (MobileNet-0.25), a URL or .pth file "
+                        "of those weights, or an OWLv2 hub id or folder (zero-shot 'a photo of a human face') "
+                        "(default: %(default)s)")
     p.add_argument("--face-model", default=d.face_model,
                    help="face embedder: facenet (facenet-pytorch's VGGFace2 weights, downloaded once), a URL or .pt "
                         "file of them, or an ArcFace .onnx file, folder with one, or owner/repo:file (needs the "
@@ -61,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-threshold", type=float, default=d.seg_threshold, help="CLIPSeg probability threshold")
     p.add_argument("--box-threshold", type=float, default=d.box_threshold,
                    help="OWLv2 score threshold for SAM's character box (default: %(default)s)")
-    p.add_argument("--face-threshold", type=float, default=d.face_threshold, help="OWLv2 face score threshold")
+    p.add_argument("--face-threshold", type=float, default=d.face_threshold,
+                   help="face score threshold (default: the detector's own: RetinaFace face probability > 0.8 as "
+                        "facexlib, OWLv2 score >= 0.3)")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -34,7 +34,7 @@ class EvalConfig:
     dinov2: str | None = "facebook/dinov2-base"
     segmenter: str | None = "sam"          # SAM or CLIPSeg: the aliases sam / clipseg (segment.ALIASES), hub id, folder
     box_detector: str | None = "google/owlv2-base-patch16-ensemble"  # SAM's box prompt (character text query)
-    face_detector: str | None = "google/owlv2-base-patch16-ensemble"
+    face_detector: str | None = "retinaface"  # RetinaFace (retinaface / retinaface-mobilenet / URL / .pth) or OWLv2
     face_model: str | None = "facenet"     # FaceNet (alias, URL or .pt) or ArcFace ONNX (.onnx, folder, owner/repo:file)
     dreamsim: str | None = "ensemble"      # dreamsim_type of the official package
     dreamsim_cache: str | None = None
@@ -44,7 +44,7 @@ class EvalConfig:
     text: str = "prompt"                   # CLIP-T text: the prompt, or the caption where there is one
     seg_threshold: float = 0.4
     box_threshold: float = 0.1
-    face_threshold: float = 0.3
+    face_threshold: float | None = None    # None: the detector's own (RetinaFace 0.8, OWLv2 0.3)
     metrics: tuple[str, ...] = tuple(M.METRICS)
 
     def __post_init__(self):
@@ -92,9 +92,18 @@ class ModelBank:
         if kind == "segmenter":
             return load_segmenter(name, c.device, c.seg_threshold, lambda: self.get("box_detector"), c.box_threshold)
         if kind == "face_detector":
-            return Owlv2FaceDetector(name, c.device, c.face_threshold)
+            from .retinaface import THRESHOLD, RetinaFaceDetector, is_retinaface_source
+
+            if is_retinaface_source(name):
+                return RetinaFaceDetector(name, c.device, THRESHOLD if c.face_threshold is None else c.face_threshold,
+                                          progress=self.progress)
+            return Owlv2FaceDetector(name, c.device, *(() if c.face_threshold is None else (c.face_threshold,)))
         if kind == "box_detector":  # one OWLv2 in memory when faces and boxes use the same model
-            return self.get("face_detector") if name == c.face_detector else Owlv2Detector(name, c.device)
+            if name == c.face_detector:
+                shared = self.get("face_detector")
+                if isinstance(shared, Owlv2Detector):
+                    return shared
+            return Owlv2Detector(name, c.device)
         if kind == "face_model":
             from .facenet import FaceNet, is_facenet_source
 
@@ -235,6 +244,8 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
                 embs[k] = e
         for row, box in zip(image_rows, boxes):
             row["face"] = None if box is None else [round(v, 2) for v in box[:4]] + [round(box[4], 4)]
+            if getattr(box, "landmarks", None):   # RetinaFace: eyes, nose tip, mouth corners (not used by the crop)
+                row["face_landmarks"] = [[round(x, 2), round(y, 2)] for x, y in box.landmarks]
         record("id_sim", per_pair=M.pair_similarity(embs, index_pairs))
 
     attempt({"clip_t", "clip_i", "clip_i_fg", "clip_i_bg"}, clip_metrics)

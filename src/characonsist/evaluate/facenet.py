@@ -14,7 +14,6 @@ the loader reads the width and depth from the checkpoint.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import checkpoints
 from .models import ModelUnavailable, pick_device
 
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
@@ -171,45 +171,13 @@ def load_facenet(file: str | Path) -> InceptionResnetV1:
     return net.eval()
 
 
-def checkpoint_dir() -> Path:
-    """Where the default checkpoint is downloaded: torch hub's ``checkpoints`` folder (``TORCH_HOME``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 def resolve_checkpoint(source: str, progress: bool = True) -> Path:
     """A FaceNet checkpoint file from ``source``: ``facenet`` (the VGGFace2 weights, downloaded once from
-    ``FACENET_URL`` into ``checkpoint_dir()``), an http(s) URL (likewise), a local ``.pt`` file, or
-    ``owner/repo:file.pt`` on the Hugging Face hub."""
-    if source.lower() in ALIASES:
-        source = FACENET_URL
-    if source.startswith(("http://", "https://")):
-        name = os.path.basename(source.split("?")[0]) or FACENET_FILE
-        target = checkpoint_dir() / name
-        torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
-        legacy = Path(torch_home).expanduser() / "checkpoints" / name  # where facenet-pytorch itself caches it
-        for path in (target, legacy):
-            if path.is_file():
-                return path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(source, str(target), progress=progress)
-        except Exception as e:
-            raise ModelUnavailable(f"cannot download the FaceNet weights {source} to {target} ({e}); offline, download "
-                                   f"that file elsewhere and put it there, or pass --face-model /path/to/{name}") from None
-        return target
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    repo, sep, filename = source.partition(":")
-    if sep and filename and not path.exists():
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(hf_hub_download(repo, filename))
-        except Exception as e:
-            raise ModelUnavailable(f"cannot download {filename!r} from {repo!r} for the FaceNet embedder: {e}") from None
-    raise ModelUnavailable(f"{source!r}: no such FaceNet checkpoint; pass 'facenet' (downloads {FACENET_URL}), a "
-                           f"URL, a local {FACENET_FILE}, or owner/repo:file.pt")
+    ``FACENET_URL`` into torch hub's cache; a copy in facenet-pytorch's own cache is used as is), an http(s) URL
+    (likewise), a local ``.pt`` file, or ``owner/repo:file.pt`` on the Hugging Face hub."""
+    return checkpoints.resolve_checkpoint(source, aliases={a: FACENET_URL for a in ALIASES}, what="FaceNet",
+                                          flag="--face-model", expected=FACENET_FILE, progress=progress,
+                                          also_look_in=(checkpoints.legacy_torch_dir(),))
 
 
 class FaceNet:

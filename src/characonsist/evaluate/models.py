@@ -9,8 +9,9 @@ which preprocessing it used; the report prints that next to every figure.
   ``SamModel``, default ``facebook/sam-vit-huge``) prompted with the ``Owlv2ForObjectDetection`` box of the
   image's character text, the best of its three masks by predicted IoU; or ``CLIPSegForImageSegmentation``
   prompted with the character text (``--segmenter clipseg``).
-* Face detector: transformers ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face"
-  (the paper used RetinaFace).
+* Face detector, as the paper: RetinaFace (``retinaface.py``: the PyTorch port's network with its ResNet-50 or
+  MobileNet-0.25 weights, prior boxes, decoding and NMS, written here; the highest-scoring face); or transformers
+  ``Owlv2ForObjectDetection``, zero-shot with the query "a photo of a human face" (``--face-detector`` an OWLv2 id).
 * Face embedder, as the paper: FaceNet (``facenet.py``: Inception-ResNet-v1 with facenet-pytorch's VGGFace2
   weights, written here); or an ArcFace ONNX model (insightface's model-zoo files, e.g. ``w600k_r50.onnx``) run
   with onnxruntime (``pip install 'characonsist[eval]'``).

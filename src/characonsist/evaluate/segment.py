@@ -2,7 +2,7 @@
 
 CharaConsist's paper segments each generated image's foreground with SAM (Segment Anything) and does not say how
 SAM was prompted or which size. Here SAM is prompted with one box around the character: OWLv2 (zero-shot, the
-detector already used for faces) queried with the image's character text, best box by score; SAM returns three
+detector also available for faces) queried with the image's character text, best box by score; SAM returns three
 masks for the box and the one with the highest predicted IoU is kept (logits > 0, at the image's size). An image
 where OWLv2 finds no box above the threshold gets no mask, with a note: its pairs are left out of CLIP-I-fg/bg.
 

@@ -2,11 +2,13 @@
 
 ``save_tiny_models(folder)`` writes ``clip/``, ``dinov2/``, ``sam/``, ``clipseg/``, ``owlv2/`` (transformers
 folders with their processors, loadable by ``from_pretrained``), ``facenet.pt`` (a narrow, shallow
-Inception-ResNet-v1 state dict with facenet-pytorch's key names), ``arcface.onnx`` (an ArcFace-shaped ONNX graph:
+Inception-ResNet-v1 state dict with facenet-pytorch's key names), ``retinaface.pth`` (a narrow, shallow RetinaFace
+ResNet of the PyTorch port's layout, ``save_tiny_retinaface``), ``arcface.onnx`` (an ArcFace-shaped ONNX graph:
 NCHW 112x112 RGB in, a 16-d embedding out) and ``dreamsim/`` (the DreamSim package's cache layout with tiny ViTs
 and a random LoRA adapter, ``save_tiny_dreamsim``). Their scores mean nothing; they exercise the real loading and
-scoring code. Keys of the returned dict: ``segmenter`` is SAM and ``face_model`` FaceNet (the defaults), ``clipseg``
-and ``arcface`` the alternatives, ``dreamsim_cache`` the DreamSim folder.
+scoring code. Keys of the returned dict: ``segmenter`` is SAM, ``retinaface`` the face detector and ``face_model`` FaceNet (the
+defaults), ``clipseg``, ``face_detector`` (OWLv2, also SAM's box detector) and ``arcface`` the alternatives,
+``dreamsim_cache`` the DreamSim folder.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
     paths["face_detector"] = _save(owl, processor, folder / "owlv2")
 
     paths["face_model"] = str(save_tiny_facenet(folder / "facenet.pt", seed))
+    paths["retinaface"] = str(save_tiny_retinaface(folder / "retinaface.pth", seed))
     paths["arcface"] = str(save_tiny_arcface(folder / "arcface.onnx", seed))
     paths["dreamsim_cache"] = str(save_tiny_dreamsim(folder / "dreamsim", "ensemble", seed))
     return paths
@@ -132,6 +135,46 @@ def save_tiny_facenet(path: str | Path, seed: int = 0, divisor: int = 8, depths=
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
+    return path
+
+
+def save_tiny_retinaface(path: str | Path, seed: int = 0, backbone: str = "resnet50", width: int = 8,
+                         layers=(1, 1, 1, 1), out_channels: int | None = 16, prefix: str = "module.", size: int = 64) -> Path:
+    """A random ``RetinaFace`` saved as the PyTorch port saves it (``prefix`` on every key, as DataParallel wrote
+    ``Resnet50_Final.pth``). ``backbone="mobilenet0.25"`` is the published MobileNet network at full size
+    (``width``, ``layers`` and ``out_channels`` are for the ResNet). Batch-norm statistics are those of random ``size`` x ``size`` images
+    (preprocessed as the detector does); the heads are rescaled so that box and landmark offsets have std 0.5 and
+    the face probability spreads over (0, 1), a few anchors of each image above 0.8: different images get
+    different best faces and scores, as a trained detector's would."""
+    import torch
+
+    from .retinaface import MEAN_BGR, RetinaFace
+
+    torch.manual_seed(seed)
+    net = RetinaFace(backbone, out_channels if backbone == "resnet50" else None, width=width, layers=tuple(layers))
+    batch = torch.rand(8, 3, size, size) * 255 - torch.tensor(MEAN_BGR).view(1, 3, 1, 1)
+    seen: dict = {}
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None  # cumulative average over the calibration batch
+        net.train()(batch)
+        net.eval()
+        heads = [(head.conv1x1, std) for heads, std in ((net.ClassHead, 1.5), (net.BboxHead, 0.5),
+                                                        (net.LandmarkHead, 0.5)) for head in heads]
+        hooks = [conv.register_forward_hook(lambda m, i, o: seen.update({m: o - m.bias.view(1, -1, 1, 1)}))
+                 for conv, _ in heads]
+        net(batch)
+        for hook in hooks:
+            hook.remove()
+        for conv, std in heads:
+            conv.weight.mul_(std / seen[conv].std())
+            conv.bias.zero_()
+            if conv.out_channels == 2 * net.anchors:   # face/background logits: mostly background
+                conv.bias.copy_(torch.tensor([1.0, -1.0]).repeat(net.anchors))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({prefix + k: v for k, v in net.state_dict().items()}, path)
     return path
 
 
