@@ -149,8 +149,8 @@ def html_page(result: dict, run_folder: Path) -> str:
     out.append("<h2>Metrics</h2><table><tr><th>metric</th><th>status</th><th>model</th><th>preprocessing</th></tr>")
     for k in keys:
         m = result["metrics"][k]
-        out.append(f"<tr><td>{e(m['label'])}</td><td>{e(m['status'])}</td><td>{e(m.get('model', m.get('reason', '')))}"
-                   f"</td><td style='text-align:left'>{e(m.get('preprocessing', ''))}</td></tr>")
+        out.append(f"<tr><td>{e(m['label'])}</td><td>{e(m['status'])}</td><td style='text-align:left'>"
+                   f"{e(m.get('model', m.get('reason', '')))}</td><td style='text-align:left'>{e(m.get('preprocessing', ''))}</td></tr>")
     out.append("</table>")
     pair_keys = [k for k in keys if k != "clip_t"]
     for g in result["groups"]:
