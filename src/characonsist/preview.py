@@ -121,13 +121,13 @@ def latent_rgb(pipe) -> LatentRGB:
 
 
 def _long_side(height: int, width: int, size: int) -> tuple[int, int]:
-    scale = size / max(height, width)
+    scale = min(size, max(height, width)) / max(height, width)   # never larger than the image
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 @torch.no_grad()
 def previews(pipe, latents: torch.Tensor, height: int, width: int, mode: str = "linear", size: int = 128) -> list:
-    """PIL previews (``size`` px on the long side) of packed latents (B, tokens, C*4) of images ``height`` x
+    """PIL previews (``size`` px on the long side, at most the image's) of packed latents (B, tokens, C*4) of images ``height`` x
     ``width`` (e.g. a callback's ``x0`` and ``pipe.step_batch``'s size). ``mode``: ``"linear"`` or ``"exact"``."""
     from PIL import Image
 
