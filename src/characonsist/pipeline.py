@@ -305,7 +305,10 @@ class CharaConsistPipeline(FluxPipeline):
         (``story_defaults``: FLUX.1-dev's 1024 px, 50 steps, guidance 3.5, 512 tokens; a model folder's
         ``characonsist_defaults.json``, e.g. the toy model's, wins). ``progress_callback(phase, done, total)`` is
         called after every denoising step of every pass (pre-runs included); an exception raised in it stops the
-        call.
+        call. ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` (diffusers' FluxPipeline
+        convention) is called after every step of the main run with the lockstep batch's rows (identity first):
+        ``"latents"`` (returned ones replace them), ``"x0"`` and ``"noise_pred"`` (read-only); ``pipe.step_batch``
+        names the rows during the call (docs/API.md, "Step callbacks").
 
         ``identity_image`` (a PIL image, an array or an image file) makes the identity that picture, captioned by
         ``identity``: it is fitted to the identity's size (scaled to cover, centre-cropped), and the identity's row
