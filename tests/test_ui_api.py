@@ -225,6 +225,22 @@ def test_live_previews_come_per_step_in_order_and_never_reach_the_folder(ui, tmp
     assert refused.status_code == 422 and "previews: 'fast'; give true, false or one of linear, exact" in refused.text
 
 
+def test_a_failing_preview_turns_previews_off_and_the_story_goes_on(ui, tmp_path, monkeypatch):
+    from characonsist import preview
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no decoder")
+
+    monkeypatch.setattr(preview, "previews", broken)
+    ui.worker.preview_interval = 0
+    seen = run(ui, kind="generate", name="broken", story=STORY, settings=LIVE, previews=True)
+    assert seen[-1]["type"] == "done" and not _previews(seen)
+    (failed,) = [e for e in seen if e["type"] == "preview_failed"]
+    assert failed["message"] == "RuntimeError: no decoder" and failed["group"] == "000_walk"
+    assert all((tmp_path / "ui" / "broken" / "000_walk" / f).is_file()
+               for f in ("identity.png", "frame_01.png", "frame_02.png"))
+
+
 def test_regenerate_one_image_keeps_the_others_byte_identical(ui, tmp_path, tiny_model):
     run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
     folder = tmp_path / "ui" / "walk" / "000_walk"

@@ -451,7 +451,7 @@ class Engine:
         if g.velocity is None:
             return None
         n = len(g.slots)
-        sigma = g.scheduler.sigmas[step + 1].to(torch.float32)
+        sigma = float(g.scheduler.sigmas[step + 1])
         return (g.latents[:n].float() - sigma * g.velocity[:n].float()).to(g.latents.dtype)
 
     def _callback(self, callback, g: Group, step: int, names, latents: torch.Tensor, apply: bool = True,
