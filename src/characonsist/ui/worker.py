@@ -642,6 +642,12 @@ class Worker:
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
+                try:   # the previews' latent -> RGB map, fitted now rather than in a story's first step (with an
+                    from ..preview import latent_rgb   # offloaded model that would move the VAE in mid-run)
+
+                    latent_rgb(self.pipe)
+                except Exception:
+                    pass   # a job that asks for previews then gets preview_failed with the reason
                 self.model_state = "ready"
             return self.pipe
 
