@@ -1,7 +1,9 @@
 """``callback_on_step_end`` as diffusers' FluxPipeline calls it, over the lockstep batch: once per denoising step of
 the main run, ``latents`` the packed latents of every image (identity first), ``x0`` / ``noise_pred`` read-only,
-``pipe.step_batch`` naming the rows; a callback that only reads never changes an image (every method)."""
+``pipe.step_batch`` naming the rows; a callback that only reads never changes an image (every method, and CharaConsist
+switched off still equals plain FLUX)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +78,14 @@ def test_unknown_tensor_inputs_are_refused(story_pipe):
     with pytest.raises(ValueError, match="'prompt_embeds' not available; valid: 'latents', 'x0', 'noise_pred'"):
         story_pipe(IDENTITY, FRAMES, callback_on_step_end=lambda *a: {},
                    callback_on_step_end_tensor_inputs=["prompt_embeds"], **KW)
+
+
+def test_switched_off_with_a_reading_callback_still_equals_flux(story_pipe, tiny_pipe):
+    steps = KW["num_inference_steps"]
+    off = dict(share_start=steps, schedule_steps=None, use_token_merge=False)      # CharaConsist never shares
+    out = story_pipe(IDENTITY, FRAMES, method="characonsist", callback_on_step_end=_reader([]),
+                     callback_on_step_end_tensor_inputs=TENSORS, **off, **KW)
+    prompts = [StoryImage.coerce(i).prompt for i in [IDENTITY, *FRAMES]]
+    gens = [torch.Generator("cpu").manual_seed(2025) for _ in prompts]
+    ref = tiny_pipe(prompts, generator=gens, guidance_scale=3.5, **KW).images
+    assert np.array_equal(np.stack(out.images), ref)

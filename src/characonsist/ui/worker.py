@@ -642,8 +642,10 @@ class Worker:
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
-                try:   # the previews' latent -> RGB map, fitted now rather than in a story's first step (with an
-                    from ..preview import latent_rgb   # offloaded model that would move the VAE in mid-run)
+                # the previews' latent -> RGB map, fitted now rather than in a story's first step (with an
+                # offloaded model that would move the VAE onto the GPU in mid-run)
+                try:
+                    from ..preview import latent_rgb
 
                     latent_rgb(self.pipe)
                 except Exception:
