@@ -64,7 +64,7 @@ def test_the_documents_have_toy_commands():
     commands = toy_commands()
     assert any(c.startswith("demo") for c in commands)
     assert any(c.startswith("generate") for c in commands) and any(c.startswith("bench toy") for c in commands)
-    assert len(toy_python()) == 2
+    assert len(toy_python()) == 3
 
 
 @pytest.fixture(scope="module")

@@ -175,6 +175,72 @@ def test_generate_streams_progress_and_images_and_the_cli_resumes_it(ui, tmp_pat
     assert not [e for e in again if e["type"] == "progress"]
 
 
+LIVE = {**SETTINGS, "options": {}}     # the default mask step: a 2-step layout pre-run whose step 0 the main run takes
+
+
+def _previews(seen) -> list[dict]:
+    return [e for e in seen if e["type"] == "preview"]
+
+
+def test_live_previews_come_per_step_in_order_and_never_reach_the_folder(ui, tmp_path):
+    import base64
+
+    ui.worker.preview_interval = 0                     # every step (the page's default is one per 0.5 s)
+    assert ui.get("/api/info").json()["previews"]["modes"] == ["linear", "exact"]
+    live = run(ui, kind="generate", name="live", story=STORY, settings=LIVE, previews=True)
+    still = run(ui, kind="generate", name="still", story=STORY, settings=LIVE)   # previews are asked for
+    assert live[-1]["type"] == still[-1]["type"] == "done" and not _previews(still)
+    shown = _previews(live)
+    assert [(e["group"], e["step"], e["steps"], e["mode"]) for e in shown] == [("000_walk", k, 3, "linear")
+                                                                                 for k in (1, 2, 3)]
+    types = [e["type"] for e in live]
+    first, last = types.index("preview"), len(types) - 1 - types[::-1].index("preview")
+    assert types.index("group_started") < first and last < types.index("group")    # while the group denoises
+    for event in shown:
+        assert [im["index"] for im in event["images"]] == [0, 1, 2] and event["ms"] >= 0
+        for im in event["images"]:
+            head, _, data = im["url"].partition(",")
+            assert head == "data:image/jpeg;base64"
+            with Image.open(io.BytesIO(base64.b64decode(data))) as picture:   # at most the image's own size
+                assert picture.format == "JPEG" and picture.size == (im["width"], im["height"]) == (64, 64)
+    print(f"preview cost per event (3 images, tiny model): {[e['ms'] for e in shown]} ms")
+    # the same images and the same files with previews on and off: nothing of them is written
+    folders = [tmp_path / "ui" / name for name in ("live", "still")]
+    listing = [sorted(p.relative_to(f).as_posix() for p in f.rglob("*") if p.is_file()) for f in folders]
+    assert listing[0] == listing[1]
+    for rel in listing[0]:
+        if rel.endswith(".png"):
+            assert np.array_equal(pixels(folders[0] / rel), pixels(folders[1] / rel)), rel
+    # one every preview_interval: the first step's only, here
+    ui.worker.preview_interval = 3600
+    slow = run(ui, kind="generate", name="slow", story=STORY, settings=LIVE, previews="linear")
+    assert [e["step"] for e in _previews(slow)] == [1]
+    # regenerate shows them too, exact (a VAE decode) when asked; the earlier job's log keeps no pictures
+    ui.worker.preview_interval = 0
+    again = run(ui, kind="regenerate", name="live", group="000_walk", index=1, seed=5, previews="exact")
+    assert again[-1]["type"] == "done" and [e["mode"] for e in _previews(again)] == ["exact"] * 3
+    old = ui.get(f"/api/jobs/{live[0]['job']}").json()["log"]
+    assert all(im["url"] is None for e in _previews(old) for im in e["images"])
+    refused = ui.post("/api/jobs", json={"kind": "generate", "name": "x", "story": STORY, "previews": "fast"})
+    assert refused.status_code == 422 and "previews: 'fast'; give true, false or one of linear, exact" in refused.text
+
+
+def test_a_failing_preview_turns_previews_off_and_the_story_goes_on(ui, tmp_path, monkeypatch):
+    from characonsist import preview
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no decoder")
+
+    monkeypatch.setattr(preview, "previews", broken)
+    ui.worker.preview_interval = 0
+    seen = run(ui, kind="generate", name="broken", story=STORY, settings=LIVE, previews=True)
+    assert seen[-1]["type"] == "done" and not _previews(seen)
+    (failed,) = [e for e in seen if e["type"] == "preview_failed"]
+    assert failed["message"] == "RuntimeError: no decoder" and failed["group"] == "000_walk"
+    assert all((tmp_path / "ui" / "broken" / "000_walk" / f).is_file()
+               for f in ("identity.png", "frame_01.png", "frame_02.png"))
+
+
 def test_regenerate_one_image_keeps_the_others_byte_identical(ui, tmp_path, tiny_model):
     run(ui, kind="generate", name="walk", story=STORY, settings=SETTINGS)
     folder = tmp_path / "ui" / "walk" / "000_walk"
@@ -222,7 +288,8 @@ def test_regenerate_keeps_images_the_engine_would_change_and_says_so(ui, tmp_pat
 
 def test_cancel_a_running_job_and_a_queued_one(ui, tmp_path):
     long = {**SETTINGS, "steps": 400}
-    first = ui.post("/api/jobs", json={"kind": "generate", "name": "long", "story": STORY, "settings": long}).json()
+    first = ui.post("/api/jobs", json={"kind": "generate", "name": "long", "story": STORY, "settings": long,
+                                       "previews": True}).json()
     second = ui.post("/api/jobs", json={"kind": "generate", "name": "queued", "story": STORY, "settings": SETTINGS})
     third = ui.post("/api/jobs", json={"kind": "generate", "name": "walk", "story": STORY, "settings": SETTINGS})
     queued = ui.get("/api/jobs").json()["jobs"]

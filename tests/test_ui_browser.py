@@ -1,8 +1,9 @@
 """`characonsist ui` in a real browser: the command starts the server and prints its address, headless Chromium
 (Debian's chromium and chromium-driver, installed by scripts/test.sh) loads the page, a two-frame story is typed
 in, its identity is the user's picture (a file that is not a picture is refused first, the form kept), it is
-generated on the toy model with its progress shown, the images appear with the reconstruction's PSNR, and a comic
-page is exported.
+generated on the toy model with its progress and live previews shown (a preview in each image's slot before the
+image), the images appear with the reconstruction's PSNR, a comic page is exported, and with "live previews" off
+(kept over a reload) an image regenerated shows none.
 Screenshots go under the test's temporary folder (and to $CHARACONSIST_UI_SCREENSHOTS when set, e.g. docs/img)."""
 
 from __future__ import annotations
@@ -142,10 +143,17 @@ def test_make_a_story_in_the_browser(server, tmp_path):
             d.find_element(By.CSS_SELECTOR, ".picture-thumb")) == 160)
         assert "my robot.png, 160x160" in driver.find_element(By.CSS_SELECTOR, ".picture-name").text
         assert "the masks need the character's words" in driver.find_element(By.CSS_SELECTOR, ".picture-hint").text
+        assert driver.find_element(By.ID, "live-previews").is_selected()    # on by default
         driver.find_element(By.ID, "generate").click()
 
         wait.until(lambda d: any(e["type"] == "done" for e in d.execute_script("return window.uiEvents")))
         events = driver.execute_script("return window.uiEvents")
+        types = [e["type"] for e in events]
+        # a preview of every image came (and was put in its slot) while the group denoised, before its images
+        assert "preview" in types and types.index("group_started") < types.index("preview") < types.index("group")
+        first = events[types.index("preview")]
+        assert [im["index"] for im in first["images"]] == [0, 1, 2] and all(im["bytes"] > 100 for im in first["images"])
+        assert driver.execute_script("return window.previewsShown") >= 3
         progress = [e for e in events if e["type"] == "progress"]
         assert progress and progress[-1]["phase"] == "main" and progress[-1]["done"] == progress[-1]["total"] == steps
         assert driver.find_element(By.ID, "steps-text").text == f"main {steps}/{steps}"
@@ -164,6 +172,7 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         driver.find_element(By.ID, "show-masks").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img.mask")) == 3)
         driver.find_element(By.ID, "show-masks").click()
+        assert not driver.find_elements(By.CSS_SELECTOR, "#gallery img.preview")      # the images replaced them
         driver.save_screenshot(str(shots / "ui.png"))
 
         Select(driver.find_element(By.ID, "export-layout")).select_by_value("2x2")
@@ -175,6 +184,18 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         link = driver.find_element(By.CSS_SELECTOR, "#exports a")
         assert link.text == "layouts/2x2_01.png"
         driver.save_screenshot(str(shots / "export.png"))
+
+        # live previews off, kept over a reload: regenerating an image shows none
+        driver.find_element(By.ID, "live-previews").click()
+        driver.refresh()
+        wait.until(lambda d: "model toy" in d.find_element(By.ID, "model").text and d.find_elements(
+            By.CSS_SELECTOR, '#gallery .tile[data-index="1"] button.regenerate'))
+        assert not driver.find_element(By.ID, "live-previews").is_selected()
+        driver.find_element(By.CSS_SELECTOR, '#gallery .tile[data-index="1"] button.regenerate').click()
+        wait.until(lambda d: "regenerated" in d.find_element(By.ID, "status").text)
+        events = driver.execute_script("return window.uiEvents")
+        assert "progress" in [e["type"] for e in events] and "preview" not in [e["type"] for e in events]
+        assert driver.execute_script("return window.previewsShown") == 0
     finally:
         driver.quit()
     page = folder / "robot-day" / "layouts" / "2x2_01.png"

@@ -77,6 +77,8 @@ class Group:
     twins: bool = False         # rows len(slots).. are plain "vanilla twins" of the slots, same order
                                 # (``Method.twins_follow``: restarted from the slots' latents every step)
     kept: list = field(default_factory=list)   # latents after steps 0..k-1, for a next phase starting at k
+    kept_x0: list = field(default_factory=list)   # their x0 estimates (only when a callback asks for "x0")
+    velocity: torch.Tensor | None = None       # the last step's model output (only when a callback asks for it)
 
     def row_of(self, pos: int) -> int | None:
         for row, slot in enumerate(self.slots):
@@ -107,6 +109,23 @@ class Phase:
     steps: int
     final: bool
     start: int = 0
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the rows of a ``callback_on_step_end`` call are (``pipe.step_batch`` during the call): the images'
+    story indices (0 = identity, k = frame k), their size in pixels, and the noise level ``sigma`` of the latents
+    after the step (the scheduler's next sigma; 0 after the last step)."""
+
+    images: tuple[int, ...]
+    height: int
+    width: int
+    sigma: float
+    step: int
+    steps: int
+
+
+CALLBACK_TENSORS = ("latents", "x0", "noise_pred")   # what ``callback_on_step_end_tensor_inputs`` may name
 
 
 @dataclass
@@ -295,6 +314,7 @@ class Engine:
     def __init__(self, pipe, method):
         self.pipe, self.method = pipe, method
         self.run: Run | None = None
+        self._wants: set[str] = set()
 
     @contextmanager
     def installed(self):
@@ -371,6 +391,8 @@ class Engine:
                   tr_config.num_layers)
         self.run = run
         self.method.start(run)
+        names = tuple(callback_tensor_inputs or ()) if callback is not None else ()
+        self._wants = {"x0", "noise_pred"} & set(names)   # read-only inputs: kept only when asked for
         phases = self.method.phases(num_inference_steps)
         with self.installed():
             for i, phase in enumerate(phases):
@@ -392,9 +414,10 @@ class Engine:
                     for g in groups:
                         if callback is not None and phase.final:
                             self._callback(callback, g, step, callback_tensor_inputs, g.kept[step],
-                                           apply=step == phase.start - 1)
+                                           apply=step == phase.start - 1, taken_over=True,
+                                           x0=g.kept_x0[step] if step < len(g.kept_x0) else None)
                 for g in groups:
-                    g.kept = []
+                    g.kept, g.kept_x0 = [], []
                 for step in range(phase.start, phase.steps):
                     run.step = step
                     if twin_steps and step == twin_steps:
@@ -409,6 +432,8 @@ class Engine:
                                       step == phase.steps - 1)
                         if step < keep:
                             g.kept.append(g.latents.clone())
+                            if "x0" in self._wants:
+                                g.kept_x0.append(self._x0(g, step))
                         if callback is not None and phase.final:
                             self._callback(callback, g, step, callback_tensor_inputs, g.latents)
                     self.method.end_step(run)
@@ -419,14 +444,38 @@ class Engine:
         final = {s.pos: g.latents[row:row + 1] for g in groups for row, s in enumerate(g.slots)}
         return [final[s.pos] for s in slots], run
 
-    def _callback(self, callback, g: Group, step: int, names, latents: torch.Tensor, apply: bool = True) -> None:
+    def _x0(self, g: Group, step: int) -> torch.Tensor | None:
+        """The images' x0 estimate after ``step``: latents - sigma_next * velocity (the flow's straight line to
+        sigma 0; rectified-flow x0 = x_t - sigma_t * v, taken from the stepped latents). None when the step ran no
+        scheduler step (a pre-run's last)."""
+        if g.velocity is None:
+            return None
+        n = len(g.slots)
+        sigma = float(g.scheduler.sigmas[step + 1])
+        return (g.latents[:n].float() - sigma * g.velocity[:n].float()).to(g.latents.dtype)
+
+    def _callback(self, callback, g: Group, step: int, names, latents: torch.Tensor, apply: bool = True,
+                  taken_over: bool = False, x0: torch.Tensor | None = None) -> None:
         """``callback_on_step_end`` for one group; it sees the images' rows, never the twins'. Latents it
         returns replace the group's (``apply``; for a step taken over from an earlier phase only the last one's
-        can, the later ones already ran)."""
+        can, the later ones already ran; returning them unchanged is fine). ``x0`` and ``noise_pred`` are read
+        only (a step ``taken_over`` from an earlier phase has the x0 kept then and no ``noise_pred``).
+        ``pipe.step_batch`` says what the rows are during the call."""
         n = len(g.slots)
-        kwargs = {k: (latents[:n] if k == "latents" else None) for k in names}
-        result = callback(self.pipe, step, g.timesteps[step], kwargs) or {}
-        if "latents" in result:
+        given = {"latents": latents[:n]}
+        if "x0" in names:
+            given["x0"] = x0 if taken_over else self._x0(g, step)
+        if "noise_pred" in names and not taken_over and g.velocity is not None:
+            given["noise_pred"] = g.velocity[:n]
+        kwargs = {k: given.get(k) for k in names}
+        self.pipe._step_batch = StepBatch(tuple(s.story_index for s in g.slots), g.slots[0].height,
+                                          g.slots[0].width, float(g.scheduler.sigmas[step + 1]), step,
+                                          len(g.timesteps))
+        try:
+            result = callback(self.pipe, step, g.timesteps[step], kwargs) or {}
+        finally:
+            self.pipe._step_batch = None
+        if "latents" in result and result["latents"] is not kwargs.get("latents"):
             if not apply:
                 raise ValueError(f"step {step} was taken over from the pre-run: its latents cannot be changed")
             g.latents = torch.cat([result.pop("latents"), g.latents[n:]])
@@ -453,3 +502,4 @@ class Engine:
                             noise_pred[r] = s.picture.velocity(step, g.latents[r], noise_pred[r])
             g.latents = g.scheduler.step(noise_pred, t, g.latents, return_dict=False)[0]
             self._follow_picture(g, step + 1)
+        g.velocity = noise_pred if self._wants and not last else None   # for a callback's x0 / noise_pred

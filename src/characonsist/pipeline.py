@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ._compat import dtype_kwarg, import_flux
-from .engine import Engine, Slot
+from .engine import CALLBACK_TENSORS, Engine, Slot, StepBatch
 from .inputs import (
     OUTPUT_TYPES,
     InputError,
@@ -178,6 +178,12 @@ class CharaConsistPipeline(FluxPipeline):
         finally:
             logger.removeFilter(muted)
 
+    @property
+    def step_batch(self) -> StepBatch | None:
+        """During a ``callback_on_step_end`` call: what its rows are (``engine.StepBatch``: the images' story
+        indices, identity 0, their height and width, the latents' sigma after the step); None outside one."""
+        return getattr(self, "_step_batch", None)
+
     # ------------------------------------------------------------------ inputs
     def model_folder(self) -> Path | None:
         """The local folder the pipeline was loaded from (``from_pretrained``/``from_pipe``), if any."""
@@ -227,10 +233,10 @@ class CharaConsistPipeline(FluxPipeline):
             problems.append(f"output_type={excerpt(output_type)}; valid: {', '.join(map(repr, OUTPUT_TYPES))}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             problems.append(f"callback_on_step_end={excerpt(callback_on_step_end)} is not callable")
-        unknown = [k for k in (callback_on_step_end_tensor_inputs or ()) if k != "latents"]
+        unknown = [k for k in (callback_on_step_end_tensor_inputs or ()) if k not in CALLBACK_TENSORS]
         if unknown:
             problems.append(f"callback_on_step_end_tensor_inputs: {', '.join(map(excerpt, unknown))} not available; "
-                            "valid: 'latents'")
+                            f"valid: {', '.join(map(repr, CALLBACK_TENSORS))}")
         if identity_image is not None:
             try:
                 load_picture(identity_image, "identity_image")
@@ -299,7 +305,10 @@ class CharaConsistPipeline(FluxPipeline):
         (``story_defaults``: FLUX.1-dev's 1024 px, 50 steps, guidance 3.5, 512 tokens; a model folder's
         ``characonsist_defaults.json``, e.g. the toy model's, wins). ``progress_callback(phase, done, total)`` is
         called after every denoising step of every pass (pre-runs included); an exception raised in it stops the
-        call.
+        call. ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` (diffusers' FluxPipeline
+        convention) is called after every step of the main run with the lockstep batch's rows (identity first):
+        ``"latents"`` (returned ones replace them), ``"x0"`` and ``"noise_pred"`` (read-only); ``pipe.step_batch``
+        names the rows during the call (docs/API.md, "Step callbacks").
 
         ``identity_image`` (a PIL image, an array or an image file) makes the identity that picture, captioned by
         ``identity``: it is fitted to the identity's size (scaled to cover, centre-cropped), and the identity's row

@@ -264,9 +264,12 @@ def load_pipeline(ref: ModelRef, dtype: str, mode: str, gpus: list[int], progres
 
 
 def story_engine(pipe, run: dict):
-    """``generate(job, progress_callback=None) -> GroupResult`` for a loaded pipeline and a run's settings."""
+    """``generate(job, progress_callback=None) -> GroupResult`` for a loaded pipeline and a run's settings.
+    ``generate`` also passes ``callback_on_step_end`` and ``callback_on_step_end_tensor_inputs`` to the pipeline
+    (the web UI's live previews); they never change an image that only reads."""
 
-    def generate(job, progress_callback=None) -> GroupResult:
+    def generate(job, progress_callback=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)) -> GroupResult:
         from .jobs import picture_of
 
         images = job.group.images
@@ -276,7 +279,9 @@ def story_engine(pipe, run: dict):
                    width=run["width"], num_inference_steps=run["num_inference_steps"],
                    guidance_scale=run["guidance_scale"], seed=[r["seed"] for r in job.records],
                    max_sequence_length=run["max_sequence_length"], batch_size=run["batch_size"],
-                   progress_callback=progress_callback, **run["method_options"], **extra)
+                   progress_callback=progress_callback, callback_on_step_end=callback_on_step_end,
+                   callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, **run["method_options"],
+                   **extra)
         return GroupResult([out.identity, *out.frames], out.masks, out.matches, out.notes, out.settings)
 
     generate.tokenizer = getattr(pipe, "tokenizer_2", None)

@@ -105,6 +105,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         from ..app.model import limits_of, load_t5_tokenizer
         from ..inversion import MODES
         from ..methods import METHODS, method_class
+        from ..preview import MODES as PREVIEW_MODES
 
         ref = worker.ref
         limits = limits_of(ref, load_t5_tokenizer(ref))
@@ -122,6 +123,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
             "defaults": ref.defaults, "out": str(space.root), "methods": methods, "layouts": list(LAYOUTS),
             "formats": list(FORMATS), "limits": {"multiple": limits.multiple, "max_side": limits.max_side,
                                                  "vocabulary": list(limits.vocabulary or [])},
+            "previews": {"modes": list(PREVIEW_MODES), "interval": worker.preview_interval, "size": worker.preview_size},
             "inversions": list(MODES), "pictures": {"max_bytes": MAX_PICTURE_BYTES, "max_pixels": MAX_PICTURE_PIXELS,
                                                     "formats": list(PICTURE_FORMATS)}})
 

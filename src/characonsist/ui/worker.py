@@ -36,6 +36,7 @@ from ..storyfile import StoryError
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 STORY_FILE = "story.yaml"
 MAX_SEED = 2**32 - 1    # re-rolled seeds: small enough to read and type
+PREVIEW_KEEP_S = 30     # a job's superseded preview pictures stay in its log this long (then only the newest)
 PICTURES = "pictures"   # DIR/pictures: the uploaded identity pictures (not a story name)
 PICTURE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}   # what browsers show
 PICTURE_NAME = re.compile(r"[0-9a-f]{16}\.(?:png|jpg|webp|gif|bmp)")
@@ -196,6 +197,7 @@ class UiJob:
     events: list = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     result: dict = field(default_factory=dict)
+    previews: list = field(default_factory=list)   # its preview events that still hold their pictures
 
     @property
     def finished(self) -> bool:
@@ -450,12 +452,46 @@ class Workspace:
                 for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
-class Worker:
-    """One thread, one model, one job at a time; the others wait in the queue (see the module docstring)."""
+def drop_pictures(job: UiJob, keep=(), before: float | None = None) -> None:
+    """Drop the pictures of ``job``'s preview events (emitted before ``before``, all without it) except those in
+    ``keep``; the events stay, their ``url`` becomes None. Bounds a long job's log: a connected page has read them
+    long since."""
+    kept = []
+    for event in job.previews:
+        if any(event is k for k in keep) or (before is not None and event["time"] >= before):
+            kept.append(event)
+        else:
+            event["images"] = [{**im, "url": None} for im in event["images"]]
+    job.previews = kept
 
-    def __init__(self, workspace: Workspace, model: str):
+
+def preview_mode(value) -> str | None:
+    """A job's ``previews`` field: false/absent -> None (no previews), true -> ``"linear"``, or a mode's name."""
+    from ..preview import MODES
+
+    if value in (None, False):
+        return None
+    if value is True:
+        return "linear"
+    if value not in MODES:
+        raise UiError(f"previews: {value!r}; give true, false or one of {', '.join(MODES)}")
+    return value
+
+
+class Worker:
+    """One thread, one model, one job at a time; the others wait in the queue (see the module docstring).
+
+    A job that asks for ``previews`` gets ``preview`` events while its groups denoise: small JPEG data URLs of
+    every image's x0 estimate (``characonsist.preview``), at most one per image every ``preview_interval``
+    seconds, ``preview_size`` px on the long side. They live only in the job's events (superseded pictures are
+    dropped from the log after ``PREVIEW_KEEP_S``, and all of a finished job's when the next job starts); nothing
+    is written to the story's folder."""
+
+    def __init__(self, workspace: Workspace, model: str, preview_interval: float = 0.5, preview_size: int = 128):
         self.workspace = workspace
         self.model = model
+        self.preview_interval = preview_interval
+        self.preview_size = preview_size
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
         workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
         self.pipe = None
@@ -511,6 +547,8 @@ class Worker:
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
+        if kind in ("generate", "regenerate"):
+            payload = {**payload, "previews": preview_mode(payload.get("previews"))}
         if kind == "generate":
             settings = Settings.parse(payload.get("settings"))
             try:
@@ -565,6 +603,9 @@ class Worker:
                 continue
             if job.state != "queued":
                 continue
+            for other in list(self.jobs.values()):   # only the newest finished job's log keeps its previews' pictures
+                if other.finished and other.previews:
+                    drop_pictures(other)
             job.state = "running"
             job.emit("started", kind=job.kind)
             try:
@@ -601,6 +642,14 @@ class Worker:
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
+                # the previews' latent -> RGB map, fitted now rather than in a story's first step (with an
+                # offloaded model that would move the VAE onto the GPU in mid-run)
+                try:
+                    from ..preview import latent_rgb
+
+                    latent_rgb(self.pipe)
+                except Exception:
+                    pass   # a job that asks for previews then gets preview_failed with the reason
                 self.model_state = "ready"
             return self.pipe
 
@@ -616,6 +665,51 @@ class Worker:
                 raise StoryError(problems)
         run.engine = engine
         return engine
+
+    def _previewing(self, job: UiJob, run: StoryRun) -> None:
+        """Make ``run.engine`` emit the job's ``preview`` events (when the job asked for them)."""
+        mode = job.payload.get("previews")
+        if not mode or run.engine is None:
+            return
+        generate = run.engine
+
+        def with_previews(j, progress_callback=None, **kwargs):
+            shown: dict = {}      # the rows of a size group -> (time, its last preview event)
+
+            def on_step(pipe, step, timestep, inputs):
+                batch, x0 = pipe.step_batch, inputs.get("x0")
+                if batch is None or x0 is None or job.payload.get("previews") is None:
+                    return {}
+                now = time.monotonic()
+                last = shown.get(batch.images)
+                if last is not None and now - last[0] < self.preview_interval:
+                    return {}
+                try:
+                    from ..preview import data_url, previews
+
+                    start = time.perf_counter()
+                    images = [{"index": k, "url": data_url(im), "width": im.width, "height": im.height}
+                              for k, im in zip(batch.images, previews(pipe, x0, batch.height, batch.width, mode,
+                                                                       self.preview_size))]
+                    cost = round((time.perf_counter() - start) * 1000, 1)
+                except Exception as e:   # a preview must never stop a story: no more previews for this job
+                    job.payload["previews"] = None
+                    job.emit("preview_failed", group=j.folder, message=f"{type(e).__name__}: {e}")
+                    return {}
+                job.emit("preview", group=j.folder, step=step + 1, steps=batch.steps, mode=mode, images=images,
+                         ms=cost)
+                shown[batch.images] = (now, job.events[-1])
+                job.previews.append(job.events[-1])
+                drop_pictures(job, keep=[e for _, e in shown.values()], before=time.time() - PREVIEW_KEEP_S)
+                return {}
+
+            return generate(j, progress_callback=progress_callback, callback_on_step_end=on_step,
+                            callback_on_step_end_tensor_inputs=["x0"], **kwargs)
+
+        for attr in ("tokenizer", "limits", "pipe"):
+            if hasattr(generate, attr):
+                setattr(with_previews, attr, getattr(generate, attr))
+        run.engine = with_previews
 
     def _progress(self, job: UiJob, groups: list[str]):
         def progress(j, phase, done, total):
@@ -646,6 +740,7 @@ class Worker:
             if todo:
                 job.emit("loading", model=self.model, state=self.model_state)
                 self._engine(run)
+                self._previewing(job, run)
             progress = self._progress(job, [j.folder for j in todo])
             for j in todo:
                 job.emit("group_started", group=j.folder, images=j.images)
@@ -687,6 +782,7 @@ class Worker:
                 self._write_story(run, text)
                 try:
                     self._engine(run)
+                    self._previewing(job, run)
                     job.emit("group_started", group=target.folder, images=target.images)
                     differing = regenerate(run, target, p["index"], progress=self._progress(job, [target.folder]),
                                            cancel=job.cancel)
@@ -727,4 +823,4 @@ class Worker:
 
 
 __all__ = ["Settings", "UiError", "UiJob", "Worker", "Workspace", "check_name", "cli_command", "picture_ref",
-           "stored_picture"]
+           "preview_mode", "stored_picture"]

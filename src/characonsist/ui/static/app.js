@@ -11,7 +11,10 @@ let info = null;                 // /api/info
 let story = null;                // the document being edited
 let gallery = [];                // the story's groups as generated
 let currentJob = null;
-window.uiEvents = [];            // every event seen, for tests and the curious (newest last)
+let previews = {};               // live previews of the running job: group -> image index -> data URL
+window.uiEvents = [];            // every event seen, for tests and the curious (newest last; previews without pictures)
+window.previewsShown = 0;        // how many preview pictures were put in a slot (for tests)
+const PREVIEWS_KEY = "characonsist-previews";
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -248,7 +251,8 @@ function setBar(id, value, max) {
 }
 
 // ------------------------------------------------------------------------------------------ runs
-function payload(extra = {}) { return {name: storyName(), story: cleanStory(), settings: settings(), ...extra}; }
+function payload(extra = {}) { return {name: storyName(), story: cleanStory(), settings: settings(), previews: livePreviews(), ...extra}; }
+function livePreviews() { return $("#live-previews").checked; }
 
 function cleanStory() {   // the document without the editor's own fields
   return {title: story.title, character: story.character, scenes: story.scenes.map(sc => ({name: sc.name, background: sc.background,
@@ -280,7 +284,7 @@ function follow(id) {
   let groupsDone = 0, groupsTotal = 1;
   source.onmessage = msg => {
     const ev = JSON.parse(msg.data);
-    window.uiEvents.push(ev);
+    window.uiEvents.push(ev.type === "preview" ? {...ev, images: ev.images.map(({url, ...im}) => ({...im, bytes: url ? url.length : 0}))} : ev);
     if (ev.type === "queued") status(ev.position ? `queued (${ev.position} job(s) before it)` : "queued");
     else if (ev.type === "started") status(`${ev.kind}: starting`);
     else if (ev.type === "plan") {
@@ -288,13 +292,14 @@ function follow(id) {
       setBar("#progress-images", 0, groupsTotal);
       status(ev.todo.length ? `generating ${ev.images} image(s) in ${ev.todo.length} group(s)` : "every group is already done");
     } else if (ev.type === "loading") status(`generating (model ${ev.state})`);
-    else if (ev.type === "group_started") status(`generating ${ev.group} (${ev.images} images)`);
+    else if (ev.type === "group_started") { status(`generating ${ev.group} (${ev.images} images)`); startSlots(ev.group, ev.images); }
+    else if (ev.type === "preview") showPreview(ev);
     else if (ev.type === "progress") {
       setBar("#progress-steps", ev.done, ev.total);
       $("#steps-text").textContent = `${ev.phase} ${ev.done}/${ev.total}`;
       $("#images-text").textContent = `group ${ev.group_index}/${ev.groups}`;
     } else if (ev.type === "group") {
-      groupsDone += 1; setBar("#progress-images", groupsDone, groupsTotal);
+      groupsDone += 1; setBar("#progress-images", groupsDone, groupsTotal); delete previews[ev.group];
       $("#images-text").textContent = `${groupsDone}/${groupsTotal} group(s) done`;
       if (ev.gallery) { const k = gallery.findIndex(g => g.name === ev.group); if (k >= 0) gallery[k] = ev.gallery; else gallery.push(ev.gallery); showGallery(); }
     } else if (ev.type === "group_failed") showProblems([`${ev.group}: ${ev.message}`]);
@@ -307,11 +312,35 @@ function follow(id) {
       if (ev.files) showExports(ev.files);
     }
     if (["done", "error", "cancelled"].includes(ev.type)) {
-      source.close(); currentJob = null; $("#cancel").disabled = true;
+      source.close(); currentJob = null; $("#cancel").disabled = true; previews = {};
       refreshQueue(); openStory($("#name").value, !(ev.type === "done" && !ev.files));
     }
   };
   refreshQueue();
+}
+
+// a group being generated: slots for its images (the ones it had, or empty ones), which previews fill
+function startSlots(name, count) {
+  previews[name] = {};
+  if (!gallery.some(g => g.name === name))
+    gallery.push({name, status: "generating", pending: true,
+                  images: Array.from({length: count}, (_, i) => ({index: i, role: i ? "frame" : "identity"}))});
+  showGallery();
+}
+
+function showPreview(ev) {
+  const shown = previews[ev.group] || (previews[ev.group] = {});
+  let missing = false;
+  for (const im of ev.images) {
+    if (!im.url) continue;
+    shown[im.index] = im.url;
+    const tile = $$(".tile").find(t => t.dataset.group === ev.group && Number(t.dataset.index) === im.index);
+    const img = tile && $("img.preview", tile);
+    if (img) img.src = im.url; else missing = true;
+    window.previewsShown += 1;
+  }
+  if (missing) showGallery();
+  $$(".tile").filter(t => t.dataset.group === ev.group).forEach(t => { const s = $(".preview-step", t); if (s) s.textContent = `preview, step ${ev.step}/${ev.steps}`; });
 }
 
 function offerOverwrite() {
@@ -335,19 +364,22 @@ function showGallery() {
   else $("#gallery").replaceChildren(...gallery.map(group => {
     const tiles = group.images.map(im => {
       const pic = el("div", {class: "pic"});
-      if (im.url) pic.append(el("img", {src: im.url, alt: `${group.name} ${im.role} ${im.index}`, class: "image"}));
+      const live = previews[group.name]?.[im.index];
+      if (im.url && !live) pic.append(el("img", {src: im.url, alt: `${group.name} ${im.role} ${im.index}`, class: "image"}));
+      if (live) pic.append(el("img", {src: live, alt: `${group.name} ${im.role} ${im.index}: preview`, class: "preview"}),
+                           el("span", {class: "preview-step"}));
       if (masks && im.mask) pic.append(el("img", {src: im.mask, class: "mask", alt: "mask"}));
       const fromPicture = im.role === "identity" && group.picture;
       const tile = el("div", {class: "tile", "data-group": group.name, "data-index": im.index}, pic,
-        el("div", {text: `${im.role === "identity" ? (fromPicture ? "identity (from the picture)" : "identity") : "frame " + im.index} · seed ${im.seed}`}),
+        el("div", {text: `${im.role === "identity" ? (fromPicture ? "identity (from the picture)" : "identity") : "frame " + im.index} · seed ${im.seed ?? "…"}`}),
         im.caption ? el("div", {class: "muted", text: im.caption}) : null);
       if (fromPicture) tile.append(pictureInfo(group.picture));
       if (matches && im.match) tile.append(el("img", {src: im.match, class: "match", alt: "point matches"}));
       if ((im.notes || []).length) tile.append(el("details", {class: "notes small"},
         el("summary", {text: `${im.notes.length} note(s)`}), ...im.notes.map(n => el("div", {text: n}))));
-      if (im.url && group.status === "done") tile.append(el("button", {type: "button", class: "regenerate", text: "↻ new seed",
+      if (im.url && group.status === "done" && !live) tile.append(el("button", {type: "button", class: "regenerate", text: "↻ new seed",
         title: "regenerate this image with a new seed; the others stay as they are",
-        onclick: () => submit({kind: "regenerate", name: $("#name").value, group: group.name, index: im.index})}));
+        onclick: () => submit({kind: "regenerate", name: $("#name").value, group: group.name, index: im.index, previews: livePreviews()})}));
       return tile;
     });
     const title = el("h3", {text: `${group.name} (${group.status})`});
@@ -433,6 +465,7 @@ async function start() {
   if (info.limits.vocabulary.length) $("#vocabulary").textContent = `this model knows only these words: ${info.limits.vocabulary.join(" ")}`;
   for (const [id, key] of [["#steps", "num_inference_steps"], ["#guidance", "guidance_scale"], ["#width", "width"], ["#height", "height"]])
     $(id).placeholder = info.defaults[key];
+  try { $("#live-previews").checked = localStorage.getItem(PREVIEWS_KEY) !== "off"; } catch (e) { /* private mode */ }
   let draft = null;
   try { draft = JSON.parse(localStorage.getItem("characonsist-draft") || "null"); } catch (e) { draft = null; }
   story = draft?.story || emptyStory();
@@ -461,6 +494,7 @@ async function start() {
   $("#load-file").addEventListener("change", e => { if (e.target.files[0]) loadFile(e.target.files[0]); e.target.value = ""; });
   $$(".save-file").forEach(b => b.addEventListener("click", () => saveFile(b.dataset.format)));
   $$("#run input, #run select, #run textarea").forEach(n => n.addEventListener("change", changed));
+  $("#live-previews").addEventListener("change", e => { try { localStorage.setItem(PREVIEWS_KEY, e.target.checked ? "on" : "off"); } catch (err) { /* private mode */ } });
 }
 
 start().catch(e => status(`cannot start: ${e.message}`, true));
