@@ -257,6 +257,21 @@ def test_main_run_takes_step0_over_from_the_prerun_bit_exactly(story_pipe):
         assert torch.equal(x.frame_idx, y.frame_idx) and torch.equal(x.id_idx, y.id_idx)
 
 
+def test_a_one_step_prerun_is_not_taken_over(story_pipe):
+    """When the effective mask step is 0 (``mask_step=1`` rescaled to 3 steps), the pre-run is one step that stops
+    at its prediction: the main run must not start from its unstepped latents (it did: images differed)."""
+    from characonsist.methods import get_method
+    from characonsist.methods.characonsist import step_schedule
+
+    method = get_method("characonsist", mask_step=1)
+    assert step_schedule(method.config, 3)["mask_step"] == 0
+    assert [(p.name, p.steps, p.start) for p in method.phases(3)] == [("prerun", 1, 0), ("main", 3, 0)]
+    kw = {**KW, "num_inference_steps": 3, "mask_step": 1}
+    reused = story_pipe(IDENTITY, FRAMES[:1], **kw)
+    full = story_pipe(IDENTITY, FRAMES[:1], reuse_prerun_step0=False, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(reused.images, full.images))
+
+
 def test_volatile_backend_option_is_checked(story_pipe):
     with pytest.raises(ValueError, match="volatile_backend"):
         story_pipe(IDENTITY, FRAMES[:1], volatile_backend="fast", **KW)

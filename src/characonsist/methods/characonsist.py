@@ -129,11 +129,13 @@ class CharaConsist(Method):
         Step 0 has no sharing and no merge (``share_start``, ``merge_start`` >= 1), so the pre-run's step 0 is
         the main run's step 0, batch for batch: with ``reuse_prerun_step0`` the main run starts at step 1 from
         the pre-run's latents and step-0 masks (one forward of the whole chunk saved, bit-identical images).
+        Only when the pre-run steps its step 0, i.e. the effective ``mask_step`` is at least 1: a pre-run of one
+        step stops at that step's prediction (its last) and leaves the latents unstepped.
         """
         cfg, sch = self.config, step_schedule(self.config, num_steps)
         if not (cfg.prerun and num_steps > 1):
             return [Phase("main", num_steps, final=True)]
-        start = int(cfg.reuse_prerun_step0 and sch["share_start"] >= 1 and (
+        start = int(cfg.reuse_prerun_step0 and sch["mask_step"] >= 1 and sch["share_start"] >= 1 and (
             not cfg.use_token_merge or sch["merge_start"] >= 1))
         return [Phase("prerun", sch["mask_step"] + 1, final=False), Phase("main", num_steps, final=True, start=start)]
 
