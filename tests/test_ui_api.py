@@ -148,6 +148,8 @@ def test_generate_streams_progress_and_images_and_the_cli_resumes_it(ui, tmp_pat
     types = [e["type"] for e in seen]
     assert types[:3] == ["queued", "started", "plan"] and types[-1] == "done"
     assert [e["seq"] for e in seen] == list(range(len(seen)))
+    loaded = [e for e in seen if e["type"] == "loading"]          # the page's header follows the model's state
+    assert loaded[-1]["state"] == "ready" and types.index("group_started") > seen.index(loaded[-1])
     steps = [(e["phase"], e["done"], e["total"]) for e in seen if e["type"] == "progress"]
     assert steps[0][0] == "prerun" and steps[-1] == ("main", 3, 3)
     (group,) = [e for e in seen if e["type"] == "group"]

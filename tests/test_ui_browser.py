@@ -147,6 +147,7 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         driver.find_element(By.ID, "generate").click()
 
         wait.until(lambda d: any(e["type"] == "done" for e in d.execute_script("return window.uiEvents")))
+        assert "(ready)" in driver.find_element(By.ID, "model").text     # the header followed the model's load
         events = driver.execute_script("return window.uiEvents")
         types = [e["type"] for e in events]
         # a preview of every image came (and was put in its slot) while the group denoised, before its images

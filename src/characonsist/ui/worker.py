@@ -740,6 +740,7 @@ class Worker:
             if todo:
                 job.emit("loading", model=self.model, state=self.model_state)
                 self._engine(run)
+                job.emit("loading", model=self.model, state=self.model_state)   # "ready": the page's header says so
                 self._previewing(job, run)
             progress = self._progress(job, [j.folder for j in todo])
             for j in todo:
@@ -782,6 +783,7 @@ class Worker:
                 self._write_story(run, text)
                 try:
                     self._engine(run)
+                    job.emit("loading", model=self.model, state=self.model_state)
                     self._previewing(job, run)
                     job.emit("group_started", group=target.folder, images=target.images)
                     differing = regenerate(run, target, p["index"], progress=self._progress(job, [target.folder]),

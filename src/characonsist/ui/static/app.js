@@ -291,7 +291,7 @@ function follow(id) {
       groupsTotal = Math.max(ev.todo.length, 1);
       setBar("#progress-images", 0, groupsTotal);
       status(ev.todo.length ? `generating ${ev.images} image(s) in ${ev.todo.length} group(s)` : "every group is already done");
-    } else if (ev.type === "loading") status(`generating (model ${ev.state})`);
+    } else if (ev.type === "loading") { info.model_state = ev.state; showModel(); status(`generating (model ${ev.state})`); }
     else if (ev.type === "group_started") { status(`generating ${ev.group} (${ev.images} images)`); startSlots(ev.group, ev.images); }
     else if (ev.type === "preview") showPreview(ev);
     else if (ev.type === "progress") {
@@ -457,9 +457,13 @@ async function saveFile(format) {
 }
 
 // ------------------------------------------------------------------------------------------ start
+function showModel() {   // the header: the model, how it is loaded and its state (updated by the jobs' events)
+  $("#model").textContent = `model ${info.model}${info.loading ? " " + info.loading : ""} (${info.model_state}) · ${info.defaults.width}x${info.defaults.height}, ${info.defaults.num_inference_steps} steps · folder ${info.out}`;
+}
+
 async function start() {
   info = await api("/api/info");
-  $("#model").textContent = `model ${info.model}${info.loading ? " " + info.loading : ""} (${info.model_state}) · ${info.defaults.width}x${info.defaults.height}, ${info.defaults.num_inference_steps} steps · folder ${info.out}`;
+  showModel();
   $("#method").replaceChildren(...Object.keys(info.methods).map(m => el("option", {value: m, text: m})));
   $("#export-layout").replaceChildren(...info.layouts.map(l => el("option", {value: l, text: l})));
   if (info.limits.vocabulary.length) $("#vocabulary").textContent = `this model knows only these words: ${info.limits.vocabulary.join(" ")}`;
