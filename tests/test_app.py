@@ -46,7 +46,9 @@ def test_progress_cancel_and_resume_from_python(tiny_model, tmp_path):
         assert run.run(run.todo[0], progress=progress, cancel=cancel) is True
         with pytest.raises(Cancelled):
             run.run(run.jobs[1], progress=progress, cancel=cancel)
-    assert seen[:3] == [("group_000", "prerun", 1, 1), ("group_000", "main", 2, 3), ("group_000", "main", 3, 3)]
+    # mask_step 1 of 3 steps: a one-step pre-run, then the whole main run (a one-step pre-run is not taken over)
+    assert seen[:4] == [("group_000", "prerun", 1, 1), ("group_000", "main", 1, 3), ("group_000", "main", 2, 3),
+                        ("group_000", "main", 3, 3)]
     assert seen[-1] == ("group_001", "main", 2, 3)
     manifest = json.loads((out / "manifest.json").read_text())
     assert [g["status"] for g in manifest["groups"]] == ["done", "todo"]
