@@ -491,6 +491,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the CPU subset of the suite (one story per mode and kind: 9 stories)")
     parser.add_argument("--heldout", action="store_true",
                         help="the held-out suite: 60 other stories and noises, nothing tuned on them")
+    parser.add_argument("--two-characters", action="store_true",
+                        help="stories with two characters of different kinds in every image (128x256, at the model's "
+                             "height and twice its width): the two-character suite (36 stories) or --stories with "
+                             "two-character lines; scored per character, with the leak between them "
+                             "(docs/TOY_WORLD.md)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
     parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
     parser.add_argument("--images", default=None, metavar="DIR",
@@ -694,13 +699,45 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+def _two_suite(args: argparse.Namespace) -> tuple[list, str]:
+    """The stories of ``--two-characters``: its suite, or ``--stories`` with two-character lines."""
+    from .suite import load_two_stories, two_character_suite
+
+    for flag, value in (("--reduced", args.reduced), ("--heldout", args.heldout),
+                        ("--identity-picture", getattr(args, "identity_picture", None)),
+                        ("--inversion", getattr(args, "inversion", None))):
+        if value:
+            raise ValueError(f"{flag} is not available with --two-characters (one suite; --limit N runs its first N "
+                             "stories)")
+    if args.stories:
+        return load_two_stories(args.stories), str(args.stories)
+    return two_character_suite(), "two-characters"
+
+
+def _two_size_problem(model: str, defaults: dict, pipe) -> str | None:
+    """Why ``model`` cannot draw the two-character stories (its height x twice its width, one character per
+    square half), or None."""
+    h, w = defaults["height"], defaults["width"]
+    if h != w:
+        return (f"--two-characters: model {model!r} has a default size of {h}x{w} (height x width); two-character "
+                "images are two square halves side by side, so the model's own size must be square")
+    if pipe is not None and hasattr(pipe, "input_limits"):
+        limits = pipe.input_limits()
+        if limits.max_side is not None and 2 * w > limits.max_side:
+            return (f"--two-characters: model {model!r} takes at most {limits.max_side} px per side (twice its native "
+                    f"{limits.native}), but the two-character images are {h}x{2 * w}")
+    return None
+
+
 def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=None) -> int:
     import torch
 
     try:
         for m in methods:
             parse_method(m)
-        if args.stories:
+        if getattr(args, "two_characters", False):
+            stories, suite = _two_suite(args)
+        elif args.stories:
             stories = load_stories(args.stories)
             suite = str(args.stories)
         else:
@@ -720,6 +757,12 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     defaults = {"height": 128, "width": 128, "num_inference_steps": 20, "max_sequence_length": 32}
     if any(parse_method(m)[0] != ORACLE for m in methods):
         pipe, defaults = load_pipeline(args.model, _device(args), args.dtype)
+    two = getattr(args, "two_characters", False)
+    if two:
+        problem = _two_size_problem(args.model, defaults, pipe)
+        if problem:
+            print(f"bench toy: {problem}", file=sys.stderr)
+            return 2
     gen = {k: defaults[k] for k in ("height", "width", "num_inference_steps", "max_sequence_length")}
     if args.steps is not None:
         gen["num_inference_steps"] = args.steps
@@ -732,10 +775,17 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     load_seconds = time.perf_counter() - t_start
     t0 = time.perf_counter()
     try:
-        result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
-                           readout_net=readout_on(_device(args)), seeding=args.seeding,
-                           identity_picture=getattr(args, "identity_picture", None),
-                           inversion=getattr(args, "inversion", None), **gen)
+        if two:
+            from .bench_two import run_two_bench
+
+            gen.pop("width")
+            result = run_two_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
+                                   readout_net=readout_on(_device(args)), seeding=args.seeding, **gen)
+        else:
+            result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
+                               readout_net=readout_on(_device(args)), seeding=args.seeding,
+                               identity_picture=getattr(args, "identity_picture", None),
+                               inversion=getattr(args, "inversion", None), **gen)
     except ValueError as e:
         result = {"error": str(e)}
     if procs is not None:
@@ -743,7 +793,13 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
         if not procs.main:
             return 0      # process 0 prints and writes the merged result
         errors = sorted({p["error"] for p in parts if "error" in p})
-        result = {"error": "\n".join(errors)} if errors else merge_results(parts)
+        if errors:
+            result = {"error": "\n".join(errors)}
+        elif two:
+            from .bench_two import merge_two_results
+            result = merge_two_results(parts)
+        else:
+            result = merge_results(parts)
     if "error" in result:
         print(f"bench toy: {result['error']}", file=sys.stderr)
         return 2
@@ -756,7 +812,11 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     where = f"{args.device} ({result['settings']['device_name']})" if procs is None else \
         f"{procs.size} processes on {'cpu' if args.device == 'cpu' else 'cuda'} ({result['settings']['device_name']}, each)"
     print(f"toy bench: {n_stories} stories ({suite}), {model}, {where}")
-    print(format_tables(result))
+    if two:
+        from .bench_two import format_two_tables
+        print(format_two_tables(result))
+    else:
+        print(format_tables(result))
     if result["settings"].get("identity_picture"):
         print()
         print(format_picture_table(result))

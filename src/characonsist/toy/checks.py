@@ -413,26 +413,37 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
 
 # ------------------------------------------------------------------------------------------------ two characters
 
+TWO_ADHERENCE = ("all_named", "scene", "kinds", "kinds_in_order", "actions", "bound")
+
+
+def two_character_row(truth: tuple, reads: tuple[dict, dict]) -> dict:
+    """One two-character image's (left, right) readout against its truth (scene, kinds, actions): the adherence
+    flags of :data:`TWO_ADHERENCE` (see :func:`two_characters`) and ``same``, per attribute, whether the two
+    characters read the same value."""
+    scene, kinds, actions = truth
+    got_kinds = tuple(r["kind"] for r in reads)
+    got_actions = tuple(r["action"] for r in reads)
+    ok = {"scene": all(r["scene"] == scene for r in reads),
+          "kinds": sorted(got_kinds) == sorted(kinds), "kinds_in_order": got_kinds == tuple(kinds),
+          "actions": sorted(got_actions) == sorted(actions),
+          "bound": sorted(zip(got_kinds, got_actions)) == sorted(zip(kinds, actions))}
+    ok["all_named"] = ok["scene"] and ok["bound"]
+    return {**ok, "same": {a: reads[0][a] == reads[1][a] for a in ATTRS}}
+
+
 def score_two_characters(truths: list, images: list[np.ndarray]) -> dict:
     """Read two-character images half by half (``readout.read_pairs``) and score them against their truths
     (scene, kinds, actions), the i-th character in the i-th half; see :func:`two_characters`."""
     pairs, conf = readout.read_pairs(images, confidence=True)
     rows = []
     for (scene, kinds, actions), reads, cf in zip(truths, pairs, conf, strict=True):
-        got_kinds = tuple(r["kind"] for r in reads)
-        got_actions = tuple(r["action"] for r in reads)
-        ok = {"scene": all(r["scene"] == scene for r in reads),
-              "kinds": sorted(got_kinds) == sorted(kinds), "kinds_in_order": got_kinds == tuple(kinds),
-              "actions": sorted(got_actions) == sorted(actions),
-              "bound": sorted(zip(got_kinds, got_actions)) == sorted(zip(kinds, actions))}
-        ok["all_named"] = ok["scene"] and ok["bound"]
-        rows.append({"caption": world.two_caption(scene, kinds, actions), "reads": list(reads), **ok,
-                     "same": {a: reads[0][a] == reads[1][a] for a in ATTRS},
+        rows.append({"caption": world.two_caption(scene, kinds, actions), "reads": list(reads),
+                     **two_character_row((scene, kinds, actions), reads),
                      "unsure": [min(c.values()) < 0.9 for c in cf]})
     chars = [r for row in rows for r in row["reads"]]
     return {"n": len(rows),
             "adherence": {k: float(np.mean([r[k] for r in rows]))
-                          for k in ("all_named", "scene", "kinds", "kinds_in_order", "actions", "bound")},
+                          for k in TWO_ADHERENCE},
             "same_attribute": {a: float(np.mean([r["same"][a] for r in rows])) for a in ATTRS},
             "same_all_four": float(np.mean([all(r["same"].values()) for r in rows])),
             "chance_attribute": chance_per_attribute(chars), "chance_all_four": chance_agreement(chars),

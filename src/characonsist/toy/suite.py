@@ -5,6 +5,9 @@ A story is one identity image and its frames, all of the same character kind. Th
 - ``fixed``: every frame keeps the identity's scene; the actions vary.
 - ``changing``: every frame is in another scene than the identity; consecutive frames differ.
 - ``mixed``: some frames keep the identity's scene, others switch, and a switched scene comes back.
+
+Two-character stories (:func:`two_character_suite`, :func:`load_two_stories`) have the same modes; every image
+shows the same two characters of different kinds side by side (``world.two_caption``, 128x256).
 """
 
 from __future__ import annotations
@@ -135,7 +138,13 @@ def load_stories(path: str | Path) -> list[ToyStory]:
             try:
                 truth.append(world.parse_caption(img.spec()))
             except ValueError as e:
-                problems.append(f"{where}: {e}")
+                hint = ""
+                try:
+                    world.parse_two_caption(img.spec())
+                    hint = " (a two-character image: `characonsist bench toy --two-characters` runs such stories)"
+                except ValueError:
+                    pass
+                problems.append(f"{where}: {e}{hint}")
         if len(truth) != len(group.images):
             continue
         if len(truth) < 2:
@@ -153,3 +162,105 @@ def load_stories(path: str | Path) -> list[ToyStory]:
 def write_stories(stories: list[ToyStory], path: str | Path) -> None:
     """Write stories in the official text format (one ``bg#fg#act`` per line, a blank line between stories)."""
     Path(path).write_text("\n\n".join("\n".join(im.spec() for im in s.images) for s in stories) + "\n")
+
+
+# ---------------------------------------------------------------- two characters in one image
+
+TWO_SEED = 2626
+TWO_OFFSET = 2000
+TWO_PER_MODE = 12
+# ordered pairs of two different kinds: the first is named first and drawn in the left half
+KIND_PAIRS: tuple[tuple[str, str], ...] = tuple((a, b) for a in world.KINDS for b in world.KINDS if a != b)
+
+
+@dataclass(frozen=True)
+class ToyTwoStory:
+    """An identity image and its frames, each showing the same two characters of different kinds
+    (``world.two_caption``); ``truth`` gives (scene, (kind, kind), (action, action)) of each image, identity first."""
+
+    name: str
+    mode: str
+    identity: StoryImage
+    frames: tuple[StoryImage, ...]
+    seed: int = 0       # offset added to the run's base seed
+
+    @property
+    def images(self) -> list[StoryImage]:
+        return [self.identity, *self.frames]
+
+    @property
+    def truth(self) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
+        return [world.parse_two_caption(im.spec()) for im in self.images]
+
+    @property
+    def kinds(self) -> tuple[str, str]:
+        """The two characters' kinds, in the identity's order (first = named first, drawn on the left)."""
+        return self.truth[0][1]
+
+
+def _two_image(scene: str, kinds: tuple[str, str], actions: tuple[str, str]) -> StoryImage:
+    return StoryImage.parse(world.two_caption(scene, kinds, actions))
+
+
+def two_character_suite(n_per_mode: int = TWO_PER_MODE, frames: int = 4, seed: int = TWO_SEED
+                        ) -> list[ToyTwoStory]:
+    """The two-character suite: ``n_per_mode`` stories per mode (36 by default), interleaved fixed, changing, mixed,
+    named ``two-<mode>-NN``.
+
+    Each story shows one pair of kinds in every image, in one order (:data:`KIND_PAIRS` cycle within a mode, so
+    every mode sees every ordered pair twice by default); scenes follow the mode as in :func:`make_suite`; each
+    character gets its own actions, distinct within the story (drawn without replacement from the 6). The unnamed
+    attributes are the model's to choose (the oracle draws each character's independently). Stories and their
+    seed offsets (from ``TWO_OFFSET``) are drawn from ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    stories = []
+    for i in range(n_per_mode):
+        for m, mode in enumerate(MODES):
+            k = len(stories)
+            kinds = KIND_PAIRS[(i + m) % len(KIND_PAIRS)]
+            home = str(rng.choice(list(world.SCENES)))
+            acts = [[str(a) for a in rng.choice(list(world.ACTIONS), size=frames + 1, replace=frames + 1 > 6)]
+                    for _ in kinds]
+            scenes = _frame_scenes(mode, home, rng, frames)
+            images = [_two_image(sc, kinds, (a, b)) for sc, a, b in zip([home, *scenes], *acts)]
+            stories.append(ToyTwoStory(name=f"two-{mode}-{i:02d}", mode=mode, identity=images[0],
+                                       frames=tuple(images[1:]), seed=TWO_OFFSET + k))
+    return stories
+
+
+def load_two_stories(path: str | Path) -> list[ToyTwoStory]:
+    """Two-character stories from a story file (as :func:`load_stories`): every image a two-character caption
+    (``world.parse_two_caption``) and every frame the identity's two kinds (in either order); all problems at once."""
+    from ..storyfile import StoryError, load_story
+
+    story = load_story(path)
+    problems: list[str] = []
+    out = []
+    for gi, group in enumerate(story.groups):
+        truth = []
+        for img, where in zip(group.images, group.where):
+            try:
+                truth.append(world.parse_two_caption(img.spec()))
+            except ValueError as e:
+                hint = ""
+                try:
+                    world.parse_caption(img.spec())
+                    hint = " (one character: every image of a --two-characters story shows two, e.g. " \
+                           "'beach#cat and robot#small-left and big-right')"
+                except ValueError:
+                    pass
+                problems.append(f"{where}: {e}{hint}")
+        if len(truth) != len(group.images):
+            continue
+        if len(truth) < 2:
+            problems.append(f"{group.where[0]}: a toy story needs an identity and at least one frame")
+        for t, where in zip(truth[1:], group.where[1:]):
+            if sorted(t[1]) != sorted(truth[0][1]):
+                problems.append(f"{where}: every image of a story must show the identity's two kinds "
+                                f"({' and '.join(world.KINDS[k] for k in truth[0][1])})")
+        out.append(ToyTwoStory(name=group.name or f"story-{gi:02d}", mode=story_mode(truth),
+                               identity=group.identity, frames=tuple(group.frames), seed=gi))
+    if problems:
+        raise StoryError(problems)
+    return out
