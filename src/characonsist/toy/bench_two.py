@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import world
+from .bench import _ratio
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -80,10 +81,6 @@ def score_two_story(truth: list, reads: list[tuple[dict, dict]], mode: str | Non
                same_hits={a: int(sum(r["same"][a] for r in rows)) for a in ATTRS},
                same_all_four=int(sum(all(r["same"].values()) for r in rows)))
     return out
-
-
-def _ratio(num: float, den: float) -> float:
-    return float(num / den) if den else float("nan")
 
 
 def aggregate_two(stories: list[dict]) -> dict:

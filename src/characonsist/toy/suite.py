@@ -121,12 +121,10 @@ def story_mode(truth: list[tuple[str, str, str]]) -> str:
     return "fixed" if all(keep) else "changing" if not any(keep) else "mixed"
 
 
-def load_stories(path: str | Path) -> list[ToyStory]:
-    """Stories from a story file (official text format, or the structured YAML/TOML of ``storyfile``).
-
-    Every image must be in the toy vocabulary (:mod:`characonsist.toy.world`) and the frames' kind must be
-    the identity's; all problems are reported at once with their places.
-    """
+def _read_groups(path: str | Path, parse, other, hint: str, check_kinds, make) -> list:
+    """The groups of a story file, each image read by ``parse`` (a caption's truth); an image that only ``other``
+    reads gets ``hint``; ``check_kinds(truth, where)`` lists a group's kind problems; ``make(group, index,
+    truth)`` builds a story. All problems are raised at once (``StoryError``) with their places."""
     from ..storyfile import StoryError, load_story
 
     story = load_story(path)
@@ -136,27 +134,39 @@ def load_stories(path: str | Path) -> list[ToyStory]:
         truth = []
         for img, where in zip(group.images, group.where):
             try:
-                truth.append(world.parse_caption(img.spec()))
+                truth.append(parse(img.spec()))
             except ValueError as e:
-                hint = ""
                 try:
-                    world.parse_two_caption(img.spec())
-                    hint = " (a two-character image: `characonsist bench toy --two-characters` runs such stories)"
+                    other(img.spec())
+                    problems.append(f"{where}: {e} ({hint})")
                 except ValueError:
-                    pass
-                problems.append(f"{where}: {e}{hint}")
+                    problems.append(f"{where}: {e}")
         if len(truth) != len(group.images):
             continue
         if len(truth) < 2:
             problems.append(f"{group.where[0]}: a toy story needs an identity and at least one frame")
-        if any(t[1] != truth[0][1] for t in truth):
-            problems.append(f"{group.where[0]}: every image of a story must show the identity's kind "
-                            f"({world.KINDS[truth[0][1]]!r})")
-        out.append(ToyStory(name=group.name or f"story-{gi:02d}", mode=story_mode(truth),
-                            identity=group.identity, frames=tuple(group.frames), seed=gi))
+        problems += check_kinds(truth, group.where)
+        out.append(make(group, gi, truth))
     if problems:
         raise StoryError(problems)
     return out
+
+
+def load_stories(path: str | Path) -> list[ToyStory]:
+    """Stories from a story file (official text format, or the structured YAML/TOML of ``storyfile``).
+
+    Every image must be in the toy vocabulary (:mod:`characonsist.toy.world`) and the frames' kind must be
+    the identity's; all problems are reported at once with their places.
+    """
+    def kinds(truth, where):
+        if any(t[1] != truth[0][1] for t in truth):
+            return [f"{where[0]}: every image of a story must show the identity's kind ({world.KINDS[truth[0][1]]!r})"]
+        return []
+
+    return _read_groups(path, world.parse_caption, world.parse_two_caption,
+                        "a two-character image: `characonsist bench toy --two-characters` runs such stories", kinds,
+                        lambda group, gi, truth: ToyStory(name=group.name or f"story-{gi:02d}", mode=story_mode(truth),
+                                                          identity=group.identity, frames=tuple(group.frames), seed=gi))
 
 
 def write_stories(stories: list[ToyStory], path: str | Path) -> None:
@@ -232,35 +242,14 @@ def two_character_suite(n_per_mode: int = TWO_PER_MODE, frames: int = 4, seed: i
 def load_two_stories(path: str | Path) -> list[ToyTwoStory]:
     """Two-character stories from a story file (as :func:`load_stories`): every image a two-character caption
     (``world.parse_two_caption``) and every frame the identity's two kinds (in either order); all problems at once."""
-    from ..storyfile import StoryError, load_story
+    def kinds(truth, where):
+        return [f"{w}: every image of a story must show the identity's two kinds "
+                f"({' and '.join(world.KINDS[k] for k in truth[0][1])})"
+                for t, w in zip(truth[1:], where[1:]) if sorted(t[1]) != sorted(truth[0][1])]
 
-    story = load_story(path)
-    problems: list[str] = []
-    out = []
-    for gi, group in enumerate(story.groups):
-        truth = []
-        for img, where in zip(group.images, group.where):
-            try:
-                truth.append(world.parse_two_caption(img.spec()))
-            except ValueError as e:
-                hint = ""
-                try:
-                    world.parse_caption(img.spec())
-                    hint = " (one character: every image of a --two-characters story shows two, e.g. " \
-                           "'beach#cat and robot#small-left and big-right')"
-                except ValueError:
-                    pass
-                problems.append(f"{where}: {e}{hint}")
-        if len(truth) != len(group.images):
-            continue
-        if len(truth) < 2:
-            problems.append(f"{group.where[0]}: a toy story needs an identity and at least one frame")
-        for t, where in zip(truth[1:], group.where[1:]):
-            if sorted(t[1]) != sorted(truth[0][1]):
-                problems.append(f"{where}: every image of a story must show the identity's two kinds "
-                                f"({' and '.join(world.KINDS[k] for k in truth[0][1])})")
-        out.append(ToyTwoStory(name=group.name or f"story-{gi:02d}", mode=story_mode(truth),
-                               identity=group.identity, frames=tuple(group.frames), seed=gi))
-    if problems:
-        raise StoryError(problems)
-    return out
+    return _read_groups(path, world.parse_two_caption, world.parse_caption,
+                        "one character: every image of a --two-characters story shows two, e.g. "
+                        "'beach#cat and robot#small-left and big-right'", kinds,
+                        lambda group, gi, truth: ToyTwoStory(name=group.name or f"story-{gi:02d}",
+                                                             mode=story_mode(truth), identity=group.identity,
+                                                             frames=tuple(group.frames), seed=gi))
