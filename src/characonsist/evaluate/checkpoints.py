@@ -63,3 +63,33 @@ def resolve_checkpoint(source: str, *, aliases: dict[str, str], what: str, flag:
     names = ", ".join(f"{' or '.join(a)} (downloads {url})" for url, a in by_url.items())
     raise ModelUnavailable(f"{source!r}: no such {what} checkpoint; pass {names}, a URL, a local {expected}, or "
                            "owner/repo:file")
+
+
+def read_state_dict(file: str | Path, what: str, expected: str) -> dict:
+    """The state dict in ``file`` (a ``torch.load``-able file; a ``{"state_dict": ...}`` wrapper is unwrapped);
+    a ``ModelUnavailable`` naming the file, ``what`` it should be and the ``expected`` file otherwise."""
+    import torch
+
+    try:
+        state = torch.load(Path(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelUnavailable(f"{file}: cannot read a {what} checkpoint ({e}); expected {expected}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelUnavailable(f"{file}: holds a {type(state).__name__}, not a state dict (expected {expected})")
+    return state
+
+
+def load_exactly(net, state: dict, file: str | Path, layout: str):
+    """``net`` with ``state`` loaded, every key present on both sides (batch norms' ``num_batches_tracked`` may be
+    missing), in eval mode; a ``ModelUnavailable`` naming the file and the first keys that differ otherwise."""
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ModelUnavailable(f"{file}: {str(e).splitlines()[0]}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ModelUnavailable(f"{file}: not {layout} (missing {', '.join(missing[:3]) or 'none'}; "
+                               f"unexpected {', '.join(unexpected[:3]) or 'none'})")
+    return net.eval()

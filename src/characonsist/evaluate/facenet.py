@@ -148,27 +148,13 @@ def load_facenet(file: str | Path) -> InceptionResnetV1:
     """The network with the weights of ``file`` (a facenet-pytorch state dict), in eval mode; the classifier
     (``logits.*``) is dropped. A clear ``ModelUnavailable`` when the file is not such a state dict."""
     file = Path(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelUnavailable(f"{file}: cannot read a FaceNet checkpoint ({e}); expected facenet-pytorch's "
-                               f"{FACENET_FILE} ({FACENET_URL})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelUnavailable(f"{file}: holds a {type(state).__name__}, not a state dict (expected facenet-pytorch's "
-                               f"{FACENET_FILE})")
+    state = checkpoints.read_state_dict(file, "FaceNet", f"facenet-pytorch's {FACENET_FILE} ({FACENET_URL})")
     state = {k: v for k, v in state.items() if not k.startswith("logits.")}
     try:
         net = InceptionResnetV1(**shape_of(state))
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:
         raise ModelUnavailable(f"{file}: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ModelUnavailable(f"{file}: not facenet-pytorch's InceptionResnetV1 layout (missing "
-                               f"{', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'})")
-    return net.eval()
+    return checkpoints.load_exactly(net, state, file, "facenet-pytorch's InceptionResnetV1 layout")
 
 
 def resolve_checkpoint(source: str, progress: bool = True) -> Path:

@@ -294,29 +294,17 @@ def load_retinaface(file: str | Path) -> RetinaFace:
     ``mobilenet0.25_Final.pth`` or facexlib's ``detection_*`` copies; a ``module.`` prefix and a ``state_dict``
     wrapper are accepted), in eval mode. A clear ``ModelUnavailable`` when the file is not such a state dict."""
     file = Path(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelUnavailable(f"{file}: cannot read a RetinaFace checkpoint ({e}); expected the PyTorch port's "
-                               f"Resnet50_Final.pth or facexlib's {RESNET50_URL.rsplit('/', 1)[-1]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelUnavailable(f"{file}: holds a {type(state).__name__}, not a RetinaFace state dict")
+    state = checkpoints.read_state_dict(file, "RetinaFace", "the PyTorch port's Resnet50_Final.pth or facexlib's "
+                                        f"{RESNET50_URL.rsplit('/', 1)[-1]}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         shape = shape_of(state)
         if shape["anchors"] != len(MIN_SIZES[0]):
             raise ValueError(f"{shape['anchors']} anchors per cell; the port's prior boxes have {len(MIN_SIZES[0])}")
         net = RetinaFace(**shape)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:
         raise ModelUnavailable(f"{file}: {str(e).splitlines()[0]}") from None
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ModelUnavailable(f"{file}: not the RetinaFace port's layout (missing {', '.join(missing[:3]) or 'none'}; "
-                               f"unexpected {', '.join(unexpected[:3]) or 'none'})")
-    return net.eval()
+    return checkpoints.load_exactly(net, state, file, "the RetinaFace port's layout")
 
 
 def resolve_checkpoint(source: str, progress: bool = True) -> Path:

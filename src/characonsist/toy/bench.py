@@ -235,6 +235,22 @@ def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
     return out
 
 
+def check_prompt_lengths(pipe, stories, max_sequence_length: int) -> None:
+    """Every story image's prompt fits the text encoder (``pipe.token_spans``), checked before any generation;
+    one ``ValueError`` with every problem."""
+    if pipe is None or not hasattr(pipe, "token_spans"):
+        return
+    problems = set()
+    for story in stories:
+        for im in story.images:
+            try:
+                pipe.token_spans(im, max_sequence_length)
+            except ValueError as e:
+                problems.add(str(e))
+    if problems:
+        raise ValueError("\n".join(sorted(problems)))
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
@@ -356,16 +372,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
             if spec_inv is not None:
                 parse_inversion(str(spec_inv))
     result: dict = {"settings": settings, "methods": {}}
-    if pipe is not None and hasattr(pipe, "token_spans"):    # prompt lengths, before any generation
-        problems = set()
-        for story in stories:
-            for im in story.images:
-                try:
-                    pipe.token_spans(im, max_sequence_length)
-                except ValueError as e:
-                    problems.add(str(e))
-        if problems:
-            raise ValueError("\n".join(sorted(problems)))
+    check_prompt_lengths(pipe, stories, max_sequence_length)
     for spec in methods:
         name, options = parse_method(spec)
         options.pop("seeding", None)

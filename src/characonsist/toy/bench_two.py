@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import world
-from .bench import _ratio
+from .bench import _ratio, check_prompt_lengths
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -148,16 +148,7 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
                 "max_sequence_length": max_sequence_length, "stories": len(stories), "seeding": conventions,
                 "two_characters": True, **gen_kwargs}
     result: dict = {"settings": settings, "methods": {}}
-    if pipe is not None and hasattr(pipe, "token_spans"):    # prompt lengths, before any generation
-        problems = set()
-        for story in stories:
-            for im in story.images:
-                try:
-                    pipe.token_spans(im, max_sequence_length)
-                except ValueError as e:
-                    problems.add(str(e))
-        if problems:
-            raise ValueError("\n".join(sorted(problems)))
+    check_prompt_lengths(pipe, stories, max_sequence_length)
     for spec in methods:
         name, options = parse_method(spec)
         options.pop("seeding", None)

@@ -184,19 +184,9 @@ KIND_PAIRS: tuple[tuple[str, str], ...] = tuple((a, b) for a in world.KINDS for 
 
 
 @dataclass(frozen=True)
-class ToyTwoStory:
+class ToyTwoStory(ToyStory):
     """An identity image and its frames, each showing the same two characters of different kinds
     (``world.two_caption``); ``truth`` gives (scene, (kind, kind), (action, action)) of each image, identity first."""
-
-    name: str
-    mode: str
-    identity: StoryImage
-    frames: tuple[StoryImage, ...]
-    seed: int = 0       # offset added to the run's base seed
-
-    @property
-    def images(self) -> list[StoryImage]:
-        return [self.identity, *self.frames]
 
     @property
     def truth(self) -> list[tuple[str, tuple[str, str], tuple[str, str]]]:
