@@ -692,15 +692,16 @@ def _device(args: argparse.Namespace) -> str:
     return getattr(args, "run_device", None) or args.device
 
 
-def merge_results(parts: list[dict]) -> dict:
+def merge_results(parts: list[dict], aggregate_records=None) -> dict:
     """One result from those of processes that each ran a contiguous share of the stories (in rank order): the
     stories in the suite's order and the metrics computed over all of them, as one process would have them; a
-    method's ``wall_seconds`` is the longest process's."""
+    method's ``wall_seconds`` is the longest process's.
+    ``aggregate_records`` computes a method's metrics from its records (default :func:`aggregate`)."""
     merged = {"settings": dict(parts[0]["settings"]), "methods": {}}
     merged["settings"]["stories"] = sum(p["settings"]["stories"] for p in parts)
     for spec, method in parts[0]["methods"].items():
         records = [r for p in parts for r in p["methods"][spec]["stories"]]
-        metrics = aggregate(records)
+        metrics = (aggregate_records or aggregate)(records)
         metrics["wall_seconds"] = max(p["methods"][spec]["metrics"]["wall_seconds"] for p in parts)
         merged["methods"][spec] = {**method, "metrics": metrics, "stories": records}
     return merged

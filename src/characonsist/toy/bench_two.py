@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import world
-from .bench import _ratio, check_prompt_lengths
+from .bench import _pct, _ratio, check_prompt_lengths, merge_results
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -198,20 +198,9 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
 
 
 def merge_two_results(parts: list[dict]) -> dict:
-    """One result from those of processes that each ran a contiguous share of the stories (as
-    ``bench.merge_results``)."""
-    merged = {"settings": dict(parts[0]["settings"]), "methods": {}}
-    merged["settings"]["stories"] = sum(p["settings"]["stories"] for p in parts)
-    for spec, method in parts[0]["methods"].items():
-        records = [r for p in parts for r in p["methods"][spec]["stories"]]
-        metrics = aggregate_two(records)
-        metrics["wall_seconds"] = max(p["methods"][spec]["metrics"]["wall_seconds"] for p in parts)
-        merged["methods"][spec] = {**method, "metrics": metrics, "stories": records}
-    return merged
-
-
-def _pct(x: float) -> str:
-    return "   -" if x != x else f"{100 * x:5.1f}"
+    """One result from those of processes that each ran a contiguous share of the stories
+    (``bench.merge_results`` with :func:`aggregate_two`)."""
+    return merge_results(parts, aggregate_two)
 
 
 def format_two_tables(result: dict) -> str:
