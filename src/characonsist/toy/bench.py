@@ -235,6 +235,15 @@ def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
     return out
 
 
+def save_strip(image_dir, spec: str, name: str, images: list, axis: int = 1) -> None:
+    """A story's images side by side (``axis=1``; stacked: 0) as ``IMAGE_DIR/<spec>/<name>.png``."""
+    from PIL import Image
+
+    folder = Path(image_dir) / spec.replace("/", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(images, axis=axis)).save(folder / f"{name}.png")
+
+
 def check_prompt_lengths(pipe, stories, max_sequence_length: int) -> None:
     """Every story image's prompt fits the text encoder (``pipe.token_spans``), checked before any generation;
     one ``ValueError`` with every problem."""
@@ -410,11 +419,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                 continue
             seconds = time.perf_counter() - t0
             if image_dir is not None:
-                from PIL import Image
-                folder = Path(image_dir) / spec.replace("/", "_")
-                folder.mkdir(parents=True, exist_ok=True)
-                strip = [picture, *images] if picture is not None else images
-                Image.fromarray(np.concatenate(strip, axis=1)).save(folder / f"{story.name}.png")
+                save_strip(image_dir, spec, story.name, [picture, *images] if picture is not None else images)
             reads, conf = read_batch(images, readout_net, confidence=True)
             rec = score_story(story.truth, reads, images, story.mode, masks if any(
                 m is not None for m in masks) else None)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import world
-from .bench import _pct, _ratio, check_prompt_lengths, merge_results
+from .bench import _pct, _ratio, check_prompt_lengths, merge_results, save_strip
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -174,10 +174,7 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
                 continue
             seconds = time.perf_counter() - t0
             if image_dir is not None:
-                from PIL import Image
-                folder = Path(image_dir) / spec.replace("/", "_")
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.concatenate(images, axis=0)).save(folder / f"{story.name}.png")
+                save_strip(image_dir, spec, story.name, images, axis=0)     # wide images: one above the other
             pairs, conf = read_pairs(images, readout_net, confidence=True)
             rec = score_two_story(story.truth, pairs, story.mode)
             rec.update(name=story.name, seconds=seconds, seed=s, seeds=seeds, reads=[list(p) for p in pairs],
