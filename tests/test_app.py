@@ -66,7 +66,7 @@ def test_validation_lists_every_problem_at_once(tiny_model, tmp_path):
     bad.num_inference_steps, bad.guidance_scale = 0, float("nan")
     with pytest.raises(InputError) as info:
         validate_request(bad)
-    assert info.value.problems == ["num_inference_steps=0 must be >= 1", "guidance_scale=nan must be a finite number",
+    assert info.value.problems == ["num_inference_steps=0 must be between 1 and 1000", "guidance_scale=nan must be a finite number",
                                    "seed=-1 is out of range (0 to 2**63-1)"]
     assert not (tmp_path / "out").exists()
 

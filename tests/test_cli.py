@@ -337,7 +337,7 @@ ONE = "park#a cat#sits\npark#a cat#runs\n"
     (ONE, ["--option", "colour=red"], "method 'characonsist' has no option(s) 'colour'; its options: share_bg"),
     (ONE, ["--option", "mask_step=ten"], "option mask_step='ten': must be an integer"),
     # explicit values are checked, never replaced by the defaults
-    (ONE, ["--steps", "0"], "--steps 0 must be >= 1"),
+    (ONE, ["--steps", "0"], "--steps 0 must be between 1 and 1000"),
     (ONE, ["--height", "0"], "--height 0 is not a positive multiple of 16"),
     (ONE, ["--width", "0"], "--width 0 is not a positive multiple of 16"),
     (ONE, ["--max-sequence-length", "0"], "--max-sequence-length 0 must be between 1 and 512"),
@@ -356,6 +356,9 @@ ONE = "park#a cat#sits\npark#a cat#runs\n"
     (ONE, ["--method", "storysync", "--option", "share_blocks=middle"], "option share_blocks='middle': valid: "),
     (ONE, ["--method", "consistory", "--option", "dropout=1.5"], "option dropout=1.5: must be in [0, 1]"),
     (ONE, ["--method", "storydiffusion", "--option", "share_end=abc"], "option share_end='abc': must be an integer"),
+    (ONE, ["--steps", "10000000"], "--steps 10000000 must be between 1 and 1000"),
+    (ONE, ["--option", "sim_threshold=2"], "option sim_threshold=2.0: must be in [-1, 1]"),
+    (ONE, ["--option", "mask_step=60"], "option mask_step=60: the step options are written for schedule_steps=50"),
     # a group that is only an identity line
     ("park#a cat#sits\n\npark#a dog#runs\npark#a dog#sits\n", [], "story.txt:1: this group has an identity image "
      "and no frames"),
@@ -376,6 +379,38 @@ def test_empty_group_in_yaml(tmp_path, model_dir, fake, capsys):
     path = write(tmp_path, "story.yaml", "scenes:\n  - {name: nothing}\n")
     assert run(tmp_path, model_dir, story=path) == cli.EXIT_BAD_INPUT
     assert "scenes[0]: empty group" in capsys.readouterr().err
+
+
+def test_a_yaml_scene_of_one_image_is_told_in_yaml_terms(tmp_path, model_dir, fake, capsys):
+    path = write(tmp_path, "story.yaml", "scenes:\n  - frames: [{background: park, character: a cat, action: sits}]\n")
+    assert run(tmp_path, model_dir, story=path) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "story.yaml: scenes[0].frames[0]: this scene has one image, which is its identity" in err
+    assert "blank line" not in err and fake.loads == []
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("story.yaml", "scenes:\n  - name: x\n    frames: [a, b\n  - c: [\n",
+     "story.yaml: not valid YAML: line 4, column 6: expected ',' or ']', but got ':' (while parsing a flow sequence "
+     "begun at line 3)"),
+    ("story.yaml", "scenes:\n\t- x\n", "story.yaml: not valid YAML: line 2, column 1: found character '\\t'"),
+    ("story.toml", "[[scenes]\n", "story.toml: not valid TOML: Expected ']]' at the end of an array declaration"),
+])
+def test_syntax_errors_are_one_line_with_file_and_line(tmp_path, model_dir, fake, capsys, name, text, message):
+    assert run(tmp_path, model_dir, story=write(tmp_path, name, text)) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and fake.loads == []
+
+
+def test_scene_names_become_distinct_folders_inside_out(tmp_path, model_dir, fake):
+    scene = "    character: a cat\n    frames: [{background: park, action: sits}, {background: park, action: runs}]\n"
+    names = ["n" * 300, "../../evil", "same", "same", '"a\\0b"', "Été au lac"]
+    text = "scenes:\n" + "".join(f"  - name: {n}\n{scene}" for n in names)
+    assert run(tmp_path, model_dir, story=write(tmp_path, "story.yaml", text)) == 0
+    out = tmp_path / "out"
+    groups = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert groups == ["000_" + "n" * 40, "001_evil", "002_same", "003_same", "004_a-b", "005_ete-au-lac"]
+    assert not (tmp_path.parent / "evil").exists() and not (tmp_path / "evil").exists()
 
 
 def test_missing_model_folder(tmp_path, fake, capsys):

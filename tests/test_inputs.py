@@ -36,8 +36,8 @@ def no_work(story_pipe, monkeypatch):
     (dict(frames=[123]), "frames[0]: expected a 'background#character#action' string or a StoryImage, got int"),
     (dict(frames="a#b#c"), "frames must be a list of images"),
     (dict(frames=["park#cat"]), "frames[0]: prompt 'park#cat' has 1 '#'"),
-    (dict(num_inference_steps=0), "num_inference_steps=0 must be >= 1"),
-    (dict(num_inference_steps=-1), "num_inference_steps=-1 must be >= 1"),
+    (dict(num_inference_steps=0), "num_inference_steps=0 must be between 1 and 1000"),
+    (dict(num_inference_steps=-1), "num_inference_steps=-1 must be between 1 and 1000"),
     (dict(num_inference_steps=2.5), "num_inference_steps=2.5 must be an integer"),
     (dict(height=-16), "height=-16 is not a positive multiple of 16"),
     (dict(height=100), "height=100 is not a positive multiple of 16"),
@@ -63,6 +63,14 @@ def no_work(story_pipe, monkeypatch):
     (dict(method="consistory", anchors=-1), "option anchors=-1: must be >= 0"),
     (dict(method="storydiffusion", blocks="middle"), "option blocks='middle': valid: 'single', 'double', 'all'"),
     (dict(method="magic"), "unknown method 'magic'"),
+    (dict(num_inference_steps=10**7), "num_inference_steps=10000000 must be between 1 and 1000 (the scheduler has"),
+    (dict(sim_threshold=2), "option sim_threshold=2.0: must be in [-1, 1]"),
+    (dict(mask_step=60), "option mask_step=60: the step options are written for schedule_steps=50 steps"),
+    (dict(method="consistory", inject_threshold=5), "option inject_threshold=5.0: must be in [-1, 1]"),
+    # FluxPipeline's arguments get a hint, not "no such option"
+    (dict(prompt="a cat"), "prompt: a story call has no prompt: give identity="),
+    (dict(latents=np.zeros(3)), "latents: a story call makes its own starting noise from seed= or generator="),
+    (dict(negative_prompt="ugly"), "negative_prompt: FLUX.1 has no negative prompt"),
     (dict(identity=IDENTITY + " and" * 40), "T5 tokens, but the text encoder takes at most 32 (max_sequence_length)"),
 ])
 def test_bad_calls_are_refused_before_any_work(no_work, call, message):
@@ -241,3 +249,12 @@ def test_what_only_the_loaded_model_tells_is_checked_before_any_group(tmp_path, 
     assert "--height 512 is larger than this model takes: at most 256" in err
     assert f"{story}:2: 1 word(s) model {folder} does not know: 'waving'" in err
     assert engine.calls == []
+
+
+def test_step_options_past_the_schedule_are_valid_once_the_schedule_says_so():
+    from characonsist.methods.characonsist import CharaConsistConfig, step_schedule
+
+    config = CharaConsistConfig(mask_step=60, schedule_steps=100)
+    assert step_schedule(config, 100)["mask_step"] == 60
+    with pytest.raises(InputError, match="must be < 50"):
+        CharaConsistConfig(mask_step=50)

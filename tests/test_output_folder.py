@@ -174,7 +174,8 @@ def test_a_story_name_that_would_leave_the_folder_is_refused(tmp_path, model_dir
     assert cli.main(["generate", str(dots), str(other), "--model", str(model_dir), "--out", str(out),
                      "--quiet"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "...txt: its output folder would be named '..' is not a folder name; rename the file" in err
+    assert "...txt: the file's name (without its suffix) names its output folder, and '..' is not a folder name; " \
+           "rename the file" in err
     assert not (tmp_path / "nest").exists() and fake.loads == []
 
 

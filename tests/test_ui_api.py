@@ -134,7 +134,7 @@ def test_validation_gives_the_command_lines_messages_with_places(ui):
     response = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": {**SETTINGS, "steps": 0,
                                                                                         "guidance": -1}})
     assert response.status_code == 422
-    assert response.json()["problems"] == ["num_inference_steps=0 must be >= 1", "guidance_scale=-1 must be >= 0"]
+    assert response.json()["problems"] == ["num_inference_steps=0 must be between 1 and 1000", "guidance_scale=-1 must be >= 0"]
     response = ui.post("/api/validate", json={"name": "walk", "story": bad, "settings": SETTINGS})
     assert any("scenes[0].frames[1]: the action field is empty" in p for p in response.json()["problems"])
     assert ui.post("/api/validate", json={"name": "../up", "story": STORY}).status_code == 422
@@ -415,6 +415,34 @@ def test_second_ui_on_the_same_folder_and_network_warning(tmp_path, monkeypatch,
     assert "http://0.0.0.0:9/" in out and "reachable from other machines" in err
     assert ui_module.serve("toy", str(tmp_path / "local"), host="127.0.0.1", port=9) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "--port 99999: must be a port number between 0 and 65535"),
+    (["--port", "-1"], "--port -1: must be a port number between 0 and 65535"),
+    (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address of this machine"),
+    (["--host", "192.0.2.1"], "--host 192.0.2.1 --port 0: is not an address of this machine"),   # TEST-NET-1
+    (["--port", "IN-USE"], "is in use; choose another port (--port 0 picks a free one)"),
+])
+def test_a_bad_address_is_one_line_before_the_model(tmp_path, capsys, monkeypatch, args, message):
+    import socket
+
+    from characonsist.ui import worker as worker_module
+
+    monkeypatch.setattr(worker_module.Worker, "__init__", lambda *a, **k: pytest.fail("the model was looked at"))
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    args = [str(held.getsockname()[1]) if a == "IN-USE" else a for a in args]
+    if "--port" not in args:
+        args += ["--port", "0"]
+    try:
+        assert cli.main(["ui", "--out", str(tmp_path / "ui"), *args]) == cli.EXIT_BAD_INPUT
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "ui").exists()
 
 
 class _FakeSocket:

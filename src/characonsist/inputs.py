@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 SIZE_MULTIPLE = 16          # FLUX: 8x VAE downsampling, then 2x2 latent packing
 MAX_SEQUENCE_LENGTH = 512   # FLUX's T5 encoder
 SEED_LIMIT = 2**63          # seeds go to torch.Generator.manual_seed
+MAX_STEPS = 1000            # FLUX's flow-matching scheduler is trained on 1000 timesteps; more steps add nothing
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULTS_FILE = "characonsist_defaults.json"
 # Defaults of the official code for FLUX.1-dev; a model folder may override them with characonsist_defaults.json.
@@ -256,7 +257,11 @@ def setting_problems(*, height=None, width=None, num_inference_steps=None, guida
         if value is not None:
             problems.append(size_problem(names.get(key, key), value, limits))
     if num_inference_steps is not None:
-        problems.append(int_problem(names.get("num_inference_steps", "num_inference_steps"), num_inference_steps, 1))
+        problem = int_problem(names.get("num_inference_steps", "num_inference_steps"), num_inference_steps, 1,
+                              MAX_STEPS)
+        problems.append(problem and problem + (" (the scheduler has 1000 timesteps)"
+                                               if is_int(num_inference_steps) and num_inference_steps > MAX_STEPS
+                                               else ""))
     if guidance_scale is not None:
         problems.append(number_problem(names.get("guidance_scale", "guidance_scale"), guidance_scale, 0))
     if max_sequence_length is not None:

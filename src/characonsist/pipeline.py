@@ -106,6 +106,18 @@ class _MutedEmptyFp32Warning(logging.Filter):
 
 
 _PHASE_LABELS = {"prerun": "layout pre-run"}
+# FluxPipeline's arguments that a story call takes in another form (a diffusers user's first guess).
+FLUX_ONLY_ARGUMENTS = {
+    "prompt": "a story call has no prompt: give identity='background#character#action' and frames=[...]",
+    "prompt_2": "a story call has no prompt_2: the same prompt goes to both text encoders",
+    "negative_prompt": "FLUX.1 has no negative prompt (guidance is distilled); leave it out",
+    "num_images_per_prompt": "a story call makes one image per prompt: list more frames instead",
+    "latents": "a story call makes its own starting noise from seed= or generator=; leave latents out",
+    "prompt_embeds": "a story call encodes its prompts itself; give identity= and frames= as text",
+    "pooled_prompt_embeds": "a story call encodes its prompts itself; give identity= and frames= as text",
+    "sigmas": "a story call uses the scheduler's own sigmas; set num_inference_steps instead",
+    "joint_attention_kwargs": "the story methods own the attention; give method options instead",
+}
 
 
 class _StepBars:
@@ -214,6 +226,9 @@ class CharaConsistPipeline(FluxPipeline):
         The rules are ``characonsist.inputs``'s, the same the command line applies before loading the model.
         """
         problems: list[str] = []
+        for name in sorted(set(method_options) & set(FLUX_ONLY_ARGUMENTS)):
+            problems.append(f"{name}: {FLUX_ONLY_ARGUMENTS[name]}")
+            del method_options[name]
         try:
             images = coerce_images(identity, frames)
         except InputError as e:

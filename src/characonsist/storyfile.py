@@ -25,6 +25,7 @@ before any model is loaded.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,8 +70,23 @@ class Story:
 
 
 def slug(text: str, limit: int = 40) -> str:
-    """A file-name-safe lower-case form of ``text``."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    """A file-name-safe lower-case ASCII form of ``text`` (accents dropped: "Été" -> "ete")."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-")
+
+
+def _syntax_error(error: Exception, source: str) -> str:
+    """One line from a YAML or TOML parser's error: where (line, column) and what, without the multi-line excerpt
+    PyYAML prints."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and start is not None:
+            context += f" begun at line {start.line + 1}"
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {problem}" + (f" ({context})" if context else "")
+    return " ".join(str(error).split())
 
 
 def load_story(path: str | Path) -> Story:
@@ -185,8 +201,8 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # both libraries raise their own error types; the message says where
-        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {e}"]) from None
+    except Exception as e:  # both libraries raise their own error types
+        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {_syntax_error(e, source)}"]) from None
     if not isinstance(data, dict):
         raise StoryError([f"{source}: the story must be a mapping with a 'scenes' list"])
     problems: list[str] = []

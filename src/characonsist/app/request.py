@@ -180,7 +180,8 @@ def load_stories(paths: list) -> list[Story]:
         for story, stem in zip(stories, stems):
             why = safe_name(stem)
             if why:
-                problems.append(f"{story.path}: its output folder would be named {why}; rename the file")
+                problems.append(f"{story.path}: the file's name (without its suffix) names its output folder, "
+                                f"and {why}; rename the file")
         if len(set(stems)) != len(stems):
             problems.append("two story files have the same name; their output folders would collide")
     if problems:
@@ -253,8 +254,12 @@ def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokeniz
     for story in stories:
         for group in story.groups:
             if not group.frames:
-                problems.append(f"{group.where[0]}: this group has an identity image and no frames (a blank line "
-                                "or a new scene ends a group); put its frames after it, without a blank line")
+                if story.format == "text":
+                    problems.append(f"{group.where[0]}: this group has an identity image and no frames (a blank "
+                                    "line or a new scene ends a group); put its frames after it, without a blank line")
+                else:
+                    problems.append(f"{group.where[0]}: this scene has one image, which is its identity (the "
+                                    "'identity', else the first frame); give it at least one more frame")
             problems += image_problems(group.images, group.where, limits)
             images += group.images
             places += group.where

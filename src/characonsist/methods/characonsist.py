@@ -56,7 +56,7 @@ class CharaConsistConfig:
     share_start: int = 1             # first step with sharing (official attn_start_step)
     share_end: int = 41              # first step without sharing (official attn_end_step)
     mask_step: int = 10              # step of masks and matches (official save_mask_point_step)
-    sim_threshold: float = 0.5       # official sim_thr
+    sim_threshold: float = 0.5       # official sim_thr (a cosine similarity: in [-1, 1])
     merge_weight: float = 0.8        # official interpolate_weight
     merge_start: int = 1
     merge_decay: int = 11
@@ -79,10 +79,13 @@ class CharaConsistConfig:
         odd = [f"option {name}={getattr(self, name)}: must be 0, 1 or an odd window size (3 = 3x3)"
                for name in ("mask_erode", "mask_dilate")
                if is_int(getattr(self, name)) and getattr(self, name) > 1 and getattr(self, name) % 2 == 0]
+        if is_int(self.mask_step) and is_int(self.schedule_steps) and self.mask_step >= self.schedule_steps:
+            odd.append(f"option mask_step={self.mask_step}: the step options are written for schedule_steps="
+                       f"{self.schedule_steps} steps, so it must be < {self.schedule_steps} (or set schedule_steps)")
         check_config(
             self, problems=odd,
             ranges={"share_start": (0, None), "share_end": (0, None), "mask_step": (0, None),
-                    "merge_weight": (0.0, 1.0), "merge_start": (0, None),
+                    "sim_threshold": (-1.0, 1.0), "merge_weight": (0.0, 1.0), "merge_start": (0, None),
                     "merge_decay": (0, None), "merge_end": (0, None), "fg_every": (1, None), "bg_every": (1, None),
                     "mask_erode": (0, None), "mask_dilate": (0, None), "schedule_steps": (1, None),
                     "row_bucket": (0, None)},

@@ -120,6 +120,7 @@ class ConsiStoryConfig:
         check_config(self, ranges={"anchors": (0, None), "share_start": (0, None), "dropout": (0.0, 1.0),
                                    "blend_steps": (0, None), "blend_start": (0.0, 1.0), "blend_end": (0.0, 1.0),
                                    "inject_alpha": (0.0, 1.0), "inject_start": (0, None),
+                                   "inject_threshold": (-1.0, 1.0),
                                    "feature_step": (0, None), "mask_window": (1, None),
                                    "seed": (0, 2**63 - 1), "schedule_steps": (1, None)},
                      choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS,

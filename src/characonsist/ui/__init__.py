@@ -32,16 +32,28 @@ def bind(host: str, port: int) -> socket.socket:
     """The listening socket (port 0: any free port); OSError becomes one line naming the address."""
     from ..app.folder import FolderError
 
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise FolderError(f"--port {port}: must be a port number between 0 and 65535 (0 picks a free one)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as e:   # an OSError too, but about the name
+        sock.close()
+        raise FolderError(f"--host {host}: not an address of this machine ({e.strerror or e}); give an IP address "
+                          "such as 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
     except OSError as e:
         sock.close()
-        what = "is in use" if e.errno in (98, 48) else (e.strerror or str(e))
-        raise FolderError(f"--host {host} --port {port}: {what}; choose another port (--port 0 picks a free one)") \
-            from None
+        if e.errno in (98, 48):
+            advice = "is in use; choose another port (--port 0 picks a free one)"
+        elif e.errno in (99, 49):
+            advice = "is not an address of this machine; give one of its addresses, such as 127.0.0.1"
+        elif e.errno == 13:
+            advice = "permission denied (ports below 1024 need administrator rights); choose a port above 1023"
+        else:
+            advice = f"{e.strerror or e}; choose another address or port"
+        raise FolderError(f"--host {host} --port {port}: {advice}") from None
     sock.listen(64)
     sock.set_inheritable(True)
     return sock
@@ -55,6 +67,7 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
     from .server import create_app
     from .worker import Worker, Workspace
 
+    bind(host, port).close()               # a bad address or a port in use: one line before the model is looked at
     workspace = Workspace(out, model, loading)
     worker = Worker(workspace, model)      # InputError for a model that cannot be found (or bad loading options)
     sock = bind(host, port)
