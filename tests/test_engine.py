@@ -98,7 +98,7 @@ def test_frames_of_another_size(story_pipe):
 
 
 def test_no_match_above_threshold_falls_back(story_pipe):
-    out = story_pipe(IDENTITY, FRAMES[:1], sim_threshold=1.5, share_bg=False, use_token_merge=False, **KW)
+    out = story_pipe(IDENTITY, FRAMES[:1], sim_threshold=1.0, share_bg=False, use_token_merge=False, **KW)
     assert any("no match above" in n for n in out.notes[1]) or any("mask empty" in n for n in out.notes[1])
     assert len(out.matches[0]) == 0
     plain = story_pipe(IDENTITY, FRAMES[:1], method="vanilla", **KW)

@@ -258,3 +258,15 @@ def test_step_options_past_the_schedule_are_valid_once_the_schedule_says_so():
     assert step_schedule(config, 100)["mask_step"] == 60
     with pytest.raises(InputError, match="must be < 50"):
         CharaConsistConfig(mask_step=50)
+
+
+def test_the_readmes_torch_dtype_keyword_loads_without_a_deprecation_warning(recwarn):
+    import torch
+
+    from characonsist.toy.model import TOY_MODEL_DIR
+
+    pipe = CharaConsistPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float16)
+    assert pipe.transformer.dtype == torch.float16 and pipe.text_encoder_2.dtype == torch.float16
+    again = CharaConsistPipeline.from_pipe(pipe, torch_dtype=torch.float32)
+    assert again.transformer.dtype == torch.float32
+    assert not [w for w in recwarn if "torch_dtype" in str(w.message)]

@@ -284,6 +284,11 @@ def test_unreadable_or_wrong_story_files(tmp_path, model_dir, fake, capsys, monk
     folder.mkdir()
     assert run(tmp_path, model_dir, story=folder) == cli.EXIT_BAD_INPUT
     assert f"{folder}: is a folder, not a story file" in one_line(capsys.readouterr().err)
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)                       # reading it would block forever
+    assert run(tmp_path, model_dir, story=fifo) == cli.EXIT_BAD_INPUT
+    assert f"{fifo}: not a regular file (a device, pipe or socket); give a story file" in \
+        one_line(capsys.readouterr().err)
     story = write(tmp_path, "story.txt", STORY)
     real = Path.read_text
 

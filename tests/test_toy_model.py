@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from characonsist._compat import dtype_kwarg
 from characonsist.toy import train, world
 from characonsist.toy.model import TOY_MODEL_DIR, load_toy_defaults, load_toy_pipeline
 
@@ -28,7 +29,7 @@ def _sample(pipe, defaults, seed: int, steps: int = 2) -> np.ndarray:
 def test_shipped_folder_is_a_flux_pipeline():
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(TOY_MODEL_DIR, **dtype_kwarg(torch.float32))
     assert pipe.transformer.config.num_layers >= 1 and pipe.transformer.config.num_single_layers >= 1
     assert pipe.transformer.config.guidance_embeds is False
     assert 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4

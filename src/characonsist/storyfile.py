@@ -95,6 +95,8 @@ def load_story(path: str | Path) -> Story:
     if path.is_dir():
         raise StoryError([f"{path}: is a folder, not a story file"])
     if not path.is_file():
+        if path.exists():
+            raise StoryError([f"{path}: not a regular file (a device, pipe or socket); give a story file"])
         raise StoryError([f"{path}: story file not found"])
     try:
         text = path.read_text(encoding="utf-8-sig")
