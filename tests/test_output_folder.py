@@ -18,7 +18,7 @@ import pytest
 from characonsist import cli
 from characonsist.app import folder as folder_module
 from characonsist.app import model as app_model
-from characonsist.app.folder import JOURNAL_NAME, TMP_MARK, FolderError, OutputFolder
+from characonsist.app.folder import JOURNAL_NAME, LOCK_NAME, TMP_MARK, FolderError, OutputFolder
 from test_cli import FakeEngine, run, snapshot, write  # the CLI tests' fake engine and helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,32 @@ def test_the_journal_never_deletes_outside_the_folder(tmp_path):
     with OutputFolder(out):
         pass
     assert victim.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("name", [LOCK_NAME, JOURNAL_NAME])
+def test_a_users_file_with_a_bookkeeping_name_is_neither_emptied_nor_deleted(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("my shopping list\n")
+    with pytest.raises(FolderError, match=f"{name} was not written by characonsist"):
+        OutputFolder(out).open()
+    assert (out / name).read_text() == "my shopping list\n"
+    with OutputFolder(out / "fresh") as folder:          # what characonsist writes there is its own, run after run
+        folder.write_bytes("a.txt", b"x")
+    with OutputFolder(out / "fresh"):
+        pass
+
+
+def test_a_journal_line_torn_by_a_kill_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / "group_000" / f".frame_01.png{TMP_MARK}1-abcd"
+    left.parent.mkdir()
+    left.write_bytes(b"half")
+    (out / JOURNAL_NAME).write_text(f"group_000/{left.name}\ngroup_000/.frame_02.png.tmp-chara")   # killed mid-line
+    with OutputFolder(out):
+        assert not left.exists()
+    assert not (out / JOURNAL_NAME).exists()
 
 
 def test_files_characonsist_did_not_write_are_never_replaced(tmp_path, model_dir, fake, capsys):

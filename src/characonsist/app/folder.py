@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -185,6 +186,11 @@ class OutputFolder:
             os.close(fd)
             raise FolderError(f"{self.flag} {self.root} is in use by another characonsist run{holder}; wait for it "
                               "to finish or choose another folder", self.root)
+        foreign = _foreign_file(fd, lock, self.root / JOURNAL_NAME)
+        if foreign is not None:
+            os.close(fd)
+            raise FolderError(f"{foreign} was not written by characonsist (its name is one characonsist uses for its "
+                              "own bookkeeping): move it away or choose another folder", foreign)
         self._lock_fd = fd
         if not self.read_only:
             try:
@@ -292,6 +298,31 @@ class OutputFolder:
         except OSError:
             pass
         return removed
+
+
+_HOLDER = re.compile(r"pid \d+ since [0-9: -]+\n?")
+
+
+def _foreign_file(lock_fd: int, lock: Path, journal: Path) -> Path | None:
+    """The lock file or the temporaries journal when what it holds is not what characonsist writes there (a file of
+    the user's that happens to have that name must be neither emptied nor deleted), else None."""
+    try:
+        text = os.pread(lock_fd, 4096, 0).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return lock
+    if text and not _HOLDER.fullmatch(text):
+        return lock
+    if journal.is_symlink() or (journal.exists() and not journal.is_file()):
+        return journal
+    if journal.is_file():
+        try:
+            text = journal.read_bytes().decode("utf-8", errors="replace")
+        except OSError:
+            return journal
+        lines = text.split("\n")[:-1]      # a last line without its newline is a killed run's torn write: its
+        if any(TMP_MARK not in line for line in lines):   # temporary was never created (recorded first)
+            return journal
+    return None
 
 
 def _lock(fd: int) -> bool:
