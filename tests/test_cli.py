@@ -438,6 +438,28 @@ def test_gated_hub_model_says_what_to_do(tmp_path, fake, capsys, monkeypatch):
     assert fake.loads == []
 
 
+def test_an_unreachable_hub_is_one_line_without_the_hubs_own_warning(tmp_path, fake, capsys, monkeypatch):
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = []
+
+    def offline(repo, filename, **kwargs):   # what huggingface_hub does without a network: warn, then raise
+        hub_log = logging.getLogger("huggingface_hub.file_download")
+        seen.append(hub_log.isEnabledFor(logging.WARNING))
+        hub_log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD %s", repo)
+        raise LocalEntryNotFoundError("no connection and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert run(tmp_path, "owner/repo") == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert seen == [False] and "thrown while requesting" not in err
+    assert "cannot reach the Hugging Face hub and owner/repo is not in the local cache" in err and fake.loads == []
+    assert logging.getLogger("huggingface_hub").isEnabledFor(logging.WARNING)   # put back afterwards
+
+
 def test_prompt_too_long_for_the_text_encoder(tmp_path, tiny_model, fake, capsys):
     long = "park#a cat with a red hat and a blue scarf and a green coat#sits in the garden\n"
     path = write(tmp_path, "story.txt", "park#a cat#sits\n" + long)

@@ -394,3 +394,23 @@ def test_empty_out_and_unreadable_weights_are_one_line(tmp_path, model_dir, caps
     assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
     line = one_line(capsys.readouterr().err)
     assert f"loading the model from {model_dir / 'transformer' / 'x.safetensors'}: permission denied" in line
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_layers": "two"}, "TypeError"),                           # a config the model class cannot be built from
+    ({"num_attention_heads": 8}, "expected shape"),                 # weights of another shape than the config says
+])
+def test_a_model_folder_with_broken_files_is_one_line(tmp_path, capsys, change, message):
+    import shutil
+
+    from characonsist.toy.model import TOY_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(TOY_MODEL_DIR, model)
+    config = model / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    story = write(tmp_path, "story.txt", "a sunny beach#a robot#big in the middle\na grey city#a robot#small on the left\n")
+    assert cli.main(["generate", str(story), "--model", str(model), "--out", str(tmp_path / "out"), "--steps", "2",
+                     "--quiet"]) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert f"loading the model {model}: " in line and message in line and "check the model's files" in line

@@ -7,6 +7,7 @@ story job.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ def check_hub_access(repo: str) -> None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)   # its "... thrown while requesting HEAD" warning: the message below says it
     try:
         hf_hub_download(repo, "model_index.json")
     except GatedRepoError:
@@ -96,6 +100,8 @@ def check_hub_access(repo: str) -> None:
     except LocalEntryNotFoundError:
         raise InputError(f"cannot reach the Hugging Face hub and {repo} is not in the local cache: download it "
                          "where there is a connection, or pass a local folder") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def load_t5_tokenizer(ref: ModelRef):

@@ -175,3 +175,10 @@ def load_engine(ref, run: dict, mode: str, gpus: list[int], progress: bool = Tru
         what = describe_os_error(error, where, "loading the model from") if error.errno else \
             f"loading the model {ref.name}: {excerpt(str(error), 300)}; check the model's files and rerun"
         raise FolderError(what, where) from None
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as error:
+        if models.is_oom(error) or isinstance(error, InputError):
+            raise                # out of memory has its own advice; an InputError is already one line
+        # a config.json the model classes cannot be built from, a weights file of another shape: one line
+        raise FolderError(f"loading the model {ref.name}: {type(error).__name__}: {excerpt(str(error), 300)}; check "
+                          "the model's files (its config.json files and weights) and rerun", ref.folder or ref.name) \
+            from None
