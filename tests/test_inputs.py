@@ -67,6 +67,11 @@ def no_work(story_pipe, monkeypatch):
     (dict(sim_threshold=2), "option sim_threshold=2.0: must be in [-1, 1]"),
     (dict(mask_step=60), "option mask_step=60: the step options are written for schedule_steps=50 steps"),
     (dict(method="consistory", inject_threshold=5), "option inject_threshold=5.0: must be in [-1, 1]"),
+    (dict(share_end=60), "option share_end=60: the step options are written for schedule_steps=50 steps (and "
+                         "rescaled to the run's), so it must be <= 50; or set schedule_steps"),
+    (dict(method="consistory", feature_step=50), "option feature_step=50: the step options are written for"),
+    (dict(method="storysync", bli_end=51), "option bli_end=51: the step options are written for"),
+    (dict(method="storydiffusion", skip_switch=80), "option skip_switch=80: the step options are written for"),
     # FluxPipeline's arguments get a hint, not "no such option"
     (dict(prompt="a cat"), "prompt: a story call has no prompt: give identity="),
     (dict(latents=np.zeros(3)), "latents: a story call makes its own starting noise from seed= or generator="),

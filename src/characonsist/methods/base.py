@@ -44,10 +44,14 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def check_config(config, ranges: dict[str, tuple] | None = None, choices: dict[str, tuple] | None = None,
-                 order: list[tuple[str, str]] | None = None, problems: list[str] | None = None) -> None:
+                 order: list[tuple[str, str]] | None = None, problems: list[str] | None = None,
+                 steps: dict[str, bool] | None = None) -> None:
     """Check a method Config in its ``__post_init__``: every option's type (from its annotation), finite numbers,
-    ``ranges`` ({name: (low, high)}, inclusive, None = open), ``choices`` ({name: valid values}) and ``order``
-    ((a, b): a <= b, e.g. a step range's start and end). Raises one InputError listing every problem.
+    ``ranges`` ({name: (low, high)}, inclusive, None = open), ``choices`` ({name: valid values}), ``order``
+    ((a, b): a <= b, e.g. a step range's start and end) and ``steps`` ({name: at}: a step option written for
+    ``config.schedule_steps`` steps lies inside that schedule: ``< schedule_steps`` for a step something happens
+    *at* (``at=True``), ``<= schedule_steps`` for a range's start or end). Raises one InputError listing every
+    problem.
 
     Integers are accepted where a float is expected (and stored as float); numpy scalars become Python ones."""
     problems = list(problems or [])
@@ -80,6 +84,13 @@ def check_config(config, ranges: dict[str, tuple] | None = None, choices: dict[s
                 problems.append(f"option {name}={value}: must be {bounds}")
         if name in choices and value not in choices[name]:
             problems.append(f"option {name}={excerpt(value)}: valid: {', '.join(map(repr, choices[name]))}")
+    schedule = getattr(config, "schedule_steps", None)
+    for name, at in (steps or {}).items():
+        value = getattr(config, name)
+        if is_int(schedule) and is_int(value) and (value >= schedule if at else value > schedule):
+            bound = f"< {schedule}" if at else f"<= {schedule}"
+            problems.append(f"option {name}={value}: the step options are written for schedule_steps={schedule} "
+                            f"steps (and rescaled to the run's), so it must be {bound}; or set schedule_steps")
     for a, b in order or []:
         va, vb = getattr(config, a), getattr(config, b)
         if is_number(va) and is_number(vb) and va > vb:

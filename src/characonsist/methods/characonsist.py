@@ -79,9 +79,6 @@ class CharaConsistConfig:
         odd = [f"option {name}={getattr(self, name)}: must be 0, 1 or an odd window size (3 = 3x3)"
                for name in ("mask_erode", "mask_dilate")
                if is_int(getattr(self, name)) and getattr(self, name) > 1 and getattr(self, name) % 2 == 0]
-        if is_int(self.mask_step) and is_int(self.schedule_steps) and self.mask_step >= self.schedule_steps:
-            odd.append(f"option mask_step={self.mask_step}: the step options are written for schedule_steps="
-                       f"{self.schedule_steps} steps, so it must be < {self.schedule_steps} (or set schedule_steps)")
         check_config(
             self, problems=odd,
             ranges={"share_start": (0, None), "share_end": (0, None), "mask_step": (0, None),
@@ -90,7 +87,9 @@ class CharaConsistConfig:
                     "mask_erode": (0, None), "mask_dilate": (0, None), "schedule_steps": (1, None),
                     "row_bucket": (0, None)},
             choices={"volatile_backend": VOLATILE_BACKENDS},
-            order=[("share_start", "share_end"), ("merge_start", "merge_decay"), ("merge_decay", "merge_end")])
+            order=[("share_start", "share_end"), ("merge_start", "merge_decay"), ("merge_decay", "merge_end")],
+            steps={"mask_step": True, "share_start": False, "share_end": False, "merge_start": False,
+                   "merge_decay": False, "merge_end": False})
 
 
 _STEP_OPTIONS = ("share_start", "share_end", "mask_step", "merge_start", "merge_decay", "merge_end")

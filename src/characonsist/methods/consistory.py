@@ -125,7 +125,9 @@ class ConsiStoryConfig:
                                    "seed": (0, 2**63 - 1), "schedule_steps": (1, None)},
                      choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS,
                               "feature_pass": FEATURE_PASSES},
-                     order=[("share_start", "share_end"), ("inject_start", "inject_end")])
+                     order=[("share_start", "share_end"), ("inject_start", "inject_end")],
+                     steps={"share_start": False, "share_end": False, "mask_window": False, "blend_steps": False,
+                            "inject_start": True, "inject_end": True, "feature_step": True})
 
 
 def step_schedule(config: ConsiStoryConfig, num_steps: int) -> dict[str, int]:

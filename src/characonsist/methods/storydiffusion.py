@@ -107,7 +107,8 @@ class StoryDiffusionConfig:
                                    "skip_switch": (0, None), "skip_early": (0.0, 1.0), "skip_late": (0.0, 1.0),
                                    "seed": (0, 2**63 - 1), "schedule_steps": (1, None)},
                      choices={"blocks": BLOCKS, "volatile_backend": VOLATILE_BACKENDS},
-                     order=[("share_start", "share_end")])
+                     order=[("share_start", "share_end")],
+                     steps={"share_start": False, "share_end": False, "skip_switch": False})
 
 
 def sample_tokens(num_tokens: int, rate: float, generator: torch.Generator) -> torch.Tensor:

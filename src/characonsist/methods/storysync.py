@@ -253,7 +253,8 @@ class StorySyncConfig:
                                    "dropout_seed": (-1, 2**63 - 1), "schedule_steps": (1, None)},
                      choices={"share_blocks": BLOCKS, "mask_blocks": BLOCKS, "bli_blocks": BLOCKS,
                               "rfh_features": FEATURES, "volatile_backend": VOLATILE_BACKENDS},
-                     order=[("share_start", "share_end")])
+                     order=[("share_start", "share_end")],
+                     steps={"share_start": False, "share_end": False, "bli_end": False})
 
 
 def step_schedule(config: StorySyncConfig, num_steps: int) -> dict[str, int]:
