@@ -8,6 +8,7 @@ Screenshots go under the test's temporary folder (and to $CHARACONSIST_UI_SCREEN
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -87,6 +88,7 @@ def _toy_picture(path: Path) -> None:
 
 def test_make_a_story_in_the_browser(server, tmp_path):
     _need_browser()
+    from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -137,6 +139,21 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         assert [r.find_element(By.CSS_SELECTOR, "input.action").get_attribute("value")
                 for r in driver.find_elements(By.CSS_SELECTOR, ".scene .row")][1] == "small on the left"
         assert not driver.find_elements(By.CSS_SELECTOR, ".picture-thumb")
+        # a picture dropped on the row is taken as one chosen (a drop event carrying the file, as a drag would)
+        dropped = tmp_path / "dropped.png"
+        Image.open(picture).resize((96, 96)).save(dropped)
+        driver.execute_script("""
+            const [row, b64, name] = arguments;
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: "image/png"}));
+            row.dispatchEvent(new DragEvent("dragover", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+            row.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+        """, driver.find_element(By.CSS_SELECTOR, ".picture-row"), base64.b64encode(dropped.read_bytes()).decode(),
+            dropped.name)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".picture-name") and "dropped.png, 96x96" in
+                   d.find_element(By.CSS_SELECTOR, ".picture-name").text)
+        assert not driver.find_element(By.CSS_SELECTOR, ".picture-row").get_attribute("class").count("drop")
         driver.find_element(By.CSS_SELECTOR, ".picture-row input.picture-input").send_keys(str(picture))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".picture-thumb") and d.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth",
@@ -201,14 +218,13 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         driver.quit()
     page = folder / "robot-day" / "layouts" / "2x2_01.png"
     assert page.is_file()
-    from PIL import Image
-
     with Image.open(page) as image:
         assert image.width > 2 * 480 and image.height > 2 * 480     # two panels across, two down
     story = (folder / "robot-day" / "story.yaml").read_text()
     assert "caption: Bot walks away" in story and "background: a green forest" in story
-    (stored,) = (folder / "pictures").iterdir()
-    assert f"image: ../pictures/{stored.name}" in story and stored.read_bytes() == picture.read_bytes()
+    stored = {p.read_bytes(): p.name for p in (folder / "pictures").iterdir()}
+    assert len(stored) == 2 and stored.keys() == {picture.read_bytes(), dropped.read_bytes()}   # both kept, by bytes
+    assert f"image: ../pictures/{stored[picture.read_bytes()]}" in story                        # the last one chosen
     for shot in ("ui.png", "export.png"):
         assert (shots / shot).stat().st_size > 10_000
     if copy:
