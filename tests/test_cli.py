@@ -317,6 +317,9 @@ def test_progress_and_messages_unless_quiet(tmp_path, model_dir, fake, capsys):
     assert run(tmp_path, model_dir, out="o2") == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
+    assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", str(tmp_path / "o3"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""           # -q is --quiet, as in most command-line tools
 
 
 # ------------------------------------------------------------------ bad input: exit 2, the model never loads

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the built-in example story on the toy model (CPU, seconds)")
     demo.add_argument("--out", default="characonsist-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
 
     bench = sub.add_parser("bench", help="benchmarks: `characonsist bench toy --help`",
                            description="Benchmarks. `characonsist bench toy --help` lists the toy bench's options.")
@@ -122,7 +122,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --ray: N actors (default: one per GPU of the cluster; a cluster without GPUs needs N, "
                         "each actor then takes one CPU)")
     p.add_argument("--overwrite", action="store_true", help="replace groups that were generated with other settings")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages (errors still go to stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (errors still go to stderr)")
 
 
 def request_from_args(args):

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="face score threshold (default: the detector's own: RetinaFace face probability > 0.8 as "
                         "facexlib, OWLv2 score >= 0.3)")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 
