@@ -244,6 +244,62 @@ def test_read_only_out_real_permissions(tmp_path, model_dir, fake, capsys):
         out.chmod(0o755)
 
 
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small file system of its own (root with the right to mount: this project's machines and CI), so
+    read-only and full disks are the kernel's, not a stand-in; skipped where it cannot be mounted."""
+    mounted = []
+
+    def mount(name: str, size: str) -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+        mounted.append(where)
+        return where
+
+    def remount(where: Path, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
+
+    mount.remount = remount
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_real_read_only_file_system(tmp_path, model_dir, fake, capsys, tmpfs):
+    disk = tmpfs("disk", "4m")
+    story = write(tmp_path, "story.txt", STORY)
+    assert run(disk, model_dir, story=story) == 0
+    before = snapshot(disk / "out")
+    tmpfs.remount(disk, "ro")
+    assert run(disk, model_dir, story=story) == 0                   # nothing to do: nothing to write
+    assert run(disk, model_dir, story=story, out="new") == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert str(disk / "new") in line and "read-only file system" in line and "choose a writable place" in line
+    more = write(tmp_path, "story.txt", STORY + "\ncity#a cat#waits\ncity#a cat#sleeps\n")
+    assert run(disk, model_dir, story=more) == cli.EXIT_BAD_INPUT   # a group to make, on a read-only disk
+    assert "is not writable (read-only file system) and 1 group(s) remain" in one_line(capsys.readouterr().err)
+    assert len(fake.loads) == 1 and snapshot(disk / "out") == before
+
+
+def test_a_real_full_disk_stops_with_one_line_and_resumes_when_there_is_room(tmp_path, model_dir, fake, capsys,
+                                                                           tmpfs):
+    disk = tmpfs("disk", "16k")
+    story = write(tmp_path, "story.txt", STORY)
+    assert run(disk, model_dir, story=story) == cli.EXIT_BAD_INPUT
+    line = one_line(capsys.readouterr().err)
+    assert "no space left on the device; free some space and rerun the same command to resume" in line
+    assert not [p for p in (disk / "out").rglob("*") if TMP_MARK in p.name]     # no torn temporary left behind
+    kept = snapshot(disk / "out")
+    tmpfs.remount(disk, "size=4m")
+    assert run(disk, model_dir, story=story) == 0
+    done = snapshot(disk / "out")
+    assert all(done[name] == data for name, data in kept.items())            # what was finished stayed as it was
+    assert {"group_000/identity.png", "group_001/frame_01.png"} <= done.keys()
+
+
 def test_no_permission_is_found_before_any_work(tmp_path, model_dir, fake, capsys, monkeypatch):
     monkeypatch.setattr(folder_module.os, "access", lambda path, mode: False)   # as for a non-root user
     assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
@@ -275,7 +331,7 @@ def test_read_only_output_noop_rerun_succeeds_and_work_stops_before_the_model(tm
         (tmp_path / "out" / "group_001" / "frame_01.png").unlink()
         assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
         line = one_line(capsys.readouterr().err)
-        assert "is not writable (read-only or no permission) and 1 group(s) remain" in line
+        assert "is not writable (read-only file system) and 1 group(s) remain" in line
     assert len(fake.loads) == 1
     assert run(tmp_path, model_dir, story=story) == 0
     assert snapshot(tmp_path / "out") == before

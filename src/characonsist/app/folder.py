@@ -80,12 +80,13 @@ def check_writable_target(path: str | Path, kind: str = "folder", flag: str = "-
     if not base.is_dir():
         raise FolderError(f"{flag} {path}: {base} is a file, so nothing can be created under it; choose another "
                           "path", path)
-    target = path if kind == "folder" and path.is_dir() else base
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise FolderError(f"{flag} {path}: {target} is not writable (permission denied); choose a place you can "
+    if kind == "folder" and path.is_dir():
+        return   # an existing output folder may be read-only: a run with nothing to do succeeds there; whether
+                 # work remains is known once its plan is (OutputFolder.open, then the run's plan)
+    _probe(base, path, flag)   # the kernel's own answer: read-only file system, no permission, ...
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise FolderError(f"{flag} {path}: {base} is not writable (permission denied); choose a place you can "
                           "write to, or change its permissions", path)
-    if not (kind == "folder" and path.is_dir()):   # an existing output folder may be read-only: a run with
-        _probe(target, path, flag)                  # nothing to do succeeds there (OutputFolder.open)
 
 
 def _probe(folder: Path, path: Path, flag: str) -> None:
@@ -151,6 +152,7 @@ class OutputFolder:
         self.root = Path(root).expanduser()
         self.flag = flag
         self.read_only = False
+        self.read_only_why = "read-only or no permission"   # the kernel's reason once open() knows it
         self._lock_fd: int | None = None
         self._journal = None
         self._token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -177,6 +179,7 @@ class OutputFolder:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise FolderError(f"{self.flag} {describe_os_error(e, lock, 'opening the lock file')}", lock) from None
             self.read_only = True   # nothing can be written: fine for a run with nothing to do
+            self.read_only_why = {errno.EROFS: "read-only file system"}.get(e.errno, "permission denied")
             try:
                 fd = os.open(lock, os.O_RDONLY | _NOFOLLOW)
             except OSError:
@@ -244,7 +247,7 @@ class OutputFolder:
         except OSError:
             pass
         if self.read_only:
-            raise FolderError(f"{self.flag} {self.root} is not writable (read-only or no permission), and this run "
+            raise FolderError(f"{self.flag} {self.root} is not writable ({self.read_only_why}), and this run "
                               f"must write {relative}; make it writable or choose another folder", self.root)
         tmp = path.with_name(f".{path.name}{TMP_MARK}{self._token}")
         try:

@@ -72,9 +72,9 @@ class StoryRun:
                              + "\n".join(lines) + "\nRerun with --overwrite to replace them, or choose another "
                              "output folder.")
         if self.folder.read_only and self.todo:
-            raise FolderError(f"{self.folder.root} is not writable (read-only or no permission) and "
-                              f"{len(self.todo)} group(s) remain to generate; make it writable or choose another "
-                              "folder", self.folder.root)
+            why = self.folder.read_only_why
+            raise FolderError(f"{self.folder.root} is not writable ({why}) and {len(self.todo)} group(s) remain to "
+                              "generate; make it writable or choose another folder", self.folder.root)
         for job in conflicts:   # overwrite: start the group from scratch, without the old group's extra files
             prepare_overwrite(job, self.folder)
         for job in self.jobs:   # all images there, only the storyboard lost: no model needed
