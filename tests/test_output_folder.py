@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,16 +233,52 @@ def test_out_is_a_file_or_under_a_file(tmp_path, model_dir, fake, capsys):
     assert fake.loads == [] and afile.read_text() == "x"
 
 
-@pytest.mark.skipif(ROOT_USER, reason="root may write anywhere")
-def test_read_only_out_real_permissions(tmp_path, model_dir, fake, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    out.chmod(0o555)
+def without_override(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m characonsist ARGS`` in a process that the permission bits bind: as it is for a user; for root,
+    through util-linux's ``setpriv`` with the capabilities that bypass them dropped (still uid 0, so a root-owned
+    file's owner bits apply)."""
+    prefix = []
+    if ROOT_USER:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root without util-linux's setpriv: the permission bits cannot bind this process")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([*prefix, sys.executable, "-m", "characonsist", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_real_permissions_no_write_no_read(tmp_path, model_dir, fake, capsys):
+    story = write(tmp_path, "story.txt", STORY)
+    base = ["generate", str(story), "--model", str(model_dir), "--height", "32", "--width", "48", "--steps", "3",
+            "--quiet"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    done = tmp_path / "done"
     try:
-        assert run(tmp_path, model_dir, story=write(tmp_path, "story.txt", STORY)) == cli.EXIT_BAD_INPUT
-        assert "not writable" in one_line(capsys.readouterr().err) and fake.loads == []
+        fresh = without_override([*base, "--out", str(locked / "out")])          # cannot create it
+        assert fresh.returncode == cli.EXIT_BAD_INPUT and "Traceback" not in fresh.stderr
+        assert f"{locked / 'out'}" in one_line(fresh.stderr) and "permission denied" in fresh.stderr
+        empty = without_override([*base, "--out", str(locked)])                   # exists, work remains
+        assert empty.returncode == cli.EXIT_BAD_INPUT
+        assert "is not writable (permission denied) and 2 group(s) remain" in one_line(empty.stderr)
+        assert run(tmp_path, model_dir, story=story, out="done") == 0             # finished, then made read-only
+        before = snapshot(done)
+        for folder in (done, *[p for p in done.rglob("*") if p.is_dir()]):
+            folder.chmod(0o555)
+        noop = without_override([*base, "--out", str(done)])
+        assert noop.returncode == 0 and noop.stderr == "", noop.stderr            # nothing to do: nothing written
+        story.chmod(0)
+        unreadable = without_override([*base, "--out", str(tmp_path / "o")])
+        assert unreadable.returncode == cli.EXIT_BAD_INPUT
+        assert f"{story}: cannot read the story file (Permission denied)" in one_line(unreadable.stderr)
     finally:
-        out.chmod(0o755)
+        for folder in (locked, *[p for p in done.rglob("*") if p.is_dir()], done):
+            if folder.exists():
+                folder.chmod(0o755)
+        story.chmod(0o644)
+    assert snapshot(done) == before and not (locked / "out").exists() and len(fake.loads) == 1
 
 
 @pytest.fixture
