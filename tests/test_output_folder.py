@@ -507,3 +507,19 @@ def test_a_model_folder_with_broken_files_is_one_line(tmp_path, capsys, change, 
                      "--quiet"]) == cli.EXIT_BAD_INPUT
     line = one_line(capsys.readouterr().err)
     assert f"loading the model {model}: " in line and message in line and "check the model's files" in line
+
+
+def test_real_permissions_for_the_bench_report_and_the_demo(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        bench = without_override(["bench", "toy", "--limit", "1", "--json", str(locked / "report.json")])
+        demo = without_override(["demo", "--out", str(locked / "demo"), "--quiet"])
+    finally:
+        locked.chmod(0o755)
+    for done, path in ((bench, locked / "report.json"), (demo, locked / "demo")):
+        assert done.returncode == cli.EXIT_BAD_INPUT and "Traceback" not in done.stderr
+        line = one_line(done.stderr)
+        assert str(path) in line and "permission denied" in line
+    assert list(locked.iterdir()) == []
