@@ -653,3 +653,19 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
     capsys.readouterr()
     assert cli.main(shlex.split(command)[1:]) == 0      # the shown command loads alike: the story is done, not changed
     assert "1 group(s), 1 already done, 0 to generate" in capsys.readouterr().out
+
+
+def test_an_unwritable_folder_is_refused_at_start(tmp_path):
+    from test_output_folder import one_line, without_override  # real permission bits, root included
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        done = without_override(["ui", "--out", str(locked), "--port", "0"])
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == cli.EXIT_BAD_INPUT and "Traceback" not in done.stderr
+    assert f"--out {locked} is not writable (permission denied); the UI writes its stories there" in \
+        one_line(done.stderr)
+    assert list(locked.iterdir()) == []

@@ -227,6 +227,11 @@ class Workspace:
         the workspace itself, stops with a message); story folders have their own locks."""
         self.lock.check()
         self.lock.open()
+        if self.lock.read_only:   # every story the UI makes or edits is written here: say so now, not at Generate
+            why = self.lock.read_only_why
+            self.lock.close()
+            raise FolderError(f"--out {self.root} is not writable ({why}); the UI writes its stories there: make it "
+                              "writable or choose another folder", self.root)
 
     def close(self) -> None:
         self.lock.close()
