@@ -81,3 +81,12 @@ def import_flux():
         if logging is not None:
             logging.set_verbosity(level)
     return FluxPipeline
+
+
+def dtype_keyword(kwargs: dict) -> dict:
+    """``kwargs`` with ``torch_dtype=`` (the name every diffusers release reads, and the README's) under the name the
+    installed diffusers wants (``dtype_kwarg``), so 0.42's deprecation warning is not raised for it."""
+    if "torch_dtype" in kwargs and "dtype" not in kwargs:
+        kwargs = dict(kwargs)
+        kwargs.update(dtype_kwarg(kwargs.pop("torch_dtype")))
+    return kwargs

@@ -259,9 +259,9 @@ def setting_problems(*, height=None, width=None, num_inference_steps=None, guida
     if num_inference_steps is not None:
         problem = int_problem(names.get("num_inference_steps", "num_inference_steps"), num_inference_steps, 1,
                               MAX_STEPS)
-        problems.append(problem and problem + (" (the scheduler has 1000 timesteps)"
-                                               if is_int(num_inference_steps) and num_inference_steps > MAX_STEPS
-                                               else ""))
+        if problem and is_int(num_inference_steps) and num_inference_steps > MAX_STEPS:
+            problem += f" (the scheduler has {MAX_STEPS} timesteps)"
+        problems.append(problem)
     if guidance_scale is not None:
         problems.append(number_problem(names.get("guidance_scale", "guidance_scale"), guidance_scale, 0))
     if max_sequence_length is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._compat import dtype_kwarg, import_flux
+from ._compat import dtype_keyword, dtype_kwarg, import_flux
 from .engine import CALLBACK_TENSORS, Engine, Slot, StepBatch
 from .inputs import (
     OUTPUT_TYPES,
@@ -106,16 +106,6 @@ class _MutedEmptyFp32Warning(logging.Filter):
 
 
 _PHASE_LABELS = {"prerun": "layout pre-run"}
-
-
-def _dtype_keyword(kwargs: dict) -> dict:
-    """``torch_dtype=`` (the name every diffusers release reads, and this README's) passed on under the name the
-    installed diffusers wants (0.42 renamed it ``dtype`` and warns on the old one)."""
-    if "torch_dtype" in kwargs and "dtype" not in kwargs:
-        kwargs = dict(kwargs)
-        kwargs.update(dtype_kwarg(kwargs.pop("torch_dtype")))
-    return kwargs
-
 # FluxPipeline's arguments that a story call takes in another form (a diffusers user's first guess).
 FLUX_ONLY_ARGUMENTS = {
     "prompt": "a story call has no prompt: give identity='background#character#action' and frames=[...]",
@@ -175,7 +165,7 @@ class CharaConsistPipeline(FluxPipeline):
         dtype they were saved in (the toy model's float16) next to a float32 transformer, and the first forward
         would fail on mixed dtypes. Pass ``dtype=torch.bfloat16`` (or ``torch_dtype``) for FLUX on a GPU.
         """
-        kwargs = _dtype_keyword(kwargs)
+        kwargs = dtype_keyword(kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs.update(dtype_kwarg(torch.float32))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -187,7 +177,7 @@ class CharaConsistPipeline(FluxPipeline):
         diffusers' ``from_pipe`` casts the shared modules to float32 unless a dtype is passed, which would
         silently turn a bf16 FLUX into an fp32 one (8.8x slower and twice the memory, measured on an H100).
         """
-        kwargs = _dtype_keyword(kwargs)
+        kwargs = dtype_keyword(kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             module = getattr(pipeline, "transformer", None)
             kwargs.update(dtype_kwarg(module.dtype if module is not None else pipeline.dtype))

@@ -75,7 +75,7 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:limit].strip("-")
 
 
-def _syntax_error(error: Exception, source: str) -> str:
+def _syntax_error(error: Exception) -> str:
     """One line from a YAML or TOML parser's error: where (line, column) and what, without the multi-line excerpt
     PyYAML prints."""
     mark = getattr(error, "problem_mark", None)
@@ -204,7 +204,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base
 
             data = yaml.safe_load(text)
     except Exception as e:  # both libraries raise their own error types
-        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {_syntax_error(e, source)}"]) from None
+        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {_syntax_error(e)}"]) from None
     if not isinstance(data, dict):
         raise StoryError([f"{source}: the story must be a mapping with a 'scenes' list"])
     problems: list[str] = []

@@ -179,7 +179,7 @@ class OutputFolder:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise FolderError(f"{self.flag} {describe_os_error(e, lock, 'opening the lock file')}", lock) from None
             self.read_only = True   # nothing can be written: fine for a run with nothing to do
-            self.read_only_why = {errno.EROFS: "read-only file system"}.get(e.errno, "permission denied")
+            self.read_only_why = "read-only file system" if e.errno == errno.EROFS else "permission denied"
             try:
                 fd = os.open(lock, os.O_RDONLY | _NOFOLLOW)
             except OSError:

@@ -7,6 +7,7 @@ work is the application layer's (``characonsist.app``), shared with ``characonsi
 
 from __future__ import annotations
 
+import errno
 import socket
 import sys
 
@@ -45,11 +46,11 @@ def bind(host: str, port: int) -> socket.socket:
                           "such as 127.0.0.1 (this machine only) or 0.0.0.0 (every network)") from None
     except OSError as e:
         sock.close()
-        if e.errno in (98, 48):
+        if e.errno == errno.EADDRINUSE:
             advice = "is in use; choose another port (--port 0 picks a free one)"
-        elif e.errno in (99, 49):
+        elif e.errno == errno.EADDRNOTAVAIL:
             advice = "is not an address of this machine; give one of its addresses, such as 127.0.0.1"
-        elif e.errno == 13:
+        elif e.errno == errno.EACCES:
             advice = "permission denied (ports below 1024 need administrator rights); choose a port above 1023"
         else:
             advice = f"{e.strerror or e}; choose another address or port"
@@ -67,11 +68,14 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
     from .server import create_app
     from .worker import Worker, Workspace
 
-    bind(host, port).close()               # a bad address or a port in use: one line before the model is looked at
-    workspace = Workspace(out, model, loading)
-    worker = Worker(workspace, model)      # InputError for a model that cannot be found (or bad loading options)
-    sock = bind(host, port)
-    workspace.open()
+    sock = bind(host, port)                # a bad address or a port in use: one line before the model is looked at
+    try:
+        workspace = Workspace(out, model, loading)
+        worker = Worker(workspace, model)  # InputError for a model that cannot be found (or bad loading options)
+        workspace.open()
+    except BaseException:
+        sock.close()
+        raise
     try:
         worker.start()
         app = create_app(worker, allowed_hosts(host))
