@@ -411,6 +411,67 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
 
 
+@torch.no_grad()
+def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int = 16) -> dict:
+    """Can the model copy a given character? (no bar; the curve to follow while training, issue 23.)
+
+    A two-panel image whose left panel is a render of a known character, held on its true trajectory (the
+    render's latents re-noised to the sampler's sigma after every step, as in inpainting), and whose right
+    panel is generated from noise, with the two-panel prompt of both captions (other scene and action). Scored:
+    the share of right panels whose four unnamed attributes equal the render's (``all_four``, per attribute),
+    and whose named fields are the right caption's. Check 4 has both panels generated jointly; this isolates
+    reading an appearance that is already there, which is what a frame does with a picture as the identity.
+    """
+    from .train import two_panel_prompt
+
+    rng = np.random.default_rng(seed)
+    h, w = defaults["height"], defaults["width"]
+    scenes, actions = list(world.SCENES), list(world.ACTIONS)
+    cases = []
+    for i in range(n):
+        ch = world.sample_character(rng, list(world.KINDS)[i % len(world.KINDS)])
+        sa = str(rng.choice(scenes))
+        sb = str(rng.choice([x for x in scenes if x != sa]))
+        aa = str(rng.choice(actions))
+        ab = str(rng.choice([x for x in actions if x != aa]))
+        cases.append((ch, sa, sb, aa, ab, world.render(sa, ch, aa, rng=rng)))
+    hits, rows = [], []
+    for j in range(0, n, batch):
+        part = cases[j:j + batch]
+        b = len(part)
+        ref = _encode(pipe, [c[5] for c in part])                          # (b, tokens, 64) packed
+        lat_h, lat_w = 2 * (h // pipe.vae_scale_factor // 2), 2 * (w // pipe.vae_scale_factor // 2)
+        gen = torch.Generator().manual_seed(seed + j)
+        noise = torch.randn((b, 16, lat_h, 2 * lat_w), generator=gen).to(pipe.device, ref.dtype)
+        ref_lat = pipe._unpack_latents(ref, h, w, pipe.vae_scale_factor)   # (b, 16, lat_h, lat_w)
+
+        def with_reference(lat_packed: torch.Tensor, sigma: float) -> torch.Tensor:
+            z = pipe._unpack_latents(lat_packed, h, 2 * w, pipe.vae_scale_factor).clone()
+            z[..., :lat_w] = (1 - sigma) * ref_lat + sigma * noise[..., :lat_w]
+            return pipe._pack_latents(z, b, z.shape[1], lat_h, 2 * lat_w)
+
+        def cb(p, i, t, kw):
+            return {"latents": with_reference(kw["latents"], float(p.scheduler.sigmas[i + 1]))}
+
+        start = with_reference(pipe._pack_latents(noise, b, 16, lat_h, 2 * lat_w), 1.0)
+        prompts = [two_panel_prompt(_prompt(world.caption(sa, c.kind, aa)), _prompt(world.caption(sb, c.kind, ab)))
+                   for c, sa, sb, aa, ab, _ in part]
+        out = pipe(prompt=prompts, latents=start, num_inference_steps=defaults["num_inference_steps"], height=h,
+                   width=2 * w, guidance_scale=defaults["guidance_scale"],
+                   max_sequence_length=defaults["max_sequence_length"], output_type="np",
+                   callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"]).images
+        for (c, sa, sb, aa, ab, _), img in zip(part, _uint8(out), strict=True):
+            _, right = read_panels(img)
+            truth = c.attributes()
+            ok = {a: right[a] == truth[a] for a in ATTRS}
+            hits.append(all(ok.values()))
+            rows.append({"truth": truth, "right": {k: right[k] for k in (*ATTRS, "scene", "kind", "action")},
+                         "ok": ok, "named_correct": (right["scene"], right["kind"], right["action"]) == (sb, c.kind, ab)})
+    return {"n": n, "all_four": float(np.mean(hits)),
+            "per_attribute": {a: float(np.mean([r["ok"][a] for r in rows])) for a in ATTRS},
+            "named_correct": float(np.mean([r["named_correct"] for r in rows])), "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ two characters
 
 TWO_ADHERENCE = ("all_named", "scene", "kinds", "kinds_in_order", "actions", "bound")
@@ -541,6 +602,11 @@ def format_report(result: dict) -> str:
                      + ", ".join(f"{a} {pct(v)}" for a, v in c["agree_per_attribute"].items())
                      + f"); panels' named fields {pct(c['panels_named_correct'])}; two seeds of one prompt "
                      f"{pct(c['two_seeds_agree'])} (chance {pct(c['chance'])})")
+    if "copy" in result:
+        c = result["copy"]
+        lines.append(f"copy (no bar): given a render on the left, {pct(c['all_four'])} of {c['n']} right panels take "
+                     "all four of its attributes (" + ", ".join(f"{a} {pct(v)}" for a, v in c["per_attribute"].items())
+                     + f"); right panels' named fields {pct(c['named_correct'])}")
     if "two_characters" in result:
         c = result["two_characters"]
         a = c["adherence"]
@@ -558,7 +624,7 @@ def format_report(result: dict) -> str:
 
 
 PARTS_OF_RUN = ("adherence", "diversity", "schedule", "commit_times", "correspondence", "in_context")
-EXTRA_PARTS = ("two_characters",)      # measured on request only (no bar in issue 10)
+EXTRA_PARTS = ("two_characters", "copy")      # measured on request only (no bar)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -597,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
             "commit_times": lambda: commit_times(pipe, defaults, args.commit_n, args.batch),
             "correspondence": lambda: correspondence(pipe, defaults, args.pairs, batch=args.batch),
             "in_context": lambda: in_context(pipe, defaults, args.panels, batch=args.batch),
-            "two_characters": lambda: two_characters(pipe, defaults, args.two_characters or 200, batch=args.batch)}
+            "two_characters": lambda: two_characters(pipe, defaults, args.two_characters or 200, batch=args.batch),
+            "copy": lambda: copy_given(pipe, defaults, args.panels, batch=args.batch)}
     for part in parts:
         t = time.perf_counter()
         result[part] = runs[part]()

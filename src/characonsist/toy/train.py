@@ -91,6 +91,8 @@ class TrainConfig:
     two_panel_every: int = 2         # every k-th step trains on two-panel images (0: never); see two_panel_batch
     two_character_every: int = 0     # every k-th other step trains on two-character images (0: never, the shipped
     n_two_characters: int = 24_000   # recipe); a data set of this many world.render_two images; see step_kind
+    reference_frac: float = 0.0      # share of two-panel images whose one panel is a cleaner reference (v4; 0: v3's
+                                     # recipe, both panels equally noised); see reference_noise
 
 
 VAE_CONFIG = dict(
@@ -225,6 +227,34 @@ def two_character_batch(latents: torch.Tensor, n: int, generator: torch.Generato
     images teach it to copy one identity."""
     idx = torch.randint(0, len(latents), (n,), generator=generator, device=latents.device)
     return latents[idx], idx
+
+
+def reference_noise(sigmas: torch.Tensor, shape: tuple[int, int, int, int], vertical: bool, frac: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-latent-pixel noise levels and loss weights (each ``(n, 1, H, W)``) of a two-panel batch in which a share
+    ``frac`` of the images has one panel (left/right or top/bottom, at random) as a **reference**: noised less,
+    at ``sigma * r`` with ``r ~ U(0, 1)``, and left out of the loss. The other panel, and both panels of the
+    other images, are at the image's ``sigma`` (the timestep the model is given) and weighted 1.
+
+    Why: with both panels equally noised (v3's recipe), the other panel holds no more about the character's
+    unnamed attributes than the panel itself, so copying lowers the loss little, and v3 barely copies (given a
+    clean reference, 14.6% of its second panels took all four attributes; docs/TOY_WORLD.md). With a cleaner
+    reference, the reference is the only good source of the target's identity, which is how in-context models
+    learn to copy a subject from one view into another; CharaConsist's frames then read an identity through the
+    same attention. The images without a reference keep joint generation (check 4's setting) in training.
+    """
+    n, _, h, w = shape
+    device = sigmas.device
+    level = sigmas.view(n, 1, 1, 1).expand(n, 1, h, w).clone()
+    weight = torch.ones(n, 1, h, w, device=device)
+    has_ref = torch.rand(n, generator=generator, device=device) < frac
+    ratio = torch.rand(n, generator=generator, device=device)
+    first = torch.rand(n, generator=generator, device=device) < 0.5      # the reference is the first panel
+    half = torch.arange(h if vertical else w, device=device) < (h if vertical else w) // 2
+    in_first = (half.view(1, 1, -1, 1) if vertical else half.view(1, 1, 1, -1)).expand(n, 1, h, w)
+    is_ref = has_ref.view(n, 1, 1, 1) & (in_first == first.view(n, 1, 1, 1))
+    level = torch.where(is_ref, level * ratio.view(n, 1, 1, 1), level)
+    return level, torch.where(is_ref, torch.zeros_like(weight), weight)
 
 
 def step_kind(step: int, cfg: TrainConfig) -> str:
@@ -364,21 +394,30 @@ def sample_sigmas(n: int, mu: float, uniform_frac: float, generator: torch.Gener
 
 
 def flow_loss(transformer, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-              prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """Rectified flow matching on scaled latents (B, C, h, w), packed and positioned like ``FluxPipeline``."""
+              prompt_embeds: torch.Tensor, pooled: torch.Tensor, levels: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Rectified flow matching on scaled latents (B, C, h, w), packed and positioned like ``FluxPipeline``.
+
+    ``levels`` and ``weights`` (B, 1, h, w), optional: a noise level and a loss weight per latent pixel (a
+    reference panel, ``reference_noise``); the model's timestep stays ``sigmas``."""
     from diffusers import FluxPipeline
 
     b, c, h, w = latents.shape
     x0 = FluxPipeline._pack_latents(latents, b, c, h, w)
     n = FluxPipeline._pack_latents(noise, b, c, h, w)
     s = sigmas.view(b, 1, 1).to(x0.dtype)
+    if levels is not None:      # a 2x2 patch never straddles two panels (panels are an even number of pixels)
+        s = FluxPipeline._pack_latents(levels.to(x0.dtype), b, 1, h, w)[..., :1]
     xt = (1.0 - s) * x0 + s * n
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
     pred = transformer(hidden_states=xt, timestep=sigmas.to(x0.dtype), guidance=None, pooled_projections=pooled,
                        encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
                        return_dict=False)[0]
-    return F.mse_loss(pred.float(), (n - x0).float())
+    if weights is None:
+        return F.mse_loss(pred.float(), (n - x0).float())
+    wt = FluxPipeline._pack_latents(weights.float(), b, 1, h, w)[..., :1]
+    return ((pred.float() - (n - x0).float()) ** 2 * wt).sum() / (wt.sum() * pred.shape[-1]).clamp_min(1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -630,22 +669,27 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         dist_.barrier()
 
     def batch(step: int, gen: torch.Generator):
-        """(x0, embeds, pooled, sigmas, kind) of this step (single, two-panel or two-character images)."""
+        """(x0, embeds, pooled, sigmas, kind, levels, weights) of this step (single, two-panel or two-character
+        images; ``levels``/``weights`` per latent pixel for two-panel steps with references, else None)."""
         kind = step_kind(step, cfg)
         if kind == "two":
             n = max(1, cfg.batch // 2)
             lat, idx = two_character_batch(two_latents, n, gen)
             sig = sample_sigmas(n, mu_pair, cfg.uniform_frac, gen, device)
-            return lat, two_embeds[two_prompt_idx[idx]], two_pooled[two_prompt_idx[idx]], sig, "two"
+            return lat, two_embeds[two_prompt_idx[idx]], two_pooled[two_prompt_idx[idx]], sig, "two", None, None
         if kind == "pair":
             n = max(1, cfg.batch // 2)
-            lat, a, b = two_panel_batch(latents, cfg.per_identity, n, gen, vertical=(step // cfg.two_panel_every) % 2)
+            vertical = bool((step // cfg.two_panel_every) % 2)
+            lat, a, b = two_panel_batch(latents, cfg.per_identity, n, gen, vertical=vertical)
             pair = prompt_idx[a] * len(uniq) + prompt_idx[b]
             sig = sample_sigmas(n, mu_pair, cfg.uniform_frac, gen, device)
-            return lat, pair_embeds[pair], pair_pooled[pair], sig, "pair"
+            levels = weights = None
+            if cfg.reference_frac:
+                levels, weights = reference_noise(sig, tuple(lat.shape), vertical, cfg.reference_frac, gen)
+            return lat, pair_embeds[pair], pair_pooled[pair], sig, "pair", levels, weights
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen, device=device)
         sig = sample_sigmas(cfg.batch, mu_single, cfg.uniform_frac, gen, device)
-        return latents[idx], embeds[prompt_idx[idx]], pooled[prompt_idx[idx]], sig, "single"
+        return latents[idx], embeds[prompt_idx[idx]], pooled[prompt_idx[idx]], sig, "single", None, None
 
     rate_t = None
     stop = False
@@ -662,12 +706,12 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
         gen = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 64 + dist_.rank)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * (min(1.0, (step - start + 1) / rewarm) if rewarm else 1.0)
-        lat, emb, pool, sig, kind = batch(step, gen)
+        lat, emb, pool, sig, kind, levels, weights = batch(step, gen)
         x0 = (lat.float() - lat_shift) * lat_scale
         noise = torch.randn(x0.shape, generator=gen, device=device)
         try:
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                loss = flow_loss(forward, x0, noise, sig, emb, pool)
+                loss = flow_loss(forward, x0, noise, sig, emb, pool, levels, weights)
         except Exception as exc:   # torch.compile failing on its first call: train eagerly instead
             if not compile or step > start + 1:
                 raise
@@ -675,7 +719,7 @@ def train_transformer(run: Path, cfg: TrainConfig, images: np.ndarray, prompts: 
             forward = forward._orig_mod if hasattr(forward, "_orig_mod") else forward
             compile = False
             with torch.autocast(device.type, torch.bfloat16, enabled=use_bf16):
-                loss = flow_loss(forward, x0, noise, sig, emb, pool)
+                loss = flow_loss(forward, x0, noise, sig, emb, pool, levels, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -749,12 +793,18 @@ def export(run: Path, weights: Path, use_ema: bool = True) -> None:
     (weights / "characonsist_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
 
 
-def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path, transformer_dir: Path | None = None) -> None:
+def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path, transformer_dir: Path | None = None,
+                  at_step: int = 0) -> None:
     """Stage ``init`` (any machine): a fresh pipeline of this recipe around an already trained VAE (e.g. the
     shipped one, ``--vae-from``), so that a new transformer/text-encoder recipe need not retrain the VAE. With
     ``transformer_dir`` (``--transformer-from``, e.g. the shipped folder's) the transformer starts from those
     weights instead of a fresh one (a new schedule of ``--steps`` continues a shipped model; the EMA starts there
-    too). The text encoders are rebuilt from the seed, so they must be the ones the weights were trained with."""
+    too). The text encoders are rebuilt from the seed, so they must be the ones the weights were trained with.
+    ``at_step`` (with ``transformer_dir``): the weights are a run's EMA after that many steps of this schedule;
+    the new run counts on from there (learning rate, data and noise draws of the later steps), with the EMA
+    starting at those weights at its full decay."""
+    if at_step and transformer_dir is None:
+        raise ValueError("at_step needs transformer_dir (the weights to count on from)")
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     if _state(run).get("vae_done"):
@@ -765,8 +815,8 @@ def init_from_vae(run: Path, cfg: TrainConfig, vae_dir: Path, transformer_dir: P
         pipe.transformer = FluxTransformer2DModel.from_pretrained(str(transformer_dir), **dtype_kwarg(torch.float32))
     save_run_pipeline(pipe, run)
     state = _state(run)
-    state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=0,
-                 transformer_from=str(transformer_dir) if transformer_dir else None)
+    state.update(vae_done=True, vae_from=str(vae_dir), config=asdict(cfg), transformer_step=at_step,
+                 ema_updates=at_step, transformer_from=str(transformer_dir) if transformer_dir else None)
     _save_state(run, state)
     _log(run, f"init: pipeline with the VAE of {vae_dir}"
               + (f", the transformer of {transformer_dir}" if transformer_dir else ""))
@@ -833,6 +883,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="train every k-th non-two-panel step on two-character images (0: never, the default; kept "
                          "in the run's config once set)")
     ap.add_argument("--n-two-characters", type=int, default=None, help="size of the two-character data set")
+    ap.add_argument("--reference-frac", type=float, default=None,
+                    help="share of two-panel images with a cleaner reference panel (reference_noise; 0: v3's recipe)")
+    ap.add_argument("--two-panel-every", type=int, default=None, help="every k-th step trains on two-panel images")
+    ap.add_argument("--at-step", type=int, default=None,
+                    help="init with --transformer-from: count the steps on from here (the weights were trained for "
+                         "this many steps of the same schedule; a self-contained call continuing the last one's "
+                         "exported weights: bench/toy_train_call.sh)")
     ap.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights, not the EMA")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -859,13 +916,14 @@ def main(argv: list[str] | None = None) -> None:
     auto_steps = args.steps == "auto"
     if args.steps is not None and not auto_steps:
         cfg.steps = int(args.steps)
-    for key in ("n_images", "vae_steps", "batch", "seed", "lr", "two_character_every", "n_two_characters"):
+    for key in ("n_images", "vae_steps", "batch", "seed", "lr", "two_character_every", "n_two_characters",
+                "reference_frac", "two_panel_every"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     if args.stage == "init":
         if args.vae_from is None:
             ap.error("--stage init needs --vae-from DIR (a trained AutoencoderKL folder)")
-        init_from_vae(run, cfg, args.vae_from, args.transformer_from)
+        init_from_vae(run, cfg, args.vae_from, args.transformer_from, args.at_step or 0)
         return
     dist_ = Dist()
     if dist_.world > 1 and args.stage != "transformer":
