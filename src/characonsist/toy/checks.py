@@ -472,6 +472,107 @@ def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int 
             "named_correct": float(np.mean([r["named_correct"] for r in rows])), "rows": rows}
 
 
+class _AttentionProbe:
+    """A processor for a single block that runs the stock attention and keeps, per head, the attention
+    probabilities (after RoPE, softmax over every key) of the image queries over the image keys."""
+
+    def __init__(self, inner, store: list, text_len: int):
+        self.inner, self.store, self.text_len = inner, store, text_len
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from ..engine import _project
+        from ..rope import apply_rope
+
+        q, k, _ = _project(attn, hidden_states, None)
+        q, k = apply_rope(q, image_rotary_emb), apply_rope(k, image_rotary_emb)
+        logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+        t = self.text_len
+        self.store.append(logits.softmax(-1)[:, :, t:, t:].cpu())       # (B, H, image queries, image keys)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@torch.no_grad()
+def panel_attention(pipe, defaults: dict, n: int = 24, seed: int = 4040, sigmas: tuple[float, ...] | None = None) -> dict:
+    """Where the second instance of a character looks (no bar; the diagnosis of issue 23).
+
+    Two renders of one character (other scenes and actions) side by side, noised with one noise to ``sigma``
+    (by default the mask step's, official step 10 of 50 rescaled, and 0.5), the two-panel prompt, one forward.
+    For every single block and head: of the attention of one panel's character tokens, the share that goes to
+    the other panel's character tokens (``to_other_char``), against the share those tokens would get from
+    uniform attention over every key (``uniform``; text keys included); and ``right_part``, how often the
+    query's most attended token of the other panel is on the same body part (the renderer's part map). Both
+    directions are pooled. A head that carries appearance from one instance to the other has a ratio well above
+    1 and a high ``right_part``.
+    """
+    from .train import two_panel_prompt
+
+    rng = np.random.default_rng(seed)
+    n_steps = defaults["num_inference_steps"]
+    h, w = defaults["height"], defaults["width"]
+    if sigmas is None:
+        k_step = min(int(round(OFFICIAL_STEPS["mask_step"] * n_steps / FLUX_STEPS)), n_steps - 1)
+        tokens = (h // TOKEN_PX) * (w // TOKEN_PX)
+        sigmas = (float(sigmas_of(dict(pipe.scheduler.config), n_steps, tokens)[k_step]), 0.5)
+    scenes, actions = list(world.SCENES), list(world.ACTIONS)
+    tr = pipe.transformer
+    blocks = tr.single_transformer_blocks
+    gh, gw = h // TOKEN_PX, w // TOKEN_PX
+    out = {}
+    for sigma in sigmas:
+        acc = None
+        for i in range(n):
+            ch = world.sample_character(rng, list(world.KINDS)[i % len(world.KINDS)])
+            sa = str(rng.choice(scenes))
+            sb = str(rng.choice([x for x in scenes if x != sa]))
+            aa = str(rng.choice(actions))
+            ab = str(rng.choice([x for x in actions if x != aa]))
+            ia, _, pa = world.render(sa, ch, aa, rng=rng, return_mask=True, return_parts=True)
+            ib, _, pb = world.render(sb, ch, ab, rng=rng, return_mask=True, return_parts=True)
+            parts = np.concatenate([token_parts(pa).reshape(gh, gw), token_parts(pb).reshape(gh, gw)], 1).ravel()
+            panel = np.tile(np.arange(2 * gw) >= gw, gh)                        # token in the right panel
+            x0 = _encode(pipe, [np.concatenate([ia, ib], 1)])
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + i)).to(x0)
+            xt = (1 - sigma) * x0 + sigma * noise
+            prompt = two_panel_prompt(_prompt(world.caption(sa, ch.kind, aa)), _prompt(world.caption(sb, ch.kind, ab)))
+            embeds, pooled, txt_ids = pipe.encode_prompt([prompt], prompt_2=None, device=pipe.device,
+                                                         max_sequence_length=defaults["max_sequence_length"])
+            img_ids = pipe._prepare_latent_image_ids(1, gh, 2 * gw, pipe.device, x0.dtype)
+            store: list[torch.Tensor] = []
+            saved = [b.attn.processor for b in blocks]
+            for b, p in zip(blocks, saved, strict=True):
+                b.attn.set_processor(_AttentionProbe(p, store, embeds.shape[1]))
+            try:
+                tr(hidden_states=xt.to(tr.dtype), timestep=torch.full((1,), sigma, device=pipe.device, dtype=tr.dtype),
+                   guidance=None, pooled_projections=pooled.to(tr.dtype), encoder_hidden_states=embeds.to(tr.dtype),
+                   txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
+            finally:
+                for b, p in zip(blocks, saved, strict=True):
+                    b.attn.set_processor(p)
+            probs = torch.stack([s[0] for s in store])                          # (blocks, H, Nimg, Nimg)
+            total_keys = embeds.shape[1] + len(parts)
+            sums = []
+            for side in (False, True):                                          # queries in the left, then right
+                q = np.flatnonzero((parts > 0) & (panel == side))
+                other = np.flatnonzero(panel != side)
+                other_char = np.flatnonzero((parts > 0) & (panel != side))
+                pq = probs[:, :, q]                                             # (blocks, H, |q|, Nimg)
+                mass = pq[..., other_char].sum(-1).sum(-1)                      # summed over the queries
+                best = other[pq[..., other].argmax(-1).numpy()]                 # (blocks, H, |q|)
+                right = (parts[best] == parts[q][None, None]).sum(-1)
+                sums.append((mass, torch.as_tensor(right, dtype=torch.float64), len(q),
+                             len(other_char) / total_keys * len(q)))
+            row = [sum(x[j] for x in sums) for j in range(4)]
+            acc = row if acc is None else [a + r for a, r in zip(acc, row, strict=True)]
+        mass, right, nq, uniform = acc
+        to_other = (mass / nq).double()
+        out[f"{sigma:.3f}"] = {
+            "to_other_char": to_other.tolist(), "uniform": uniform / nq, "right_part": (right / nq).tolist(),
+            "best_ratio": float(to_other.max() / (uniform / nq)),
+            "best_head": [int(x) for x in np.unravel_index(int(to_other.argmax()), tuple(to_other.shape))],
+            "mean_ratio": float(to_other.mean() / (uniform / nq)), "queries": int(nq)}
+    return {"n": n, "sigmas": [float(s) for s in sigmas], "by_sigma": out}
+
+
 # ------------------------------------------------------------------------------------------------ two characters
 
 TWO_ADHERENCE = ("all_named", "scene", "kinds", "kinds_in_order", "actions", "bound")
@@ -602,6 +703,15 @@ def format_report(result: dict) -> str:
                      + ", ".join(f"{a} {pct(v)}" for a, v in c["agree_per_attribute"].items())
                      + f"); panels' named fields {pct(c['panels_named_correct'])}; two seeds of one prompt "
                      f"{pct(c['two_seeds_agree'])} (chance {pct(c['chance'])})")
+    if "panel_attention" in result:
+        c = result["panel_attention"]
+        for sg, r in c["by_sigma"].items():
+            blk, head = r["best_head"]
+            lines.append(f"panel attention (no bar) at sigma {sg}, {c['n']} two-panel renders: character tokens give the "
+                         f"other panel's character {r['mean_ratio']:.2f}x uniform on average over blocks and heads, "
+                         f"{r['best_ratio']:.2f}x in the best (single block {blk}, head {head}: "
+                         f"{pct(r['to_other_char'][blk][head])} of its attention, right part "
+                         f"{pct(r['right_part'][blk][head])})")
     if "copy" in result:
         c = result["copy"]
         lines.append(f"copy (no bar): given a render on the left, {pct(c['all_four'])} of {c['n']} right panels take "
@@ -624,7 +734,7 @@ def format_report(result: dict) -> str:
 
 
 PARTS_OF_RUN = ("adherence", "diversity", "schedule", "commit_times", "correspondence", "in_context")
-EXTRA_PARTS = ("two_characters", "copy")      # measured on request only (no bar)
+EXTRA_PARTS = ("two_characters", "copy", "panel_attention")      # measured on request only (no bar)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
             "correspondence": lambda: correspondence(pipe, defaults, args.pairs, batch=args.batch),
             "in_context": lambda: in_context(pipe, defaults, args.panels, batch=args.batch),
             "two_characters": lambda: two_characters(pipe, defaults, args.two_characters or 200, batch=args.batch),
-            "copy": lambda: copy_given(pipe, defaults, args.panels, batch=args.batch)}
+            "copy": lambda: copy_given(pipe, defaults, args.panels, batch=args.batch),
+            "panel_attention": lambda: panel_attention(pipe, defaults, min(args.pairs, 48))}
     for part in parts:
         t = time.perf_counter()
         result[part] = runs[part]()
