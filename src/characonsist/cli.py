@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the UI's folder: one run folder per story (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
     ui.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
+    ui.add_argument("--allow-host", action="append", metavar="NAME",
+                    help="also answer requests addressed to this host name (repeatable; the UI answers only its "
+                         "address and this machine's names for it, so other web pages cannot reach it)")
     add_loading_arguments(ui, auto=False)   # one model for every story: a small GPU's mode and format
     return parser
 
@@ -243,7 +246,7 @@ def cmd_ui(args) -> int:
     from .ui.worker import Loading
 
     return serve(args.model, args.out, args.host, args.port, loading=Loading(
-        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype))
+        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype), allow_hosts=args.allow_host or ())
 
 
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
