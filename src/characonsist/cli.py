@@ -184,6 +184,11 @@ def cmd_generate(args) -> int:
     with StoryRun(checked) as run:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
+        _say_earlier(run, say)
+        if args.layout:   # the pages' files are known now: a file in their way stops the run before the model loads
+            from .app.layouts import check_layout_targets
+
+            check_layout_targets(run.folder, run.jobs, args.layout)
         if not todo:
             _write_layouts(run, args, say)
             return 0
@@ -209,6 +214,14 @@ def cmd_generate(args) -> int:
         _write_layouts(run, args, say)
     say(f"done: {len(run.jobs) - run.failed}/{len(run.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
     return EXIT_FAILED if run.failed else 0
+
+
+def _say_earlier(run, say) -> None:
+    """Groups of an earlier run in this folder that this story does not have: kept in manifest.json, said once."""
+    if run.earlier:
+        names = [g["name"] for g in run.earlier]
+        say(f"note: {len(names)} group(s) in {run.folder.root} are from an earlier run, not this story "
+            f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}); manifest.json keeps them under 'earlier'")
 
 
 def _say_notes(job, say, shown: int = 3) -> None:

@@ -173,7 +173,8 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         data = await body(request)
         fmt = data.get("format", "yaml")
         text = dump_story(data.get("story"), fmt) if fmt in FORMATS else dump_story({}, fmt)
-        return JSONResponse({"text": text, "filename": f"{data.get('name') or 'story'}{SUFFIX[fmt]}"})
+        name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else "story"
+        return JSONResponse({"text": text, "filename": f"{name[:64]}{SUFFIX[fmt]}"})
 
     async def validate(request: Request):
         data = await body(request)
