@@ -106,15 +106,13 @@ def load_story(path: str | Path) -> Story:
             raise StoryError([f"{path}: not a regular file (a device, pipe or socket); give a story file"])
         raise StoryError([f"{path}: story file not found"])
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STORY_BYTES + 1)    # never more than the limit, whatever the file claims
-        text = data.decode("utf-8-sig") if len(data) <= MAX_STORY_BYTES else None
+        if path.stat().st_size > MAX_STORY_BYTES:    # a regular file: its size is what reading it costs
+            raise StoryError([_too_large(str(path))])
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise StoryError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
     except OSError as e:
         raise StoryError([f"{path}: cannot read the story file ({e.strerror or e}); check its permissions"]) from None
-    if text is None:
-        raise StoryError([_too_large(str(path))])
     if path.suffix.lower() in STRUCTURED_SUFFIXES:
         return parse_structured(text, str(path), toml=path.suffix.lower() == ".toml", base=path.parent)
     return parse_text(text, str(path), base=path.parent)
@@ -258,14 +256,11 @@ def _yaml_error(source: str, line: int, text: str) -> StoryError:
     return StoryError([f"{source}:{line}: {text}"])
 
 
-def _load_yaml(text: str, source: str) -> tuple[object, _Lines]:
-    """The YAML document's data, read in two passes over libyaml's events (the pure-Python parser without it):
-    first refuse aliases and nesting deeper than ``MAX_DEPTH`` (nothing is built yet), then build it, noting every
-    mapping key's line and refusing duplicate keys."""
+def _scan(text: str, source: str, base) -> None:
+    """Read the YAML events of ``text`` with the parser ``base`` (nothing is built): StoryError at the first alias
+    or at nesting deeper than ``MAX_DEPTH``; the parser's own error at a syntax error."""
     import yaml
 
-    fast = getattr(yaml, "CSafeLoader", None)
-    base = fast or yaml.SafeLoader
     scan = base(text)
     try:
         depth = 0
@@ -284,6 +279,23 @@ def _load_yaml(text: str, source: str) -> tuple[object, _Lines]:
                 depth -= 1
     finally:
         scan.dispose()
+
+
+def _load_yaml(text: str, source: str) -> tuple[object, _Lines]:
+    """The YAML document's data, read in two passes over libyaml's events (the pure-Python parser without it):
+    first refuse aliases and nesting deeper than ``MAX_DEPTH`` (nothing is built yet), then build it, noting every
+    mapping key's line and refusing duplicate keys."""
+    import yaml
+
+    fast = getattr(yaml, "CSafeLoader", None)
+    base = fast or yaml.SafeLoader
+    try:
+        _scan(text, source, base)
+    except yaml.YAMLError:
+        if fast is None:
+            raise
+        _scan(text, source, yaml.SafeLoader)   # a syntax error in the pure-Python parser's words (line, column)
+        raise
     lines = _Lines()
 
     class Loader(base):
