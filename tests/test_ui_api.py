@@ -405,7 +405,8 @@ def test_second_ui_on_the_same_folder_and_network_warning(tmp_path, monkeypatch,
             Workspace(tmp_path / "ui", "toy").open()
     finally:
         space.close()
-    assert ui_module.allowed_hosts("127.0.0.1") and ui_module.allowed_hosts("0.0.0.0") is None
+    assert "localhost" in ui_module.allowed_hosts("127.0.0.1", "127.0.0.1")   # the check is on for every address:
+    assert "evil.example" not in ui_module.allowed_hosts("0.0.0.0", "0.0.0.0")    # test_hostile_inputs.py
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     monkeypatch.setattr(Worker, "start", lambda self, preload=True: None)
     monkeypatch.setattr(Worker, "stop", lambda self: None)

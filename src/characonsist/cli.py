@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the UI's folder: one run folder per story (default: %(default)s)")
     ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s, this machine only)")
     ui.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
+    ui.add_argument("--allow-host", action="append", metavar="NAME",
+                    help="also answer requests addressed to this host name (repeatable; the UI answers only its "
+                         "address and this machine's names for it, so other web pages cannot reach it)")
     add_loading_arguments(ui, auto=False)   # one model for every story: a small GPU's mode and format
     return parser
 
@@ -181,6 +184,11 @@ def cmd_generate(args) -> int:
     with StoryRun(checked) as run:
         todo = run.todo
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
+        _say_earlier(run, say)
+        if args.layout:   # the pages' files are known now: a file in their way stops the run before the model loads
+            from .app.layouts import check_layout_targets
+
+            check_layout_targets(run.folder, run.jobs, args.layout)
         if not todo:
             _write_layouts(run, args, say)
             return 0
@@ -206,6 +214,14 @@ def cmd_generate(args) -> int:
         _write_layouts(run, args, say)
     say(f"done: {len(run.jobs) - run.failed}/{len(run.jobs)} group(s) in {out}; manifest: {out / 'manifest.json'}")
     return EXIT_FAILED if run.failed else 0
+
+
+def _say_earlier(run, say) -> None:
+    """Groups of an earlier run in this folder that this story does not have: kept in manifest.json, said once."""
+    if run.earlier:
+        names = [g["name"] for g in run.earlier]
+        say(f"note: {len(names)} group(s) in {run.folder.root} are from an earlier run, not this story "
+            f"({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}); manifest.json keeps them under 'earlier'")
 
 
 def _say_notes(job, say, shown: int = 3) -> None:
@@ -243,7 +259,7 @@ def cmd_ui(args) -> int:
     from .ui.worker import Loading
 
     return serve(args.model, args.out, args.host, args.port, loading=Loading(
-        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype))
+        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype), allow_hosts=args.allow_host or ())
 
 
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:

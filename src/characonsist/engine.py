@@ -29,6 +29,7 @@ import_flux()   # before diffusers' FLUX module is first imported below (mutes a
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps  # noqa: E402
 
+from .inputs import InputError  # noqa: E402
 from .rope import Rotary, apply_rope  # noqa: E402
 from .story import StoryImage  # noqa: E402
 
@@ -237,6 +238,11 @@ def flow_velocity(transformer, latents: torch.Tensor, sigma: float, embeds, pool
     return transformer(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
                        return_dict=False)[0]
+
+
+def _name(fn) -> str:
+    """A callable as messages name it (its qualified name)."""
+    return getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", None) or repr(fn)
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -475,10 +481,19 @@ class Engine:
             result = callback(self.pipe, step, g.timesteps[step], kwargs) or {}
         finally:
             self.pipe._step_batch = None
+        if not isinstance(result, dict):
+            raise InputError(f"callback_on_step_end {_name(callback)} returned {type(result).__name__} at step {step}; "
+                             "return a dict (of the tensors to replace, e.g. {'latents': ...}) or None")
         if "latents" in result and result["latents"] is not kwargs.get("latents"):
             if not apply:
                 raise ValueError(f"step {step} was taken over from the pre-run: its latents cannot be changed")
-            g.latents = torch.cat([result.pop("latents"), g.latents[n:]])
+            given, expected = result.pop("latents"), latents[:n]
+            if not isinstance(given, torch.Tensor) or given.shape != expected.shape:
+                what = f"shape {tuple(given.shape)}" if isinstance(given, torch.Tensor) else type(given).__name__
+                raise InputError(f"callback_on_step_end {_name(callback)} returned latents of {what} at step {step}; "
+                                 f"expected shape {tuple(expected.shape)} (images, tokens, channels: the rows "
+                                 "pipe.step_batch names)")
+            g.latents = torch.cat([given.to(g.latents.device, g.latents.dtype), g.latents[n:]])
 
     def _forward(self, g: Group, step: int, guidance_scale: float, text_ids, last: bool) -> None:
         transformer = self.pipe.transformer

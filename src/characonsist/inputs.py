@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+import re
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +29,12 @@ MAX_SEQUENCE_LENGTH = 512   # FLUX's T5 encoder
 SEED_LIMIT = 2**63          # seeds go to torch.Generator.manual_seed
 MAX_STEPS = 1000            # FLUX's flow-matching scheduler is trained on 1000 timesteps; more steps add nothing
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# The group size rule (docs/API.md): a group's images run in lockstep, so its memory grows with images x tokens.
+# One forward pass holds at most MAX_PASS_TOKENS image tokens (64 images of 1024x1024: FLUX.1-dev's activations
+# are about 8.5 GiB per 64 K tokens, BENCHMARKS.md; the toy model's 128 px images are 64 tokens); a group's
+# decoded images (3 bytes a pixel) are held until it is written: at most MAX_GROUP_PIXELS (about 3 GiB).
+MAX_PASS_TOKENS = 2**18
+MAX_GROUP_PIXELS = 2**30
 DEFAULTS_FILE = "characonsist_defaults.json"
 # Defaults of the official code for FLUX.1-dev; a model folder may override them with characonsist_defaults.json.
 FLUX_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guidance_scale": 3.5,
@@ -45,9 +53,15 @@ class InputError(ValueError):
         super().__init__("\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else ""))
 
 
+_SHORT = reprlib.Repr()     # a bounded repr: a nested list or a shared structure is never written out whole
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 4, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 120, 120, 120
+
+
 def excerpt(value, limit: int = 80) -> str:
-    """``repr(value)`` cut to about ``limit`` characters (a 200 KB line is not echoed whole)."""
-    text = repr(value)
+    """``repr(value)`` cut to about ``limit`` characters (a 200 KB line is not echoed whole; a list or mapping is
+    shown to a few levels and items only, so formatting it costs little whatever it holds)."""
+    text = repr(value) if isinstance(value, str) else _SHORT.repr(value)
     if len(text) <= limit:
         return text
     size = f" ({len(value)} characters)" if isinstance(value, str) else ""
@@ -57,6 +71,43 @@ def excerpt(value, limit: int = 80) -> str:
 def show(name: str, value) -> str:
     """``name=value`` (API fields, options) or ``--flag value`` (command-line flags), value cut short."""
     return f"{name} {excerpt(value)}" if name.startswith("-") else f"{name}={excerpt(value)}"
+
+
+# Characters a story's text may not hold: C0/C1 controls (a NUL ends up in the prompt, the manifest and the PNG's
+# text), DEL and the Unicode line/paragraph separators; a tab is whitespace, a line break is allowed where a field
+# may span lines (a YAML caption).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_NAMES = {0: "NUL", 0x1B: "ESC", 0x7F: "DEL", 0x0D: "carriage return", 0x0C: "form feed",
+                  0x0B: "vertical tab", 0x2028: "line separator", 0x2029: "paragraph separator"}
+
+
+def control_character(text: str, newlines: bool = True) -> int | None:
+    """Index of the first control character of ``text`` (a tab is not one; a line break is unless ``newlines``)."""
+    match = _CONTROL.search(text)
+    first = match.start() if match else None
+    if not newlines:
+        lf = text.find("\n")
+        if lf >= 0 and (first is None or lf < first):
+            first = lf
+    return first
+
+
+def describe_character(char: str) -> str:
+    """``U+0000 (NUL)``: a character as the messages name it."""
+    code = ord(char)
+    name = _CONTROL_NAMES.get(code, "line break" if char == "\n" else "a control character")
+    return f"U+{code:04X} ({name})"
+
+
+def text_problem(name: str, value, newlines: bool = True) -> str | None:
+    """Why ``value`` cannot be a text field of a story (not a string, or a control character in it), or None."""
+    if not isinstance(value, str):
+        return f"{name} must be text, got {type(value).__name__} {excerpt(value)}"
+    index = control_character(value, newlines)
+    if index is not None:
+        return (f"{name} holds {describe_character(value[index])} at character {index + 1}; remove it (story text "
+                "may not hold control characters)")
+    return None
 
 
 def is_int(value) -> bool:
@@ -233,6 +284,9 @@ def coerce_images(identity, frames) -> list[StoryImage]:
                          f"got one {type(frames).__name__} {excerpt(frames)}; for a single frame pass [frame]")
     if frames is None:
         frames = []
+    if isinstance(frames, (Mapping, Set)):   # iterating them gives keys / an arbitrary order, never the frames meant
+        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
+                         f"got a {type(frames).__name__} {excerpt(frames)}")
     if not isinstance(frames, Iterable):
         raise InputError(f"frames must be a list of images, got {type(frames).__name__} {excerpt(frames)}")
     for place, value in [("identity", identity), *((f"frames[{i}]", f) for i, f in enumerate(frames))]:
@@ -271,6 +325,34 @@ def setting_problems(*, height=None, width=None, num_inference_steps=None, guida
         problem = int_problem(names.get("batch_size", "batch_size"), batch_size, 2)
         problems.append(problem and problem + " (a batch holds the identity and at least one frame)")
     return [p for p in problems if p]
+
+
+def group_size_problems(sizes: Sequence[tuple[int, int]], batch_size: int | None = None,
+                        names: dict[str, str] | None = None) -> list[str]:
+    """The group size rule for one group of images of ``sizes`` (height, width; identity first), run in passes of
+    at most ``batch_size`` images (None: the whole group in one): problems with what to do, or []. Counted before
+    any model loads; image tokens are (height / 16) x (width / 16)."""
+    names = names or {}
+    n = len(sizes)
+    if n < 2:
+        return []
+    tokens = [max(h // SIZE_MULTIPLE, 1) * max(w // SIZE_MULTIPLE, 1) for h, w in sizes]
+    per_pass = n if not is_int(batch_size) or batch_size >= n else max(int(batch_size), 2)
+    frames = sorted(tokens[1:], reverse=True)
+    largest = tokens[0] + sum(frames[:per_pass - 1])
+    problems = []
+    if largest > MAX_PASS_TOKENS:
+        fit = 1 + (MAX_PASS_TOKENS - tokens[0]) // max(frames[0], 1)
+        flag = names.get("batch_size", "batch_size")
+        how = f"{flag} {fit}" if flag.startswith("-") else f"{flag}={fit}"
+        problems.append(f"{n} images in one group take {largest:,} image tokens in one pass (identity and "
+                        f"{per_pass - 1} frames), more than {MAX_PASS_TOKENS:,} (the group size rule: images x "
+                        f"tokens, docs/API.md); give {how} (at most {fit} images a pass) or split the group")
+    pixels = sum(h * w for h, w in sizes)
+    if pixels > MAX_GROUP_PIXELS:
+        problems.append(f"{n} images in one group are {pixels:,} pixels, more than {MAX_GROUP_PIXELS:,} held until the "
+                        "group is written (the group size rule, docs/API.md); split the group into smaller ones")
+    return problems
 
 
 def size_problem(name: str, value, limits: ModelLimits | None = None) -> str | None:

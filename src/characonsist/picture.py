@@ -94,6 +94,9 @@ def load_picture(value, place: str = "identity_image"):
         if path.is_dir():
             raise InputError(f"{place}: {path} is a folder, not an image file")
         if not path.is_file():
+            if path.exists():
+                raise InputError(f"{place}: {path} is not a regular file (a device, pipe or socket); give an image "
+                                 "file (PNG, JPEG, WebP, ...)")
             raise InputError(f"{place}: {path}: image file not found")
         return _decode(path, str(path), place)[0]
     if hasattr(value, "detach") and hasattr(value, "cpu"):   # a torch tensor
@@ -120,24 +123,25 @@ def _decode(source, name: str, place: str, formats: tuple[str, ...] | None = Non
     """Open and decode an image file (a path or a file object) completely: ``(RGB image, format)``, or InputError."""
     from PIL import Image, UnidentifiedImageError
 
+    where = place if not name or name == place else f"{place}: {name}"   # an unnamed upload: "picture: ..." once
     try:
         with Image.open(source) as image:
             if formats is not None and image.format not in formats:
-                raise InputError(f"{place}: {name}: a {image.format} picture; save it as "
+                raise InputError(f"{where}: a {image.format} picture; save it as "
                                  f"{', '.join(formats[:-1])} or {formats[-1]}")
             if max_pixels is not None and image.width * image.height > max_pixels:
-                raise InputError(f"{place}: {name}: {image.width}x{image.height} is more than "
+                raise InputError(f"{where}: {image.width}x{image.height} is more than "
                                  f"{max_pixels / 1e6:g} megapixels; scale the picture down first")
             image.load()
             if image.width < 1 or image.height < 1:
-                raise InputError(f"{place}: {name}: the picture is empty ({image.width}x{image.height})")
+                raise InputError(f"{where}: the picture is empty ({image.width}x{image.height})")
             return image.convert("RGB"), image.format
     except UnidentifiedImageError:
-        raise InputError(f"{place}: {name}: not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
+        raise InputError(f"{where}: not an image PIL can read (PNG, JPEG, WebP, BMP, TIFF, ...)") from None
     except Image.DecompressionBombError as e:
-        raise InputError(f"{place}: {name}: {e}; scale the picture down first") from None
+        raise InputError(f"{where}: {e}; scale the picture down first") from None
     except OSError as e:
-        raise InputError(f"{place}: {name}: cannot read the image ({e.strerror or e}); is the file complete "
+        raise InputError(f"{where}: cannot read the image ({e.strerror or e}); is the file complete "
                          "and readable?") from None
 
 

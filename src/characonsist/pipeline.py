@@ -23,6 +23,7 @@ from .inputs import (
     ModelLimits,
     coerce_images,
     excerpt,
+    group_size_problems,
     image_problems,
     model_defaults,
     model_limits,
@@ -243,6 +244,10 @@ class CharaConsistPipeline(FluxPipeline):
         problems += setting_problems(height=height, width=width, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
                                      batch_size=batch_size if len(images) > 1 else None, limits=limits)
+        if len(images) > 1 and not problems:
+            defaults = self.story_defaults()
+            sizes = [(im.height or height or defaults["height"], im.width or width or defaults["width"]) for im in images]
+            problems += group_size_problems(sizes, batch_size)
         if output_type not in OUTPUT_TYPES:
             problems.append(f"output_type={excerpt(output_type)}; valid: {', '.join(map(repr, OUTPUT_TYPES))}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .inputs import InputError, excerpt, is_int, seed_problem, size_problem
+from .inputs import InputError, excerpt, is_int, seed_problem, size_problem, text_problem
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,8 @@ class StoryImage:
     def __post_init__(self):
         problems = []
         for name in ("background", "character", "action"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                problems.append(f"StoryImage: {name} must be text, got {type(value).__name__} {excerpt(value)}")
+            problems.append(text_problem(f"StoryImage: {name}", getattr(self, name)))
+        problems = [p for p in problems if p]
         if not problems and not self.character.strip():
             problems.append(f"StoryImage: the character field is empty in {excerpt(self.spec())}; every image "
                             "needs one.")

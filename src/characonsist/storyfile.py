@@ -20,6 +20,11 @@ Structured format (``.yaml``/``.yml``/``.toml``)::
 
 Every problem is reported with its place (``file:line`` or ``file: scenes[0].frames[1]``), all at once,
 before any model is loaded.
+
+Limits (docs/API.md): a story file is at most ``MAX_STORY_BYTES``; YAML aliases (``*name``, and so ``<<: *name``)
+are refused while loading (one alias can stand for a whole list, and nested ones for billions of items), as are
+duplicate keys and nesting deeper than ``MAX_DEPTH``; every text field (title, scene name, caption, background,
+character, action) must be a string without control characters.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .inputs import InputError, excerpt, seed_problem, size_problem
+from .inputs import InputError, control_character, describe_character, excerpt, seed_problem, size_problem, text_problem
 from .story import StoryImage
 
 FIELDS = ("background", "character", "action")
@@ -38,6 +43,8 @@ PICTURE_MARK = "|"   # text format: ``bg#character#action | picture.png`` on a g
 SCENE_KEYS = {"name", "background", "character", "action", "identity", "frames", "seed", "height", "width"}
 STORY_KEYS = {"title", "characters", "defaults", "scenes"}
 STRUCTURED_SUFFIXES = (".yaml", ".yml", ".toml")
+MAX_STORY_BYTES = 2 * 2**20   # a story file's size (a 10,000-image story is about 500 KB); the UI's request limit too
+MAX_DEPTH = 32                # lists and mappings nested deeper than a story ever needs are refused while parsing
 
 
 class StoryError(InputError):
@@ -99,6 +106,8 @@ def load_story(path: str | Path) -> Story:
             raise StoryError([f"{path}: not a regular file (a device, pipe or socket); give a story file"])
         raise StoryError([f"{path}: story file not found"])
     try:
+        if path.stat().st_size > MAX_STORY_BYTES:    # a regular file: its size is what reading it costs
+            raise StoryError([_too_large(str(path))])
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise StoryError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
@@ -109,18 +118,49 @@ def load_story(path: str | Path) -> Story:
     return parse_text(text, str(path), base=path.parent)
 
 
+def _too_large(source: str) -> str:
+    return (f"{source}: more than {MAX_STORY_BYTES // 2**20} MiB, the most a story file may be; split it into "
+            "several story files")
+
+
+def _check_size(text: str, source: str) -> None:
+    if len(text) > MAX_STORY_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_STORY_BYTES:
+        raise StoryError([_too_large(source)])
+
+
 def _picture_path(value, base: Path | None) -> str:
     """A picture path as written in a story file, resolved against the story file's folder (``base``)."""
     path = Path(str(value).strip()).expanduser()
     return str(path if path.is_absolute() or base is None else base / path)
 
 
+def _control_problems(text: str, source: str, limit: int = 20) -> list[str]:
+    """``file:line:column`` of the control characters of a text story (the first ``limit``)."""
+    problems = []
+    start = 0
+    while len(problems) < limit:
+        index = control_character(text[start:], newlines=True)
+        if index is None:
+            break
+        index += start
+        line = text.count("\n", 0, index) + 1
+        column = index - (text.rfind("\n", 0, index) + 1) + 1
+        problems.append(f"{source}:{line}:{column}: {describe_character(text[index])} in the line; remove it "
+                        "(story lines may not hold control characters)")
+        start = text.find("\n", index) + 1 or len(text)   # one per line
+    return problems
+
+
 def parse_text(text: str, source: str = "<text>", base: str | Path | None = None) -> Story:
     """Parse the official format: ``background#character#action`` lines, blank lines between groups; a group's
     first line may end with ``| picture`` (the identity is that picture; a relative path is read from ``base``)."""
-    problems: list[str] = []
+    _check_size(text, source)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")   # Windows and old Mac line ends
+    problems = _control_problems(text, source)
+    if problems:
+        raise StoryError(problems)
     blocks: list[list[tuple[int, str]]] = [[]]
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             blocks[-1].append((number, line.strip()))
         elif blocks[-1]:
@@ -163,8 +203,10 @@ def _split_line(line: str, place: str, problems: list[str]) -> dict | None:
     return dict(zip(FIELDS, parts))
 
 
-def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: list[str]) -> StoryImage | None:
-    """Build one StoryImage from its three text fields and optional seed/height/width; report, don't raise."""
+def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: list[str],
+                       line_of=None) -> StoryImage | None:
+    """Build one StoryImage from its three text fields and optional seed/height/width; report, don't raise.
+    ``line_of(name)`` gives the place with the field's line where it is known (YAML)."""
     if fields is None:
         return None
     ok = True
@@ -173,8 +215,10 @@ def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: l
         if value is None or (isinstance(value, str) and not value.strip()):
             problems.append(f"{place}: the {name} field is empty (every image needs background, character and action)")
             ok = False
-        elif not isinstance(value, str):
-            problems.append(f"{place}: the {name} field must be text, got {excerpt(value)}")
+            continue
+        problem = text_problem(f"the {name} field", value)
+        if problem:
+            problems.append(f"{line_of(name) if line_of else place}: {problem}")
             ok = False
     sizes = {}
     for name in ("seed", "height", "width"):
@@ -191,44 +235,177 @@ def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: l
     return StoryImage(*(fields[name].strip() for name in FIELDS), **sizes)
 
 
+# ---------------------------------------------------------------------------------------------- YAML and TOML
+
+class _Lines:
+    """The line of each key of the mappings a YAML story was read into (by the mapping's id; TOML: none)."""
+
+    def __init__(self):
+        self.keys: dict[int, dict] = {}
+        self.duplicates: list[tuple[int, object, int]] = []   # (line, key, line of the first)
+
+    def of(self, mapping, key) -> int | None:
+        lines = self.keys.get(id(mapping))
+        try:
+            return None if lines is None else lines.get(key)
+        except TypeError:
+            return None
+
+
+def _yaml_error(source: str, line: int, text: str) -> StoryError:
+    return StoryError([f"{source}:{line}: {text}"])
+
+
+def _scan(text: str, source: str, base) -> None:
+    """Read the YAML events of ``text`` with the parser ``base`` (nothing is built): StoryError at the first alias
+    or at nesting deeper than ``MAX_DEPTH``; the parser's own error at a syntax error."""
+    import yaml
+
+    scan = base(text)
+    try:
+        depth = 0
+        while scan.check_event():
+            event = scan.get_event()
+            if isinstance(event, yaml.AliasEvent):
+                raise _yaml_error(source, event.start_mark.line + 1, f"YAML alias *{event.anchor} refused: story "
+                                  "files may not use aliases (*name, <<: *name), which let a few bytes stand for "
+                                  "billions of items; write the value out where it is used")
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise _yaml_error(source, event.start_mark.line + 1, f"lists and mappings nested more than "
+                                      f"{MAX_DEPTH} deep; a story needs a few levels")
+            elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+                depth -= 1
+    finally:
+        scan.dispose()
+
+
+def _load_yaml(text: str, source: str) -> tuple[object, _Lines]:
+    """The YAML document's data, read in two passes over libyaml's events (the pure-Python parser without it):
+    first refuse aliases and nesting deeper than ``MAX_DEPTH`` (nothing is built yet), then build it, noting every
+    mapping key's line and refusing duplicate keys."""
+    import yaml
+
+    fast = getattr(yaml, "CSafeLoader", None)
+    base = fast or yaml.SafeLoader
+    try:
+        _scan(text, source, base)
+    except yaml.YAMLError:
+        if fast is None:
+            raise
+        _scan(text, source, yaml.SafeLoader)   # a syntax error in the pure-Python parser's words (line, column)
+        raise
+    lines = _Lines()
+
+    class Loader(base):
+        def construct_yaml_map(self, node):
+            data: dict = {}
+            yield data
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+            keys: dict = {}
+            for key_node, _ in node.value:
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                try:
+                    if key in keys:
+                        lines.duplicates.append((line, key, keys[key]))
+                    else:
+                        keys[key] = line
+                except TypeError:
+                    continue      # an unhashable key: construct_mapping says so
+            data.update(self.construct_mapping(node))
+            lines.keys[id(data)] = keys
+
+    Loader.add_constructor("tag:yaml.org,2002:map", Loader.construct_yaml_map)
+    loader = Loader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _type_name(value) -> str:
+    return {list: "a list", dict: "a mapping", bool: "true/false", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
 def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base: str | Path | None = None) -> Story:
-    """Parse a YAML or TOML story (see the module docstring for the layout). The identity's ``image`` (a picture of
-    the character) is read from ``base`` when relative."""
+    """Parse a YAML or TOML story (see the module docstring for the layout and its limits). The identity's
+    ``image`` (a picture of the character) is read from ``base`` when relative."""
+    _check_size(text, source)
+    lines = _Lines()
     try:
         if toml:
             import tomllib
 
             data = tomllib.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data, lines = _load_yaml(text, source)
+    except StoryError:
+        raise
+    except RecursionError:
+        raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: nested too deeply (lists and mappings "
+                          f"more than {MAX_DEPTH} deep); a story needs a few levels"]) from None
     except Exception as e:  # both libraries raise their own error types
         raise StoryError([f"{source}: not valid {'TOML' if toml else 'YAML'}: {_syntax_error(e)}"]) from None
+    if lines.duplicates:
+        raise StoryError([f"{source}:{line}: duplicate key {excerpt(key)} (first at line {first}); a key may appear "
+                          "once per mapping: keep one" for line, key, first in lines.duplicates])
     if not isinstance(data, dict):
         raise StoryError([f"{source}: the story must be a mapping with a 'scenes' list"])
+
+    def at(place: str, mapping, key) -> str:
+        """``place`` (``file`` or ``file: scenes[0]...``) with the key's line where the format keeps lines (YAML):
+        ``file:7`` / ``file:7: scenes[0]...``."""
+        line = lines.of(mapping, key)
+        if line is None:
+            return place
+        return f"{source}:{line}" + place[len(source):]
+
+    def text_field(mapping, key, place: str, problems: list[str], newlines: bool = True) -> str | None:
+        """A text field's value when it is one (None when absent), else a problem with its place and line."""
+        value = mapping.get(key)
+        if value is None:
+            return None
+        problem = text_problem(f"'{key}'", value, newlines)
+        if problem:
+            if not isinstance(value, str):
+                problem = f"'{key}' must be text, got {_type_name(value)} {excerpt(value)}" + (
+                    f" (quote it: {key}{' =' if toml else ':'} \"{value}\")" if isinstance(value, (int, float)) and
+                    not isinstance(value, bool) else "")
+            problems.append(f"{at(place, mapping, key)}: {problem}")
+            return None
+        return value
+
     problems: list[str] = []
-    for key in sorted(set(data) - STORY_KEYS):
-        problems.append(f"{source}: unknown key {excerpt(key)} (valid: {', '.join(sorted(STORY_KEYS))})")
+    for key in sorted(set(data) - STORY_KEYS, key=repr):
+        problems.append(f"{at(source, data, key)}: unknown key {excerpt(key)} (valid: {', '.join(sorted(STORY_KEYS))})")
+    title = text_field(data, "title", source, problems)
     characters = data.get("characters") or {}
-    if not isinstance(characters, dict) or not all(isinstance(v, str) for v in characters.values()):
-        problems.append(f"{source}: 'characters' must map names to descriptions")
+    if not isinstance(characters, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in characters.items()):
+        problems.append(f"{at(source, data, 'characters')}: 'characters' must map names to descriptions")
         characters = {}
+    for name in characters:
+        text_field(characters, name, f"{source}: characters", problems)
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - {"seed", "height", "width"}:
-        problems.append(f"{source}: 'defaults' may only set seed, height and width")
+        problems.append(f"{at(source, data, 'defaults')}: 'defaults' may only set seed, height and width")
         defaults = {}
     scenes = data.get("scenes")
     if not isinstance(scenes, list) or not scenes:
-        raise StoryError([*problems, f"{source}: 'scenes' must be a non-empty list of scenes"])
+        raise StoryError([*problems, f"{at(source, data, 'scenes')}: 'scenes' must be a non-empty list of scenes"])
     groups, names = [], set()
     for s, scene in enumerate(scenes):
         place = f"{source}: scenes[{s}]"
         if not isinstance(scene, dict):
             problems.append(f"{place}: a scene must be a mapping")
             continue
-        for key in sorted(set(scene) - SCENE_KEYS):
+        for key in sorted(set(scene) - SCENE_KEYS, key=repr):
             problems.append(f"{place}: unknown key {excerpt(key)} (valid: {', '.join(sorted(SCENE_KEYS))})")
+        scene_name = text_field(scene, "name", place, problems)
         entries = []
         if scene.get("identity") is not None:
             entries.append((f"{place}.identity", scene["identity"]))
@@ -246,7 +423,7 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base
             if not isinstance(entry, dict):
                 problems.append(f"{image_place}: an image must be a mapping with background, character, action")
                 continue
-            for key in sorted(set(entry) - IMAGE_KEYS):
+            for key in sorted(set(entry) - IMAGE_KEYS, key=repr):
                 problems.append(f"{image_place}: unknown key {excerpt(key)} (valid: {', '.join(sorted(IMAGE_KEYS))})")
             if "image" in entry:
                 value = entry["image"]
@@ -255,24 +432,32 @@ def parse_structured(text: str, source: str = "<yaml>", toml: bool = False, base
                                     "may have an 'image'")
                 elif not isinstance(value, str) or not value.strip():
                     problems.append(f"{image_place}: 'image' must be the path of a picture file, got {excerpt(value)}")
+                elif control_character(value, newlines=False) is not None:
+                    problems.append(f"{at(image_place, entry, 'image')}: {text_problem(repr('image'), value, False)}")
                 else:
                     picture = _picture_path(value, Path(base) if base is not None else None)
             merged = {**defaults, **inherited, **entry}
             if isinstance(merged.get("character"), str):
                 merged["character"] = characters.get(merged["character"], merged["character"])
-            caption = merged.get("caption")
-            image = _image_from_fields({k: merged.get(k) for k in FIELDS}, merged, image_place, problems)
-            if image is not None:
+            caption = text_field(entry, "caption", image_place, problems)
+            failed = entry.get("caption") is not None and caption is None
+
+            def line_of(name, place=image_place, entry=entry, scene=scene) -> str:
+                owner = entry if name in entry else scene if name in scene else None
+                return place if owner is None else at(place, owner, name)
+
+            image = _image_from_fields({k: merged.get(k) for k in FIELDS}, merged, image_place, problems, line_of)
+            if image is not None and not failed:
                 images.append(image)
-                captions.append(None if caption is None else str(caption))
+                captions.append(caption)
                 where.append(image_place)
         if len(images) != len(entries):
             continue
-        name = f"group_{s:03d}" if not scene.get("name") else f"{s:03d}_{slug(str(scene['name'])) or 'scene'}"
+        name = f"group_{s:03d}" if not scene_name else f"{s:03d}_{slug(scene_name) or 'scene'}"
         if name in names:
             problems.append(f"{place}: two scenes are named {name!r}")
         names.add(name)
         groups.append(Group(name, images[0], images[1:], captions, where, picture))
     if problems:
         raise StoryError(problems)
-    return Story(source, groups, title=data.get("title"), format="toml" if toml else "yaml")
+    return Story(source, groups, title=title, format="toml" if toml else "yaml")

@@ -128,7 +128,7 @@ def render_layout(layout: str, panels: list[Panel], title: str = "") -> list[Ima
             captions = [f"{p.label}: {p.caption}" if p.caption else p.label for p in members]
             pages.append(storyboard([p.image for p in members], captions, title=name))
         return pages
-    per_page, columns = {"strip": (4, 4), "2x2": (4, 2), "panel": (1, 1)}[layout]
+    per_page, columns = PER_PAGE[layout], {"strip": 4, "2x2": 2, "panel": 1}[layout]
     columns = min(columns, len(panels)) if layout == "strip" else columns
     rows = -(-per_page // columns) if layout == "2x2" else 1
     pages = []
@@ -169,6 +169,22 @@ def layout_files(layout: str, pages: int, formats=("png", "pdf")) -> list[str]:
     return files + ([f"{FOLDER}/{layout}.pdf"] if "pdf" in formats else [])
 
 
+PER_PAGE = {"strip": 4, "2x2": 4, "panel": 1}   # panels a page; a storyboard is one page a group
+
+
+def check_layout_targets(out: OutputFolder, jobs, layouts, formats=("png", "pdf")) -> None:
+    """Before any work (the model not loaded): every file ``layouts`` would write once every group of ``jobs`` is
+    finished is missing or one this module wrote; FolderError names the first that is not."""
+    images = sum(len(job.records) for job in jobs)
+    for layout in dict.fromkeys(layouts):
+        pages = len(jobs) if layout == "storyboard" else -(-images // PER_PAGE.get(layout, 1))
+        for rel in layout_files(layout, pages, formats):
+            if not _is_ours(out, rel):
+                raise FolderError(f"{out.path(rel)} was not written by characonsist and --layout {layout} writes "
+                                  "there: move it away (characonsist never replaces files it did not write), or "
+                                  "leave out --layout", out.path(rel))
+
+
 def write_layouts(out: OutputFolder, jobs, layouts, title: str = "", formats=("png", "pdf")) -> list[str]:
     """Render ``layouts`` of the finished groups of ``jobs`` and write them into ``out`` (locked by the caller);
     the paths written, relative to ``out``. Pages left from an earlier, longer export of the same layout are
@@ -201,5 +217,5 @@ def write_layouts(out: OutputFolder, jobs, layouts, title: str = "", formats=("p
     return written
 
 
-__all__ = ["LAYOUTS", "Panel", "comic_page", "layout_files", "panels_of", "pdf_bytes", "render_layout",
+__all__ = ["LAYOUTS", "Panel", "check_layout_targets", "comic_page", "layout_files", "panels_of", "pdf_bytes", "render_layout",
            "write_layouts"]

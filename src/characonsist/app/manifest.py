@@ -26,11 +26,11 @@ def versions() -> dict:
     return found
 
 
-def check_manifest_is_ours(out: OutputFolder) -> None:
-    """Refuse to replace a ``manifest.json`` that characonsist did not write (FolderError)."""
+def check_manifest_is_ours(out: OutputFolder) -> dict | None:
+    """Refuse to replace a ``manifest.json`` that characonsist did not write (FolderError); its data, or None."""
     path = out.path(MANIFEST)
     if not (path.exists() or path.is_symlink()):
-        return
+        return None
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -38,9 +38,33 @@ def check_manifest_is_ours(out: OutputFolder) -> None:
     if not (isinstance(data, dict) and data.get("format") == FORMAT):
         raise FolderError(f"{path} was not written by characonsist: move it away or choose another folder "
                           "(characonsist never replaces files it did not write)", path)
+    return data
 
 
-def manifest(stories: list[Story], run: dict, jobs: list[Job]) -> dict:
+def earlier_groups(out: OutputFolder, old: dict | None, jobs: list[Job]) -> list[dict]:
+    """The groups an earlier run's manifest lists (``groups`` and its own ``earlier``) that this run does not have
+    and whose folders are still in ``out``: another story run into the same folder keeps them in the manifest
+    (under ``earlier``, with the story files they came from) rather than dropping them silently."""
+    if not isinstance(old, dict):
+        return []
+    names, kept = {job.folder for job in jobs}, []
+    stories = old.get("stories") if isinstance(old.get("stories"), list) else []
+    for key in ("groups", "earlier"):
+        for group in old.get(key) if isinstance(old.get(key), list) else []:
+            name = group.get("name") if isinstance(group, dict) else None
+            if not isinstance(name, str) or name in names:
+                continue
+            try:
+                if not out.path(name).is_dir():
+                    continue
+            except FolderError:
+                continue
+            names.add(name)
+            kept.append({"stories": stories, **group})   # the story files it came from
+    return kept
+
+
+def manifest(stories: list[Story], run: dict, jobs: list[Job], earlier: list[dict] | None = None) -> dict:
     groups = []
     for job in jobs:
         entry = {"name": job.folder, "status": job.state, "settings_hash": job.hash,
@@ -62,10 +86,14 @@ def manifest(stories: list[Story], run: dict, jobs: list[Job]) -> dict:
         if job.changes and job.state == "conflict":
             entry["changes"] = job.changes
         groups.append(entry)
-    return {"format": FORMAT, "stories": [s.path for s in stories], "settings": run, "versions": versions(),
+    data = {"format": FORMAT, "stories": [s.path for s in stories], "settings": run, "versions": versions(),
             "groups": groups}
+    if earlier:
+        data["earlier"] = earlier
+    return data
 
 
-def write_manifest(out: OutputFolder, stories: list[Story], run: dict, jobs: list[Job]) -> bool:
+def write_manifest(out: OutputFolder, stories: list[Story], run: dict, jobs: list[Job],
+                   earlier: list[dict] | None = None) -> bool:
     """Write (atomically) the manifest; False if the file already said exactly this."""
-    return out.write_bytes(MANIFEST, json_bytes(manifest(stories, run, jobs)))
+    return out.write_bytes(MANIFEST, json_bytes(manifest(stories, run, jobs, earlier)))

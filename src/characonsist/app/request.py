@@ -15,6 +15,7 @@ from ..inputs import (
     InputError,
     ModelLimits,
     excerpt,
+    group_size_problems,
     image_problems,
     prompt_problems,
     seed_problem,
@@ -247,7 +248,7 @@ def picture_problems(stories: list[Story], run: dict) -> tuple[list[str], list[s
 def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,
                    names: dict[str, str] | None = None) -> list[str]:
     """The run's sizes and every image's problems with their places: sizes the model cannot take, words it does
-    not know, prompts too long, groups without frames."""
+    not know, prompts too long, groups without frames, groups too large for one run (the group size rule)."""
     problems = setting_problems(height=run["height"], width=run["width"], limits=limits, names=names)
     model = "the toy model" if ref.kind == "toy" else f"model {ref.name}"
     images, places = [], []
@@ -261,6 +262,9 @@ def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokeniz
                     problems.append(f"{group.where[0]}: this scene has one image, which is its identity (the "
                                     "'identity', else the first frame); give it at least one more frame")
             problems += image_problems(group.images, group.where, limits)
+            sizes = [(image.height or run["height"], image.width or run["width"]) for image in group.images]
+            if all(isinstance(h, int) and isinstance(w, int) for h, w in sizes):
+                problems += [f"{group.where[0]}: {p}" for p in group_size_problems(sizes, run.get("batch_size"), names)]
             images += group.images
             places += group.where
     if tokenizer is not None:

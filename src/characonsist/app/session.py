@@ -17,7 +17,7 @@ from ..storyfile import StoryError
 from . import model as models
 from .folder import FolderError, describe_os_error
 from .jobs import Cancelled, Job, plan_jobs, prepare_overwrite, run_job, write_job, write_storyboard
-from .manifest import check_manifest_is_ours, write_manifest
+from .manifest import check_manifest_is_ours, earlier_groups, write_manifest
 from .model import GroupResult
 from .request import CheckedRequest, story_problems
 
@@ -32,6 +32,7 @@ class StoryRun:
         self.engine = None
         self.engine_factory = models.load_engine   # (ref, run, mode, gpus, progress) -> generate; benchmarks swap it
         self.failed = 0
+        self.earlier: list[dict] = []   # groups of an earlier run in the folder that this one does not have
 
     # ------------------------------------------------------------------ plan
     def __enter__(self) -> StoryRun:
@@ -57,8 +58,9 @@ class StoryRun:
         """What is on disk: finished groups are skipped, groups made with other settings stop the run before any
         work (unless ``overwrite``), files characonsist did not write are never replaced."""
         c, request = self.checked, self.checked.request
-        check_manifest_is_ours(self.folder)
+        old = check_manifest_is_ours(self.folder)
         self.jobs = plan_jobs(c.stories, c.run, self.folder, request.save_masks)
+        self.earlier = earlier_groups(self.folder, old, self.jobs)
         foreign = [f"{j.folder}: {p}" for j in self.jobs for p in j.foreign]
         if foreign:
             raise FolderError(f"{len(foreign)} file(s) in {self.folder.root} that characonsist did not write are where "
@@ -89,7 +91,7 @@ class StoryRun:
         return [j for j in self.jobs if j.state != "done"]
 
     def save_manifest(self) -> None:
-        write_manifest(self.folder, self.checked.stories, self.checked.run, self.jobs)
+        write_manifest(self.folder, self.checked.stories, self.checked.run, self.jobs, self.earlier)
 
     # ------------------------------------------------------------------ run
     def load(self, progress: bool = True):

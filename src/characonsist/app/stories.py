@@ -20,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from ..inputs import InputError
+from ..inputs import InputError, text_problem
 from ..methods.base import story_seeds
 from ..storyfile import FIELDS, PICTURE_MARK, Story, StoryError, parse_structured, parse_text
 
@@ -110,30 +110,51 @@ def document_from_manifest(manifest: dict) -> dict:
     return _factor("", scenes)
 
 
+def _field(value, place: str, problems: list[str]) -> str:
+    """A document's text field (None and absent are ''), stripped; anything else is a problem (never str()-ed)."""
+    if value is None:
+        return ""
+    problem = text_problem(place, value)
+    if problem:
+        problems.append(f"story: {problem}")
+        return ""
+    return value.strip()
+
+
 def structured(doc: dict) -> dict:
     """The document as the structured story format's mapping (identity and frames of each scene, every image
-    with its three fields; blank ones inherited from the scene and the story)."""
+    with its three fields; blank ones inherited from the scene and the story). Every field's type is checked
+    first (StoryError with every problem): text fields are strings, nothing is turned into one."""
     if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list):
         raise StoryError(["story: expected a mapping with a 'scenes' list"])
+    problems: list[str] = []
     data: dict = {}
-    if str(doc.get("title") or "").strip():
-        data["title"] = str(doc["title"]).strip()
-    character = str(doc.get("character") or "").strip()
+    title = _field(doc.get("title"), "title", problems)
+    if title:
+        data["title"] = title
+    character = _field(doc.get("character"), "character", problems)
     scenes = []
-    for scene in doc["scenes"]:
+    for s, scene in enumerate(doc["scenes"]):
         if not isinstance(scene, dict) or not isinstance(scene.get("images"), list):
-            raise StoryError(["story: every scene needs an 'images' list"])
+            raise StoryError([f"story: scenes[{s}]: every scene needs an 'images' list"])
         out: dict = {}
-        if str(scene.get("name") or "").strip():
-            out["name"] = str(scene["name"]).strip()
+        name = _field(scene.get("name"), f"scenes[{s}].name", problems)
+        if name:
+            out["name"] = name
+        background = _field(scene.get("background"), f"scenes[{s}].background", problems)
         images = []
-        for image in scene["images"]:
+        for i, image in enumerate(scene["images"]):
+            place = f"scenes[{s}].images[{i}]"
             if not isinstance(image, dict):
-                raise StoryError(["story: every image must be a mapping"])
-            item = {"background": str(image.get("background") or "").strip() or str(scene.get("background") or "").strip(),
-                    "character": str(image.get("character") or "").strip() or character,
-                    "action": str(image.get("action") or "").strip()}
-            for key in (*EXTRA, "image"):
+                raise StoryError([f"story: {place}: every image must be a mapping"])
+            item = {"background": _field(image.get("background"), f"{place}.background", problems) or background,
+                    "character": _field(image.get("character"), f"{place}.character", problems) or character,
+                    "action": _field(image.get("action"), f"{place}.action", problems)}
+            for key in ("caption", "image"):
+                value = _field(image.get(key), f"{place}.{key}", problems)
+                if value:
+                    item[key] = value
+            for key in ("seed", "height", "width"):   # numbers: the story file's parser checks them, with places
                 value = image.get(key)
                 if value is not None and value != "":
                     item[key] = value.strip() if isinstance(value, str) else value
@@ -142,6 +163,8 @@ def structured(doc: dict) -> dict:
             out["identity"] = images[0]
         out["frames"] = images[1:]
         scenes.append(out)
+    if problems:
+        raise StoryError(problems)
     data["scenes"] = scenes
     return data
 

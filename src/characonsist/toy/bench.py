@@ -509,7 +509,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "two-character lines; scored per character, with the leak between them "
                              "(docs/TOY_WORLD.md)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N stories")
-    parser.add_argument("--json", default=None, help="write every metric and per-story readout here")
+    parser.add_argument("--json", default=None, help="write every metric and per-story readout here (a file there that "
+                        "the bench did not write is refused unless --force)")
+    parser.add_argument("--force", action="store_true",
+                        help="with --json: replace the file even if it is not a bench report")
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="save each story as a strip DIR/<method>/<story>.png (identity first)")
     parser.add_argument("--model", default="toy",
@@ -538,6 +541,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split the stories over N GPUs of this host, one process each, results merged into one "
                              "JSON (starts `accelerate launch --multi_gpu --num_processes N -m characonsist bench toy "
                              "...`; needs --device cuda)")
+
+
+def is_report(path: str | Path) -> bool:
+    """Whether ``path`` holds a report this bench wrote (a JSON object with its ``settings`` and ``methods``)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("methods"), dict) and \
+        isinstance(data.get("settings"), dict) and "suite" in data["settings"]
+
+
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the options before any story is read or the model loads (one line each)."""
+    from ..inputs import MAX_STEPS, int_problem
+
+    problems = []
+    if args.limit is not None and args.limit < 1:
+        problems.append(f"--limit {args.limit}: give the number of stories to run, at least 1 (leave it out for all)")
+    if args.steps is not None:
+        problem = int_problem("--steps", args.steps, 1, MAX_STEPS)
+        if problem:
+            problems.append(problem)
+    if args.json:
+        path = Path(args.json)
+        if path.is_symlink() or path.is_dir() or (path.exists() and not path.is_file()):
+            problems.append(f"--json {args.json}: not a plain file; give a file path")
+        elif path.exists() and not getattr(args, "force", False) and not is_report(path):
+            problems.append(f"--json {args.json}: the file exists and is not a report of this bench; choose another "
+                            "path, or add --force to replace it")
+    return problems
+
+
+def write_report(path: str | Path, result: dict) -> None:
+    """The report as JSON, written atomically (a temporary beside it, renamed over it)."""
+    from ..app.folder import write_file
+
+    write_file(path, json.dumps(_plain(result), indent=1).encode())
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32"):
@@ -672,6 +713,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None and args.threads < 1:
         print(f"bench toy: --threads {args.threads}: needs at least 1", file=sys.stderr)
+        return 2
+    problems = argument_problems(args)
+    if problems:
+        for problem in problems:
+            print(f"bench toy: {problem}", file=sys.stderr)
         return 2
     from ..app import parallel
 
@@ -837,8 +883,11 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
     per = ", ".join(f"{n} {m['metrics']['wall_seconds']:.0f}s" for n, m in result["methods"].items())
     print(f"total {total:.0f}s wall: loading {load_seconds:.0f}s, {per}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_plain(result), indent=1))
+        if Path(args.json).exists() and not getattr(args, "force", False) and not is_report(args.json):
+            print(f"bench toy: --json {args.json}: the file appeared while the bench ran and is not a report of this "
+                  "bench; not replaced (the tables above are the results)", file=sys.stderr)
+            return 2
+        write_report(args.json, result)
         print(f"wrote {args.json}")
     failed = sum(m["metrics"]["failed"] for m in result["methods"].values())
     if failed:

@@ -8,10 +8,9 @@ work is the application layer's (``characonsist.app``), shared with ``characonsi
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import sys
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def missing_extra() -> str | None:
@@ -24,9 +23,98 @@ def missing_extra() -> str | None:
     return None
 
 
-def allowed_hosts(host: str) -> list[str] | None:
-    """The Host headers the server answers: its loopback names (None, no check, when it serves a network)."""
-    return ["127.0.0.1", "localhost", "::1", "[::1]"] if host in LOOPBACK else None
+def _host_form(name: str) -> str:
+    """A name or address as a ``Host`` header spells it (an IPv6 address in brackets), lower-case."""
+    name = name.strip().lower()
+    try:
+        if ipaddress.ip_address(name.strip("[]")).version == 6:
+            return f"[{name.strip('[]')}]"
+    except ValueError:
+        pass
+    return name
+
+
+def _machine_names(address: str, timeout: float = 2.0) -> set[str]:
+    """The names this machine has for ``address``: its reverse lookup, and those of ``localhost`` and the machine's
+    own name that resolve to it (for an unspecified address, 0.0.0.0 or ::, every address of those names). Lookups
+    that take longer than ``timeout`` are left out (``--allow-host`` adds a name)."""
+    import concurrent.futures
+
+    unspecified = ipaddress.ip_address(address).is_unspecified
+
+    def lookup() -> set[str]:
+        found: set[str] = set()
+        if not unspecified:
+            try:
+                name, aliases, _ = socket.gethostbyaddr(address)
+                found |= {name, *aliases}
+            except OSError:
+                pass
+        for name in {"localhost", socket.gethostname()}:
+            try:
+                infos = socket.getaddrinfo(name, None)
+            except OSError:
+                continue
+            addresses = {info[4][0] for info in infos}
+            if unspecified:
+                found |= {name, *addresses}
+            elif address in addresses:
+                found.add(name)
+        return found
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(lookup).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return set()
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_allow_host(name) -> str:
+    """An ``--allow-host`` value as the Host check takes it (a name, an address or ``*.domain``); InputError else."""
+    from ..inputs import InputError
+
+    text = str(name).strip().lower()
+    bare = text.strip("[]")
+    ipv6 = False
+    try:
+        ipv6 = ipaddress.ip_address(bare).version == 6
+    except ValueError:
+        pass
+    if not text or text == "*" or "*" in text[1:] or (text.startswith("*") and not text.startswith("*.")) \
+            or any(c in text for c in "/ @\\") or (":" in text and not ipv6):
+        raise InputError(f"--allow-host {name!r}: give a host name or address without a port, such as "
+                         "mybox.local or 192.168.1.20 (or *.example.lan for every name under it); the Host check "
+                         "cannot be switched off")
+    return _host_form(text)
+
+
+def allowed_hosts(host: str, bound: str | None = None, extra=()) -> list[str]:
+    """The ``Host`` headers the server answers (the check is always on, whatever the address): the address as given
+    and as bound, the names this machine has for it (``_machine_names``), and ``extra`` (``--allow-host``)."""
+    names = {host, *(extra or ())}
+    if bound is not None:
+        names.add(bound)
+        try:
+            names |= _machine_names(bound)
+        except ValueError:
+            pass
+    try:
+        address = ipaddress.ip_address((bound or host).strip("[]"))
+        if address.is_loopback and address in (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")):
+            names.add("localhost")
+    except ValueError:
+        pass
+    return sorted({_host_form(n) for n in names if n})
+
+
+def reachable_from_others(address: str) -> bool:
+    """Whether a socket bound to ``address`` takes connections from other machines (not a loopback address)."""
+    try:
+        return not ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return True
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,13 +149,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0.1", port: int = 8765,
-          say=print, loading=None) -> int:
-    """Start the UI and serve until interrupted (InputError / FolderError before anything starts)."""
+          say=print, loading=None, allow_hosts=()) -> int:
+    """Start the UI and serve until interrupted (InputError / FolderError before anything starts). The server
+    answers only requests whose ``Host`` is one of ``allowed_hosts`` (the bound address, this machine's names for
+    it, and ``allow_hosts``: ``--allow-host``), so a web page cannot reach it through DNS rebinding."""
     import uvicorn
 
     from .server import create_app
     from .worker import Worker, Workspace
 
+    extra = [check_allow_host(name) for name in allow_hosts or ()]
     sock = bind(host, port)                # a bad address or a port in use: one line before the model is looked at
     try:
         workspace = Workspace(out, model, loading)
@@ -78,15 +169,17 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
         raise
     try:
         worker.start()
-        app = create_app(worker, allowed_hosts(host))
         address = sock.getsockname()
+        hosts = allowed_hosts(host, address[0], extra)
+        app = create_app(worker, hosts)
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
         how = " ".join(workspace.loading.flags())
         say(f"characonsist ui: http://{shown}:{address[1]}/  (model {model}{' ' + how if how else ''}, stories in "
             f"{workspace.root}; Ctrl-C stops)")
-        if host not in LOOPBACK:
+        if reachable_from_others(address[0]):
             print(f"characonsist: warning: --host {host} makes the UI reachable from other machines; it has no login: "
-                  "anyone who reaches it can run the model and read the stories in its folder", file=sys.stderr)
+                  "anyone who reaches it can run the model and read the stories in its folder; it answers requests "
+                  f"addressed to {', '.join(hosts)} (--allow-host adds a name)", file=sys.stderr)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         try:
             uvicorn.Server(config).run(sockets=[sock])

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..app.folder import FolderError
 from ..app.layouts import LAYOUTS
 from ..app.stories import FORMATS, SUFFIX, dump_story, parse_story, story_document
 from ..inputs import InputError
@@ -45,21 +46,53 @@ STATIC = {"": ("index.html", "text/html; charset=utf-8"), "app.js": ("app.js", "
 SERVED = {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp",
           ".pdf": "application/pdf", ".yaml": "text/yaml; charset=utf-8",
           ".toml": "text/plain; charset=utf-8", ".txt": "text/plain; charset=utf-8", ".json": "application/json"}
-MAX_BODY = 2 * 2**20
+MAX_BODY = 2 * 2**20   # a JSON request's bytes (read no further)
+MAX_JSON_DEPTH = 32    # its lists and objects nested (a story document needs 5)
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+
+
+async def limited_body(request: Request, limit: int, too_big: UiError) -> bytes:
+    """The request's body, read as it streams in and refused (``too_big``) once it passes ``limit`` bytes: an
+    800 MB request costs the server at most ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    return bytes(data)
+
+
+def json_depth_problem(data, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``data`` (parsed JSON) nests too deeply, or None (iterative: any depth is measured safely)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            if depth > limit:
+                return f"JSON nested more than {limit} levels deep (a story needs a few)"
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return None
 
 
 async def body(request: Request) -> dict:
+    """A JSON object sent as ``application/json``, at most ``MAX_BODY`` bytes and ``MAX_JSON_DEPTH`` levels."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
         raise UiError("send JSON (Content-Type: application/json)", status=415)
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise UiError(f"request too large ({len(raw)} bytes; at most {MAX_BODY})", status=413)
+    raw = await limited_body(request, MAX_BODY, UiError(f"request too large (at most {MAX_BODY} bytes)", status=413))
     try:
         data = json.loads(raw or b"{}")
+    except RecursionError:
+        raise UiError(f"not JSON a story can be: nested more than {MAX_JSON_DEPTH} levels deep", status=400) from None
     except ValueError as e:
         raise UiError(f"not JSON: {e}", status=400) from None
     if not isinstance(data, dict):
         raise UiError("expected a JSON object", status=400)
+    problem = json_depth_problem(data)
+    if problem:
+        raise UiError(problem, status=400)
     return data
 
 
@@ -71,19 +104,12 @@ async def picture_bytes(request: Request) -> bytes:
         raise UiError("send the picture's bytes (Content-Type: application/octet-stream or image/...)", status=415)
     too_big = UiError(f"picture: more than the UI takes ({MAX_PICTURE_BYTES // 2**20} MiB); scale it down or save it "
                       "as JPEG", status=413)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_PICTURE_BYTES:
-        raise too_big
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_PICTURE_BYTES:
-            raise too_big
-    return bytes(data)
+    return await limited_body(request, MAX_PICTURE_BYTES, too_big)
 
 
 def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starlette:
-    """The ASGI app over a started (or test-driven) worker."""
+    """The ASGI app over a started (or test-driven) worker; it answers only requests whose ``Host`` is one of
+    ``allowed_hosts`` (default: this machine's loopback names; ``ui.allowed_hosts`` gives a served address's)."""
     space: Workspace = worker.workspace
 
     def handle(fn):
@@ -93,7 +119,9 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
             except UiError as e:
                 return JSONResponse({"problems": e.problems}, status_code=e.status)
             except InputError as e:
-                return JSONResponse({"problems": getattr(e, "problems", [str(e)])}, status_code=422)
+                return JSONResponse({"problems": space.relative(getattr(e, "problems", [str(e)]))}, status_code=422)
+            except FolderError as e:
+                return JSONResponse({"problems": space.relative([str(e)])}, status_code=409)
         return endpoint
 
     async def page(request: Request):
@@ -145,7 +173,8 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         data = await body(request)
         fmt = data.get("format", "yaml")
         text = dump_story(data.get("story"), fmt) if fmt in FORMATS else dump_story({}, fmt)
-        return JSONResponse({"text": text, "filename": f"{data.get('name') or 'story'}{SUFFIX[fmt]}"})
+        name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else "story"
+        return JSONResponse({"text": text, "filename": f"{name[:64]}{SUFFIX[fmt]}"})
 
     async def validate(request: Request):
         data = await body(request)
@@ -175,8 +204,8 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         found = worker.jobs.get(request.path_params["id"])
         if found is None:
             raise UiError(f"no job {request.path_params['id']!r}", status=404)
-        try:
-            start = int(request.headers.get("last-event-id", "-1")) + 1
+        try:   # the id of the last event the browser has; anything else (negative, not a number): from the start
+            start = max(int(request.headers.get("last-event-id", "-1")) + 1, 0)
         except ValueError:
             start = 0
 
@@ -247,7 +276,8 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         Route(f"/{PICTURES}/{{file}}", handle(serve_picture)),
         Route("/files/{name}/{path:path}", handle(serve_file)), Route("/{asset:str}", handle(static_asset(page))),
     ]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOOPBACK_HOSTS),
+                             www_redirect=False)]
     return Starlette(routes=routes, middleware=middleware)
 
 

@@ -77,10 +77,10 @@ def stored_picture(ref) -> str | None:
 
 
 def upload_name(filename) -> str:
-    """The browser's file name, for messages only: its last part, printable, at most 80 characters."""
+    """The browser's file name, for messages only: its last part, printable, at most 80 characters ('' for none)."""
     name = str(filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable()).strip()
-    return name[:80] or "picture"
+    return name[:80]
 
 
 def new_seed() -> int:
@@ -237,7 +237,15 @@ class Workspace:
         self.lock.close()
 
     def folder(self, name: str) -> Path:
-        return self.lock.path(check_name(name))
+        """A story's folder in the workspace (UiError 404 where that name is a link: the UI never follows one)."""
+        try:
+            path = self.lock.path(check_name(name))
+        except FolderError:
+            path = None
+        if path is None or path.is_symlink():
+            raise UiError(f"no story {name!r}: its folder in the workspace is a link, which the UI never follows; "
+                          "move the link away", status=404)
+        return path
 
     def relative(self, messages: list[str]) -> list[str]:
         """Messages as the page shows them: paths inside the output folder relative to it (the CLI's messages
@@ -249,13 +257,13 @@ class Workspace:
         """A file inside a story's folder to serve (never a path outside it, a link, or a hidden file)."""
         folder = self.folder(name)
         if not rel or any(part.startswith(".") for part in Path(rel).parts):
-            raise UiError(f"{rel!r}: not a file of story {name}", status=404)
+            raise UiError(f"{excerpt(rel)}: not a file of story {name}", status=404)
         try:
             path = OutputFolder(folder).path(rel)
-        except FolderError as e:
-            raise UiError(str(e), status=404) from None
+        except FolderError:   # an absolute path, '..', a link out of the folder: not one of its files
+            raise UiError(f"{excerpt(rel)}: not a file of story {name}", status=404) from None
         if path.is_symlink() or not path.is_file():
-            raise UiError(f"{rel!r}: no such file in story {name}", status=404)
+            raise UiError(f"{excerpt(rel)}: no such file in story {name}", status=404)
         return path
 
     # ------------------------------------------------------------------ pictures
@@ -268,11 +276,12 @@ class Workspace:
         from ..picture import bytes_digest, file_digest, load_picture_bytes
 
         name = upload_name(filename)
+        where = f"picture: {name}" if name else "picture"
         kinds = "PNG, JPEG, WebP, GIF or BMP"
         if not data:
-            raise UiError(f"picture: {name}: the file is empty; choose a picture ({kinds})")
+            raise UiError(f"{where}: the file is empty; choose a picture ({kinds})")
         if len(data) > MAX_PICTURE_BYTES:
-            raise UiError(f"picture: {name}: {len(data) / 2**20:.1f} MiB is more than the UI takes "
+            raise UiError(f"{where}: {len(data) / 2**20:.1f} MiB is more than the UI takes "
                           f"({MAX_PICTURE_BYTES // 2**20} MiB); scale it down or save it as JPEG", status=413)
         try:
             image, fmt = load_picture_bytes(data, name, "picture", tuple(PICTURE_FORMATS), MAX_PICTURE_PIXELS)
@@ -291,7 +300,7 @@ class Workspace:
                     self.lock.write_bytes(f"{PICTURES}/{file}", data)
             except FolderError as e:
                 raise UiError(str(e), status=409) from None
-        return {"image": picture_ref(file), "file": file, "url": self.picture_url(file), "name": name,
+        return {"image": picture_ref(file), "file": file, "url": self.picture_url(file), "name": name or "picture",
                 "width": image.width, "height": image.height, "format": fmt, "bytes": len(data), "sha256": digest,
                 "stored": stored}
 
@@ -304,7 +313,7 @@ class Workspace:
         except FolderError as e:
             raise UiError(str(e), status=404) from None
         if path.is_symlink() or not path.is_file():
-            raise UiError(f"{file!r}: no such picture in {self.root / PICTURES}", status=404)
+            raise UiError(f"{excerpt(file)}: no such picture in {PICTURES}/", status=404)
         return path
 
     def picture_url(self, file: str) -> str:
@@ -567,12 +576,16 @@ class Worker:
             if payload.get("seed") is not None and not (isinstance(payload["seed"], int) and 0 <= payload["seed"]):
                 raise UiError("regenerate: seed must be a non-negative integer")
         elif kind == "export":
-            layouts = payload.get("layouts") or []
+            layouts = payload.get("layouts")
             formats = payload.get("formats") or ["png", "pdf"]
-            bad = [x for x in layouts if x not in LAYOUTS] + [f for f in formats if f not in ("png", "pdf")]
+            if not isinstance(layouts, list) or not isinstance(formats, list):
+                raise UiError(f"export: 'layouts' and 'formats' must be lists (layouts from {', '.join(LAYOUTS)}, "
+                              f"formats png/pdf), got {excerpt(layouts)} and {excerpt(formats)}")
+            bad = [x for x in layouts if not isinstance(x, str) or x not in LAYOUTS] + \
+                [f for f in formats if not isinstance(f, str) or f not in ("png", "pdf")]
             if not layouts or bad:
                 raise UiError(f"export: layouts from {', '.join(LAYOUTS)} and formats png/pdf"
-                              + (f" (not {', '.join(map(str, bad))})" if bad else ""))
+                              + (f" (not {', '.join(map(excerpt, bad))})" if bad else ""))
         else:
             raise UiError(f"unknown job kind {kind!r}; valid: generate, regenerate, export")
         with self._lock:
