@@ -148,13 +148,16 @@ def read_config(path: Path | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def model_defaults(folder: Path | None, transformer_config: dict | None = None) -> dict:
-    """Height, width, steps, guidance and ``max_sequence_length`` for a model: FLUX.1-dev's; FLUX.1-schnell's
-    for a transformer without guidance embedding; the model folder's ``characonsist_defaults.json`` wins."""
+def model_defaults(folder: Path | None, transformer_config: dict | None = None, base: dict | None = None) -> dict:
+    """Height, width, steps, guidance and ``max_sequence_length`` for a model: ``base`` (another backbone's stock
+    defaults, ``characonsist.backbones``) or FLUX.1-dev's; FLUX.1-schnell's for a FLUX.1 transformer without
+    guidance embedding; the model folder's ``characonsist_defaults.json`` wins."""
     defaults = dict(FLUX_DEFAULTS)
-    if transformer_config is None and folder is not None:
+    if base is not None:
+        defaults.update(base)
+    elif transformer_config is None and folder is not None:
         transformer_config = read_config(Path(folder) / "transformer" / "config.json")
-    if transformer_config and transformer_config.get("guidance_embeds") is False:
+    if base is None and transformer_config and transformer_config.get("guidance_embeds") is False:
         defaults.update(SCHNELL_DEFAULTS)
     own = read_config(Path(folder) / DEFAULTS_FILE) if folder is not None else None
     defaults.update({k: v for k, v in (own or {}).items() if k in FLUX_DEFAULTS})
