@@ -107,3 +107,23 @@ def test_a_picture_identity_is_refused_on_chroma(chroma):
     story, _ = chroma
     with pytest.raises(InputError, match="identity_image: a picture as the identity is FLUX.1 only"):
         story(IDENTITY, FRAMES, identity_image=np.zeros((32, 32, 3), dtype=np.uint8), **KW)
+
+
+def test_cli_generates_a_story_with_a_chroma_folder(tmp_path):
+    """``--model FOLDER`` of a saved ChromaPipeline: the defaults are Chroma's, the images its story pipeline's."""
+    import json
+
+    from characonsist import cli
+    from characonsist.inputs import model_defaults
+    from characonsist.testing import tiny_chroma_pipeline
+
+    folder = tmp_path / "chroma"
+    tiny_chroma_pipeline().save_pretrained(folder)
+    assert model_defaults(folder)["num_inference_steps"] == 35
+    story = tmp_path / "story.txt"
+    story.write_text("park#a cat#sitting\npark#a cat#running\n")
+    assert cli.main(["generate", str(story), "--model", str(folder), "--out", str(tmp_path / "out"), "--height", "32",
+                     "--width", "32", "--steps", "2", "--max-sequence-length", "32", "--quiet"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["guidance_scale"] == 5.0
+    assert len(list((tmp_path / "out").rglob("*.png"))) >= 2

@@ -20,12 +20,9 @@ What differs from FLUX.1, and what this adapter does about it:
 from __future__ import annotations
 
 from ..engine import sampler_schedule
+from ..inputs import CHROMA_DEFAULTS
 from .base import TextBatch
 from .flux1 import Flux1
-
-# ChromaPipeline's own defaults (its __call__): 1024 px, 35 steps, guidance 5.0, 512 tokens.
-CHROMA_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 35, "guidance_scale": 5.0,
-                   "max_sequence_length": 512}
 
 
 class Chroma(Flux1):
