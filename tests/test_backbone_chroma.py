@@ -127,3 +127,17 @@ def test_cli_generates_a_story_with_a_chroma_folder(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["guidance_scale"] == 5.0
     assert len(list((tmp_path / "out").rglob("*.png"))) >= 2
+
+
+def test_backbone_bench_runs_tiny_on_the_cpu(tmp_path):
+    """bench/backbone_bench.py (the GPU figures' command, BENCHMARKS.md) parses its arguments and runs at toy widths."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import backbone_bench
+
+    assert backbone_bench.parse(["--backbone", "chroma"]).frames == 4
+    result = backbone_bench.main(["--tiny", "--frames", "1", "--steps", "2", "--out", str(tmp_path)])
+    assert result["backbone"] == "chroma" and result["ours_s"] > 0 and result["stock_s"] > 0
+    assert (tmp_path / "backbone_chroma_tiny.json").is_file()
