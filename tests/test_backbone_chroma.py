@@ -141,3 +141,12 @@ def test_backbone_bench_runs_tiny_on_the_cpu(tmp_path):
     result = backbone_bench.main(["--tiny", "--frames", "1", "--steps", "2", "--out", str(tmp_path)])
     assert result["backbone"] == "chroma" and result["ours_s"] > 0 and result["stock_s"] > 0
     assert (tmp_path / "backbone_chroma_tiny.json").is_file()
+
+
+def test_an_unsupported_transformer_class_is_one_line(tmp_path):
+    from characonsist.inputs import InputError
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline", "transformer": '
+                                               '["diffusers", "Flux2Transformer2DModel"]}')
+    with pytest.raises(InputError, match="Flux2Transformer2DModel, not a supported backbone"):
+        CharaConsistPipeline.from_pretrained(tmp_path)

@@ -113,8 +113,8 @@ _PHASE_LABELS = {"prerun": "layout pre-run"}
 FLUX_ONLY_ARGUMENTS = {
     "prompt": "a story call has no prompt: give identity='background#character#action' and frames=[...]",
     "prompt_2": "a story call has no prompt_2: the same prompt goes to both text encoders",
-    "negative_prompt": "a story call has no negative prompt (FLUX.1's guidance is distilled; on Chroma the negative "
-                       "pass uses the empty prompt, its pipeline's default); leave it out",
+    "negative_prompt": "FLUX.1 has no negative prompt (guidance is distilled; Chroma's negative pass uses the empty "
+                       "prompt, its pipeline's default); leave it out",
     "num_images_per_prompt": "a story call makes one image per prompt: list more frames instead",
     "latents": "a story call makes its own starting noise from seed= or generator=; leave latents out",
     "prompt_embeds": "a story call encodes its prompts itself; give identity= and frames= as text",
@@ -207,7 +207,13 @@ class StoryPipelineMixin:
         kwargs = dtype_keyword(kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs.update(dtype_kwarg(torch.float32))
-        klass = cls._story_class(_transformer_class(pretrained_model_name_or_path))
+        transformer_class = _transformer_class(pretrained_model_name_or_path)
+        if transformer_class is not None and backbone_named(transformer_class) is None:
+            from .backbones import BACKBONES
+
+            raise InputError(f"model {pretrained_model_name_or_path}: its transformer is a {transformer_class}, not a "
+                             f"supported backbone ({', '.join(BACKBONES)})")
+        klass = cls._story_class(transformer_class)
         return super(StoryPipelineMixin, klass).from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
