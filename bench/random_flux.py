@@ -117,6 +117,48 @@ def build_random_flux(size: str = "full", device: str | torch.device = "cuda", d
                         tokenizer_2=tok2, transformer=transformer)
 
 
+# Chroma (lodestones/Chroma1-HD): FLUX.1's blocks and widths (ChromaTransformer2DModel's defaults), the distilled
+# modulation approximator (64 channels, 5120 wide, 5 layers), T5-XXL only, FLUX.1's VAE.
+CHROMA_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, axes_dims_rope=(16, 56, 56), approximator_num_channels=64, approximator_hidden_dim=5120,
+    approximator_layers=5)
+TINY_CHROMA_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16, approximator_hidden_dim=32,
+    approximator_layers=1)
+
+
+def build_random_chroma(size: str = "full", device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                        seed: int = 0):
+    """A ``ChromaPipeline`` of Chroma1-HD's architecture (``size="full"``) or toy widths (``"tiny"``), random
+    weights, built as ``build_random_flux`` builds FLUX.1 (straight in ``dtype`` on ``device``)."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from characonsist.testing import CORPUS
+    from characonsist.tokenizers import make_t5_tokenizer
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size={size!r}: choose 'full' or 'tiny'")
+    full = size == "full"
+    device = torch.device(device)
+    tok = make_t5_tokenizer(CORPUS * 20, vocab_size=160, model_max_length=512)
+    torch.manual_seed(seed)
+    with _building(device, dtype):
+        t5 = T5EncoderModel(T5Config(
+            **(FLUX_DEV_T5 if full else TINY_T5), feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id))
+        vae = AutoencoderKL(**(FLUX_DEV_VAE if full else TINY_VAE))
+        transformer = ChromaTransformer2DModel(**(CHROMA_TRANSFORMER if full else TINY_CHROMA_TRANSFORMER))
+    for module in (t5, vae, transformer):
+        module.eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tok, transformer=transformer)
+
+
 def parameter_counts(pipe) -> dict[str, float]:
     """Billions of parameters per module."""
     names = ("transformer", "text_encoder_2", "text_encoder", "vae")

@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CharaConsistPipeline": "characonsist.pipeline",
+    "ChromaStoryPipeline": "characonsist.pipeline",
     "StoryPipelineOutput": "characonsist.pipeline",
     "METHODS": "characonsist.methods",
     "get_method": "characonsist.methods",
@@ -29,4 +30,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'characonsist' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "CharaConsistPipeline", "StoryImage", "StoryPipelineOutput", "get_method", "__version__"]
+__all__ = ["METHODS", "CharaConsistPipeline", "ChromaStoryPipeline", "StoryImage", "StoryPipelineOutput", "get_method", "__version__"]

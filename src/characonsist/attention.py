@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+BiasFn = Callable[[torch.Tensor, int], "torch.Tensor | None"]   # (query positions, key count) -> additive mask
 
 
 @dataclass
@@ -33,9 +34,12 @@ class QueryGroup:
     volatile: bool | None = None
 
 
-def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None) -> torch.Tensor:
-    """Plain attention on (B, S, H, D) tensors (the default ``attend``; ``volatile`` is ignored)."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention on (B, S, H, D) tensors (the default ``attend``; ``volatile`` is ignored), with an optional
+    additive mask ``bias``."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=bias).transpose(1, 2)
 
 
 def _padded(rows: torch.Tensor, bucket: int) -> torch.Tensor:
@@ -48,12 +52,13 @@ def _padded(rows: torch.Tensor, bucket: int) -> torch.Tensor:
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[QueryGroup],
-                      attend: AttendFn = sdpa_attend, row_bucket: int = 0) -> torch.Tensor:
+                      attend: AttendFn = sdpa_attend, row_bucket: int = 0, bias: BiasFn | None = None) -> torch.Tensor:
     """Attention of one image's queries (S, H, D) over its own keys plus each group's extra keys.
 
     Every query row must belong to exactly one group. Groups without extra keys are merged into one call.
     With ``row_bucket`` the query rows of each call are padded to a multiple of it (exact: queries are
-    independent). Returns (S, H, D).
+    independent). ``bias(positions, num_keys)``: the backbone's additive mask for those query positions over
+    [own keys; extra keys] (``engine.AttnCall.bias``; None: no mask). Returns (S, H, D).
     """
     out = torch.empty_like(q)
     plain = [g for g in groups if g.extra_k is None or g.extra_k.shape[0] == 0]
@@ -67,11 +72,13 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups:
         if n == 0:
             continue
         keys, values = (k, v) if ek is None else (torch.cat([k, ek.to(k.dtype)]), torch.cat([v, ev.to(v.dtype)]))
-        qq = q.index_select(0, _padded(rows, row_bucket)).unsqueeze(0)
-        if volatile is None:
-            res = attend(qq, keys.unsqueeze(0), values.unsqueeze(0))[0]
-        else:
-            res = attend(qq, keys.unsqueeze(0), values.unsqueeze(0), volatile=volatile)[0]
+        padded = _padded(rows, row_bucket)
+        qq = q.index_select(0, padded).unsqueeze(0)
+        kw = {} if volatile is None else {"volatile": volatile}
+        mask = None if bias is None else bias(padded, keys.shape[0])
+        if mask is not None:
+            kw["bias"] = mask
+        res = attend(qq, keys.unsqueeze(0), values.unsqueeze(0), **kw)[0]
         out.index_copy_(0, rows, res[:n].to(out.dtype))
     return out
 
@@ -98,3 +105,11 @@ def masked_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                          values.transpose(0, 1)[None], attn_mask=allow[None, None])
     return out[0].transpose(0, 1)
+
+
+def row_bias(call, row: int) -> BiasFn | None:
+    """``grouped_attention``'s ``bias`` for batch row ``row`` of an ``engine.AttnCall``: None where the backbone
+    passes no mask (FLUX.1), so nothing changes there."""
+    if call.attn_mask is None:
+        return None
+    return lambda positions, num_keys: call.bias(row, positions, num_keys)

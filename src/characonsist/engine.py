@@ -6,9 +6,11 @@ and layer its keys, values and attention outputs are right there. Images of anot
 identity run in their own forward pass right after the identity's group; the identity's per-layer tensors
 of *the current step* are kept for them (never across steps).
 
-The engine owns the batch, the token layout (text length, spans, grids), the step schedule and the attention
-processors (installed with ``set_attn_processor`` and restored afterwards). A ``Method`` owns the math of
-one consistency method through ``characonsist.methods.base.Method``.
+The engine owns the batch, the step schedule and the attention processors (installed with ``set_attn_processor``
+and restored afterwards). A ``Method`` owns the math of one consistency method through
+``characonsist.methods.base.Method``. What differs between model families (prompt encoding, token layout,
+latents, the transformer call and its guidance, the layers' projections) is the backbone adapter's
+(``characonsist.backbones``), found from the transformer's class.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class Group:
     slots: list[Slot]
     latents0: torch.Tensor
     img_ids: torch.Tensor
-    embeds: torch.Tensor
-    pooled: torch.Tensor
+    text: object                # backbones.TextBatch of the group's rows
     latents: torch.Tensor | None = None
     scheduler: object = None
     timesteps: torch.Tensor | None = None
@@ -158,6 +159,9 @@ class AttnCall:
     """One attention layer call for the current group: everything a method needs to compute attention.
 
     ``query``/``key``/``value``: (B, S, H, D) after the q/k RMS norms and *before* RoPE, text tokens first.
+    ``attn_mask``: the mask the model itself passes to this layer (Chroma's text mask, (B, 1, S, S), added to the
+    logits by SDPA as diffusers does), None for FLUX.1. Methods never read it: ``plain``, ``own`` and ``bias`` apply
+    it, so a backbone with a mask needs no branch in a method.
     """
 
     kind: str                   # "double" or "single"
@@ -170,6 +174,7 @@ class AttnCall:
     run: Run
     backend: object = None
     parallel_config: object = None
+    attn_mask: torch.Tensor | None = None
     _q_rot: torch.Tensor | None = None
     _k_rot: torch.Tensor | None = None
 
@@ -185,28 +190,46 @@ class AttnCall:
             self._k_rot = apply_rope(self.key, self.rotary)
         return self._k_rot
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, volatile: bool | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of (B, Sq, H, D) queries over (B, Sk, H, D) keys through diffusers' backend dispatch.
 
         For a volatile call (``volatile``, default ``run.volatile``: query/key counts that change from step to
         step, e.g. while masks are being refreshed) with no backend chosen, PyTorch's SDPA is limited to the
         flash kernel (then memory-efficient, then math): its cuDNN kernel, PyTorch's first choice on Hopper,
         builds an execution plan for every new shape (~37 ms on an H100, BENCHMARKS.md), which costs more than
-        it saves on shapes used for one step only.
+        it saves on shapes used for one step only. ``bias``: an additive mask from ``bias`` (None on FLUX.1).
         """
         volatile = self.run.volatile if volatile is None else volatile
         if (volatile and self.run.volatile_backend == "flash" and self.backend is None
                 and q.is_cuda):
             with sdpa_kernel(_VOLATILE_KERNELS):
-                return dispatch_attention_fn(q, k, v, attn_mask=None, backend=None,
+                return dispatch_attention_fn(q, k, v, attn_mask=bias, backend=None,
                                              parallel_config=self.parallel_config)
-        return dispatch_attention_fn(q, k, v, attn_mask=None, backend=self.backend,
+        return dispatch_attention_fn(q, k, v, attn_mask=bias, backend=self.backend,
                                      parallel_config=self.parallel_config)
 
     def plain(self) -> torch.Tensor:
-        """Stock FLUX attention for the whole batch, (B, S, H*D): bit-identical to ``FluxAttnProcessor``."""
-        out = self.attend(self.q_rot, self.k_rot, self.value)
+        """Stock attention for the whole batch, (B, S, H*D): bit-identical to the backbone's stock processor."""
+        out = self.attend(self.q_rot, self.k_rot, self.value, bias=self.attn_mask)
         return out.flatten(2, 3).to(self.query.dtype)
+
+    def own(self, rows, queries: slice | None = None) -> torch.Tensor:
+        """Stock attention of the batch rows ``rows`` (a slice or index tensor) over their own keys, (b, sq, H, D):
+        all their queries, or the sequence positions ``queries`` (a slice). With the model's mask, as it applies."""
+        queries = slice(None) if queries is None else queries
+        mask = None if self.attn_mask is None else self.attn_mask[rows][:, :, queries]
+        return self.attend(self.q_rot[rows][:, queries], self.k_rot[rows], self.value[rows], bias=mask)
+
+    def bias(self, row: int, positions, num_keys: int) -> torch.Tensor | None:
+        """The additive mask for queries at sequence ``positions`` (slice or index tensor) of batch row ``row``
+        over ``num_keys`` keys: the row's own S keys first, then shared keys (counted as unmasked image tokens).
+        None where the model passes no mask (FLUX.1): then every call stays mask-free."""
+        if self.attn_mask is None:
+            return None
+        own = self.attn_mask[row, 0].diagonal()          # (S,): the token mask (m_i * m_i = m_i)
+        keys = torch.cat([own, own.new_ones(num_keys - own.shape[0])])
+        return (own[positions][:, None] * keys[None, :])[None, None]
 
 
 def sampler_schedule(scheduler, num_steps: int, image_seq_len: int, device):
@@ -245,82 +268,34 @@ def _name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", None) or repr(fn)
 
 
-def _heads(attn, x: torch.Tensor) -> torch.Tensor:
-    return x.unflatten(-1, (-1, attn.head_dim))
-
-
-def _project(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
-    """q, k, v of FLUX's joint attention (text first), with the RMS norms, before RoPE."""
-    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
-        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    q, k, v = attn.norm_q(_heads(attn, q)), attn.norm_k(_heads(attn, k)), _heads(attn, v)
-    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
-        if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
-            eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
-        else:
-            eq = attn.add_q_proj(encoder_hidden_states)
-            ek = attn.add_k_proj(encoder_hidden_states)
-            ev = attn.add_v_proj(encoder_hidden_states)
-        eq, ek, ev = attn.norm_added_q(_heads(attn, eq)), attn.norm_added_k(_heads(attn, ek)), _heads(attn, ev)
-        q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-    return q, k, v
-
-
-class EngineAttnProcessor:
-    """Attention processor installed on every FLUX attention layer while the engine runs.
-
-    It does the projections exactly as diffusers' ``FluxAttnProcessor`` and hands the attention itself to
-    the active method. ``_attention_backend`` / ``_parallel_config`` are kept so
-    ``transformer.set_attention_backend`` keeps working.
-
-    Under ``torch.compile`` (e.g. ``transformer.compile_repeated_blocks()``) the method's attention is the one
-    region left out of the graph (``_method_attention``): it reads the run's step, masks and matches, and its query
-    groups change size from step to step. The projections before it and the output projection and MLP after it
-    keep fixed shapes, so their graphs compile once per block type and image size, not once per layer or step.
-    """
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, engine: Engine, kind: str, block: int):
-        self.engine, self.kind, self.block = engine, kind, block
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None:
-            raise ValueError("characonsist's attention processor does not take an attention_mask")
-        q, k, v = _project(attn, hidden_states, encoder_hidden_states)
-        text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        out = self._method_attention(q, k, v, image_rotary_emb, text_len)
-        if encoder_hidden_states is None:
-            return out
-        txt, img = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
-        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
-        return img, attn.to_add_out(txt.contiguous())
-
-    @torch.compiler.disable
-    def _method_attention(self, q, k, v, image_rotary_emb, text_len: int | None) -> torch.Tensor:
-        """The method's attention for this layer, (B, S, H*D); always run eagerly (see the class docstring)."""
-        run = self.engine.run
-        call = AttnCall(self.kind, self.block, q, k, v, image_rotary_emb, run.text_len if text_len is None else text_len,
-                        run, self._attention_backend, self._parallel_config)
-        return self.engine.method.attention(call)
-
-
-def _layer_of(name: str) -> tuple[str, int]:
-    parts = name.split(".")
-    kind = "single" if parts[0] == "single_transformer_blocks" else "double"
-    return kind, int(parts[1])
-
-
 class Engine:
     """Runs one chunk (identity + frames) of a story through a method, in lockstep."""
 
     def __init__(self, pipe, method):
+        from .backbones import backbone_of
+
         self.pipe, self.method = pipe, method
+        self.backbone = backbone_of(pipe)
         self.run: Run | None = None
         self._wants: set[str] = set()
+        self._plain = False
+
+    @contextmanager
+    def plain_pass(self):
+        """Every layer attends plainly inside (the method is not called): a backbone's negative-prompt pass."""
+        self._plain = True
+        try:
+            yield
+        finally:
+            self._plain = False
+
+    def attention(self, kind: str, block: int, q, k, v, rotary, text_len: int | None, attn_mask, backend,
+                  parallel_config) -> torch.Tensor:
+        """One layer's attention output (B, S, H*D), called by the backbone's processor with q, k, v before RoPE."""
+        run = self.run
+        call = AttnCall(kind, block, q, k, v, rotary, run.text_len if text_len is None else text_len, run, backend,
+                        parallel_config, attn_mask)
+        return call.plain() if self._plain else self.method.attention(call)
 
     @contextmanager
     def installed(self):
@@ -329,8 +304,7 @@ class Engine:
         original = dict(transformer.attn_processors)
         new = {}
         for name, proc in original.items():
-            kind, block = _layer_of(name)
-            p = EngineAttnProcessor(self, kind, block)
+            p = self.backbone.processor(self, name, proc)
             p._attention_backend = getattr(proc, "_attention_backend", None)
             p._parallel_config = getattr(proc, "_parallel_config", None)
             new[name] = p
@@ -341,9 +315,7 @@ class Engine:
             transformer.set_attn_processor(original)
 
     # ------------------------------------------------------------------ set-up
-    def _groups(self, slots: list[Slot], embeds, pooled, device, dtype) -> list[Group]:
-        pipe = self.pipe
-        channels = pipe.transformer.config.in_channels // 4
+    def _groups(self, slots: list[Slot], text, device, dtype) -> list[Group]:
         sizes: list[tuple[int, int]] = []
         for s in slots:   # identity's size first, then in order of appearance
             if (s.height, s.width) not in sizes:
@@ -353,15 +325,14 @@ class Engine:
             members = [s for s in slots if (s.height, s.width) == (h, w)]
             lats, ids = [], None
             for s in members:
-                lat, ids = pipe.prepare_latents(1, channels, h, w, dtype, device, s.generator)
+                lat, ids = self.backbone.latents(self.pipe, h, w, dtype, device, s.generator)
                 lats.append(lat)
-            rows = torch.tensor([s.pos for s in members], device=embeds.device)
-            groups.append(Group(members, torch.cat(lats), ids, embeds.index_select(0, rows),
-                                pooled.index_select(0, rows)))
+            rows = torch.tensor([s.pos for s in members], device=text.embeds.device)
+            groups.append(Group(members, torch.cat(lats), ids, text.rows(rows)))
         return groups
 
     def _reset(self, group: Group, num_steps: int, device, twin_steps: int = 0) -> None:
-        sched, timesteps = sampler_schedule(self.pipe.scheduler, num_steps, group.latents0.shape[1], device)
+        sched, timesteps = self.backbone.schedule(self.pipe.scheduler, num_steps, group.latents0.shape[1], device)
         group.scheduler, group.timesteps, group.latents = sched, timesteps, group.latents0.clone()
         group.twins = bool(twin_steps)
         if group.twins:   # the twins start from the same noise and denoise plainly
@@ -388,12 +359,11 @@ class Engine:
         """Denoise the chunk; returns the final packed latents per slot (chunk order) and the run state."""
         pipe = self.pipe
         device = pipe._execution_device
-        embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=[s.image.prompt for s in slots], prompt_2=None, device=device, num_images_per_prompt=1,
-            max_sequence_length=max_sequence_length)
-        groups = self._groups(slots, embeds, pooled, device, embeds.dtype)
+        text = self.backbone.encode(pipe, [s.image.prompt for s in slots], max_sequence_length, device,
+                                    guidance_scale)
+        groups = self._groups(slots, text, device, text.embeds.dtype)
         tr_config = pipe.transformer.config
-        run = Run(slots, groups, embeds.shape[1], num_inference_steps, tr_config.num_single_layers,
+        run = Run(slots, groups, text.length, num_inference_steps, tr_config.num_single_layers,
                   tr_config.num_layers)
         self.run = run
         self.method.start(run)
@@ -434,7 +404,7 @@ class Engine:
                         run.group = g
                         if follow and g.twins:   # a plain forward on the images' current latents
                             g.latents = torch.cat([g.latents[:len(g.slots)]] * 2)
-                        self._forward(g, step, guidance_scale, text_ids, last=not phase.final and
+                        self._forward(g, step, guidance_scale, last=not phase.final and
                                       step == phase.steps - 1)
                         if step < keep:
                             g.kept.append(g.latents.clone())
@@ -495,20 +465,11 @@ class Engine:
                                  "pipe.step_batch names)")
             g.latents = torch.cat([given.to(g.latents.device, g.latents.dtype), g.latents[n:]])
 
-    def _forward(self, g: Group, step: int, guidance_scale: float, text_ids, last: bool) -> None:
-        transformer = self.pipe.transformer
+    def _forward(self, g: Group, step: int, guidance_scale: float, last: bool) -> None:
         t = g.timesteps[step]
         batch = g.latents.shape[0]
-        embeds, pooled = g.embeds, g.pooled
-        if g.twins:
-            embeds, pooled = torch.cat([embeds, embeds]), torch.cat([pooled, pooled])
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=g.latents.device, dtype=torch.float32).expand(batch)
-        timestep = t.expand(batch).to(g.latents.dtype)
-        noise_pred = transformer(hidden_states=g.latents, timestep=timestep / 1000, guidance=guidance,
-                                 pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                 img_ids=g.img_ids, return_dict=False)[0]
+        text = g.text.doubled() if g.twins else g.text
+        noise_pred = self.backbone.velocity(self, g.latents, t, text, g.img_ids, guidance_scale)
         if not last:   # a pre-run stops at its last step's prediction, as the official code does
             for row, s in enumerate(g.slots):   # a picture identity's own steps may be pulled toward it
                 if s.picture is not None and s.picture.follow != "steps":

@@ -41,6 +41,11 @@ FLUX_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 50, "guid
                  "max_sequence_length": 512}
 # FLUX.1-schnell (a transformer without guidance embedding): 4 steps, no guidance, 256 T5 tokens (its model card)
 SCHNELL_DEFAULTS = {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}
+# Other backbones (characonsist.backbones), by transformer class: their stock pipeline's defaults.
+# ChromaPipeline.__call__: 1024 px, 35 steps, guidance 5.0 (real CFG with the empty negative prompt), 512 tokens.
+CHROMA_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 35, "guidance_scale": 5.0,
+                   "max_sequence_length": 512}
+BACKBONE_DEFAULTS = {"ChromaTransformer2DModel": CHROMA_DEFAULTS}
 
 
 class InputError(ValueError):
@@ -199,13 +204,18 @@ def read_config(path: Path | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def model_defaults(folder: Path | None, transformer_config: dict | None = None) -> dict:
-    """Height, width, steps, guidance and ``max_sequence_length`` for a model: FLUX.1-dev's; FLUX.1-schnell's
-    for a transformer without guidance embedding; the model folder's ``characonsist_defaults.json`` wins."""
+def model_defaults(folder: Path | None, transformer_config: dict | None = None, base: dict | None = None) -> dict:
+    """Height, width, steps, guidance and ``max_sequence_length`` for a model: ``base`` (another backbone's stock
+    defaults, ``characonsist.backbones``) or FLUX.1-dev's; FLUX.1-schnell's for a FLUX.1 transformer without
+    guidance embedding; the model folder's ``characonsist_defaults.json`` wins."""
     defaults = dict(FLUX_DEFAULTS)
-    if transformer_config is None and folder is not None:
+    if base is None and transformer_config is None and folder is not None:
         transformer_config = read_config(Path(folder) / "transformer" / "config.json")
-    if transformer_config and transformer_config.get("guidance_embeds") is False:
+    if base is None and transformer_config:   # a saved config names its class: another backbone's defaults
+        base = BACKBONE_DEFAULTS.get(transformer_config.get("_class_name"))
+    if base is not None:
+        defaults.update(base)
+    if base is None and transformer_config and transformer_config.get("guidance_embeds") is False:
         defaults.update(SCHNELL_DEFAULTS)
     own = read_config(Path(folder) / DEFAULTS_FILE) if folder is not None else None
     defaults.update({k: v for k, v in (own or {}).items() if k in FLUX_DEFAULTS})

@@ -477,7 +477,7 @@ def compile_pipeline(pipe, **kwargs) -> None:
     """Regional compilation: ``transformer.compile_repeated_blocks(**kwargs)`` (each FLUX block type compiled once
     and reused by every block of that type; diffusers >= 0.35), else ``torch.compile`` of each block.
 
-    The engine's processors leave the method's attention out of the graph (``engine.EngineAttnProcessor``), so
+    The engine's processors leave the method's attention out of the graph (``backbones.flux1.FluxLayerProcessor``), so
     ``fullgraph=True`` cannot be used with a consistency method; plain FLUX (``method="vanilla"`` excepted, which
     also goes through the engine) can."""
     transformer = pipe.transformer

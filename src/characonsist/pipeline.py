@@ -1,8 +1,10 @@
-"""``CharaConsistPipeline``: a FluxPipeline that generates a story (identity image + frames) consistently.
+"""``CharaConsistPipeline``: a FluxPipeline that generates a story (identity image + frames) consistently, and
+its siblings on the other backbones (``ChromaStoryPipeline``).
 
-Loading, offloading and device maps are FluxPipeline's own (``from_pretrained``, ``from_pipe``,
+Loading, offloading and device maps are the stock pipeline's own (``from_pretrained``, ``from_pipe``,
 ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, ``device_map="balanced"``); ``__call__`` takes
-a story instead of a prompt. See docs/API.md.
+a story instead of a prompt. ``CharaConsistPipeline.from_pretrained`` / ``from_pipe`` find the backbone from the
+model's transformer class and return the matching class. See docs/API.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ._compat import dtype_keyword, dtype_kwarg, import_flux
+from .backbones import Backbone, backbone_named, backbone_of
 from .engine import CALLBACK_TENSORS, Engine, Slot, StepBatch
 from .inputs import (
     OUTPUT_TYPES,
@@ -111,7 +114,8 @@ _PHASE_LABELS = {"prerun": "layout pre-run"}
 FLUX_ONLY_ARGUMENTS = {
     "prompt": "a story call has no prompt: give identity='background#character#action' and frames=[...]",
     "prompt_2": "a story call has no prompt_2: the same prompt goes to both text encoders",
-    "negative_prompt": "FLUX.1 has no negative prompt (guidance is distilled); leave it out",
+    "negative_prompt": "FLUX.1 has no negative prompt (guidance is distilled; Chroma's negative pass uses the empty "
+                       "prompt, its pipeline's default); leave it out",
     "num_images_per_prompt": "a story call makes one image per prompt: list more frames instead",
     "latents": "a story call makes its own starting noise from seed= or generator=; leave latents out",
     "prompt_embeds": "a story call encodes its prompts itself; give identity= and frames= as text",
@@ -155,12 +159,47 @@ class _StepBars:
             self.bar = None
 
 
-class CharaConsistPipeline(FluxPipeline):
-    """FLUX.1 story generation with a consistency method (CharaConsist by default)."""
+def _transformer_class(name_or_path) -> str | None:
+    """The transformer class named by a model's ``model_index.json`` (a folder or a hub id), or None."""
+    import json
+
+    try:
+        if os.path.isdir(name_or_path):
+            index = json.loads((Path(name_or_path) / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            index = DiffusionPipeline.load_config(str(name_or_path))
+        entry = index.get("transformer")
+        return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    except Exception:   # unreadable or unreachable: the loader itself reports it
+        return None
+
+
+class StoryPipelineMixin:
+    """Story generation with a consistency method (CharaConsist by default), on any backbone of
+    ``characonsist.backbones``; mixed into each backbone's stock diffusers pipeline."""
+
+    @property
+    def backbone(self) -> Backbone:
+        """The backbone adapter, from the transformer's class."""
+        return backbone_of(self)
+
+    @classmethod
+    def _story_class(cls, transformer_class: str | None):
+        """The story pipeline class for a transformer class (this one when it fits or the class is unknown)."""
+        backbone = backbone_named(transformer_class) if transformer_class else None
+        if backbone is None:
+            return cls
+        for klass in (cls, *STORY_PIPELINES.values()):
+            if any(base.__name__ == backbone.pipeline_class for base in klass.__mro__):
+                return klass
+        return cls
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """FluxPipeline's ``from_pretrained``; without a dtype every module loads in **float32**.
+        """The stock pipeline's ``from_pretrained``, for the backbone the model's ``model_index.json`` names (a
+        Chroma folder gives a ``ChromaStoryPipeline``); without a dtype every module loads in **float32**.
 
         That is diffusers' documented default; transformers >= 5 would otherwise keep the text encoders in the
         dtype they were saved in (the toy model's float16) next to a float32 transformer, and the first forward
@@ -169,15 +208,26 @@ class CharaConsistPipeline(FluxPipeline):
         kwargs = dtype_keyword(kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             kwargs.update(dtype_kwarg(torch.float32))
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        transformer_class = _transformer_class(pretrained_model_name_or_path)
+        if transformer_class is not None and backbone_named(transformer_class) is None:
+            from .backbones import BACKBONES
+
+            raise InputError(f"model {pretrained_model_name_or_path}: its transformer is a {transformer_class}, not a "
+                             f"supported backbone ({', '.join(BACKBONES)})")
+        klass = cls._story_class(transformer_class)
+        return super(StoryPipelineMixin, klass).from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """Wrap an existing FluxPipeline, sharing its modules, **in their own dtype**.
+        """Wrap an existing stock pipeline (FluxPipeline, ChromaPipeline), sharing its modules, **in their own
+        dtype**; the story class follows the pipeline's transformer.
 
         diffusers' ``from_pipe`` casts the shared modules to float32 unless a dtype is passed, which would
         silently turn a bf16 FLUX into an fp32 one (8.8x slower and twice the memory, measured on an H100).
         """
+        transformer = getattr(pipeline, "transformer", None)
+        if transformer is not None:
+            cls = cls._story_class(backbone_of(transformer).transformer_class)
         kwargs = dtype_keyword(kwargs)
         if "dtype" not in kwargs and "torch_dtype" not in kwargs:
             module = getattr(pipeline, "transformer", None)
@@ -186,7 +236,7 @@ class CharaConsistPipeline(FluxPipeline):
         logger = logging.getLogger("diffusers.models.modeling_utils")
         logger.addFilter(muted)
         try:
-            return super().from_pipe(pipeline, **kwargs)
+            return super(StoryPipelineMixin, cls).from_pipe(pipeline, **kwargs)   # noqa: UP008 (cls was chosen above)
         finally:
             logger.removeFilter(muted)
 
@@ -207,13 +257,19 @@ class CharaConsistPipeline(FluxPipeline):
         folder's ``characonsist_defaults.json`` (the toy model's 128 px, 20 steps, 32 tokens), else FLUX.1-schnell's
         for a transformer without guidance embedding, else FLUX.1-dev's (1024 px, 50 steps, 3.5, 512)."""
         config = dict(self.transformer.config) if getattr(self, "transformer", None) is not None else None
-        return model_defaults(self.model_folder(), config)
+        base = self.backbone.defaults(config) if config is not None else None
+        return model_defaults(self.model_folder(), config, base)
 
     def input_limits(self) -> ModelLimits:
         """Sizes and prompt vocabulary this model takes (``characonsist.inputs.model_limits``)."""
         vae = getattr(self, "vae", None)
         return model_limits(dict(vae.config) if vae is not None else None, self.story_defaults(),
-                            getattr(self, "tokenizer_2", None))
+                            self.prompt_tokenizer)
+
+    @property
+    def prompt_tokenizer(self):
+        """The tokenizer of the transformer's text tokens (FLUX.1: T5's ``tokenizer_2``; Chroma: ``tokenizer``)."""
+        return self.backbone.prompt_tokenizer(self)
 
     def check_inputs(self, identity, frames=(), method: str | Method = "characonsist", height=None, width=None,
                      num_inference_steps=None, guidance_scale=None, seed=None, generator=None,
@@ -256,7 +312,10 @@ class CharaConsistPipeline(FluxPipeline):
         if unknown:
             problems.append(f"callback_on_step_end_tensor_inputs: {', '.join(map(excerpt, unknown))} not available; "
                             f"valid: {', '.join(map(repr, CALLBACK_TENSORS))}")
-        if identity_image is not None:
+        if identity_image is not None and not self.backbone.supports_picture():
+            problems.append(f"identity_image: a picture as the identity is FLUX.1 only for now ({self.backbone.name} "
+                            "has no inversion here); leave it out")
+        elif identity_image is not None:
             try:
                 load_picture(identity_image, "identity_image")
             except InputError as e:
@@ -273,29 +332,24 @@ class CharaConsistPipeline(FluxPipeline):
             places = ["identity", *(f"frames[{i}]" for i in range(len(images) - 1))]
             problems += _seed_problems(len(images), seed, generator)
             problems += image_problems(images, places, limits)
-            if not any("max_sequence_length" in p for p in problems) and self.tokenizer_2 is not None:
-                problems += prompt_problems(images, places, self.tokenizer_2, max_sequence_length or 512,
+            if not any("max_sequence_length" in p for p in problems) and self.prompt_tokenizer is not None:
+                problems += prompt_problems(images, places, self.prompt_tokenizer, max_sequence_length or 512,
                                             limits.vocabulary)
         if problems:
             raise InputError(problems)
         return images, method
 
     def token_spans(self, image: StoryImage, max_sequence_length: int) -> tuple[int, int, int]:
-        """(background tokens, real prompt tokens, character tokens) in the T5 sequence, no end token.
+        """(background tokens, real prompt tokens, character tokens) in the transformer's text sequence (FLUX.1,
+        Chroma: T5, no end token; ``Backbone.token_spans``).
 
         Raises InputError if the prompt does not fit ``max_sequence_length`` (FluxPipeline would silently cut it).
         """
-        tok = self.tokenizer_2
-        problems = prompt_problems([image], [f"prompt {excerpt(image.spec())}"], tok, max_sequence_length)
+        problems = prompt_problems([image], [f"prompt {excerpt(image.spec())}"], self.prompt_tokenizer,
+                                   max_sequence_length)
         if problems:
             raise InputError(problems)
-
-        def count(text: str) -> int:
-            return len(tok(text, add_special_tokens=False).input_ids) if text else 0
-
-        real = count(image.prompt)
-        bg = min(count(image.background.strip()), real)
-        return bg, real, min(count(image.character.strip()), real - bg)
+        return self.backbone.token_spans(self, image)
 
     @torch.no_grad()
     def __call__(
@@ -454,14 +508,7 @@ class CharaConsistPipeline(FluxPipeline):
         for i, s in enumerate(slots):
             sizes.setdefault((s.height, s.width), []).append(i)
         for (h, w), idx in sizes.items():
-            lat = torch.cat([latents[i] for i in idx])
-            if output_type == "latent":
-                images = list(lat)
-            else:
-                lat = self._unpack_latents(lat, h, w, self.vae_scale_factor)
-                lat = lat / self.vae.config.scaling_factor + self.vae.config.shift_factor
-                image = self.vae.decode(lat.to(self._vae_device()), return_dict=False)[0]
-                images = self.image_processor.postprocess(image, output_type=output_type)
+            images = self.backbone.decode(self, torch.cat([latents[i] for i in idx]), h, w, output_type)
             for i, im in zip(idx, images):
                 out[i] = im
         return out
@@ -471,3 +518,18 @@ class CharaConsistPipeline(FluxPipeline):
         if params is None or params.device.type == "meta" or params.device.type == "cpu":
             return self._execution_device
         return params.device
+
+
+class CharaConsistPipeline(StoryPipelineMixin, FluxPipeline):
+    """FLUX.1 story generation with a consistency method (CharaConsist by default). Its ``from_pretrained`` and
+    ``from_pipe`` return the story pipeline of the model's backbone (``ChromaStoryPipeline`` for Chroma)."""
+
+
+from diffusers import ChromaPipeline  # noqa: E402
+
+
+class ChromaStoryPipeline(StoryPipelineMixin, ChromaPipeline):
+    """Chroma story generation (``characonsist.backbones.chroma``): the same call as ``CharaConsistPipeline``."""
+
+
+STORY_PIPELINES = {"FluxPipeline": CharaConsistPipeline, "ChromaPipeline": ChromaStoryPipeline}

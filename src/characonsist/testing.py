@@ -58,3 +58,31 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: in
             module.to(dtype)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok1, text_encoder_2=t5,
                         tokenizer_2=tok2, transformer=transformer)
+
+
+def tiny_chroma_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, max_length: int = 77):
+    """A random-weight ``ChromaPipeline`` (FLUX.1 blocks, Chroma's distilled modulation; T5 only) at toy width."""
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    from .tokenizers import make_t5_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_t5_tokenizer(CORPUS * 20, vocab_size=160, model_max_length=max_length)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
+        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    for module in (t5, vae, transformer):
+        module.eval()
+    return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tok, transformer=transformer)

@@ -105,16 +105,21 @@ def check_hub_access(repo: str) -> None:
 
 
 def load_t5_tokenizer(ref: ModelRef):
-    """The model's T5 tokenizer alone (no weights), or None when it cannot be had without the model."""
+    """The tokenizer of the transformer's text tokens alone (no weights): FLUX.1's T5 ``tokenizer_2``, or the only
+    ``tokenizer`` of a backbone with one text encoder (Chroma); None when it cannot be had without the model."""
     from transformers import AutoTokenizer
 
-    try:
-        if ref.folder is not None:
-            folder = ref.folder / "tokenizer_2"
-            return AutoTokenizer.from_pretrained(folder) if folder.is_dir() else None
-        return AutoTokenizer.from_pretrained(ref.name, subfolder="tokenizer_2")
-    except Exception:  # no tokenizer saved separately / no network: checked after loading the model instead
-        return None
+    for sub in ("tokenizer_2", "tokenizer"):
+        try:
+            if ref.folder is not None:
+                index = read_config(ref.folder / "model_index.json") or {}
+                if sub in index and (ref.folder / sub).is_dir():
+                    return AutoTokenizer.from_pretrained(ref.folder / sub)
+                continue
+            return AutoTokenizer.from_pretrained(ref.name, subfolder=sub)
+        except Exception:  # no tokenizer saved separately / no network: checked after loading the model instead
+            continue
+    return None
 
 
 def limits_of(ref: ModelRef, tokenizer=None) -> ModelLimits:
@@ -290,7 +295,7 @@ def story_engine(pipe, run: dict):
                    **extra)
         return GroupResult([out.identity, *out.frames], out.masks, out.matches, out.notes, out.settings)
 
-    generate.tokenizer = getattr(pipe, "tokenizer_2", None)
+    generate.tokenizer = pipe.prompt_tokenizer
     generate.limits = pipe.input_limits()
     generate.pipe = pipe
     return generate

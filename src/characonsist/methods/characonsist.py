@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import QueryGroup, grouped_attention
+from ..attention import QueryGroup, grouped_attention, row_bias
 from ..engine import AttnCall, Phase, Run
 from ..inputs import is_int
 from ..mask import foreground_mask, span_weights, text_attention_spans_batched
@@ -270,11 +270,11 @@ class CharaConsist(Method):
                               dtype=call.query.dtype, device=call.query.device)
             if plain_rows:
                 idx = self._rows(plain_rows, call.query.device)
-                res = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx])
-                out[idx] = res.flatten(2, 3).to(out.dtype)
+                out[idx] = call.own(idx).flatten(2, 3).to(out.dtype)
             for row, groups in plans.items():
                 res = grouped_attention(call.q_rot[row], call.k_rot[row], call.value[row], groups,
-                                        attend=call.attend, row_bucket=cfg.row_bucket if self.volatile else 0)
+                                        attend=call.attend, row_bucket=cfg.row_bucket if self.volatile else 0,
+                                        bias=row_bias(call, row))
                 out[row] = res.flatten(1, 2).to(out.dtype)
 
         id_out = out[id_row, T:] if id_row is not None else ident["out"]

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import QueryGroup, grouped_attention
+from ..attention import QueryGroup, grouped_attention, row_bias
 from ..engine import AttnCall, Run, Slot
 from ..story import StoryImage
 from .base import (
@@ -258,10 +258,10 @@ def attend_rows(call: AttnCall, plans: dict[int, list[QueryGroup]],
     plain_rows = [r for r in range(B) if r not in plans]
     if plain_rows:
         idx = torch.tensor(plain_rows, device=call.query.device)
-        res = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx])
-        out[idx] = res.flatten(2, 3).to(out.dtype)
+        out[idx] = call.own(idx).flatten(2, 3).to(out.dtype)
     for row, groups in plans.items():
         q = call.q_rot[row] if queries is None or row not in queries else queries[row]
-        res = grouped_attention(q, call.k_rot[row], call.value[row], groups, attend=call.attend)
+        res = grouped_attention(q, call.k_rot[row], call.value[row], groups, attend=call.attend,
+                                bias=row_bias(call, row))
         out[row] = res.flatten(1, 2).to(out.dtype)
     return out

@@ -402,15 +402,16 @@ class StorySync(Method):
             plain_rows = [r for r in range(B) if r not in plans]
             if plain_rows:   # images that share nothing here, and every twin: plain attention
                 idx = torch.tensor(plain_rows, device=call.query.device)
-                out[idx] = call.attend(call.q_rot[idx], call.k_rot[idx], call.value[idx]).flatten(2, 3).to(out.dtype)
+                out[idx] = call.own(idx).flatten(2, 3).to(out.dtype)
             rows = sorted(plans)
             idx = torch.tensor(rows, device=call.query.device)   # text queries of sharing images: own keys only
-            txt = call.attend(call.q_rot[idx, :T], call.k_rot[idx], call.value[idx])
+            txt = call.own(idx, slice(0, T))
             out[idx, :T] = txt.flatten(2, 3).to(out.dtype)
             for row in rows:   # image queries: own keys + the sources' subject keys (Eqs. 5-8)
                 sources, keep = plans[row]
                 keys, values = extended_keys(call.k_rot, call.value, T, masks, row, sources, keep)
-                res = call.attend(call.q_rot[row:row + 1, T:], keys[None], values[None])[0]
+                res = call.attend(call.q_rot[row:row + 1, T:], keys[None], values[None],
+                                  bias=call.bias(row, slice(T, None), keys.shape[0]))[0]
                 out[row, T:] = res.flatten(1, 2).to(out.dtype)
 
         if self.collect_masks and uses_block(cfg.mask_blocks, call.kind):
