@@ -126,3 +126,28 @@ def test_two_character_measure_runs_end_to_end(tiny, tmp_path):
                         "--batch", "2", "--json", str(tmp_path / "out.json")]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["two_characters"]["n"] == 2 and out["verdicts"] == {"schedule": out["verdicts"]["schedule"]}
+
+
+def test_copy_and_panel_attention_run_on_a_tiny_pipeline(tiny):
+    pipe, defaults = tiny
+    cp = checks.copy_given(pipe, defaults, n=2, batch=2)
+    assert cp["n"] == 2 and len(cp["rows"]) == 2 and 0 <= cp["all_four"] <= 1
+    assert set(cp["per_attribute"]) == set(checks.ATTRS)
+    pa = checks.panel_attention(pipe, defaults, n=2, sigmas=(0.9,))
+    r = pa["by_sigma"]["0.900"]
+    blocks, heads = len(pipe.transformer.single_transformer_blocks), pipe.transformer.config.num_attention_heads
+    assert np.array(r["to_other_char"]).shape == (blocks, heads) == np.array(r["right_part"]).shape
+    assert 0 < r["uniform"] < 1 and all(0 <= x <= 1 for row in r["to_other_char"] for x in row)
+    text = checks.format_report({"copy": cp, "panel_attention": pa})
+    assert "copy (no bar)" in text and "panel attention" in text
+
+
+def test_copy_holds_the_reference_on_its_trajectory(tiny):
+    pipe, defaults = tiny
+    ref = torch.randn(2, 16, 32, 32)
+    noise = torch.randn(2, 16, 32, 32)
+    hold = checks._ReferenceHold(pipe, ref, noise, 128, 128)
+    packed = pipe._pack_latents(torch.randn(2, 16, 32, 64), 2, 16, 32, 64)
+    out = pipe._unpack_latents(hold(packed, 0.25), 128, 256, pipe.vae_scale_factor)
+    assert torch.allclose(out[..., :32], 0.75 * ref + 0.25 * noise)
+    assert torch.equal(out[..., 32:], pipe._unpack_latents(packed, 128, 256, pipe.vae_scale_factor)[..., 32:])

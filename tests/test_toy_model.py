@@ -237,3 +237,63 @@ def test_training_mixes_in_two_character_images_on_cpu(tmp_path, monkeypatch):
     state = train._state(run)
     assert state["transformer_step"] == 4 and state["config"]["two_character_every"] == 2
     assert (run / "ema.safetensors").exists()
+
+
+def test_reference_noise_makes_one_panel_a_cleaner_reference_left_out_of_the_loss():
+    gen = torch.Generator().manual_seed(0)
+    sig = torch.tensor([0.9, 0.5, 0.7, 0.3])
+    for vertical, shape in ((False, (4, 16, 8, 16)), (True, (4, 16, 16, 8))):
+        levels, weights = train.reference_noise(sig, shape, vertical, 1.0, gen)
+        assert levels.shape == weights.shape == (4, 1, *shape[2:])
+        halves = (levels.chunk(2, dim=2 if vertical else 3), weights.chunk(2, dim=2 if vertical else 3))
+        for i in range(4):
+            (la, lb), (wa, wb) = [(a[i], b[i]) for a, b in halves]
+            # each half is uniform; exactly one of them is the reference: weight 0, noise at most the image's
+            assert all(len(t.unique()) == 1 for t in (la, lb, wa, wb))
+            assert sorted([wa.max().item(), wb.max().item()]) == [0.0, 1.0]
+            ref, target = (la, lb) if wa.max() == 0 else (lb, la)
+            assert target.max().item() == pytest.approx(sig[i].item()) and ref.max().item() <= sig[i].item()
+    levels, weights = train.reference_noise(sig, (4, 16, 8, 16), False, 0.0, gen)
+    assert (weights == 1).all() and torch.equal(levels, sig.view(4, 1, 1, 1).expand(4, 1, 8, 16))
+
+
+def test_flow_loss_with_levels_and_weights():
+    pipe = _tiny_pipe()
+    gen = torch.Generator().manual_seed(0)
+    lat, noise = torch.randn(2, 16, 8, 16, generator=gen), torch.randn(2, 16, 8, 16, generator=gen)
+    sig = torch.tensor([0.8, 0.4])
+    embeds, pooled = torch.randn(2, 32, 64, generator=gen), torch.zeros(2, 64)
+    with torch.no_grad():
+        plain = train.flow_loss(pipe.transformer, lat, noise, sig, embeds, pooled)
+        ones = train.flow_loss(pipe.transformer, lat, noise, sig, embeds, pooled,
+                               sig.view(2, 1, 1, 1).expand(2, 1, 8, 16), torch.ones(2, 1, 8, 16))
+        levels, weights = train.reference_noise(sig, (2, 16, 8, 16), False, 1.0, gen)
+        ref = train.flow_loss(pipe.transformer, lat, noise, sig, embeds, pooled, levels, weights)
+        # the reference panel's content does not enter the loss through its own error, only as context
+        lat2 = lat.clone()
+        lat2[..., 8:][weights[..., 8:].expand_as(lat2[..., 8:]) == 0] += 5.0
+        moved = train.flow_loss(pipe.transformer, lat2, noise, sig, embeds, pooled, levels, weights)
+    assert ones.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.isfinite(ref) and ref.item() != pytest.approx(plain.item(), rel=1e-3)
+    assert moved.item() != pytest.approx(ref.item(), rel=1e-6)      # context changes the target panel's prediction
+
+
+def test_training_with_reference_panels_and_counting_on_from_carried_weights(tmp_path):
+    import time
+
+    pipe = _tiny_pipe()
+    pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    src = tmp_path / "src"
+    pipe.vae.save_pretrained(src / "vae")
+    pipe.transformer.save_pretrained(src / "transformer")
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="at_step needs"):
+        train.init_from_vae(run, train.TrainConfig(), src / "vae", None, at_step=5)
+    cfg = train.TrainConfig(steps=8, batch=2, warmup=1, per_identity=2, reference_frac=1.0)
+    train.init_from_vae(run, cfg, src / "vae", src / "transformer", at_step=6)
+    state = train._state(run)
+    assert state["transformer_step"] == 6 and state["ema_updates"] == 6
+    images, prompts = train.render_dataset(4, seed=0, chunk=4, workers=1, per_identity=2)
+    train.train_transformer(run, cfg, images, prompts, torch.device("cpu"), time.time() + 600, "fp32", rewarm=1)
+    state = train._state(run)
+    assert state["transformer_step"] == 8 and state["config"]["reference_frac"] == 1.0

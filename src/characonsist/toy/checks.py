@@ -411,6 +411,19 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
 
 
+class _ReferenceHold:
+    """Puts the left panel of packed two-panel latents back on its true trajectory at ``sigma``:
+    ``(1 - sigma) x0 + sigma n`` with the reference's latents ``x0`` and its fixed noise ``n`` (inpainting)."""
+
+    def __init__(self, pipe, ref: torch.Tensor, noise: torch.Tensor, height: int, width: int):
+        self.pipe, self.ref, self.noise, self.height, self.width = pipe, ref, noise, height, width
+
+    def __call__(self, packed: torch.Tensor, sigma: float) -> torch.Tensor:
+        z = self.pipe._unpack_latents(packed, self.height, 2 * self.width, self.pipe.vae_scale_factor).clone()
+        z[..., :self.ref.shape[-1]] = (1 - sigma) * self.ref + sigma * self.noise
+        return self.pipe._pack_latents(z, *z.shape)
+
+
 @torch.no_grad()
 def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int = 16) -> dict:
     """Can the model copy a given character? (no bar; the curve to follow while training, issue 23.)
@@ -445,22 +458,19 @@ def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int 
         noise = torch.randn((b, 16, lat_h, 2 * lat_w), generator=gen).to(pipe.device, ref.dtype)
         ref_lat = pipe._unpack_latents(ref, h, w, pipe.vae_scale_factor)   # (b, 16, lat_h, lat_w)
 
-        def with_reference(lat_packed: torch.Tensor, sigma: float) -> torch.Tensor:
-            z = pipe._unpack_latents(lat_packed, h, 2 * w, pipe.vae_scale_factor).clone()
-            z[..., :lat_w] = (1 - sigma) * ref_lat + sigma * noise[..., :lat_w]
-            return pipe._pack_latents(z, b, z.shape[1], lat_h, 2 * lat_w)
+        hold = _ReferenceHold(pipe, ref_lat, noise[..., :ref_lat.shape[-1]], h, w)
+        start = hold(pipe._pack_latents(noise, b, 16, lat_h, 2 * lat_w), 1.0)
 
-        def cb(p, i, t, kw):
-            return {"latents": with_reference(kw["latents"], float(p.scheduler.sigmas[i + 1]))}
+        def cb(p, i, t, kw, hold=hold):
+            return {"latents": hold(kw["latents"], float(p.scheduler.sigmas[i + 1]))}
 
-        start = with_reference(pipe._pack_latents(noise, b, 16, lat_h, 2 * lat_w), 1.0)
         prompts = [two_panel_prompt(_prompt(world.caption(sa, c.kind, aa)), _prompt(world.caption(sb, c.kind, ab)))
                    for c, sa, sb, aa, ab, _ in part]
         out = pipe(prompt=prompts, latents=start, num_inference_steps=defaults["num_inference_steps"], height=h,
                    width=2 * w, guidance_scale=defaults["guidance_scale"],
                    max_sequence_length=defaults["max_sequence_length"], output_type="np",
                    callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["latents"]).images
-        for (c, sa, sb, aa, ab, _), img in zip(part, _uint8(out), strict=True):
+        for (c, _, sb, _, ab, _), img in zip(part, _uint8(out), strict=True):
             _, right = read_panels(img)
             truth = c.attributes()
             ok = {a: right[a] == truth[a] for a in ATTRS}
@@ -480,7 +490,7 @@ class _AttentionProbe:
         self.inner, self.store, self.text_len = inner, store, text_len
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        from ..engine import _project
+        from ..backbones.flux1 import project as _project
         from ..rope import apply_rope
 
         q, k, _ = _project(attn, hidden_states, None)
