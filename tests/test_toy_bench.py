@@ -382,3 +382,28 @@ def test_picture_comparison_script(tmp_path):
     line = compare.paired(runs, "a")[0]
     assert line.startswith("b - a (2 stories): all 4 +50.0 [+50.0, +50.0], mean attribute +50.0")
     assert compare.main([str(tmp_path / "r.json"), "--reference", "zz"]) == 2
+
+
+def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    """--json holds each finished method before the next starts (a GPU call can be cut at its time limit)."""
+    out = tmp_path / "r.json"
+    calls = []
+    real = bench._oracle_images
+
+    def oracle_then_interrupt(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:               # the second method's first story
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "_oracle_images", oracle_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--methods", "oracle,oracle+seeding=per_image", "--limit", "2", "--quiet", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert list(res["methods"]) == ["oracle"] and res["settings"]["partial"] == "1 of 2 methods"
+    assert bench.is_report(out)
+    monkeypatch.setattr(bench, "_oracle_images", real)
+    assert bench.main(["--methods", "oracle,oracle+seeding=per_image", "--limit", "2", "--quiet", "--json",
+                       str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["methods"]) == ["oracle", "oracle+seeding=per_image"] and "partial" not in res["settings"]

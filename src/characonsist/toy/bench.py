@@ -342,7 +342,8 @@ def method_seeding(name: str, seeding: str = "official") -> str | None:
 def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
               log=None, readout_net=None, image_dir: str | Path | None = None, seeding: str = "official",
-              identity_picture: str | None = None, inversion: str | None = None, **gen_kwargs) -> dict:
+              identity_picture: str | None = None, inversion: str | None = None, on_method=None,
+              **gen_kwargs) -> dict:
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
     Story ``i`` is generated from seed ``seed + story.seed``, spread over its images by each method's official
@@ -358,7 +359,9 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     also gets ``metrics["picture"]``: the frames against the picture's true attributes, the reconstruction's PSNR and
     readout (``pictures.aggregate_pictures``); the oracle draws the picture's character. The strips then start with
     the picture.
-    Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``.
+    Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``;
+    ``on_method(result)``, if given, is called with the result so far after each method (the command line writes
+    it to ``--json``, so a run cut short keeps the methods it finished).
     """
     from ..methods.base import story_seeds
     from .readout import read_batch
@@ -447,6 +450,8 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
                                    "stories": records}
         if log:
             log(f"[{spec}] done in {metrics['wall_seconds']:.1f}s")
+        if on_method is not None:
+            on_method(result)
     return result
 
 
@@ -841,10 +846,20 @@ def _run(args: argparse.Namespace, methods: list[str], t_start: float, procs=Non
             result = run_two_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
                                    readout_net=readout_on(_device(args)), seeding=args.seeding, **gen)
         else:
+            keep = None
+            if args.json and procs is None:      # each finished method is on disk before the next one starts
+
+                def keep(partial: dict) -> None:
+                    if not Path(args.json).exists() or is_report(args.json):
+                        partial["settings"].update(suite=suite, model=args.model, device=args.device,
+                                                   partial=f"{len(partial['methods'])} of {len(methods)} methods")
+                        write_report(args.json, partial)
+
             result = run_bench(pipe, stories, methods, seed=args.seed, log=log, image_dir=args.images,
                                readout_net=readout_on(_device(args)), seeding=args.seeding,
                                identity_picture=getattr(args, "identity_picture", None),
-                               inversion=getattr(args, "inversion", None), **gen)
+                               inversion=getattr(args, "inversion", None), on_method=keep, **gen)
+            result["settings"].pop("partial", None)
     except ValueError as e:
         result = {"error": str(e)}
     if procs is not None:
