@@ -530,7 +530,7 @@ class AestheticPredictor(_Torch):
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         self.tower.to(self.device, self.dtype)
         self.head.eval().to(self.device, self.dtype)
-        self.size = int(self.tower.config.image_size)
+        self.size = AESTHETIC_SIZE       # their transforms.Resize((378, 378)), whatever the config says
         self.encoder = encoder
 
     def describe(self) -> str:
