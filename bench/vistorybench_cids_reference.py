@@ -1,0 +1,153 @@
+"""CIDS, OCCM and copy-paste: ``vistory_metrics.cids_story`` against ViStoryBench's own ``CIDSEvaluator.evaluate``.
+
+Their evaluator imports insightface, groundingdino, facexlib, OpenCV, torchvision and AdaFace at module level; none
+installs here, so those imports are stubbed: groundingdino's ``load_image``/``predict`` run the same transformers
+GroundingDINO this project uses (its processor, best-token score > box threshold), ``torchvision.ops.box_convert``
+is the cxcywh -> xyxy formula. Everything else is their code: reference crops, ``crop_img``, CLIP features
+(``get_char_feat`` with transformers' CLIPModel/CLIPProcessor), the per-shot Hungarian matching, cross/self,
+OCCM, copy-paste and the story means, reading images through their ``load_outputs`` layout reader (natsort
+needed: ``pip install --target DIR natsort`` and put DIR on PYTHONPATH). Tiny random GroundingDINO and CLIP
+(``evaluate.tiny``), a synthetic dataset of 3 stories (noise pictures, 1-3 characters per shot, non-human tags:
+the face path needs insightface). Compares every story's metrics and per-character cross/self; fails above 1e-4.
+
+    PYTHONPATH=src:/tmp/refpkgs python bench/vistorybench_cids_reference.py --repo /tmp/vsb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def write_data(root: Path, seed: int = 0) -> dict[str, dict[int, Path]]:
+    """Dataset in ``root/dataset/ViStory`` and outputs in ``root/outputs/m/base/en/20260101_000000``."""
+    rng = np.random.default_rng(seed)
+    shots_out: dict[str, dict[int, Path]] = {}
+    names = ["Fox", "Bear", "Crow"]
+    for sid in ("01", "02", "03"):
+        story_dir = root / "dataset" / "ViStory" / sid
+        chars = {n: {"name_en": n, "name_ch": n, "prompt_en": f"a {n.lower()}", "prompt_ch": n, "tag": "non_human"}
+                 for n in names}
+        shots = []
+        for index in range(1, 7):
+            k = int(rng.integers(1, 4))
+            cast = [str(c) for c in rng.choice(names, size=k, replace=False)]
+            t = {"en": f"shot {index}", "ch": f"shot {index}"}
+            shots.append({"index": index, "Setting Description": t, "Plot Correspondence": t,
+                          "Characters Appearing": {"en": cast, "ch": cast}, "Static Shot Description": t,
+                          "Shot Perspective Design": t})
+        story_dir.mkdir(parents=True)
+        (story_dir / "story.json").write_text(json.dumps({"Story_type": {"en": "x", "ch": "x"}, "Characters": chars,
+                                                          "Shots": shots}))
+        for n in names:
+            for r in range(2):
+                size = (int(rng.integers(60, 120)), int(rng.integers(60, 120)))
+                path = story_dir / "image" / n / f"{r:02d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        out = root / "outputs" / "m" / "base" / "en" / "20260101_000000" / sid
+        out.mkdir(parents=True)
+        shots_out[sid] = {}
+        for index in range(1, 7):
+            path = out / f"shot_{index:02d}.png"
+            Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(path)
+            shots_out[sid][index] = path
+    return shots_out
+
+
+def stub_modules(detector) -> None:
+    """Modules their evaluator imports that cannot be installed here."""
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+        return m
+
+    def load_image(path):
+        image = Image.open(path).convert("RGB")
+        return np.asarray(image), image
+
+    def predict(model, image, caption, box_threshold, text_threshold):
+        boxes, scores = detector.detect(image, caption, box_threshold)
+        return boxes, scores, ["character"] * len(scores)
+
+    def box_convert(boxes, in_fmt, out_fmt):
+        assert (in_fmt, out_fmt) == ("cxcywh", "xyxy")
+        cx, cy, w, h = boxes.unbind(-1)
+        return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+    module("insightface", app=types.SimpleNamespace(FaceAnalysis=None))
+    module("groundingdino")
+    module("groundingdino.util")
+    module("groundingdino.util.inference", load_model=None, load_image=load_image, predict=predict,
+           annotate=lambda **k: None)
+    module("torchvision")
+    module("torchvision.ops", box_convert=box_convert)
+    module("cv2")
+    module("facexlib")
+    module("facexlib.utils")
+    module("facexlib.utils.face_restoration_helper", FaceRestoreHelper=None)
+    module("pandas")
+    module("vistorybench.bench.content.AdaFace")
+    module("vistorybench.bench.content.AdaFace.inference", load_pretrained_model=None, to_input=None,
+           adaface_models={})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repo", required=True, help="a checkout of github.com/ViStoryBench/vistorybench")
+    args = parser.parse_args()
+    from characonsist.evaluate import vistory_metrics as vm
+    from characonsist.evaluate.tiny import save_tiny_grounding_dino, save_tiny_models
+    from characonsist.evaluate.vistorybench import read_story
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clip_dir = save_tiny_models(tmp / "models")["clip"]
+        detector = vm.GroundingDino(save_tiny_grounding_dino(tmp / "gdino"), "cpu")
+        shots = write_data(tmp)
+        stub_modules(detector)
+        sys.path.insert(0, str(args.repo))
+        from transformers import CLIPModel, CLIPProcessor
+        from vistorybench.bench.content.cids_evaluator import CIDSEvaluator
+        from vistorybench.dataset_loader.dataset_load import StoryDataset
+
+        ev = CIDSEvaluator.__new__(CIDSEvaluator)
+        ev.__dict__.update(
+            device=torch.device("cpu"), BOX_TRESHOLD=0.25, TEXT_TRESHOLD=0.25, PRE_TEXT_PROMPT={}, ref_mode="origin",
+            use_multi_face_encoder=False, ensemble_method="average", superfluous_threshold=0.8, topk_per_nochar=5,
+            ensemble_weights={}, cos=torch.nn.functional.cosine_similarity, gpt_api_pkg=(None, "", ""),
+            _pa_skip_warned=True, _pa_prompt_path="", dino=object(), clip=CLIPModel.from_pretrained(clip_dir).eval(),
+            clip_processor=CLIPProcessor.from_pretrained(clip_dir), arcface=None, face_helper=None, adaface=None,
+            facenet=None, story_dataset=StoryDataset(str(tmp / "dataset" / "ViStory")),
+            dataset_path=str(tmp / "dataset"), output_path=str(tmp / "outputs"), mode="base", language="en",
+            outputs_timestamp=None, result_path=str(tmp / "results"), timestamp="20260101_000001")
+        # transformers 5 returns an output object from get_image_features (4.x, which their code expects: the
+        # projected tensor, now its pooler_output)
+        features = ev.clip.get_image_features
+        ev.clip.get_image_features = lambda **kw: features(**kw).pooler_output
+        models = vm.CidsModels(detector, vm.ClipEncoder(clip_dir, "cpu"), None)
+        worst = 0.0
+        for sid in ("01", "02", "03"):
+            theirs = ev.evaluate("m", sid)
+            ours = vm.cids_story(read_story(tmp / "dataset" / "ViStory", sid), shots[sid], models)
+            diffs = {k: abs(float(theirs["metrics"][k]) - float(ours["metrics"][k])) for k in theirs["metrics"]}
+            per_char = max(abs(theirs["cids"][c][s] - ours["characters"][c][s]) for c in theirs["cids"]
+                           for s in ("cross", "self"))
+            worst = max(worst, per_char, *diffs.values())
+            print(f"story {sid}: theirs {theirs['metrics']}; ours {ours['metrics']}; max abs difference "
+                  f"{max(diffs.values()):.2e}, per character {per_char:.2e}")
+    print("OK" if worst < 1e-4 else "FAILED")
+    return 0 if worst < 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
