@@ -124,20 +124,20 @@ def test_converter_writes_story_files_groups_per_character(dataset, tmp_path, ca
     assert "no ViStoryBench stories here" in capsys.readouterr().err
 
 
-def _fake_run(folder: Path, story_file: Path, colours: dict[str, list]) -> Path:
+def _fake_run(folder: Path, story_file: Path, colours: dict[str, list], prefix: str = "") -> Path:
     """A run folder as `characonsist generate` writes it for a converted story (manifest + PNGs); ``colours`` gives
-    each group's image colours (identity first), None for an unfinished image."""
+    each group's image colours (identity first), None for an unfinished image; ``prefix`` as with several stories."""
     story = load_story(story_file)
     groups = []
     for group in story.groups:
         entries = []
         for k, (image, colour) in enumerate(zip(group.images, colours[group.name])):
-            path = f"{group.name}/{'identity' if k == 0 else f'frame_{k:02d}'}.png"
+            path = f"{prefix}{group.name}/{'identity' if k == 0 else f'frame_{k:02d}'}.png"
             if colour is not None:
                 _image(folder / path, colour, (64, 48))
             entries.append({"path": path, "prompt": image.prompt, "background": image.background,
                             "character": image.character, "action": image.action, "finished": colour is not None})
-        groups.append({"name": group.name, "identity": entries[0], "frames": entries[1:]})
+        groups.append({"name": prefix + group.name, "identity": entries[0], "frames": entries[1:]})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "manifest.json").write_text(json.dumps({"format": "characonsist-manifest/1",
                                                       "settings": {"method": "characonsist"}, "groups": groups}))
@@ -152,6 +152,12 @@ def test_run_to_benchmark_layout_and_back(dataset, tmp_path):
     shots = shots_from_runs([read_run(run)], read_map(out))
     # shot 1 and 2 from the rabbit's group (shot 2's first character), shot 4 unfinished, shot 3 has no character
     assert {k: v.name for k, v in shots["01"].items()} == {1: "frame_01.png", 2: "frame_02.png"}
+    # several story files in one run: groups are <story stem>/<group>
+    run2 = _fake_run(tmp_path / "run02", out / "02.yaml",
+                     {"000_02-rabbit": [(1, 1, 1), (5, 0, 0), (6, 0, 0)], "001_02-ann": [(2, 2, 2), (7, 0, 0), (8, 0, 0)]},
+                     prefix="02/")
+    both = shots_from_runs([read_run(run), read_run(run2)], read_map(out))
+    assert sorted(both) == ["01", "02"] and both["02"][4] == run2 / "02/001_02-ann/frame_02.png"
     root = export_layout(shots, tmp_path / "outputs", "characonsist", "base", "en", "20260101_120000", "png")
     assert root == tmp_path / "outputs/characonsist/base/en/20260101_120000"
     assert sorted(p.name for p in (root / "01").iterdir()) == ["shot_01.png", "shot_02.png"]
@@ -459,7 +465,15 @@ def test_suite_end_to_end_on_a_run_with_export(dataset, tiny, endpoint, tmp_path
     assert "single_character_action" in again["overall"]["cids"]
     assert again["overall"]["aesthetic"]["aesthetic_score"] == pytest.approx(
         data["overall"]["aesthetic"]["aesthetic_score"], abs=0.05)
-    # offline names and bad input: one line each
+    # a model that cannot be had: skipped with its name, the others still run; none at all: exit 1
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = cli.main(["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout), "--vistory-metrics",
+                     "csd", "--csd", "ViStoryBench/VistoryBench_pretrain:csd/csd_vit-large.pth", "-q"])
+    captured = capsys.readouterr()
+    assert code == 1 and "csd: skipped: cannot download 'csd/csd_vit-large.pth' from" in captured.out
+    # bad input: one line each
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "--suite", "vistorybench", str(run)])
     assert exit_info.value.code == 2 and "needs --dataset" in capsys.readouterr().err

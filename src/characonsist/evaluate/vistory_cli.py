@@ -217,6 +217,12 @@ def _scorer(name: str, args, aligner):
     if name == "cids":
         from .retinaface import is_retinaface_source
 
+        try:
+            import scipy.optimize  # noqa: F401  (the Hungarian matching)
+        except ImportError:
+            raise vm.ModelUnavailable("CIDS needs scipy (linear_sum_assignment): pip install 'characonsist[eval]'") \
+                from None
+
         detector = args.face_detector if is_retinaface_source(str(args.face_detector)) else "retinaface"
         face = vm.FaceEncoder(args.arcface, detector, args.device, progress) if none(args.arcface) else None
         models = vm.CidsModels(vm.GroundingDino(args.grounding_dino, args.device), vm.ClipEncoder(args.cids_clip,

@@ -310,11 +310,12 @@ def read_map(path: str | Path) -> dict:
 
 def shots_from_runs(runs, mapping: dict) -> dict[str, dict[int, Path]]:
     """Story id -> shot index -> image file, from run folders (``runfolder.Run``) of converted stories: each shot's
-    image is its primary group's frame (the group of the shot's first character)."""
+    image is its primary group's frame (the group of the shot's first character). A run of several story files
+    names its groups ``<story file stem>/<group>``; the group names hold the story id, so the last part is enough."""
     by_group = {}
     for run in runs:
         for group in run.groups:
-            by_group[group.name] = group
+            by_group[group.name.rsplit("/", 1)[-1]] = group
     out: dict[str, dict[int, Path]] = {}
     for story_id, info in mapping["stories"].items():
         for shot, group_name in info["primary"].items():
