@@ -343,6 +343,8 @@ def save_tiny_aesthetic(folder: str | Path, seed: int = 0) -> tuple[str, Path]:
     tower.eval().save_pretrained(folder / "siglip")
     head = nn.Sequential(nn.Linear(32, 1024), nn.Dropout(0.5), nn.Linear(1024, 128), nn.Dropout(0.5),
                          nn.Linear(128, 64), nn.Dropout(0.5), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 1))
-    state = {f"scoring_head.{k}": v for k, v in head.state_dict().items()}
+    from collections import OrderedDict
+
+    state = OrderedDict((f"scoring_head.{k}", v) for k, v in head.state_dict().items())   # as the released file
     torch.save(state, folder / "head.pth")
     return str(folder / "siglip"), folder / "head.pth"

@@ -1,4 +1,5 @@
-"""CIDS, OCCM and copy-paste: ``vistory_metrics.cids_story`` against ViStoryBench's own ``CIDSEvaluator.evaluate``.
+"""ViStoryBench's own evaluators' ``evaluate`` against ``vistory_metrics``: CIDS/OCCM/copy-paste, CSD, aesthetic and
+prompt alignment, story by story.
 
 Their evaluator imports insightface, groundingdino, facexlib, OpenCV, torchvision and AdaFace at module level; none
 installs here, so those imports are stubbed: groundingdino's ``load_image``/``predict`` run the same transformers
@@ -8,9 +9,14 @@ is the cxcywh -> xyxy formula. Everything else is their code: reference crops, `
 OCCM, copy-paste and the story means, reading images through their ``load_outputs`` layout reader (natsort
 needed: ``pip install --target DIR natsort`` and put DIR on PYTHONPATH). Tiny random GroundingDINO and CLIP
 (``evaluate.tiny``), a synthetic dataset of 3 stories (noise pictures, 1-3 characters per shot, non-human tags:
-the face path needs insightface). Compares every story's metrics and per-character cross/self; fails above 1e-4.
+the face path needs insightface). Compares every story's metrics and per-character cross/self. Then their
+``CSDEvaluator`` (torchvision's ``Resize``/``Normalize`` stubbed by the same ``interpolate(bicubic, antialias)`` and
+normalisation this project uses) and ``AestheticEvaluator`` (torchvision's PIL ``Resize`` + ``ToTensor`` stubbed by
+PIL bilinear + /255; their model built by their ``hubconf`` from the same tiny SigLIP folder and head file) on tiny
+random models, and their ``PromptAlignEvaluator`` against a fake endpoint on 127.0.0.1 whose score depends on the
+request (rubric, text, image) with this project's aligner given their rubric files (``--rubrics``). Fails above 1e-4.
 
-    PYTHONPATH=src:/tmp/refpkgs python bench/vistorybench_cids_reference.py --repo /tmp/vsb
+    PYTHONPATH=src:/tmp/refpkgs python bench/vistorybench_evaluator_reference.py --repo /tmp/vsb
 """
 
 from __future__ import annotations
@@ -89,8 +95,37 @@ def stub_modules(detector) -> None:
     module("groundingdino.util")
     module("groundingdino.util.inference", load_model=None, load_image=load_image, predict=predict,
            annotate=lambda **k: None)
-    module("torchvision")
+    import torch.nn.functional as F
+
+    class Interp:
+        BICUBIC, BILINEAR = "bicubic", "bilinear"
+
+    def resize(size, interpolation="bilinear"):
+        def run(x):
+            if isinstance(x, Image.Image):       # torchvision's PIL path: PIL's resize, bilinear by default
+                return x.resize((size[1], size[0]), Image.BILINEAR)
+            return F.interpolate(x, size=tuple(size), mode=interpolation, align_corners=False, antialias=True)
+        return run
+
+    def normalize(mean, std):
+        return lambda x: (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    def to_tensor():
+        return lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    def compose(steps):
+        def run(x):
+            for step in steps:
+                x = step(x)
+            return x
+        return run
+
+    transforms = dict(Compose=compose, Resize=resize, Normalize=normalize, ToTensor=to_tensor,
+                      InterpolationMode=Interp)
+    module("torchvision", transforms=types.SimpleNamespace(**transforms))
     module("torchvision.ops", box_convert=box_convert)
+    module("torchvision.transforms", **transforms)
+    module("torchvision.transforms.v2", **transforms)
     module("cv2")
     module("facexlib")
     module("facexlib.utils")
@@ -145,8 +180,115 @@ def main() -> int:
             worst = max(worst, per_char, *diffs.values())
             print(f"story {sid}: theirs {theirs['metrics']}; ours {ours['metrics']}; max abs difference "
                   f"{max(diffs.values()):.2e}, per character {per_char:.2e}")
+            worst = max(worst, check_style_quality_prompt(Path(args.repo), tmp, shots[sid], sid))
     print("OK" if worst < 1e-4 else "FAILED")
     return 0 if worst < 1e-4 else 1
+
+
+def check_style_quality_prompt(repo: Path, tmp: Path, shots: dict, sid: str) -> float:
+    """Their CSD, aesthetic and prompt-alignment evaluators against ours on story ``sid``."""
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from characonsist.evaluate import vistory_metrics as vm
+    from characonsist.evaluate.tiny import save_tiny_aesthetic, save_tiny_csd
+    from characonsist.evaluate.vistorybench import read_story
+
+    pretrain = tmp / "pretrain"
+    save_tiny_csd(pretrain / "csd" / "csd_vit-large.pth")
+    siglip, head = save_tiny_aesthetic(tmp / "aesthetic")
+    (pretrain / "aesthetic_predictor").mkdir(parents=True, exist_ok=True)
+    (pretrain / "aesthetic_predictor" / "aesthetic_predictor_v2_5.pth").write_bytes(Path(head).read_bytes())
+    import shutil
+
+    shutil.copytree(siglip, pretrain / "google" / "siglip-so400m-patch14-384", dirs_exist_ok=True)
+    from transformers import SiglipImageProcessor  # their hubconf loads one (unused by their scoring)
+
+    SiglipImageProcessor(size={"height": 378, "width": 378}).save_pretrained(
+        pretrain / "google" / "siglip-so400m-patch14-384")
+    config = {"core": {"paths": {"dataset": str(tmp / "dataset"), "outputs": str(tmp / "outputs"),
+                                 "pretrain": str(pretrain), "results": str(tmp / "results")},
+                       "runtime": {"device": "cpu"}}}
+    story = read_story(tmp / "dataset" / "ViStory", sid)
+    worst = 0.0
+
+    # CSD: their CSD_CLIP cannot read a tiny checkpoint (it builds ViT-L), so their evaluator gets our tiny model
+    from vistorybench.bench.style import csd_evaluator
+
+    ours_csd = vm.CsdModel(str(pretrain / "csd" / "csd_vit-large.pth"), "cpu", progress=False)
+
+    class Encoder(torch.nn.Module):
+        def forward(self, x):
+            return {"style": torch.from_numpy(ours_csd.embed_pixels(x))[:, None]}
+
+    csd_evaluator.load_csd = lambda path: Encoder()
+    theirs = csd_evaluator.CSDEvaluator(config, "20260101_000001", "base", "en").evaluate("m", sid)["metrics"]
+    ours = vm.csd_story(story, shots, ours_csd)["metrics"]
+    diff = max(abs(theirs[k] - ours[k]) for k in ("self_csd", "cross_csd"))
+    print(f"CSD story {sid}: theirs {theirs}; ours {ours}; max abs difference {diff:.2e}")
+    worst = max(worst, diff)
+
+    # aesthetic: their hub model from the same SigLIP folder and head file, in float32 on the CPU
+    from vistorybench.bench.quality import aesthetic_evaluator
+
+    cls = aesthetic_evaluator.AestheticEvaluator
+    original = cls.__init__
+
+    def init(self, *a, **k):
+        original(self, *a, **k)
+        self.torch_dtype = torch.float32
+        self.aesthetic_predictor_v2_5 = self.aesthetic_predictor_v2_5.float()
+
+    cls.__init__ = init
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(repo)                       # their hub path is relative to the repository
+    try:
+        theirs = cls(config, "20260101_000001", "base", "en").evaluate("m", sid)["metrics"]
+    finally:
+        os.chdir(cwd)
+    model = vm.AestheticPredictor(str(head), siglip, "cpu", progress=False)
+    ours = vm.aesthetic_story(shots, model)["metrics"]
+    diff = abs(theirs["aesthetic_score"] - ours["aesthetic_score"])
+    print(f"aesthetic story {sid}: theirs {theirs}; ours {ours}; max abs difference {diff:.2e}")
+    worst = max(worst, diff)
+
+    # prompt alignment: a deterministic fake endpoint; their requests-based client against ours
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.loads(body)
+            digest = hashlib.sha256(json.dumps(data["messages"], sort_keys=True).encode()).digest()
+            reply = "Analysis: none" if data["temperature"] == 0 and digest[1] % 3 == 0 else f"Score: {digest[0] % 5}"
+            out = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    config["cli_args"] = {"api_key": "k", "base_url": url, "model_id": "gpt-4.1"}
+    from vistorybench.bench.prompt_align.prompt_align_evaluator import PromptAlignEvaluator
+
+    os.chdir(repo)
+    try:
+        theirs = PromptAlignEvaluator(config, "20260101_000001", "base", "en").evaluate("m", sid)["metrics"]
+    finally:
+        os.chdir(cwd)
+    aligner = vm.PromptAligner.with_rubric_dir(url, "k", "gpt-4.1",
+                                               str(repo / "vistorybench/bench/prompt_align/user_prompts"))
+    ours = vm.prompt_align_story(story, shots, aligner)["metrics"]
+    server.shutdown()
+    diff = max(abs(theirs[k] - ours[k]) for k in vm.PROMPT_DIMENSIONS)
+    print(f"prompt alignment story {sid}: theirs {theirs}; ours {ours}; max abs difference {diff:.2e}")
+    return max(worst, diff)
 
 
 if __name__ == "__main__":
