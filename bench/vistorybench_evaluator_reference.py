@@ -170,27 +170,61 @@ def main() -> int:
         features = ev.clip.get_image_features
         ev.clip.get_image_features = lambda **kw: features(**kw).pooler_output
         models = vm.CidsModels(detector, vm.ClipEncoder(clip_dir, "cpu"), None)
+        # single character action through the same fake endpoint, their rubric file on both sides
+        url = start_endpoint()
+        rubrics = Path(args.repo) / "vistorybench/bench/prompt_align/user_prompts"
+        ev.gpt_api_pkg = ("gpt-4.1", "k", url)
+        ev._pa_prompt_path = str(rubrics / "user_prompt_single_character_text_align.txt")
+        aligner = vm.PromptAligner.with_rubric_dir(url, "k", "gpt-4.1", str(rubrics))
         worst = 0.0
         for sid in ("01", "02", "03"):
             theirs = ev.evaluate("m", sid)
-            ours = vm.cids_story(read_story(tmp / "dataset" / "ViStory", sid), shots[sid], models)
+            ours = vm.cids_story(read_story(tmp / "dataset" / "ViStory", sid), shots[sid], models, aligner)
             diffs = {k: abs(float(theirs["metrics"][k]) - float(ours["metrics"][k])) for k in theirs["metrics"]}
             per_char = max(abs(theirs["cids"][c][s] - ours["characters"][c][s]) for c in theirs["cids"]
                            for s in ("cross", "self"))
+            per_shot_theirs = {k: v["single_character_action_char"] for k, v in theirs["detailed_scores"].items()}
+            if per_shot_theirs != ours["single_character_action"]:
+                print(f"story {sid}: single character action per shot differs: {per_shot_theirs} vs "
+                      f"{ours['single_character_action']}")
+                worst = 1.0
             worst = max(worst, per_char, *diffs.values())
             print(f"story {sid}: theirs {theirs['metrics']}; ours {ours['metrics']}; max abs difference "
-                  f"{max(diffs.values()):.2e}, per character {per_char:.2e}")
-            worst = max(worst, check_style_quality_prompt(Path(args.repo), tmp, shots[sid], sid))
+                  f"{max(diffs.values()):.2e}, per character {per_char:.2e}; single character action per shot and "
+                  f"character equal ({sum(len(v) for v in per_shot_theirs.values())} scores)")
+            worst = max(worst, check_style_quality_prompt(Path(args.repo), tmp, shots[sid], sid, url))
     print("OK" if worst < 1e-4 else "FAILED")
     return 0 if worst < 1e-4 else 1
 
 
-def check_style_quality_prompt(repo: Path, tmp: Path, shots: dict, sid: str) -> float:
-    """Their CSD, aesthetic and prompt-alignment evaluators against ours on story ``sid``."""
+def start_endpoint() -> str:
+    """A fake OpenAI-compatible endpoint on 127.0.0.1: the score is a hash of the whole request (rubric, text,
+    image bytes); at temperature 0 a third of the requests get no score (so the retry path runs)."""
     import hashlib
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            digest = hashlib.sha256(json.dumps(data["messages"], sort_keys=True).encode()).digest()
+            reply = "Analysis: none" if data["temperature"] == 0 and digest[1] % 3 == 0 else f"Score: {digest[0] % 5}"
+            out = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def check_style_quality_prompt(repo: Path, tmp: Path, shots: dict, sid: str, url: str) -> float:
+    """Their CSD, aesthetic and prompt-alignment evaluators against ours on story ``sid``."""
     from characonsist.evaluate import vistory_metrics as vm
     from characonsist.evaluate.tiny import save_tiny_aesthetic, save_tiny_csd
     from characonsist.evaluate.vistorybench import read_story
@@ -255,25 +289,7 @@ def check_style_quality_prompt(repo: Path, tmp: Path, shots: dict, sid: str) -> 
     print(f"aesthetic story {sid}: theirs {theirs}; ours {ours}; max abs difference {diff:.2e}")
     worst = max(worst, diff)
 
-    # prompt alignment: a deterministic fake endpoint; their requests-based client against ours
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            data = json.loads(body)
-            digest = hashlib.sha256(json.dumps(data["messages"], sort_keys=True).encode()).digest()
-            reply = "Analysis: none" if data["temperature"] == 0 and digest[1] % 3 == 0 else f"Score: {digest[0] % 5}"
-            out = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    # prompt alignment: their requests-based client against ours, on the same fake endpoint
     config["cli_args"] = {"api_key": "k", "base_url": url, "model_id": "gpt-4.1"}
     from vistorybench.bench.prompt_align.prompt_align_evaluator import PromptAlignEvaluator
 
@@ -285,7 +301,6 @@ def check_style_quality_prompt(repo: Path, tmp: Path, shots: dict, sid: str) -> 
     aligner = vm.PromptAligner.with_rubric_dir(url, "k", "gpt-4.1",
                                                str(repo / "vistorybench/bench/prompt_align/user_prompts"))
     ours = vm.prompt_align_story(story, shots, aligner)["metrics"]
-    server.shutdown()
     diff = max(abs(theirs[k] - ours[k]) for k in vm.PROMPT_DIMENSIONS)
     print(f"prompt alignment story {sid}: theirs {theirs}; ours {ours}; max abs difference {diff:.2e}")
     return max(worst, diff)

@@ -319,6 +319,8 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
             rows[r] = True
         if not any(rows):
             continue
+        if aligner is not None:
+            single.setdefault(shot.index, {})     # a shot that reaches matching counts, 0 if nobody is matched
         for r, c in zip(*linear_sum_assignment(-sims)):
             key = shot.keys[r]
             if not rows[r] or c not in cache[key][1]:
@@ -357,7 +359,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         "occm": round(sum(occm) / len(occm), 4) if occm else 0.0,
     }
     if single:
-        per_shot_single = [int(round(sum(v.values()) / len(v))) for v in single.values()]
+        per_shot_single = [int(round(sum(v.values()) / len(v))) if v else 0 for v in single.values()]
         metrics["single_character_action"] = int(round(sum(per_shot_single) / len(per_shot_single)))
     return {"metrics": metrics, "characters": chars, "shots": per_shot, "notes": notes,
             "single_character_action": single}
