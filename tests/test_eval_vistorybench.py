@@ -380,6 +380,9 @@ class FakeEndpoint(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeEndpoint.requests.append({"path": self.path, "auth": self.headers["Authorization"], "body": body})
+        if self.headers["Authorization"] == "Bearer broken":
+            self.send_error(500, "broken")
+            return
         texts = [c.get("text", "") for m in body["messages"] for c in m["content"] if c["type"] == "text"]
         if "shot distance" in texts[0] and body["temperature"] == 0:
             answer = "Analysis: no number here"                 # retried with a higher temperature
@@ -427,9 +430,9 @@ def test_prompt_alignment_against_a_local_endpoint(dataset, endpoint):
              r["body"]["messages"][0]["content"][0]["text"]]
     assert temps == [0.0, 0.1]
     assert vm.PromptAligner(endpoint + "/v1/", "k").url == endpoint + "/v1/chat/completions"
-    dead = vm.PromptAligner("http://127.0.0.1:9", "k", attempts=1, timeout=2)
-    with pytest.raises(vm.PromptAlignError, match="no usable answer"):
-        dead.score([{"role": "user", "content": []}])
+    broken = vm.PromptAligner(endpoint, "broken", attempts=2, timeout=5)
+    with pytest.raises(vm.PromptAlignError, match=r"no usable answer after 2 tries \(HTTP 500"):
+        broken.score([{"role": "user", "content": []}])
 
 
 def test_suite_end_to_end_on_a_run_with_export(dataset, tiny, endpoint, tmp_path, capsys, monkeypatch):
