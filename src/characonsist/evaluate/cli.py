@@ -3,6 +3,8 @@
     characonsist eval RUN_DIR [options]              scores of one run (table, eval.json, CSV, eval.html)
     characonsist eval --compare RUN_A RUN_B ...      several runs side by side (+ papers' reference rows)
     characonsist eval convert BENCH.yaml --out STORY.yaml [--limit N --seed S]
+    characonsist eval convert vistorybench DATASET_DIR --out STORIES_DIR [--lite] [--language en] [--text-only]
+    characonsist eval --suite vistorybench --dataset DATASET_DIR [--map STORIES_DIR] RUN_DIR ... [--export OUT]
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "facexlib, OWLv2 score >= 0.3)")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from .vistory_cli import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -124,10 +129,18 @@ def run_convert(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["convert", "vistorybench"]:
+        from .vistory_cli import run_convert as run_vistory_convert
+
+        return run_vistory_convert(argv[2:])
     if argv and argv[0] == "convert":
         return run_convert(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.suite == "vistorybench":
+        from .vistory_cli import run_suite
+
+        return run_suite(args, parser)
     try:
         config = config_from(args)
     except ValueError as e:

@@ -48,6 +48,7 @@ class EvalGroup:
     name: str
     images: list[EvalImage]
     notes: list[str] = field(default_factory=list)
+    all_paths: list[str] = field(default_factory=list)   # every image's path in manifest order, finished or not
 
 
 @dataclass
@@ -86,13 +87,14 @@ def read_run(folder: str | Path) -> Run:
         if not isinstance(entry, dict) or not isinstance(entry.get("identity"), dict):
             raise RunError(f"{where}: a group needs an 'identity' entry")
         name = str(entry.get("name") or f"group_{g:03d}")
-        images, group_notes = [], []
+        images, group_notes, all_paths = [], [], []
         for k, item in enumerate([entry["identity"], *(entry.get("frames") or [])]):
             place = f"{where}." + ("identity" if k == 0 else f"frames[{k - 1}]")
             missing = [key for key in ("path", "prompt") if not item.get(key)]
             if missing:
                 raise RunError(f"{place}: missing {', '.join(missing)}")
             file = folder / item["path"]
+            all_paths.append(str(item["path"]))
             if not item.get("finished", True) or not file.is_file():
                 group_notes.append(f"{item['path']}: not finished or missing; left out")
                 continue
@@ -104,7 +106,7 @@ def read_run(folder: str | Path) -> Run:
             continue
         if len(images) < 2:
             group_notes.append("only the identity image is finished: no pairs to compare")
-        groups.append(EvalGroup(name, images, group_notes))
+        groups.append(EvalGroup(name, images, group_notes, all_paths))
     if not groups:
         raise RunError(f"{path}: no group with a finished identity image; nothing to evaluate")
     return Run(folder, str(settings.get("method") or "unknown"), str(settings.get("model") or "unknown"), settings,

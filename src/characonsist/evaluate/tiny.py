@@ -260,3 +260,91 @@ def save_tiny_dreamsim(folder: str | Path, kind: str = "ensemble", seed: int = 0
          "target_modules": ["qkv"]}, indent=2))
     save_file({k: v.contiguous() for k, v in lora.items()}, str(adapter / "adapter_model.safetensors"))
     return folder
+
+
+def save_tiny_grounding_dino(folder: str | Path, seed: int = 0) -> str:
+    """A tiny random ``GroundingDinoForObjectDetection`` (Swin backbone of width 8, BERT text model of width 16,
+    10 queries) with a BERT tokenizer over a few words and a small image processor, loadable by
+    ``from_pretrained``."""
+    import torch
+    from transformers import (
+        BertConfig,
+        BertTokenizerFast,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoProcessor,
+        SwinConfig,
+    )
+    from transformers.models.grounding_dino import GroundingDinoImageProcessorPil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "character", "a", "the"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    backbone = SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+                          out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
+                                 decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, num_queries=10, encoder_n_points=1, decoder_n_points=1,
+                                 max_text_len=32, use_timm_backbone=False)
+    model = GroundingDinoForObjectDetection(config)
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(
+        size={"shortest_edge": 64, "longest_edge": 96}), tokenizer=tok)
+    (folder / "vocab.txt").unlink()
+    return _save(model, processor, folder)
+
+
+def save_tiny_csd(path: str | Path, seed: int = 0, width: int = 32, depth: int = 2, patch: int = 56,
+                  style_dim: int = 16) -> Path:
+    """A CSD checkpoint of the official layout with a tiny random ViT: ``backbone.*`` in OpenAI CLIP's visual names
+    (``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``, ``transformer.resblocks.N.*``,
+    ``ln_post``), ``last_layer_style`` and ``last_layer_content`` (``width`` x ``style_dim``); 224x224 input in
+    ``patch``-pixel patches."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=0.05: s * torch.randn(*shape, generator=gen)  # noqa: E731
+    grid = 224 // patch
+    state = {"backbone.conv1.weight": r(width, 3, patch, patch), "backbone.class_embedding": r(width, s=0.5),
+             "backbone.positional_embedding": r(grid * grid + 1, width, s=0.5)}
+    for name in ("ln_pre", "ln_post"):
+        state[f"backbone.{name}.weight"], state[f"backbone.{name}.bias"] = 1 + r(width, s=0.1), r(width)
+    for n in range(depth):
+        p = f"backbone.transformer.resblocks.{n}."
+        state.update({p + "attn.in_proj_weight": r(3 * width, width, s=0.2), p + "attn.in_proj_bias": r(3 * width),
+                      p + "attn.out_proj.weight": r(width, width, s=0.2), p + "attn.out_proj.bias": r(width),
+                      p + "ln_1.weight": 1 + r(width, s=0.1), p + "ln_1.bias": r(width),
+                      p + "ln_2.weight": 1 + r(width, s=0.1), p + "ln_2.bias": r(width),
+                      p + "mlp.c_fc.weight": r(4 * width, width, s=0.2), p + "mlp.c_fc.bias": r(4 * width),
+                      p + "mlp.c_proj.weight": r(width, 4 * width, s=0.2), p + "mlp.c_proj.bias": r(width)})
+    state["last_layer_style"] = r(width, style_dim, s=0.3)
+    state["last_layer_content"] = r(width, style_dim, s=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def save_tiny_aesthetic(folder: str | Path, seed: int = 0) -> tuple[str, Path]:
+    """A tiny random ``SiglipVisionModel`` (378x378 input in 126-pixel patches, width 32) saved as a folder, and
+    an aesthetic predictor v2.5 head of its width (``scoring_head.{0,2,4,6,8}``) saved as ``head.pth``."""
+    import torch
+    from torch import nn
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                 num_attention_heads=4, image_size=378, patch_size=126))
+    tower.eval().save_pretrained(folder / "siglip")
+    head = nn.Sequential(nn.Linear(32, 1024), nn.Dropout(0.5), nn.Linear(1024, 128), nn.Dropout(0.5),
+                         nn.Linear(128, 64), nn.Dropout(0.5), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+    from collections import OrderedDict
+
+    state = OrderedDict((f"scoring_head.{k}", v) for k, v in head.state_dict().items())   # as the released file
+    torch.save(state, folder / "head.pth")
+    return str(folder / "siglip"), folder / "head.pth"
