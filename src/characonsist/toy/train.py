@@ -12,7 +12,9 @@ machine, three calls of under 10 minutes (the log and state: ``bench/results/toy
         --rewarm 100 --steps 8800 --minutes 8.2                                   # steps 4280-8800 (LR decay)
     python -m characonsist.toy.train --out RUN --stage export                 # on any machine (ships the EMA)
 
-``bench/toy_train.sh`` wraps these for the device calls (``scratch``/``continue``/``resume``). ``--stage init
+``bench/toy_train_call.sh`` wraps init, transformer, export and the quick checks into one self-contained device call
+that starts from the weights in the working tree and counts on from ``--at-step`` (round 4, docs/TOY_WORLD.md; the
+v3 calls above resumed a run folder kept on a warm machine, which a machine taken back loses). ``--stage init
 --transformer-from FOLDER`` starts a new run from a shipped transformer, to continue training it. ``--cache DIR``
 keeps the rendered data set for a later call on the same machine. GPU runs are not bit-exact, so a rerun gives an
 equivalent model, not the identical bytes.
