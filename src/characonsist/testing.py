@@ -23,11 +23,36 @@ CORPUS = [
 ]
 
 
+# FLUX.1-dev's scheduler_config.json (Chroma1-HD ships the same)
+FLUX_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                          base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def _tiny_t5(tok):
+    """A random 2-layer T5 encoder of toy width for the tokenizer ``tok`` (draws from torch's global generator)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+
+
+def _tiny_vae():
+    """A random 16-channel ``AutoencoderKL`` of toy width, scale factor 2, with FLUX's latent shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
+        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+
+
 def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, max_length: int = 77,
                        dtype: torch.dtype = torch.float32):
     """A random-weight ``FluxPipeline`` with FLUX's architecture at toy width (deterministic for ``seed``)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .tokenizers import make_clip_tokenizer, make_t5_tokenizer
 
@@ -38,20 +63,12 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: in
         vocab_size=len(tok1), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         max_position_embeddings=max_length, projection_dim=32, bos_token_id=tok1.bos_token_id,
         eos_token_id=tok1.eos_token_id, pad_token_id=tok1.pad_token_id, hidden_act="quick_gelu"))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(tok2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        pad_token_id=tok2.pad_token_id, eos_token_id=tok2.eos_token_id, decoder_start_token_id=tok2.pad_token_id,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False))
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
-        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    t5, vae = _tiny_t5(tok2), _tiny_vae()
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
         axes_dims_rope=(4, 4, 8))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     for module in (clip, t5, vae, transformer):
         module.eval()
         if dtype != torch.float32:
@@ -62,27 +79,18 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: in
 
 def tiny_chroma_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, max_length: int = 77):
     """A random-weight ``ChromaPipeline`` (FLUX.1 blocks, Chroma's distilled modulation; T5 only) at toy width."""
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     from .tokenizers import make_t5_tokenizer
 
     torch.manual_seed(seed)
     tok = make_t5_tokenizer(CORPUS * 20, vocab_size=160, model_max_length=max_length)
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False))
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
-        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    t5, vae = _tiny_t5(tok), _tiny_vae()
     transformer = ChromaTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
         approximator_hidden_dim=32, approximator_layers=1)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
     for module in (t5, vae, transformer):
         module.eval()
     return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tok, transformer=transformer)

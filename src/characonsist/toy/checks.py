@@ -411,6 +411,19 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
 
 
+def _other_scene_cases(rng: np.random.Generator, n: int):
+    """``n`` random characters (kinds in turn), each with two different scenes and two different actions:
+    ``(character, scene_a, scene_b, action_a, action_b)``, drawn one case after the other from ``rng``."""
+    scenes, actions = list(world.SCENES), list(world.ACTIONS)
+    for i in range(n):
+        ch = world.sample_character(rng, list(world.KINDS)[i % len(world.KINDS)])
+        sa = str(rng.choice(scenes))
+        sb = str(rng.choice([x for x in scenes if x != sa]))
+        aa = str(rng.choice(actions))
+        ab = str(rng.choice([x for x in actions if x != aa]))
+        yield ch, sa, sb, aa, ab
+
+
 class _ReferenceHold:
     """Puts the left panel of packed two-panel latents back on its true trajectory at ``sigma``:
     ``(1 - sigma) x0 + sigma n`` with the reference's latents ``x0`` and its fixed noise ``n`` (inpainting)."""
@@ -439,15 +452,7 @@ def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int 
 
     rng = np.random.default_rng(seed)
     h, w = defaults["height"], defaults["width"]
-    scenes, actions = list(world.SCENES), list(world.ACTIONS)
-    cases = []
-    for i in range(n):
-        ch = world.sample_character(rng, list(world.KINDS)[i % len(world.KINDS)])
-        sa = str(rng.choice(scenes))
-        sb = str(rng.choice([x for x in scenes if x != sa]))
-        aa = str(rng.choice(actions))
-        ab = str(rng.choice([x for x in actions if x != aa]))
-        cases.append((ch, sa, sb, aa, ab, world.render(sa, ch, aa, rng=rng)))
+    cases = [(*case, world.render(case[1], case[0], case[3], rng=rng)) for case in _other_scene_cases(rng, n)]
     hits, rows = [], []
     for j in range(0, n, batch):
         part = cases[j:j + batch]
@@ -523,19 +528,13 @@ def panel_attention(pipe, defaults: dict, n: int = 24, seed: int = 4040, sigmas:
         k_step = min(int(round(OFFICIAL_STEPS["mask_step"] * n_steps / FLUX_STEPS)), n_steps - 1)
         tokens = (h // TOKEN_PX) * (w // TOKEN_PX)
         sigmas = (float(sigmas_of(dict(pipe.scheduler.config), n_steps, tokens)[k_step]), 0.5)
-    scenes, actions = list(world.SCENES), list(world.ACTIONS)
     tr = pipe.transformer
     blocks = tr.single_transformer_blocks
     gh, gw = h // TOKEN_PX, w // TOKEN_PX
     out = {}
     for sigma in sigmas:
         acc = None
-        for i in range(n):
-            ch = world.sample_character(rng, list(world.KINDS)[i % len(world.KINDS)])
-            sa = str(rng.choice(scenes))
-            sb = str(rng.choice([x for x in scenes if x != sa]))
-            aa = str(rng.choice(actions))
-            ab = str(rng.choice([x for x in actions if x != aa]))
+        for i, (ch, sa, sb, aa, ab) in enumerate(_other_scene_cases(rng, n)):
             ia, _, pa = world.render(sa, ch, aa, rng=rng, return_mask=True, return_parts=True)
             ib, _, pb = world.render(sb, ch, ab, rng=rng, return_mask=True, return_parts=True)
             parts = np.concatenate([token_parts(pa).reshape(gh, gw), token_parts(pb).reshape(gh, gw)], 1).ravel()
