@@ -1,7 +1,16 @@
 """Train the toy FLUX model of the toy world: seeded, resumable, and the recipe of the shipped weights.
 
-The shipped weights (toy model v3, an intermediate checkpoint: docs/TOY_WORLD.md) were made on the lent GPU
-machine, three calls of under 10 minutes (the log and state: ``bench/results/toy-train-2026-12-01/``)::
+The shipped weights (toy model v4, an intermediate checkpoint: docs/TOY_WORLD.md, "Training round 4") are v3's
+(below) trained on for 7,400 more steps with two-panel images whose one panel is a cleaner reference
+(``--reference-frac``, ``reference_noise``), in three self-contained device calls on one H200 (log, state and
+checks of each: ``bench/results/toy-train-2026-12-06/``)::
+
+    MINUTES=7.6 ARGS="--reference-frac 0.5 --two-character-every 3" bash bench/toy_train_call.sh $OUT 0 11000
+    ARGS="--reference-frac 0.9 --two-character-every 0" bash bench/toy_train_call.sh $OUT 2820 10600
+    ARGS="--reference-frac 0.9 --two-character-every 0" bash bench/toy_train_call.sh $OUT 6560 10600
+
+(each call's returned ``weights.tar.*`` unpacked into ``src/characonsist/toy/weights`` before the next.) v3 was
+made in three calls of under 10 minutes (the log and state: ``bench/results/toy-train-2026-12-01/``)::
 
     python -m characonsist.toy.train --out RUN --stage init --vae-from src/characonsist/toy/weights/vae  # v1's VAE
     torchrun --nproc_per_node 2 -m characonsist.toy.train --out RUN --stage transformer --precision bf16 \
