@@ -99,7 +99,10 @@ def test_make_a_story_in_the_browser(server, tmp_path):
     shots.mkdir()
     driver = _browser(tmp_path)
     try:
-        wait = WebDriverWait(driver, 120)
+        # the page re-draws rows as answers come back: an element found a moment ago can be gone; look again
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(address)
         wait.until(lambda d: "model toy" in d.find_element(By.ID, "model").text)
         assert driver.title == "characonsist"
