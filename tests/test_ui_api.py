@@ -96,6 +96,7 @@ def test_page_assets_and_info(ui):
     assert info["layouts"] == ["storyboard", "strip", "2x2", "panel"]
     assert info["formats"] == ["yaml", "toml", "text"]
     assert info["defaults"]["num_inference_steps"] >= 1 and info["loading"] == ""
+    assert info["seed"] == 2025   # the one default seed (seeds.DEFAULT_SEED), which the page starts from
 
 
 def test_story_files_in_every_format_round_trip(ui):

@@ -70,7 +70,7 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
     without a seed of their own get the run's seed spread by the method's official convention (``Method.seeding``:
     CharaConsist every image the same, the peers one per image), as the API does."""
     from ..methods import method_class
-    from ..methods.base import story_seeds
+    from ..seeds import story_seeds
 
     seeding = method_class(run["method"]).seeding
     jobs = []
@@ -80,10 +80,11 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             folder = prefix + group.name
             out.path(folder)   # refuses a folder outside the output folder
             images = []
-            seeds = story_seeds(run["seed"], len(group.images), seeding)   # the method's official convention
-            for image, seed in zip(group.images, seeds):
+            seeds = story_seeds(run["seed"], len(group.images), seeding,   # the method's official convention
+                                [image.seed for image in group.images])
+            for image, seed in zip(group.images, seeds, strict=True):
                 images.append({"background": image.background, "character": image.character, "action": image.action,
-                               "seed": seed if image.seed is None else image.seed,
+                               "seed": seed,
                                "height": image.height or run["height"], "width": image.width or run["width"]})
             hashed = images
             if group.picture is not None:   # a changed picture (its bytes) or inversion makes another group

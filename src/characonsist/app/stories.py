@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ..inputs import InputError, text_problem
-from ..methods.base import story_seeds
+from ..seeds import DEFAULT_SEED, story_seeds
 from ..storyfile import FIELDS, PICTURE_MARK, Story, StoryError, parse_structured, parse_text
 
 FORMATS = ("yaml", "toml", "text")
@@ -93,7 +93,7 @@ def document_from_manifest(manifest: dict) -> dict:
     scenes = []
     for group in manifest.get("groups") or []:
         records = [group["identity"], *group["frames"]]
-        spread = story_seeds(int(settings.get("seed", 2025)), len(records), seeding)
+        spread = story_seeds(int(settings.get("seed", DEFAULT_SEED)), len(records), seeding)
         images = []
         for record, seed in zip(records, spread):
             images.append({"background": record["background"], "character": record["character"],

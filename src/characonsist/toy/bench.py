@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .._compat import dtype_kwarg
+from ..seeds import DEFAULT_SEED
 from . import world
 from .pictures import PICTURE_KINDS, aggregate_pictures, format_picture_table, score_picture, story_picture
 from .suite import MODES, ToyStory, heldout_suite, load_stories, make_suite, reduced_suite
@@ -339,7 +340,7 @@ def method_seeding(name: str, seeding: str = "official") -> str | None:
     return method_class(name).seeding
 
 
-def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
+def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = DEFAULT_SEED, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
               log=None, readout_net=None, image_dir: str | Path | None = None, seeding: str = "official",
               identity_picture: str | None = None, inversion: str | None = None, on_method=None,
@@ -347,7 +348,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
     Story ``i`` is generated from seed ``seed + story.seed``, spread over its images by each method's official
-    convention (``seeding="official"``; ``methods.base.story_seeds``): CharaConsist and vanilla give every image that
+    convention (``seeding="official"``; ``seeds.story_seeds``): CharaConsist and vanilla give every image that
     seed (identity and frames start from the same noise), ConsiStory, StorySync and StoryDiffusion give each image
     its own noise (the identity keeps the story's seed). ``seeding="shared"`` / ``"per_image"`` forces one convention
     on every method. Each method's convention is recorded (``methods[spec]["seeding"]``, ``settings["seeding"]``)
@@ -363,7 +364,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     ``on_method(result)``, if given, is called with the result so far after each method (the command line writes
     it to ``--json``, so a run cut short keeps the methods it finished).
     """
-    from ..methods.base import story_seeds
+    from ..seeds import story_seeds
     from .readout import read_batch
 
     conventions = {}
@@ -528,7 +529,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else every core this process "
                              "may use)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed; story i uses seed + i")
     parser.add_argument("--seeding", default="official", choices=SEEDING_CHOICES,
                         help="how a story's seed reaches its images: each method's official convention (CharaConsist, "
                              "vanilla: the same noise for every image; the peers: one noise per image), or one "

@@ -214,7 +214,7 @@ function settings() {
   if ("share_bg" in known) options.share_bg = $("#background-mode").value === "keep";
   if ("use_token_merge" in known) options.use_token_merge = $("#token-merge").checked;
   const num = id => numberOrNull($(id).value);
-  return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? 2025,
+  return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? info.seed,
           width: num("#width"), height: num("#height"), save_masks: $("#save-masks").checked,
           inversion: $("#inversion").value || null};
 }
@@ -474,7 +474,7 @@ async function start() {
   try { draft = JSON.parse(localStorage.getItem("characonsist-draft") || "null"); } catch (e) { draft = null; }
   story = draft?.story || emptyStory();
   $("#name").value = draft?.name || "";
-  showSettings(draft?.settings || {method: "characonsist", options: {}, seed: 2025, save_masks: true});
+  showSettings(draft?.settings || {method: "characonsist", options: {}, seed: info.seed, save_masks: true});
   render();
   await listStories();
   if ($("#name").value) openStory($("#name").value, true);
