@@ -241,6 +241,7 @@ def test_reader_errors_name_the_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI end to end
 
+@pytest.mark.slow
 def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     story = tmp_path / "story.txt"
     story.write_text("a sunny beach#a robot#big in the middle\na sunny beach#a robot#small on the left\n"

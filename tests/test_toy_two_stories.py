@@ -160,6 +160,7 @@ def test_a_model_of_another_size_is_refused():
     assert "at most 256" in problem and "192x384" in problem
 
 
+@pytest.mark.slow
 def test_bench_two_characters_on_the_shipped_toy_model(tmp_path, capsys):
     """End to end on the shipped model (which never saw two characters: its figures mean nothing; none asserted)."""
     out = tmp_path / "r.json"

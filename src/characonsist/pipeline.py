@@ -72,7 +72,7 @@ def _generators(n: int, seed, generator, images: list[StoryImage]):
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
         gens = [None] * n
     out_gens, out_seeds = [], []
-    for img, g, s in zip(images, gens, seeds):
+    for img, g, s in zip(images, gens, seeds, strict=True):
         if img.seed is not None:
             g, s = None, img.seed
         if g is None and s is not None:
@@ -434,7 +434,7 @@ class StoryPipelineMixin:
                     callback_tensor_inputs=callback_on_step_end_tensor_inputs)
                 extra = method.results(run)
                 decoded = self._decode(chunk_slots, latents, output_type)
-                for s, img in zip(chunk_slots, decoded):
+                for s, img in zip(chunk_slots, decoded, strict=True):
                     if s.story_index in results:
                         continue
                     results[s.story_index] = {"image": img, **extra.get(s.pos, {})}
@@ -509,7 +509,7 @@ class StoryPipelineMixin:
             sizes.setdefault((s.height, s.width), []).append(i)
         for (h, w), idx in sizes.items():
             images = self.backbone.decode(self, torch.cat([latents[i] for i in idx]), h, w, output_type)
-            for i, im in zip(idx, images):
+            for i, im in zip(idx, images, strict=True):
                 out[i] = im
         return out
 

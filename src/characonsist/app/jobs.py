@@ -99,7 +99,7 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             group_hash = settings_hash({**key, "images": hashed})
             paths = image_paths(folder, len(group.frames))
             records = []
-            for i, (image, spec, path) in enumerate(zip(group.images, images, paths)):
+            for i, (image, spec, path) in enumerate(zip(group.images, images, paths, strict=True)):
                 records.append({"group": folder, "role": "identity" if i == 0 else "frame", "index": i, "path": path,
                                 "prompt": image.prompt, **spec, "caption": group.captions[i], "method": run["method"],
                                 "settings": key, "settings_hash": group_hash, "version": __version__})
@@ -269,7 +269,7 @@ def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool
     job.notes = [list(n) for n in (result.notes or [[] for _ in images])]
     # as the PNG records keep it (sorted keys), so that a rerun's manifest is byte-identical
     job.engine_settings = json.loads(json.dumps(json_safe(result.settings), sort_keys=True))
-    for i, (image, record) in enumerate(zip(images, job.records)):
+    for i, (image, record) in enumerate(zip(images, job.records, strict=True)):
         if job.finished[i]:  # made by an earlier run: never rewritten
             continue
         record = {**record, "notes": job.notes[i], "engine_settings": result.settings}
@@ -277,7 +277,7 @@ def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool
         job.finished[i] = True
     job.masks = []
     if save_masks and result.masks is not None:
-        for i, (image, record) in enumerate(zip(images, job.records)):
+        for i, (image, record) in enumerate(zip(images, job.records, strict=True)):
             stem = Path(record["path"]).stem
             if result.masks[i] is not None:
                 path = f"{job.folder}/masks/{stem}_mask.png"

@@ -709,7 +709,7 @@ class Worker:
                     start = time.perf_counter()
                     images = [{"index": k, "url": data_url(im), "width": im.width, "height": im.height}
                               for k, im in zip(batch.images, previews(pipe, x0, batch.height, batch.width, mode,
-                                                                       self.preview_size))]
+                                                                       self.preview_size), strict=True)]
                     cost = round((time.perf_counter() - start) * 1000, 1)
                 except Exception as e:   # a preview must never stop a story: no more previews for this job
                     job.payload["previews"] = None
