@@ -534,3 +534,18 @@ def test_a_groups_notes_are_printed_with_their_image(tmp_path, model_dir, fake, 
     assert "note 2" not in said and "group_000: 2 more note(s) in manifest.json" in said
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["groups"][0]["frames"][1]["notes"] == [f"note {k}" for k in range(4)]
+
+
+def test_what_comes_out_lists_every_file_a_run_leaves(tmp_path, model_dir, fake):
+    """examples/README.md's "What comes out" names every kind of file in a finished run's folder."""
+    import re
+
+    text = (Path(__file__).parents[1] / "examples" / "README.md").read_text()
+    block = text.split("## What comes out", 1)[1].split("```")[1]
+    listed = [re.escape(line.split()[0]).replace("<group>", "[^/]+").replace(r"\*", "[^/]*").replace(
+        r"frame_01\.png", r"frame_\d+\.png") for line in block.splitlines() if line.startswith("DIR/")]
+    assert run(tmp_path, model_dir, "--save-masks") == 0
+    out = tmp_path / "out"
+    files = [f"DIR/{p.relative_to(out)}" for p in sorted(out.rglob("*")) if p.is_file()]
+    assert "DIR/.characonsist.lock" in files
+    assert [f for f in files if not any(re.fullmatch(pattern, f) for pattern in listed)] == []
