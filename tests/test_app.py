@@ -21,6 +21,7 @@ def request(tiny_model, out, **kw):
                         options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
 
 
+@pytest.mark.slow
 def test_progress_cancel_and_resume_from_python(tiny_model, tmp_path):
     out = tmp_path / "out"
     checked = validate_request(request(tiny_model, out))

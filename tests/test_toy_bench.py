@@ -403,6 +403,7 @@ def test_picture_comparison_script(tmp_path):
     assert compare.main([str(tmp_path / "r.json"), "--reference", "zz"]) == 2
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """--json holds each finished method before the next starts (a GPU call can be cut at its time limit)."""
     out = tmp_path / "r.json"
