@@ -15,21 +15,13 @@ from characonsist.storyfile import parse_text
 STORY = "park#a cat#sitting\npark#a cat#running\n\nbeach#a robot#standing\nbeach#a robot#waving\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "flux"
-    tiny_flux_pipeline().save_pretrained(folder)
-    return folder
-
-
 def request(tiny_model, out, **kw):
     return StoryRequest(stories=[parse_text(STORY, "<form>")], model=str(tiny_model), out=str(out), height=64,
                         width=64, num_inference_steps=3, max_sequence_length=32,
                         options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
 
 
+@pytest.mark.slow
 def test_progress_cancel_and_resume_from_python(tiny_model, tmp_path):
     out = tmp_path / "out"
     checked = validate_request(request(tiny_model, out))

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 from characonsist import CharaConsistPipeline, StoryImage
+from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
 
-KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 OFF = {
     "vanilla": {},
     "characonsist": dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False),
@@ -67,6 +65,7 @@ def test_every_method_switched_off_equals_chroma_pipeline(chroma, method):
     assert np.array_equal(np.stack(out.images), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["characonsist", "consistory", "storysync", "storydiffusion"])
 def test_every_method_acts_on_chroma(chroma, method):
     story, stock = chroma
@@ -109,6 +108,7 @@ def test_a_picture_identity_is_refused_on_chroma(chroma):
         story(IDENTITY, FRAMES, identity_image=np.zeros((32, 32, 3), dtype=np.uint8), **KW)
 
 
+@pytest.mark.slow
 def test_cli_generates_a_story_with_a_chroma_folder(tmp_path):
     """``--model FOLDER`` of a saved ChromaPipeline: the defaults are Chroma's, the images its story pipeline's."""
     import json
@@ -129,6 +129,7 @@ def test_cli_generates_a_story_with_a_chroma_folder(tmp_path):
     assert len(list((tmp_path / "out").rglob("*.png"))) >= 2
 
 
+@pytest.mark.slow
 def test_backbone_bench_runs_tiny_on_the_cpu(tmp_path):
     """bench/backbone_bench.py (the GPU figures' command, BENCHMARKS.md) parses its arguments and runs at toy widths."""
     import sys

@@ -29,6 +29,7 @@ def test_flops_formula_full_size():
     assert gpu_bench.story(4)[0].count("#") == 2
 
 
+@pytest.mark.slow
 def test_bench_tiny_all_phases(tmp_path):
     threads = torch.get_num_threads()
     try:
@@ -70,6 +71,7 @@ def test_parse_variants():
             gpu_bench.parse_variants(bad)
 
 
+@pytest.mark.slow
 def test_bench_tiny_peers_variants_plans(tmp_path):
     """main then peers in one process: the peers reuse main's baseline; a variant passes its options; plans runs
     its toy path; a peers phase alone runs its own baseline; the report prints every ratio."""
@@ -135,6 +137,7 @@ def test_report_of_stored_h100_results():
     assert any("sequential-offload" in x for x in report(str(results / "bench_modes.json")))
 
 
+@pytest.mark.slow
 def test_bench_tiny_picture_phase(tmp_path):
     """The picture phase (issue 15): the story without a picture, then one run per inversion with the identity from a
     picture of another size; the inversion's forwards are the batch-1 calls (none for renoise, N for Euler)."""
@@ -167,6 +170,7 @@ def test_bench_tiny_picture_phase(tmp_path):
     assert "inversion 4 forwards" in text and "the story without a picture" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_wheels", [False, True])
 def test_gpu_scripts_take_the_installed_packages_without_carried_wheels(tmp_path, with_wheels):
     """bench/gpu_env.sh: without .whl/ the installed packages and the checkout's src/ are used (a user's own GPU

@@ -24,6 +24,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
 def test_table_tiny_end_to_end(tmp_path):
     gpu_bench = _load("gpu_bench")

@@ -7,63 +7,18 @@ runs the real engine end to end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from characonsist import cli
-from characonsist.app import model as app_model
-from characonsist.app.model import GroupResult, oom_advice
+from characonsist.app.model import oom_advice
 from characonsist.output import read_png_record
+from conftest import FakeEngine  # the fake engine and its fixture `fake` are shared (conftest.py)
 
 STORY = "park#a cat#sits\npark#a cat#runs\npark#a cat#jumps\n\nbeach#a dog#swims\nbeach#a dog#digs\n"
-
-
-class FakeMatches:
-    def __init__(self, n):
-        self.frame_idx, self.id_idx, self.sim = np.arange(n), np.arange(n)[::-1].copy(), np.linspace(1, 0.5, n)
-
-
-class FakeEngine:
-    """Deterministic images from (prompt, seed); records every group it is asked for; can fail on demand."""
-
-    def __init__(self, fail_on: dict | None = None):
-        self.calls: list[str] = []
-        self.fail_on = fail_on or {}
-        self.tokenizer = None
-        self.notes: dict[int, list[str]] = {}     # image index -> the notes the engine reports for it
-
-    def __call__(self, job, progress_callback=None):
-        self.calls.append(job.folder)
-        if job.folder in self.fail_on:
-            raise self.fail_on[job.folder]
-        images, masks = [], []
-        for r in job.records:
-            digest = hashlib.sha256(f"{r['prompt']}|{r['seed']}".encode()).digest()
-            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-            images.append(Image.fromarray(rng.integers(0, 255, (r["height"], r["width"], 3), dtype=np.uint8)))
-            masks.append(rng.random((r["height"] // 16, r["width"] // 16)) > 0.5)
-        matches = [FakeMatches(4) for _ in job.records[1:]]
-        notes = [list(self.notes.get(i, [])) for i in range(len(job.records))]
-        return GroupResult(images, masks, matches, notes, {"method": job.records[0]["method"], "fake": True})
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    engine = FakeEngine()
-    loads = []
-
-    def load_engine(ref, run, mode, gpus, progress=True):
-        loads.append((ref.name, mode, gpus))
-        return engine
-
-    monkeypatch.setattr(app_model, "load_engine", load_engine)
-    engine.loads = loads
-    return engine
 
 
 def write(tmp_path, name, text):
@@ -472,15 +427,6 @@ def test_prompt_too_long_for_the_text_encoder(tmp_path, tiny_model, fake, capsys
     assert "story.txt:1" not in err and fake.loads == []
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "flux"
-    tiny_flux_pipeline().save_pretrained(folder)
-    return folder
-
-
 def test_bench_toy_delegates_to_the_toy_benchmark(monkeypatch, capsys):
     import sys
     import types
@@ -588,3 +534,18 @@ def test_a_groups_notes_are_printed_with_their_image(tmp_path, model_dir, fake, 
     assert "note 2" not in said and "group_000: 2 more note(s) in manifest.json" in said
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["groups"][0]["frames"][1]["notes"] == [f"note {k}" for k in range(4)]
+
+
+def test_what_comes_out_lists_every_file_a_run_leaves(tmp_path, model_dir, fake):
+    """examples/README.md's "What comes out" names every kind of file in a finished run's folder."""
+    import re
+
+    text = (Path(__file__).parents[1] / "examples" / "README.md").read_text()
+    block = text.split("## What comes out", 1)[1].split("```")[1]
+    listed = [re.escape(line.split()[0]).replace("<group>", "[^/]+").replace(r"\*", "[^/]*").replace(
+        r"frame_01\.png", r"frame_\d+\.png") for line in block.splitlines() if line.startswith("DIR/")]
+    assert run(tmp_path, model_dir, "--save-masks") == 0
+    out = tmp_path / "out"
+    files = [f"DIR/{p.relative_to(out)}" for p in sorted(out.rglob("*")) if p.is_file()]
+    assert "DIR/.characonsist.lock" in files
+    assert [f for f in files if not any(re.fullmatch(pattern, f) for pattern in listed)] == []

@@ -15,15 +15,6 @@ pipeline = pytest.importorskip("characonsist.pipeline")
 STORY = "park#a cat#sitting\npark#a cat#running\npark#a cat#jumping\n\nbeach#a robot#standing\nbeach#a robot#waving\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "flux"
-    tiny_flux_pipeline().save_pretrained(folder)
-    return folder
-
-
 def generate(tmp_path, model, *extra, out="out"):
     story = tmp_path / "story.txt"
     story.write_text(STORY)
@@ -35,6 +26,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
 
+@pytest.mark.slow
 def test_vanilla_resume_regenerates_a_lost_frame_byte_identical(tmp_path, tiny_model, monkeypatch):
     assert generate(tmp_path, tiny_model, "--method", "vanilla", "--steps", "2") == 0
     out = tmp_path / "out"
@@ -60,6 +52,7 @@ def test_vanilla_resume_regenerates_a_lost_frame_byte_identical(tmp_path, tiny_m
     assert (out / "group_000" / "identity.png").stat().st_mtime_ns == identity_mtime
 
 
+@pytest.mark.slow
 def test_characonsist_masks_matches_and_interrupted_run(tmp_path, tiny_model, monkeypatch):
     original = pipeline.CharaConsistPipeline.__call__
     calls = []
@@ -97,6 +90,7 @@ def test_characonsist_masks_matches_and_interrupted_run(tmp_path, tiny_model, mo
     assert (out / "group_000/masks/frame_01_match.png").exists()
 
 
+@pytest.mark.slow
 def test_demo_runs_the_packaged_story_on_the_toy_model(tmp_path, tiny_model, monkeypatch, capsys):
     import shutil
 
@@ -118,6 +112,7 @@ def test_demo_runs_the_packaged_story_on_the_toy_model(tmp_path, tiny_model, mon
     assert "masks:" in printed and "images:" in printed
 
 
+@pytest.mark.slow
 def test_identity_picture_end_to_end(tmp_path, tiny_model, capsys):
     """A story file naming the identity's picture: the identity image is its reconstruction (PSNR in the record and
     the manifest), the frames are generated; a rerun finds the group done."""

@@ -16,15 +16,6 @@ from characonsist.output import read_png_record
 STORY = "park#a cat#sitting\npark#a cat#running\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "flux"
-    tiny_flux_pipeline().save_pretrained(folder)
-    return folder
-
-
 def generate(tmp_path, model, *extra, out="out", quiet=True):
     story = tmp_path / "story.txt"
     story.write_text(STORY)

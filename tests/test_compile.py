@@ -11,9 +11,8 @@ import torch
 
 from characonsist import CharaConsistPipeline, memory
 from characonsist.testing import tiny_flux_pipeline
+from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
 
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 PROMPTS = ["in the park a red cat sitting"] * 3
 KW = dict(height=32, width=32, max_sequence_length=32, output_type="np")
 
@@ -43,6 +42,7 @@ def _plain(flux, steps):
     return flux(PROMPTS, generator=gens, num_inference_steps=steps, guidance_scale=3.5, **KW).images
 
 
+@pytest.mark.slow
 def test_compiled_blocks_no_recompile_per_step_or_layer(dynamo):
     count, counters = dynamo
     flux, ours = _pipes(2, 3)

@@ -20,10 +20,8 @@ from characonsist.methods.consistory import (
     subject_mask,
 )
 from characonsist.methods.storydiffusion import image_generator
+from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
 
-KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 OFF = dict(sdsa=False, injection=False, query_blending=False)
 
 

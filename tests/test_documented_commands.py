@@ -79,6 +79,7 @@ def checkout(tmp_path_factory):
     os.chdir(here)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", toy_commands())
 def test_documented_toy_command_works_as_written(checkout, command, capsys):
     args = shlex.split(command)
@@ -91,6 +92,7 @@ def test_documented_toy_command_works_as_written(checkout, command, capsys):
             assert (out / group["storyboard"]).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", toy_python())
 def test_documented_toy_python_works_as_written(checkout, block):
     exec(compile(block, "<README python block>", "exec"), {})

@@ -6,9 +6,10 @@ import torch
 
 from characonsist import CharaConsistPipeline, StoryImage
 from characonsist.methods import characonsist as cc_module
+from conftest import IDENTITY  # the shared story (conftest.py)
 
 KW = dict(height=32, width=32, num_inference_steps=12, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
+
 FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping", "in the park#a red cat#sleeping"]
 
 

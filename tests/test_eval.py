@@ -241,6 +241,7 @@ def test_reader_errors_name_the_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI end to end
 
+@pytest.mark.slow
 def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     story = tmp_path / "story.txt"
     story.write_text("a sunny beach#a robot#big in the middle\na sunny beach#a robot#small on the left\n"
@@ -283,3 +284,38 @@ def test_eval_end_to_end_on_a_toy_model_run(tmp_path, tiny, capsys):
     off = ["--clip", "none", "--dinov2", "none", "--face-detector", "none", "--dreamsim", "none", "--quiet"]
     assert cli.main(["eval", str(run), "--report-dir", str(tmp_path / "off"), *off]) == 1
     assert "no metric could be computed" in capsys.readouterr().err
+
+
+def test_eval_without_a_network_says_so_at_once_and_names_the_way_out(tmp_path, monkeypatch, capsys):
+    """No network (the hub endpoint a closed local port): one line at once that the hub cannot be reached, the
+    process switched to the cache only, and the usual 'no metric' error after it; no waiting on retries."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    run = write_run(tmp_path / "run", [[{"image": noise(1)}, {"image": noise(2)}]])
+    start = time.perf_counter()
+    code = cli.main(["eval", str(run), "--metrics", "clip_t,clip_i,dinov2", "--device", "cpu", "--quiet"])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert code == 1 and f"the Hugging Face hub (http://127.0.0.1:{port}) cannot be reached" in err
+    assert "HF_HUB_OFFLINE=1" in err and "--clip" in err and "--dinov2" in err
+    assert err.index("cannot be reached") < err.index("no metric could be computed")
+    assert constants.HF_HUB_OFFLINE is True and elapsed < 60
+
+
+def test_eval_with_local_models_never_probes_the_hub(tmp_path, tiny, monkeypatch, capsys):
+    from characonsist.evaluate import hub
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: pytest.fail("probed the hub"))
+    monkeypatch.setattr(hub, "offline_set", lambda: False)
+    models = {k: tiny[k] for k in ("clip", "dinov2")}
+    assert hub.offline_notice({**models, "segmenter": "none"}) is None

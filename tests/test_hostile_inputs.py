@@ -23,7 +23,7 @@ from characonsist import cli
 from characonsist.inputs import InputError, coerce_images
 from characonsist.story import StoryImage
 from characonsist.storyfile import StoryError, load_story, parse_structured, parse_text
-from test_cli import fake, write  # noqa: F401  (fake: a fixture)
+from test_cli import write
 
 
 def bomb(levels: int, key: str = "title") -> str:

@@ -238,7 +238,7 @@ def test_what_only_the_loaded_model_tells_is_checked_before_any_group(tmp_path, 
     still before the first group is generated."""
     from characonsist import cli
     from characonsist.app import model as app_model
-    from test_cli import FakeEngine
+    from conftest import FakeEngine
 
     engine = FakeEngine()
     engine.tokenizer, engine.limits = toy_pipe.tokenizer_2, toy_pipe.input_limits()

@@ -89,3 +89,13 @@ def test_story_documents_escape_and_refuse_what_a_format_cannot_hold():
     with pytest.raises(InputError, match="scenes\\[0\\].frames\\[0\\]: the action field is empty"):
         dump_story({"scenes": [{"background": "p", "images": [{"character": "c", "action": "a"}, {"character": "c"}]}]},
                    "yaml")
+
+
+def test_a_storyboard_with_a_caption_missing_refuses_instead_of_dropping_an_image():
+    """``zip(..., strict=True)``: an image without its caption is an error, never a sheet short of one image."""
+    from characonsist.output import storyboard
+
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
+    assert storyboard(images, ["a", "b", "c"]).width == storyboard(images[:2], ["a", "b"]).width + 256 + 8
+    with pytest.raises(ValueError, match="shorter"):
+        storyboard(images, ["a", "b"])

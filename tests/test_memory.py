@@ -17,10 +17,8 @@ import torch
 
 from characonsist import CharaConsistPipeline, memory
 from characonsist.methods.base import story_seeds
+from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
 
-KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 PROMPTS = ["in the park a red cat sitting", "in the park a red cat running", "on a beach a red cat jumping"]
 
 # every method with its effects switched off (each method's own tests check these reproduce plain FLUX)
@@ -38,13 +36,9 @@ needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny FLUX pipeline saved as a diffusers folder (what a user loads)."""
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny_flux")
-    tiny_flux_pipeline().save_pretrained(folder)
-    return folder
+def saved(tiny_model):
+    """A tiny FLUX pipeline saved as a diffusers folder (what a user loads): conftest's ``tiny_model``."""
+    return tiny_model
 
 
 def _plain(flux, seeds):

@@ -1,7 +1,7 @@
 """Data safety and file-system problems: the output folder's lock, its owned temporaries, paths kept inside it,
 files it did not write left alone, and one clear line (exit 2) for every file-system problem.
 
-The engine is the fake of ``test_cli.py`` (``characonsist.app.model.load_engine`` monkeypatched).
+The engine is the fake of ``conftest.py`` (``characonsist.app.model.load_engine`` monkeypatched).
 """
 
 from __future__ import annotations
@@ -20,24 +20,12 @@ from characonsist import cli
 from characonsist.app import folder as folder_module
 from characonsist.app import model as app_model
 from characonsist.app.folder import JOURNAL_NAME, LOCK_NAME, TMP_MARK, FolderError, OutputFolder
-from test_cli import FakeEngine, run, snapshot, write  # the CLI tests' fake engine and helpers
+from conftest import FakeEngine  # the fake engine; its fixture `fake` is conftest's
+from test_cli import run, snapshot, write  # the CLI tests' helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 STORY = "park#a cat#sits\npark#a cat#runs\n\nbeach#a dog#swims\nbeach#a dog#digs\n"
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0   # root ignores permission bits
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    engine = FakeEngine()
-    engine.loads = []
-
-    def load_engine(ref, run, mode, gpus, progress=True):
-        engine.loads.append(ref.name)
-        return engine
-
-    monkeypatch.setattr(app_model, "load_engine", load_engine)
-    return engine
 
 
 def one_line(err: str) -> str:
@@ -251,6 +239,7 @@ def without_override(args: list[str]) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_real_permissions_no_write_no_read(tmp_path, model_dir, fake, capsys):
     story = write(tmp_path, "story.txt", STORY)
     base = ["generate", str(story), "--model", str(model_dir), "--height", "32", "--width", "48", "--steps", "3",
@@ -514,6 +503,7 @@ def test_a_model_folder_with_broken_files_is_one_line(tmp_path, capsys, change, 
     assert f"loading the model {model}: " in line and message in line and "check the model's files" in line
 
 
+@pytest.mark.slow
 def test_real_permissions_for_the_bench_report_and_the_demo(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -107,6 +107,7 @@ def _worker_pid(mark: str, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
 def test_two_processes_a_killed_one_and_a_rerun_write_every_group_once(workdir, reference):
     """Process 1 is killed once the first group is written; torchrun stops process 0, which saves the manifest.
@@ -141,6 +142,7 @@ def test_two_processes_a_killed_one_and_a_rerun_write_every_group_once(workdir, 
     assert compare_folders(reference, out) == []
 
 
+@pytest.mark.slow
 def test_bench_toy_in_two_processes_merges_one_json(workdir):
     common = ["--reduced", "--limit", "3", "--methods", "oracle", "--threads", "1", "--quiet"]   # the readout, no model
     here = os.getcwd()
@@ -174,6 +176,7 @@ def test_merged_bench_results_equal_one_run():
         p["methods"]["oracle"]["metrics"]["wall_seconds"] for p in parts)
 
 
+@pytest.mark.slow
 def test_ray_local_cluster_writes_every_group_once_like_one_process(workdir, reference, capsys):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -195,6 +198,7 @@ def test_ray_local_cluster_writes_every_group_once_like_one_process(workdir, ref
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_dp_bench_runs_the_parallel_path_in_one_process(tmp_path):
     """bench/dp_bench.py (the GPU measurement) at toy widths on the CPU: random weights through the same run."""
     import dp_bench
@@ -299,6 +303,7 @@ class _Procs:
         return obj if self.main else self.received
 
 
+@pytest.mark.slow
 def test_bad_input_is_reported_by_process_0_and_stops_the_others(workdir):
     from characonsist.app import StoryRequest
     from characonsist.inputs import InputError
@@ -328,6 +333,7 @@ def test_close_leaves_the_process_group(tmp_path):
     procs.close()                          # a second close (error paths) is harmless
 
 
+@pytest.mark.slow
 def test_a_launched_process_exits_with_its_code_after_the_exit_handlers():
     """``exit_process``: under a launcher (WORLD_SIZE > 1) the code survives, buffered output and atexit handlers
     are not lost, and no interpreter teardown runs (no ``__del__`` at exit); alone, a normal ``sys.exit``."""

@@ -17,10 +17,9 @@ from characonsist.inputs import InputError
 from characonsist.inversion import InversionConfig, PictureRow, encode_picture, invert, parse_inversion
 from characonsist.methods.base import story_seeds
 from characonsist.picture import describe_source, fit_picture, fit_size, load_picture, psnr
+from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
 
 KW = dict(height=32, width=32, num_inference_steps=8, max_sequence_length=32)
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 
 
 @pytest.fixture(scope="module")

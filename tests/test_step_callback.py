@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from characonsist import StoryImage
+from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
 
-KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 TENSORS = ["latents", "x0", "noise_pred"]
 
 

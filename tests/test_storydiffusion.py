@@ -17,10 +17,7 @@ from characonsist.methods.storydiffusion import (
     uses_block,
 )
 from characonsist.story import StoryImage
-
-KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
-IDENTITY = "in the park#a red cat#sitting"
-FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
+from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
 
 
 def _images(out):

@@ -22,6 +22,25 @@ def test_method_specs_and_ablations():
         parse_method("characonsist+share_bg")
 
 
+def test_method_spec_values_read_as_the_option_flag_reads_them():
+    """``name+opt=value`` takes what ``--option opt=value`` takes (``methods.base.parse_option``)."""
+    assert parse_method("characonsist+point_tracking=off+use_mask=yes+share_bg=0") == (
+        "characonsist", {"point_tracking": False, "use_mask": True, "share_bg": False})
+    assert parse_method("characonsist+seeding=per_image+inversion=euler:follow=start") == (
+        "characonsist", {"seeding": "per_image", "inversion": "euler:follow=start"})   # the bench's own: text
+    assert parse_method("characonsist+sim_thr=high") == ("characonsist", {"sim_thr": "high"})  # its Config says why
+
+
+def test_bench_toy_help_shows_the_defaults(capsys):
+    from characonsist import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "toy", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("vanilla,characonsist", "toy", "cpu", "float32", "2025", "official"):
+        assert f"(default: {default})" in text
+
+
 def _read(scene="beach", kind="cat", action="small-left", **attrs):
     base = {"color": "red", "pattern": "plain", "accessory": "hat", "accessory_color": "white"}
     size, pos = action.split("-")
@@ -384,6 +403,7 @@ def test_picture_comparison_script(tmp_path):
     assert compare.main([str(tmp_path / "r.json"), "--reference", "zz"]) == 2
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """--json holds each finished method before the next starts (a GPU call can be cut at its time limit)."""
     out = tmp_path / "r.json"

@@ -71,6 +71,7 @@ def test_reads_both_characters_of_two_character_renders(two_sample):
     assert again == pairs[:3] and len(conf) == 3 and set(conf[0][1]) == set(world.FIELDS)
 
 
+@pytest.mark.slow
 def test_reads_two_character_renders_through_the_toy_vae(two_sample):
     from diffusers import AutoencoderKL
 

@@ -37,6 +37,7 @@ def test_two_character_suite_is_seeded_and_well_formed():
                 world.two_caption(*world.parse_two_caption(im.spec())))
 
 
+@pytest.mark.slow
 def test_oracle_identities_are_independent_and_read_back():
     """The oracle draws the two characters independently: their attributes agree across stories at chance."""
     stories = suite.two_character_suite()
@@ -110,6 +111,7 @@ def test_score_two_story_finds_each_character_by_kind():
     assert s["identity_found"] == 1 and s["identity_hits"][1] == 0
 
 
+@pytest.mark.slow
 def test_oracle_command_merge_and_errors(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert bench.main(["--two-characters", "--methods", "oracle", "--limit", "4", "--quiet", "--json", str(out),
@@ -160,6 +162,7 @@ def test_a_model_of_another_size_is_refused():
     assert "at most 256" in problem and "192x384" in problem
 
 
+@pytest.mark.slow
 def test_bench_two_characters_on_the_shipped_toy_model(tmp_path, capsys):
     """End to end on the shipped model (which never saw two characters: its figures mean nothing; none asserted)."""
     out = tmp_path / "r.json"

@@ -38,12 +38,9 @@ STORY = doc("sitting", "running", "jumping")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from characonsist.testing import tiny_flux_pipeline
-
-    folder = tmp_path_factory.mktemp("tiny") / "flux"
-    tiny_flux_pipeline().save_pretrained(folder)
-    return str(folder)
+def tiny_model(tiny_model):
+    """conftest's saved tiny FLUX, as the text a command line or the UI is given."""
+    return str(tiny_model)
 
 
 @pytest.fixture()
@@ -96,6 +93,7 @@ def test_page_assets_and_info(ui):
     assert info["layouts"] == ["storyboard", "strip", "2x2", "panel"]
     assert info["formats"] == ["yaml", "toml", "text"]
     assert info["defaults"]["num_inference_steps"] >= 1 and info["loading"] == ""
+    assert info["seed"] == 2025   # the one default seed (seeds.DEFAULT_SEED), which the page starts from
 
 
 def test_story_files_in_every_format_round_trip(ui):
@@ -656,6 +654,7 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
     assert "1 group(s), 1 already done, 0 to generate" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_unwritable_folder_is_refused_at_start(tmp_path):
     from test_output_folder import one_line, without_override  # real permission bits, root included
 

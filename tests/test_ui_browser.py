@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # a real browser and a real server process
+
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -89,6 +91,7 @@ def _toy_picture(path: Path) -> None:
 def test_make_a_story_in_the_browser(server, tmp_path):
     _need_browser()
     from PIL import Image
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -99,9 +102,7 @@ def test_make_a_story_in_the_browser(server, tmp_path):
     shots.mkdir()
     driver = _browser(tmp_path)
     try:
-        # the page re-draws rows as answers come back: an element found a moment ago can be gone; look again
-        from selenium.common.exceptions import StaleElementReferenceException
-
+        # the page re-renders its rows while a wait polls: an element gone stale meanwhile is "not yet", not a failure
         wait = WebDriverWait(driver, 120, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(address)
         wait.until(lambda d: "model toy" in d.find_element(By.ID, "model").text)

@@ -21,6 +21,7 @@ from . import __version__
 from .app.folder import FolderError, check_writable_target, describe_os_error
 from .app.layouts import LAYOUTS
 from .inputs import InputError, excerpt
+from .seeds import DEFAULT_SEED
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -103,7 +104,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="image width, multiple of 16 (default: the model's, 1024 for FLUX)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's, 50 for FLUX.1-dev)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 3.5 for FLUX.1-dev)")
-    p.add_argument("--seed", type=int, default=2025, help="seed of every image without its own (official: %(default)s)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of every image without its own (official: %(default)s)")
     p.add_argument("--max-sequence-length", type=int, help="T5 prompt length limit in tokens (default: the model's, 512)")
     add_loading_arguments(p)
     p.add_argument("--attention-backend", metavar="NAME",

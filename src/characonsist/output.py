@@ -172,7 +172,7 @@ def storyboard(images: list[Image.Image], captions: list[str], columns: int | No
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((pad, pad), title, fill="black", font=title_font)
-    for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
+    for i, (tile, lines) in enumerate(zip(tiles, wrapped, strict=True)):
         row, col = divmod(i, columns)
         x = pad + col * (cell + pad) + (cell - tile.width) // 2
         y = title_h + pad + row * (cell + text_h + 2 * pad) + (cell - tile.height) // 2

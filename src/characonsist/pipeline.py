@@ -37,8 +37,8 @@ from .inputs import (
 from .inversion import InversionConfig, inversion_calls, parse_inversion, prepare_picture_row
 from .match import Matches
 from .methods import Method, get_method
-from .methods.base import story_seeds
 from .picture import describe_source, fit_picture, load_picture, psnr
+from .seeds import DEFAULT_SEED, story_seeds
 from .story import StoryImage
 
 FluxPipeline = import_flux()
@@ -72,7 +72,7 @@ def _generators(n: int, seed, generator, images: list[StoryImage]):
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * n
         gens = [None] * n
     out_gens, out_seeds = [], []
-    for img, g, s in zip(images, gens, seeds):
+    for img, g, s in zip(images, gens, seeds, strict=True):
         if img.seed is not None:
             g, s = None, img.seed
         if g is None and s is not None:
@@ -361,7 +361,7 @@ class StoryPipelineMixin:
         width: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        seed: int | list[int] | None = 2025,
+        seed: int | list[int] | None = DEFAULT_SEED,
         generator: torch.Generator | list[torch.Generator] | None = None,
         max_sequence_length: int | None = None,
         batch_size: int | None = None,
@@ -402,7 +402,7 @@ class StoryPipelineMixin:
         seeding = "given"
         if generator is None and seed is not None and not isinstance(seed, (list, tuple)):
             seeding = method.seeding   # one seed: spread over the images by the method's official convention
-            seed = story_seeds(int(seed), len(images), seeding)
+            seed = story_seeds(int(seed), len(images), seeding, own=[img.seed for img in images])
         gens, seeds = _generators(len(images), seed, generator, images)
         for k, img in enumerate(images):
             h, w = img.height or default_h, img.width or default_w
@@ -434,7 +434,7 @@ class StoryPipelineMixin:
                     callback_tensor_inputs=callback_on_step_end_tensor_inputs)
                 extra = method.results(run)
                 decoded = self._decode(chunk_slots, latents, output_type)
-                for s, img in zip(chunk_slots, decoded):
+                for s, img in zip(chunk_slots, decoded, strict=True):
                     if s.story_index in results:
                         continue
                     results[s.story_index] = {"image": img, **extra.get(s.pos, {})}
@@ -509,7 +509,7 @@ class StoryPipelineMixin:
             sizes.setdefault((s.height, s.width), []).append(i)
         for (h, w), idx in sizes.items():
             images = self.backbone.decode(self, torch.cat([latents[i] for i in idx]), h, w, output_type)
-            for i, im in zip(idx, images):
+            for i, im in zip(idx, images, strict=True):
                 out[i] = im
         return out
 

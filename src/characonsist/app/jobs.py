@@ -70,7 +70,7 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
     without a seed of their own get the run's seed spread by the method's official convention (``Method.seeding``:
     CharaConsist every image the same, the peers one per image), as the API does."""
     from ..methods import method_class
-    from ..methods.base import story_seeds
+    from ..seeds import story_seeds
 
     seeding = method_class(run["method"]).seeding
     jobs = []
@@ -80,10 +80,11 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             folder = prefix + group.name
             out.path(folder)   # refuses a folder outside the output folder
             images = []
-            seeds = story_seeds(run["seed"], len(group.images), seeding)   # the method's official convention
-            for image, seed in zip(group.images, seeds):
+            seeds = story_seeds(run["seed"], len(group.images), seeding,   # the method's official convention
+                                [image.seed for image in group.images])
+            for image, seed in zip(group.images, seeds, strict=True):
                 images.append({"background": image.background, "character": image.character, "action": image.action,
-                               "seed": seed if image.seed is None else image.seed,
+                               "seed": seed,
                                "height": image.height or run["height"], "width": image.width or run["width"]})
             hashed = images
             if group.picture is not None:   # a changed picture (its bytes) or inversion makes another group
@@ -98,7 +99,7 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             group_hash = settings_hash({**key, "images": hashed})
             paths = image_paths(folder, len(group.frames))
             records = []
-            for i, (image, spec, path) in enumerate(zip(group.images, images, paths)):
+            for i, (image, spec, path) in enumerate(zip(group.images, images, paths, strict=True)):
                 records.append({"group": folder, "role": "identity" if i == 0 else "frame", "index": i, "path": path,
                                 "prompt": image.prompt, **spec, "caption": group.captions[i], "method": run["method"],
                                 "settings": key, "settings_hash": group_hash, "version": __version__})
@@ -268,7 +269,7 @@ def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool
     job.notes = [list(n) for n in (result.notes or [[] for _ in images])]
     # as the PNG records keep it (sorted keys), so that a rerun's manifest is byte-identical
     job.engine_settings = json.loads(json.dumps(json_safe(result.settings), sort_keys=True))
-    for i, (image, record) in enumerate(zip(images, job.records)):
+    for i, (image, record) in enumerate(zip(images, job.records, strict=True)):
         if job.finished[i]:  # made by an earlier run: never rewritten
             continue
         record = {**record, "notes": job.notes[i], "engine_settings": result.settings}
@@ -276,7 +277,7 @@ def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool
         job.finished[i] = True
     job.masks = []
     if save_masks and result.masks is not None:
-        for i, (image, record) in enumerate(zip(images, job.records)):
+        for i, (image, record) in enumerate(zip(images, job.records, strict=True)):
             stem = Path(record["path"]).stem
             if result.masks[i] is not None:
                 path = f"{job.folder}/masks/{stem}_mask.png"

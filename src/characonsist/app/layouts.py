@@ -97,7 +97,7 @@ def comic_page(panels: list[Panel], columns: int, rows: int, title: str = "", pa
     draw = ImageDraw.Draw(page)
     if title:
         draw.text((margin, margin), title, fill="black", font=title_font)
-    for i, (im, lines) in enumerate(zip(scaled, wrapped)):
+    for i, (im, lines) in enumerate(zip(scaled, wrapped, strict=True)):
         row, col = divmod(i, columns)
         x = margin + col * (cell_w + gutter)
         y = margin + title_h + row * (cell_h + gutter)

@@ -22,6 +22,7 @@ from ..inputs import (
     setting_problems,
 )
 from ..memory import MemoryPlan
+from ..seeds import DEFAULT_SEED
 from ..storyfile import Story, StoryError, load_story
 from .folder import OutputFolder, safe_name
 from .model import (
@@ -58,7 +59,7 @@ class StoryRequest:
     width: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    seed: int = 2025
+    seed: int = DEFAULT_SEED
     max_sequence_length: int | None = None
     batch_size: int | None = None
     memory: str = "none"

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ..inputs import InputError, text_problem
-from ..methods.base import story_seeds
+from ..seeds import DEFAULT_SEED, story_seeds
 from ..storyfile import FIELDS, PICTURE_MARK, Story, StoryError, parse_structured, parse_text
 
 FORMATS = ("yaml", "toml", "text")
@@ -54,7 +54,7 @@ def story_document(story: Story) -> dict:
     scenes = []
     for group in story.groups:
         images = []
-        for image, caption in zip(group.images, group.captions):
+        for image, caption in zip(group.images, group.captions, strict=True):
             images.append({"background": image.background, "character": image.character, "action": image.action,
                            "caption": caption or "", "seed": image.seed, "height": image.height,
                            "width": image.width})
@@ -93,9 +93,9 @@ def document_from_manifest(manifest: dict) -> dict:
     scenes = []
     for group in manifest.get("groups") or []:
         records = [group["identity"], *group["frames"]]
-        spread = story_seeds(int(settings.get("seed", 2025)), len(records), seeding)
+        spread = story_seeds(int(settings.get("seed", DEFAULT_SEED)), len(records), seeding)
         images = []
-        for record, seed in zip(records, spread):
+        for record, seed in zip(records, spread, strict=True):
             images.append({"background": record["background"], "character": record["character"],
                            "action": record["action"], "caption": record.get("caption") or "",
                            "seed": None if record["seed"] == seed else record["seed"],

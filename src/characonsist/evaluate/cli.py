@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..app.folder import write_file
 from .evaluator import EVAL_FORMAT, MASK_MODES, TEXT_MODES, EvalConfig, ModelBank, evaluate_run
+from .hub import offline_notice
 from .metrics import METRICS, PAIR_MODES
 from .references import BENCHMARKS, references
 from .report import ReportError, check_ours, compare_html, compare_table, terminal_summary, text_table, write_report
@@ -159,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ReportError) as e:
         print(f"characonsist eval: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    c = config
+    notice = offline_notice({"clip": c.clip, "dinov2": c.dinov2, "segmenter": c.segmenter,
+                             "box_detector": c.box_detector, "face_detector": c.face_detector,
+                             "face_model": c.face_model, "dreamsim": c.dreamsim_cache or c.dreamsim})
+    if notice:   # said at once, before every model waits on the network
+        print(f"characonsist eval: {notice}", file=sys.stderr)
     bank = ModelBank(config, progress=not args.quiet)
     results = []
     for run in runs:

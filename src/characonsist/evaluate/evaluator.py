@@ -157,7 +157,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
     index_pairs = M.pairs(len(images), config.pairs)
     scene = [M.same_scene(group.images[i].background, group.images[j].background) for i, j in index_pairs]
     image_rows = [{"path": im.path, "role": im.role, "prompt": im.prompt, "text": t, "background": im.background,
-                   "character": im.character} for im, t in zip(group.images, texts)]
+                   "character": im.character} for im, t in zip(group.images, texts, strict=True)]
     pair_rows = [{"a": group.images[i].path, "b": group.images[j].path, "same_scene": s}
                  for (i, j), s in zip(index_pairs, scene)]
     notes = list(group.notes)
@@ -205,7 +205,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
                         info[k].update(status="skipped", reason=str(e))
                 return
             notes.extend(mask_notes)
-            for row, source in zip(image_rows, sources):
+            for row, source in zip(image_rows, sources, strict=True):
                 row["mask_source"] = source
             fill = fill_colour()
             for key, keep in (("clip_i_fg", "fg"), ("clip_i_bg", "bg")):
@@ -214,11 +214,11 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
                 info[key]["preprocessing"] = (f"{'background' if keep == 'fg' else 'foreground'} replaced by RGB {fill} "
                                               f"(CLIP's mean colour), masks: {how}; then " + clip.describe()["preprocessing"])
                 info[key].setdefault("mask_sources", set()).update(s for s in sources if s)
-                cut = [None if m is None else M.mask_out(im, m, keep, fill) for im, m in zip(images, masks)]
+                cut = [None if m is None else M.mask_out(im, m, keep, fill) for im, m in zip(images, masks, strict=True)]
                 present = [k for k, c in enumerate(cut) if c is not None]
                 embs = [None] * len(images)
                 if present:
-                    for k, e in zip(present, clip.embed_images([cut[k] for k in present])):
+                    for k, e in zip(present, clip.embed_images([cut[k] for k in present]), strict=True):
                         embs[k] = e
                 values = M.pair_similarity(embs, index_pairs)
                 if key == "clip_i_bg":
@@ -240,9 +240,9 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
         embs = [None] * len(images)
         found = [k for k, b in enumerate(boxes) if b is not None]
         if found:
-            for k, e in zip(found, embedder.embed([embedder.crop(images[k], boxes[k]) for k in found])):
+            for k, e in zip(found, embedder.embed([embedder.crop(images[k], boxes[k]) for k in found]), strict=True):
                 embs[k] = e
-        for row, box in zip(image_rows, boxes):
+        for row, box in zip(image_rows, boxes, strict=True):
             row["face"] = None if box is None else [round(v, 2) for v in box[:4]] + [round(box[4], 4)]
             if getattr(box, "landmarks", None):   # RetinaFace: eyes, nose tip, mouth corners (not used by the crop)
                 row["face_landmarks"] = [[round(x, 2), round(y, 2)] for x, y in box.landmarks]
@@ -270,11 +270,11 @@ def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBa
     ``auto`` takes the run's own masks when every image of the group has a usable one (not empty, not full),
     else the segmenter's for the whole group (so that a pair is never compared across two mask sources); where
     the segmenter cannot be had, the run's masks where present."""
-    own = [method_mask(run, im, image.size) for im, image in zip(group.images, images)]
+    own = [method_mask(run, im, image.size) for im, image in zip(group.images, images, strict=True)]
     own = [m if _usable(m) else None for m in own]
     notes = []
     if config.masks == "auto" and not all(m is not None for m in own) and any(m is not None for m in own):
-        lacking = [im.path for im, m in zip(group.images, own) if m is None]
+        lacking = [im.path for im, m in zip(group.images, own, strict=True) if m is None]
         notes.append(f"the run's own masks are missing or empty for {', '.join(lacking)}: the segmenter's "
                      "masks are used for the whole group")
     if config.masks == "method" or (config.masks == "auto" and all(m is not None for m in own)):
@@ -290,7 +290,7 @@ def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBa
         made, why = segmenter.segment(images, texts)
     else:
         made, why = segmenter.masks(images, texts), [None] * len(images)
-    for im, m, reason in zip(group.images, made, why):
+    for im, m, reason in zip(group.images, made, why, strict=True):
         if reason:
             notes.append(f"{im.path}: {reason}")
         elif m is not None and not _usable(m):

@@ -191,7 +191,7 @@ class ClipSegSegmenter(_Torch):
         logits = self._run(self.model, **batch).logits
         logits = logits.reshape(len(images), *logits.shape[-2:])
         out = []
-        for image, logit in zip(images, logits):
+        for image, logit in zip(images, logits, strict=True):
             prob = F.interpolate(logit[None, None].float().sigmoid(), size=(image.height, image.width),
                                  mode="bilinear", align_corners=False)[0, 0]
             out.append((prob > self.threshold).cpu().numpy())
@@ -219,7 +219,7 @@ class Owlv2Detector(_Torch):
         scores = out.logits.max(dim=-1).values.sigmoid().float().cpu().numpy()
         boxes = out.pred_boxes.float().cpu().numpy()
         found, self.last_scores = [], []
-        for image, s, b in zip(images, scores, boxes):
+        for image, s, b in zip(images, scores, boxes, strict=True):
             k = int(np.argmax(s))
             self.last_scores.append(float(s[k]))
             if s[k] < threshold:

@@ -408,7 +408,7 @@ class RetinaFaceDetector:
         passes the threshold (or the clipped box is under 2 px)."""
         images = list(images)
         out = []
-        for image, faces in zip(images, self.faces(images)):
+        for image, faces in zip(images, self.faces(images), strict=True):
             if not faces:
                 out.append(None)
                 continue

@@ -16,6 +16,7 @@ import torch
 
 from ..engine import AttnCall, Phase, Run
 from ..inputs import InputError, excerpt, is_int, is_number
+from ..seeds import SEEDINGS, mix_seed, story_seeds  # noqa: F401  (the seed rule, re-exported for the methods)
 from ..story import StoryImage
 
 BLOCKS = ("single", "double", "all")
@@ -143,39 +144,6 @@ def rescale_step(value: int, num_steps: int, schedule_steps: int | None) -> int:
     if not schedule_steps or num_steps == schedule_steps:
         return int(value)
     return int(round(value * num_steps / schedule_steps))
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """A deterministic 63-bit seed from integers (splitmix-style), independent of Python's hash randomization."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = ((h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h ^= h >> 31
-        h = (h * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 29
-    return h & ((1 << 63) - 1)
-
-
-SEEDINGS = ("shared", "per_image")
-
-
-def story_seeds(seed: int, num_images: int, seeding: str) -> list[int]:
-    """The noise seeds of a story's images (identity first) from one seed, by a seeding convention.
-
-    ``"shared"``: every image starts from the same noise (CharaConsist's official convention: seed 2025 for the
-    identity, its pre-runs and its frames). ``"per_image"``: every image its own noise, as ConsiStory
-    (``create_latents`` draws one latent per prompt from one generator, ``same_latent=False``) and StoryDiffusion
-    (one generator for the identity batch, continued by the frames) do; here the identity keeps ``seed`` and
-    frame k gets ``mix_seed(seed, k)``, so the identity starts from the same noise under both conventions.
-    """
-    if seeding not in SEEDINGS:
-        raise ValueError(f"seeding={seeding!r}; valid: {', '.join(map(repr, SEEDINGS))}")
-    if seeding == "shared":
-        return [int(seed)] * num_images
-    return [int(seed)] + [mix_seed(seed, k) for k in range(1, num_images)]
 
 
 class Method:

@@ -55,7 +55,7 @@ sections, the official files they follow (NVlabs/consistory: ``consistory_run.py
    frame, so frames can be added to existing anchors later and long stories run in chunks. ``anchors=0``: every
    image shares with every other image of its chunk (the store's default mapping).
 7. Seeding: every image starts from its own noise (``create_latents``, ``same_latent=False``): ``seeding =
-   "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity keeps it, each frame
+   "per_image"``; the pipeline spreads one seed that way (``seeds.story_seeds``: the identity keeps it, each frame
    gets its own), the toy benchmark too. A list with one seed repeated is ``same_latent=True``.
 8. Steps: the step options are written for the official 50 steps and rescaled to the step count
    (``schedule_steps``, as CharaConsist's): the official ranges scale with n too (n//10, n//3), except the

@@ -39,7 +39,7 @@ processor is in ``predict.py``; the token masks come from ``cal_attn_mask_xl`` i
   the step count (``schedule_steps``, as CharaConsist's), so 20-step toy runs and 28-step FLUX runs put them at
   the same fraction of the run (the official code uses 5 and 20 whatever the step count).
 - *Seeding.* Every image starts from its own noise (one generator for the identity batch, continued by the
-  frames): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``: the identity
+  frames): ``seeding = "per_image"``; the pipeline spreads one seed that way (``seeds.story_seeds``: the identity
   keeps it, each frame gets its own), the toy benchmark too.
 
 Port to FLUX (documented departures):

@@ -49,7 +49,7 @@ The identity image: StorySync's algorithm shares across the whole batch (Eqs. 5-
 
 Seeding: there is no official code; the paper generates a batch with one sampler call and says nothing of shared
 noise, and a batch drawn from one generator gives every image its own noise (as ConsiStory's code, whose benchmark
-StorySync uses): ``seeding = "per_image"``; the pipeline spreads one seed that way (``base.story_seeds``), the
+StorySync uses): ``seeding = "per_image"``; the pipeline spreads one seed that way (``seeds.story_seeds``), the
 toy benchmark too.
 
 Steps: sharing and RFH on steps [``share_start``, ``share_end``) = 1-49 of 50 (the paper shares at every step;

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .._compat import dtype_kwarg
+from ..seeds import DEFAULT_SEED
 from . import world
 from .pictures import PICTURE_KINDS, aggregate_pictures, format_picture_table, score_picture, story_picture
 from .suite import MODES, ToyStory, heldout_suite, load_stories, make_suite, reduced_suite
@@ -75,15 +76,29 @@ def expand_methods(text: str) -> list[str]:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``name`` or ``name+option=value+...`` (or an ablation alias) -> (registry name, options)."""
+    """``name`` or ``name+option=value+...`` (or an ablation alias) -> (registry name, options). A method's own
+    option is read as ``--option`` reads it (``methods.base.parse_option``: ``point_tracking=off`` is False); other
+    names (the bench's ``seeding`` and ``inversion``) as before."""
+    from ..methods import method_class
+    from ..methods.base import option_types, parse_option
+
     name, *opts = spec.strip().split("+")
     base, options = ALIASES.get(name, (name, {}))
     options = dict(options)
+    try:
+        config = None if base == ORACLE else method_class(base).Config
+    except ValueError:   # an unknown method: the pipeline names the valid ones
+        config = None
+    typed = option_types(config) if config is not None else {}
     for opt in opts:
         key, sep, val = opt.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ValueError(f"method {spec!r}: option {opt!r} is not key=value (e.g. characonsist+share_bg=false)")
-        options[key.strip()] = _value(val.strip())
+        if key in typed:   # the method's own option, read as --option reads it
+            options[key] = parse_option(config, key, val)
+        else:              # the bench's seeding / inversion, or a name the method's check will refuse
+            options[key] = _value(val.strip())
     return base, options
 
 
@@ -339,7 +354,7 @@ def method_seeding(name: str, seeding: str = "official") -> str | None:
     return method_class(name).seeding
 
 
-def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 2025, height: int = 128,
+def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = DEFAULT_SEED, height: int = 128,
               width: int = 128, num_inference_steps: int = 20, max_sequence_length: int = 32,
               log=None, readout_net=None, image_dir: str | Path | None = None, seeding: str = "official",
               identity_picture: str | None = None, inversion: str | None = None, on_method=None,
@@ -347,7 +362,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     """Run ``methods`` on ``stories`` with ``pipe`` (a ``CharaConsistPipeline``) and score them.
 
     Story ``i`` is generated from seed ``seed + story.seed``, spread over its images by each method's official
-    convention (``seeding="official"``; ``methods.base.story_seeds``): CharaConsist and vanilla give every image that
+    convention (``seeding="official"``; ``seeds.story_seeds``): CharaConsist and vanilla give every image that
     seed (identity and frames start from the same noise), ConsiStory, StorySync and StoryDiffusion give each image
     its own noise (the identity keeps the story's seed). ``seeding="shared"`` / ``"per_image"`` forces one convention
     on every method. Each method's convention is recorded (``methods[spec]["seeding"]``, ``settings["seeding"]``)
@@ -363,7 +378,7 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = 202
     ``on_method(result)``, if given, is called with the result so far after each method (the command line writes
     it to ``--json``, so a run cut short keeps the methods it finished).
     """
-    from ..methods.base import story_seeds
+    from ..seeds import story_seeds
     from .readout import read_batch
 
     conventions = {}
@@ -499,9 +514,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``characonsist bench toy``."""
     parser.add_argument("--methods", default="vanilla,characonsist",
                         help="comma-separated: registry names, ablations (characonsist-no-tracking, "
-                             "characonsist-no-merge, characonsist-no-mask), name+option=value (+seeding=shared|per_image: "
-                             "that method's noise convention), 'oracle' "
-                             "(the renderer's truth: the readout's ceiling), or 'all' (" + ",".join(ALL_METHODS) + ")")
+                             "characonsist-no-merge, characonsist-no-mask), name+option=value (values as --option "
+                             "reads them; +seeding=shared|per_image: that method's noise convention), 'oracle' "
+                             "(the renderer's truth: the readout's ceiling), or 'all' (" + ",".join(ALL_METHODS) + ") "
+                             "(default: %(default)s)")
     parser.add_argument("--stories", default=None,
                         help="story file in the toy vocabulary (docs/TOY_WORLD.md) instead of the fixed suite")
     parser.add_argument("--reduced", action="store_true",
@@ -521,18 +537,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default=None, metavar="DIR",
                         help="save each story as a strip DIR/<method>/<story>.png (identity first)")
     parser.add_argument("--model", default="toy",
-                        help="'toy' (shipped toy model), 'tiny' (random tiny FLUX, plumbing only) or a diffusers folder")
+                        help="'toy' (shipped toy model), 'tiny' (random tiny FLUX, plumbing only) or a diffusers folder "
+                             "(default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the model and the readout run there")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: the model and the readout run there (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: OMP_NUM_THREADS when set, else every core this process "
                              "may use)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=2025, help="base seed; story i uses seed + i")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's weights and compute type (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="base seed; story i uses seed + i (default: %(default)s)")
     parser.add_argument("--seeding", default="official", choices=SEEDING_CHOICES,
                         help="how a story's seed reaches its images: each method's official convention (CharaConsist, "
                              "vanilla: the same noise for every image; the peers: one noise per image), or one "
-                             "convention for every method")
+                             "convention for every method (default: %(default)s)")
     parser.add_argument("--identity-picture", default=None, choices=PICTURE_KINDS,
                         help="the identity is a picture of a known character (render: as trained; offgrid: another "
                              "size and position; degraded: the readout's degradations); the frames are scored against "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..seeds import DEFAULT_SEED
 from . import world
 from .bench import _pct, _ratio, check_prompt_lengths, merge_results, save_strip
 from .suite import MODES, ToyTwoStory
@@ -127,7 +128,7 @@ def oracle_two_images(story: ToyTwoStory, seed: int, size: int = 128,
     return images
 
 
-def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: int = 2025, height: int = 128,
+def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: int = DEFAULT_SEED, height: int = 128,
                   num_inference_steps: int = 20, max_sequence_length: int = 32, log=None, readout_net=None,
                   image_dir: str | Path | None = None, seeding: str = "official", oracle_characters=None,
                   **gen_kwargs) -> dict:
@@ -135,7 +136,7 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
     (seeds and conventions as ``bench.run_bench``). ``oracle_characters`` (tests): a function (story) -> {kind:
     Character} the oracle draws instead of its random identities.
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``."""
-    from ..methods.base import story_seeds
+    from ..seeds import story_seeds
     from .bench import ORACLE, method_seeding, parse_method, to_uint8
     from .readout import read_pairs
 

@@ -28,6 +28,7 @@ from ..app.folder import FolderError
 from ..app.layouts import LAYOUTS
 from ..app.stories import FORMATS, SUFFIX, dump_story, parse_story, story_document
 from ..inputs import InputError
+from ..seeds import DEFAULT_SEED
 from .worker import (
     MAX_PICTURE_BYTES,
     MAX_PICTURE_PIXELS,
@@ -148,7 +149,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         return JSONResponse({
             "model": worker.model, "model_state": worker.model_state, "model_error": worker.model_error,
             "loading": " ".join(space.loading.flags()),    # how the model is loaded, as generate's flags
-            "defaults": ref.defaults, "out": str(space.root), "methods": methods, "layouts": list(LAYOUTS),
+            "defaults": ref.defaults, "seed": DEFAULT_SEED, "out": str(space.root), "methods": methods, "layouts": list(LAYOUTS),
             "formats": list(FORMATS), "limits": {"multiple": limits.multiple, "max_side": limits.max_side,
                                                  "vocabulary": list(limits.vocabulary or [])},
             "previews": {"modes": list(PREVIEW_MODES), "interval": worker.preview_interval, "size": worker.preview_size},

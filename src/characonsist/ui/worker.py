@@ -31,6 +31,7 @@ from ..app.request import story_problems
 from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
 from ..inputs import InputError, excerpt
 from ..output import read_json
+from ..seeds import DEFAULT_SEED
 from ..storyfile import StoryError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -132,7 +133,7 @@ class Settings:
     width: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    seed: int = 2025
+    seed: int = DEFAULT_SEED
     save_masks: bool = True
     inversion: str | None = None   # how an identity picture is followed (None: the default, euler)
 
@@ -160,7 +161,7 @@ class Settings:
         options = dict(settings.get("method_options") or {})
         return cls(method=settings.get("method", "characonsist"), options=options, height=settings.get("height"),
                    width=settings.get("width"), steps=settings.get("num_inference_steps"),
-                   guidance=settings.get("guidance_scale"), seed=settings.get("seed", 2025),
+                   guidance=settings.get("guidance_scale"), seed=settings.get("seed", DEFAULT_SEED),
                    save_masks=bool(settings.get("save_masks", True)), inversion=settings.get("inversion"))
 
 
@@ -708,7 +709,7 @@ class Worker:
                     start = time.perf_counter()
                     images = [{"index": k, "url": data_url(im), "width": im.width, "height": im.height}
                               for k, im in zip(batch.images, previews(pipe, x0, batch.height, batch.width, mode,
-                                                                       self.preview_size))]
+                                                                       self.preview_size), strict=True)]
                     cost = round((time.perf_counter() - start) * 1000, 1)
                 except Exception as e:   # a preview must never stop a story: no more previews for this job
                     job.payload["previews"] = None

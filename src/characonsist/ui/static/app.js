@@ -165,7 +165,7 @@ function sceneView(s) {
     el("label", {}, "Scene name", el("input", {class: "scene-name", value: scene.name, placeholder: `scene ${s + 1}`,
       oninput: e => { scene.name = e.target.value; changed(); }})),
     el("label", {}, "Background (every image's, unless a row gives its own)", el("input", {class: "scene-background",
-      value: scene.background, placeholder: "a sunny beach", oninput: e => { scene.background = e.target.value; changed(); }})),
+      value: scene.background, placeholder: "e.g. a sunny beach", oninput: e => { scene.background = e.target.value; changed(); }})),
     el("button", {type: "button", class: "remove-scene", text: "remove scene", onclick: () => { story.scenes.splice(s, 1); render(); changed(); }}));
   const rows = scene.images.flatMap((image, i) => i === 0 ? [rowView(s, i, image), pictureView(image)] : [rowView(s, i, image)]);
   const add = el("button", {type: "button", class: "add-frame", text: "+ frame", onclick: () => { scene.images.push(emptyImage()); render(); changed(); }});
@@ -174,6 +174,7 @@ function sceneView(s) {
 
 function render() {
   $("#title").value = story.title || "";
+  showName();
   $("#character").value = story.character || "";
   $("#scenes").replaceChildren(...story.scenes.map((_, s) => sceneView(s)));
   backgroundInfo();
@@ -191,11 +192,11 @@ function backgroundInfo() {
 
 function slug(text) { return text.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-+|-+$/g, "").slice(0, 40); }
 
-function storyName() {
-  const name = $("#name").value.trim() || slug(story.title || "") || "story";
-  $("#name").value = name;
-  return name;
+function storyName() {   // the name typed, else the title's slug (the field's placeholder shows it): a Check never fixes it
+  return $("#name").value.trim() || slug(story.title || "") || "story";
 }
+
+function showName() { $("#name").placeholder = `${slug(story.title || "") || "story"} (from the title)`; }
 
 function changed() {
   backgroundInfo();
@@ -214,7 +215,7 @@ function settings() {
   if ("share_bg" in known) options.share_bg = $("#background-mode").value === "keep";
   if ("use_token_merge" in known) options.use_token_merge = $("#token-merge").checked;
   const num = id => numberOrNull($(id).value);
-  return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? 2025,
+  return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? info.seed,
           width: num("#width"), height: num("#height"), save_masks: $("#save-masks").checked,
           inversion: $("#inversion").value || null};
 }
@@ -313,7 +314,7 @@ function follow(id) {
     }
     if (["done", "error", "cancelled"].includes(ev.type)) {
       source.close(); currentJob = null; $("#cancel").disabled = true; previews = {};
-      refreshQueue(); openStory($("#name").value, !(ev.type === "done" && !ev.files));
+      refreshQueue(); openStory(storyName(), !(ev.type === "done" && !ev.files));
     }
   };
   refreshQueue();
@@ -348,7 +349,7 @@ function offerOverwrite() {
   $("#problems").append(el("li", {}, button));
 }
 
-async function generate() { if (await check()) submit(payload({kind: "generate"})); }
+async function generate() { if (await check()) { $("#name").value = storyName(); submit(payload({kind: "generate"})); } }
 
 async function cancel() { if (currentJob) { await api(`/api/jobs/${currentJob}/cancel`, {}); status("cancelling…"); } }
 
@@ -379,7 +380,7 @@ function showGallery() {
         el("summary", {text: `${im.notes.length} note(s)`}), ...im.notes.map(n => el("div", {text: n}))));
       if (im.url && group.status === "done" && !live) tile.append(el("button", {type: "button", class: "regenerate", text: "↻ new seed",
         title: "regenerate this image with a new seed; the others stay as they are",
-        onclick: () => submit({kind: "regenerate", name: $("#name").value, group: group.name, index: im.index, previews: livePreviews()})}));
+        onclick: () => submit({kind: "regenerate", name: storyName(), group: group.name, index: im.index, previews: livePreviews()})}));
       return tile;
     });
     const title = el("h3", {text: `${group.name} (${group.status})`});
@@ -413,7 +414,7 @@ function showExports(files) {
 }
 
 async function exportLayout() {
-  submit({kind: "export", name: $("#name").value, layouts: [$("#export-layout").value], formats: [$("#export-format").value]});
+  submit({kind: "export", name: storyName(), layouts: [$("#export-layout").value], formats: [$("#export-format").value]});
 }
 
 // ------------------------------------------------------------------------------------------ stories
@@ -474,14 +475,14 @@ async function start() {
   try { draft = JSON.parse(localStorage.getItem("characonsist-draft") || "null"); } catch (e) { draft = null; }
   story = draft?.story || emptyStory();
   $("#name").value = draft?.name || "";
-  showSettings(draft?.settings || {method: "characonsist", options: {}, seed: 2025, save_masks: true});
+  showSettings(draft?.settings || {method: "characonsist", options: {}, seed: info.seed, save_masks: true});
   render();
   await listStories();
   if ($("#name").value) openStory($("#name").value, true);
   const live = (await api("/api/jobs")).jobs.find(j => j.state === "running" || j.state === "queued");
   if (live) follow(live.id);     // a page reloaded while a job runs follows it again
 
-  $("#title").addEventListener("input", e => { story.title = e.target.value; changed(); });
+  $("#title").addEventListener("input", e => { story.title = e.target.value; showName(); changed(); });
   $("#character").addEventListener("input", e => { story.character = e.target.value; changed(); });
   $("#line-mode").addEventListener("change", render);
   $("#add-scene").addEventListener("click", () => { story.scenes.push({name: "", background: "", images: [emptyImage(), emptyImage()]}); render(); changed(); });
