@@ -1,4 +1,4 @@
-"""Backbones: what differs between FLUX-family models, one small adapter each (DESIGN.md Sec. 6).
+"""Backbones: what differs between FLUX-family models, one small adapter each (docs/ARCHITECTURE.md).
 
 An adapter (``Backbone``) owns the token layout (prompt encoding, text spans, latents and their positions,
 decoding), the schedule, the transformer call (with classifier-free guidance where the model uses it) and the

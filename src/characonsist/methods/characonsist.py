@@ -10,7 +10,8 @@ Components and where they are implemented:
 
 Only the single-stream blocks are changed (official code): foreground sharing on every ``fg_every``-th single
 block (even ones), background sharing on every ``bg_every``-th (all). Masks and matches are averaged over
-all single blocks. Defaults follow the official code (DESIGN.md Sec. 2), not the paper, where they differ:
+all single blocks. Defaults follow the official code (README.md, "How it differs from the official code"), not
+the paper, where they differ:
 - the mask softmax uses unscaled logits (code) rather than attention weights (paper); ``mask_scaled=True``
   gives the paper's reading;
 - the layout pre-run (code only): each frame first runs ``mask_step + 1`` steps without foreground sharing;

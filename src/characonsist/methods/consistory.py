@@ -1,4 +1,4 @@
-"""ConsiStory (Tewel et al., SIGGRAPH 2024, arXiv 2402.03286; seed 003) on FLUX.1, in the lockstep engine.
+"""ConsiStory (Tewel et al., SIGGRAPH 2024, arXiv 2402.03286) on FLUX.1, in the lockstep engine.
 
 ConsiStory makes the subject of a batch of images consistent without training, on SDXL. Its components, their
 sections, the official files they follow (NVlabs/consistory: ``consistory_run.py``, ``consistory_pipeline.py``,
@@ -44,7 +44,7 @@ sections, the official files they follow (NVlabs/consistory: ``consistory_run.py
    step 36 of 50) and the pass's final masks (``last_mask``). ``feature_pass="full"`` (default) does that;
    ``"short"`` stops the pass at the feature step and uses that step's masks (n - 37 steps fewer, a departure).
    Features: ConsiStory uses DIFT (SDXL decoder features); on FLUX block outputs give degenerate matches and
-   single-layer attention outputs unstable ones (CharaConsist Sec. 3.1, seed 002), so we use the cosine
+   single-layer attention outputs unstable ones (CharaConsist paper, Sec. 3.1), so we use the cosine
    similarity of the single blocks' attention outputs (before the output projection) averaged over the blocks,
    CharaConsist's S_t. Injection acts on the attention output before the output projection: the projection is
    affine and the blend weights sum to 1, so blending before or after it is the same.

@@ -1,4 +1,4 @@
-"""StorySync (Gaur, Zolfaghari, Brox; seed 004) in the lockstep engine, on FLUX.1's joint attention.
+"""StorySync (Gaur, Zolfaghari, Brox) in the lockstep engine, on FLUX.1's joint attention.
 
 Components (paper equations) and where they act on FLUX:
 

@@ -439,7 +439,7 @@ class _ReferenceHold:
 
 @torch.no_grad()
 def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int = 16) -> dict:
-    """Can the model copy a given character? (no bar; the curve to follow while training, issue 23.)
+    """Can the model copy a given character? (no bar; the curve to follow while training.)
 
     A two-panel image whose left panel is a render of a known character, held on its true trajectory (the
     render's latents re-noised to the sampler's sigma after every step, as in inpainting), and whose right
@@ -508,7 +508,7 @@ class _AttentionProbe:
 
 @torch.no_grad()
 def panel_attention(pipe, defaults: dict, n: int = 24, seed: int = 4040, sigmas: tuple[float, ...] | None = None) -> dict:
-    """Where the second instance of a character looks (no bar; the diagnosis of issue 23).
+    """Where the second instance of a character looks (no bar; a diagnosis: docs/TOY_WORLD.md, "Training round 4").
 
     Two renders of one character (other scenes and actions) side by side, noised with one noise to ``sigma``
     (by default the mask step's, official step 10 of 50 rescaled, and 0.5), the two-panel prompt, one forward.
@@ -624,7 +624,7 @@ def score_two_characters(truths: list, images: list[np.ndarray]) -> dict:
 def two_characters(pipe, defaults: dict, n: int = 200, seed: int = 55, batch: int = 16) -> dict:
     """Two characters of different kinds in one image (``world.two_caption`` prompts, vanilla samples at the
     model's height and twice its width, each half read on its own): do both characters' named fields read back,
-    and do their unnamed attributes leak from one to the other? No bar (issue 10 sets none); a measure for
+    and do their unnamed attributes leak from one to the other? No bar; a measure for
     multi-character stories.
 
     Adherence, per image: ``scene`` (both halves), ``kinds`` (the halves' kinds are the caption's two, in either
