@@ -201,13 +201,17 @@ def test_estimates_reproduce_the_measured_figures():
     """FLUX.1-dev in bf16, identity + 4 frames at 1024x1024 (BENCHMARKS.md: one GPU 34.39 GiB, model offload
     25.13 GiB allocated and 33.5 GiB host)."""
     one = memory.estimate_needs("none")
-    assert abs(one.gpu_gib - 34.39) < 0.2 and "scaled from measurements" in one.basis
+    assert abs(one.gpu_gib - 34.39) < 0.2 and "measured" in one.basis and one.measured
     offload = memory.estimate_needs("model-offload")
     assert abs(offload.gpu_gib - 25.13) < 0.3 and abs(offload.host_gib - 33.5) < 0.5
     assert memory.estimate_needs("none", "int8").gpu_gib < one.gpu_gib - 7      # weights halved
-    assert "estimate" in memory.estimate_needs("none", "int8").basis
+    fp8 = memory.estimate_needs("none", "fp8")
+    assert "calibrated" in fp8.basis and not fp8.measured
     nine = memory.estimate_needs("none", images=9)
     assert nine.gpu_gib > one.gpu_gib      # activations grow with the images
+    other = memory.ModelSize({k: v / 2 for k, v in memory.FLUX_DEV_PARAMS.items()}, 2048, source="a smaller model")
+    small = memory.estimate_needs("group-offload", size=other)
+    assert not small.measured and "calibrated" not in small.basis and "a smaller model" in small.basis
 
 
 FORMATS = ["none", "int8", "fp8", "nf4", "int8-bnb", "fp8-storage"]
@@ -222,7 +226,8 @@ def test_auto_takes_the_fastest_plan_that_fits(gpu, host):
         for m in ("none", "model-offload", "group-offload", "sequential-offload"):
             needs = memory.estimate_needs(m, q)
             if needs.gpu_reserved_gib + 0.5 <= gpu and needs.host_gib + 0.5 <= host:
-                fits.append((needs.speed, q, m))
+                fits.append((needs.speed, q, m, needs.measured))
+    fits = [f for f in fits if f[3]] or fits      # measured plans first
     if fits:
         assert plan.needs.gpu_reserved_gib + 0.5 <= gpu and plan.needs.host_gib + 0.5 <= host
         fastest = min(f[0] for f in fits)
@@ -246,8 +251,12 @@ def test_auto_on_the_cards_people_have():
         assert plan.needs.gpu_reserved_gib <= gpu and plan.needs.host_gib <= host
     big = memory.choose_plan(139.0, 120.0, ["none", "int8", "fp8"])
     assert (big.quantize, big.memory) == ("none", "none")        # fp8's estimated 5% do not change the weights
-    eager = memory.choose_plan(139.0, 120.0, ["none", "fp8"], keep_weights_within=1.0)
-    assert eager.quantize == "fp8"
+    table_first = memory.choose_plan(139.0, 120.0, ["none", "fp8"], keep_weights_within=1.0)
+    assert (table_first.quantize, table_first.memory) == ("none", "none")   # fp8 is estimated, bf16 measured
+    kept = memory.choose_plan(23.5, 64.0, ["none", "nf4"])                # measured: group offload 1.29x, nf4 1.12x
+    assert (kept.quantize, kept.memory) == ("none", "group-offload")
+    eager = memory.choose_plan(23.5, 64.0, ["none", "nf4"], keep_weights_within=1.0)
+    assert (eager.quantize, eager.memory) == ("nf4", "model-offload")
     only = memory.choose_plan(23.5, 64.0, ["none"], modes=["model-offload", "sequential-offload"])
     assert only.memory == "sequential-offload"               # model offload needs ~28 GiB reserved
     two = memory.choose_plan(31.0, 29.0, ["none"], gpus=2)

@@ -88,13 +88,41 @@ MEASURED_HOST_BASE_GIB = 2.43              # peak RSS of the one-GPU run (weight
 GPU_CONTEXT_GIB = 0.6                      # CUDA context and allocator slack outside max_memory_allocated: estimate
 RESERVED_OVER_ALLOCATED = 1.10             # reserved / allocated, measured 37.93 / 34.39
 
-# Wall time relative to bf16 on one GPU. Measured: sequential offload 4.7 s per forward of 5 images against
-# 0.92 s on one GPU (BENCHMARKS.md). The others are estimates until bench/gpu_bench.py's table phase measures them.
+# Wall time relative to bf16 on one GPU (CharaConsist's defaults, identity + 4 frames). Measured where ``MEASURED``
+# holds the mode (below); the rest are estimates.
 SPEED = {
-    "mode": {"none": (1.0, "measured"), "balanced": (1.1, "estimate"), "group-offload": (1.25, "estimate"),
-             "model-offload": (1.3, "estimate"), "sequential-offload": (5.1, "measured")},
+    "mode": {"none": (1.0, "measured"), "balanced": (1.1, "estimate"), "group-offload": (1.29, "measured"),
+             "model-offload": (1.19, "measured"), "sequential-offload": (5.1, "measured")},
     "quantize": {"none": (1.0, "measured"), "fp8": (0.95, "estimate"), "fp8-storage": (1.05, "estimate"),
-                 "int8": (1.2, "estimate"), "nf4": (1.3, "estimate"), "int8-bnb": (2.0, "estimate")},
+                 "int8": (1.19, "measured"), "nf4": (1.3, "estimate"), "int8-bnb": (2.0, "estimate")},
+}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One (weight format, memory mode) measured on the GPU: FLUX.1-dev's architecture, CharaConsist's defaults,
+    identity + 4 frames at 1024x1024 in one lockstep batch (5 x (4096 + 512) tokens), 50 steps. GiB; ``speed`` is
+    the story's wall time over the bf16 one-GPU story's."""
+
+    gpu_gib: float        # peak allocated, plain FluxPipeline and ours in the same process (the larger)
+    reserved_gib: float   # peak reserved, the same
+    host_gib: float       # peak RSS of the process, loading included (VmHWM)
+    speed: float
+    source: str
+
+
+# BENCHMARKS.md, "Memory modes measured": one H100 80GB, 2026-12-06, engine e113a73, weights loaded through
+# ``load_pipeline`` from a saved random FLUX.1-dev folder; speed = ours / ours in bf16 on one GPU (60.01 s, same
+# machine, same hour). The bf16 offload rows are the first session's (2026-11-22, engine 59266a1, a few steps).
+_H100 = "H100, 2026-12-06, BENCHMARKS.md"
+MEASURED: dict[tuple[str, str], Measured] = {
+    ("none", "none"): Measured(34.39, 37.93, 2.43, 1.0, _H100),
+    ("int8", "none"): Measured(19.01, 22.47, 10.49, 1.188, _H100),
+    ("int8", "model-offload"): Measured(14.14, 16.83, 25.93, 1.414, _H100),
+    ("nf4", "model-offload"): Measured(9.27, 11.80, 19.63, 1.118, _H100),
+    ("none", "group-offload"): Measured(9.91, 16.17, 58.38, 1.293, _H100),
+    ("none", "model-offload"): Measured(25.13, 27.35, 33.5, 1.3, "H100, 2026-11-22, BENCHMARKS.md (speed: estimate)"),
+    ("none", "sequential-offload"): Measured(2.72, 3.82, 33.6, 5.1, "H100, 2026-11-22, BENCHMARKS.md"),
 }
 
 
@@ -173,6 +201,7 @@ class Needs:
     host_gib: float           # peak host RSS
     speed: float              # wall time relative to bf16 on one GPU
     basis: str
+    measured: bool = False    # the memory figures are a GPU measurement of this (format, mode) (``MEASURED``)
 
 
 def _bytes(component: str, quantize: str, dtype_bytes: float) -> float:
@@ -182,22 +211,13 @@ def _bytes(component: str, quantize: str, dtype_bytes: float) -> float:
     return dtype_bytes
 
 
-def estimate_needs(mode: str, quantize: str = "none", size: ModelSize | None = None, images: int = 5,
-                   tokens: int = 4096, text_len: int = 512, dtype_bytes: float = 2.0, gpus: int = 1) -> Needs:
-    """Peak GPU and host memory and relative speed of a story of ``images`` images (identity included) of ``tokens``
-    image tokens each (1024x1024: 4096).
-
-    Scaled from the H100 measurements of BENCHMARKS.md (FLUX.1-dev, bf16, identity + 4 frames at 1024x1024): the
-    activations grow with the batch's tokens and the transformer's width; weights take their format's bytes per
-    parameter (``QUANTIZATIONS``). One GPU and model offload are measured for bf16 (34.39 and 25.13 GiB allocated,
-    host 2.43 and 33.5 GiB); sequential offload too (2.72 GiB, host 33.6 GiB). Everything else is an estimate until
-    bench/gpu_bench.py's ``table`` phase measures it.
-    """
-    size = size or flux_dev_size()
+def _model_estimate(mode: str, quantize: str, size: ModelSize, images: int, tokens: int, text_len: int,
+                    dtype_bytes: float, gpus: int) -> tuple[float, float]:
+    """(peak allocated GiB, peak host GiB) from the model alone: weights at their format's bytes per parameter,
+    activations scaled from the one-GPU bf16 measurement by the batch's tokens and the transformer's width."""
     weights = {c: n * _bytes(c, quantize, dtype_bytes) / GIB for c, n in size.params.items()}
     total = sum(weights.values())
-    act = (MEASURED_ACTIVATION_GIB * images * (tokens + text_len) / MEASURED_ACTIVATION_TOKENS
-           * size.width / FLUX_DEV_WIDTH * dtype_bytes / 2.0)
+    act = _activations(size, images, tokens, text_len, dtype_bytes)
     blocks = max((n * _bytes(c, quantize, dtype_bytes) / GIB for c, n in size.largest_block.items()), default=0.0)
     if mode == "none":
         gpu, held = total + act, 0.0
@@ -211,13 +231,66 @@ def estimate_needs(mode: str, quantize: str = "none", size: ModelSize | None = N
         gpu, held = blocks + act, total
     else:
         raise ValueError(f"unknown memory mode {mode!r}; valid: {', '.join(MODES)}")
-    host = MEASURED_HOST_BASE_GIB + held   # model offload measured 33.5 GiB: 31.46 GiB of weights + 2.0
-    measured = quantize == "none" and mode in ("none", "model-offload", "sequential-offload") and dtype_bytes == 2.0
+    return gpu, MEASURED_HOST_BASE_GIB + held   # model offload measured 33.5 GiB: 31.46 GiB of weights + 2.0
+
+
+def _activations(size: ModelSize, images: int, tokens: int, text_len: int, dtype_bytes: float) -> float:
+    return (MEASURED_ACTIVATION_GIB * images * (tokens + text_len) / MEASURED_ACTIVATION_TOKENS
+            * size.width / FLUX_DEV_WIDTH * dtype_bytes / 2.0)
+
+
+def _is_flux_dev(size: ModelSize) -> bool:
+    return (size.width == FLUX_DEV_WIDTH and "transformer" in size.params
+            and abs(size.params["transformer"] / FLUX_DEV_PARAMS["transformer"] - 1) < 0.02)
+
+
+def estimate_needs(mode: str, quantize: str = "none", size: ModelSize | None = None, images: int = 5,
+                   tokens: int = 4096, text_len: int = 512, dtype_bytes: float = 2.0, gpus: int = 1) -> Needs:
+    """Peak GPU and host memory and relative speed of a story of ``images`` images (identity included) of ``tokens``
+    image tokens each (1024x1024: 4096).
+
+    Three kinds of figure, each result's ``basis`` says which:
+
+    * **measured**: FLUX.1-dev's architecture in bf16 (or the format), a (format, mode) of ``MEASURED``: the GPU
+      measurement itself, its activations moved by the difference in tokens when the story is not identity + 4 frames
+      at 1024x1024.
+    * **calibrated**: another format in a mode that was measured: the model's estimate times the largest
+      measured-over-estimated ratio of that mode (the estimates were low by up to 3x for group offload, whose
+      streamed groups and pinned host copies the model does not count).
+    * **estimate**: the model alone (other models' sizes, unmeasured modes).
+    """
+    size = size or flux_dev_size()
+    if mode not in MODES:
+        raise ValueError(f"unknown memory mode {mode!r}; valid: {', '.join(MODES)}")
+    gpu, host = _model_estimate(mode, quantize, size, images, tokens, text_len, dtype_bytes, gpus)
     speed_mode, how_mode = SPEED["mode"][mode]
     speed_q, how_q = SPEED["quantize"][quantize]
-    basis = (f"memory {'scaled from measurements' if measured else 'estimate'} (BENCHMARKS.md, {size.source}); "
-             f"speed {'measured' if how_mode == how_q == 'measured' else 'estimate'}")
-    return Needs(gpu, gpu * RESERVED_OVER_ALLOCATED + GPU_CONTEXT_GIB, host, speed_mode * speed_q, basis)
+    speed, speed_basis = speed_mode * speed_q, "estimate"
+    reserved = gpu * RESERVED_OVER_ALLOCATED
+    flux_dev = _is_flux_dev(size) and dtype_bytes == 2.0
+    measured = MEASURED.get((quantize, mode)) if flux_dev else None
+    if measured is not None:
+        extra = _activations(size, images, tokens, text_len, dtype_bytes) - MEASURED_ACTIVATION_GIB
+        gpu, host, speed = measured.gpu_gib + extra, measured.host_gib, measured.speed
+        reserved = measured.reserved_gib + extra * RESERVED_OVER_ALLOCATED
+        basis = f"memory measured ({measured.source})"
+        speed_basis = "estimate" if "speed: estimate" in measured.source else "measured"
+    else:
+        ratios = [(m.reserved_gib / (est[0] * RESERVED_OVER_ALLOCATED), m.host_gib / est[1])
+                  for (q, md), m in MEASURED.items() if md == mode and flux_dev
+                  for est in [_model_estimate(md, q, size, 5, 4096, 512, 2.0, gpus)]]
+        if ratios:
+            gpu_ratio = max(1.0, max(r[0] for r in ratios))
+            host_ratio = max(1.0, max(r[1] for r in ratios))
+            reserved, host = reserved * gpu_ratio, host * host_ratio
+            gpu *= gpu_ratio
+            basis = f"memory estimate calibrated on the measured {mode} entries (BENCHMARKS.md, {size.source})"
+        else:
+            basis = f"memory estimate (BENCHMARKS.md, {size.source})"
+        if how_mode == how_q == "measured":
+            speed_basis = "from measured factors"
+    return Needs(gpu, reserved + GPU_CONTEXT_GIB, host, speed, f"{basis}; speed {speed_basis}",
+                 measured=measured is not None)
 
 
 @dataclass
@@ -254,12 +327,14 @@ def choose_plan(gpu_free_gib: float | None, host_gib: float, quantizations: list
                 size: ModelSize | None = None, images: int = 5, tokens: int = 4096, text_len: int = 512,
                 dtype_bytes: float = 2.0, margin_gib: float = 0.5, modes: list[str] | None = None,
                 keep_weights_within: float = 1.5) -> MemoryPlan:
-    """The fastest (weight format, memory mode) whose estimated needs fit ``gpu_free_gib`` (None: no GPU, the CPU
+    """The fastest (weight format, memory mode) whose needs fit ``gpu_free_gib`` (None: no GPU, the CPU
     runs everything in mode ``none``) and ``host_gib``, among ``quantizations`` (e.g. ``["none"]`` to keep the
-    weights as they are) and ``modes`` (default: all that ``gpus`` GPUs allow). Ties go to the one needing less GPU
-    memory. The weights stay as they are (``none``, when offered) if a mode fits them at most
-    ``keep_weights_within`` times slower than the fastest plan that fits: another format changes the images. When
-    nothing fits, the one needing the least GPU memory, with a reason that says so."""
+    weights as they are) and ``modes`` (default: all that ``gpus`` GPUs allow). Plans whose memory was measured
+    (``MEASURED``) come first: an estimated plan is chosen only when no measured one fits, since the estimates were
+    off by up to 3x where they could be checked. Ties go to the one needing less GPU memory. The weights stay as
+    they are (``none``, when offered) if a mode fits them at most ``keep_weights_within`` times slower than the
+    fastest plan that fits: another format changes the images. When nothing fits, the one needing the least GPU
+    memory, with a reason that says so."""
     if not quantizations:
         raise ValueError("no weight format to choose from")
     if gpu_free_gib is None:
@@ -276,6 +351,7 @@ def choose_plan(gpu_free_gib: float | None, host_gib: float, quantizations: list
     budget = f"{gpu_free_gib:.1f} GiB free on the GPU, {host_gib:.1f} GiB host memory available"
     fits = [c for c in candidates
             if c[4].gpu_reserved_gib + margin_gib <= gpu_free_gib and c[4].host_gib + margin_gib <= host_gib]
+    fits = [c for c in fits if c[4].measured] or fits
     if fits:
         speed, _, q, m, needs = fits[0]
         kept = next((c for c in fits if c[2] == "none"), None)
