@@ -23,16 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..app import Cancelled, FolderError, StoryRequest, StoryRun, validate_request
+from ..app import loading, memory_plan
 from ..app import model as models
 from ..app.folder import OutputFolder
 from ..app.layouts import LAYOUTS, write_layouts
 from ..app.regenerate import regenerate
-from ..app.request import story_problems
 from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
 from ..inputs import InputError, excerpt
 from ..output import read_json
 from ..seeds import DEFAULT_SEED
-from ..storyfile import StoryError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 STORY_FILE = "story.yaml"
@@ -99,18 +98,18 @@ class Loading:
     gpu_ids: str = "0"
     dtype: str = "auto"
 
-    def check(self, ref) -> Loading:
+    def check(self, names: dict | None = None) -> Loading:
         """The options with their names resolved (``0``-``3`` -> the mode's name), checked before the UI starts:
         InputError for an unknown one, ``auto`` (the UI's stories have no fixed size to plan for), or a mode that
         needs a CUDA GPU where none is visible."""
-        mode, gpus = models.check_memory(self.memory, self.gpu_ids)
-        quantize = models.check_quantize(self.quantize, ref)
-        models.resolve_dtype(self.dtype)
+        mode, gpus = memory_plan.check_memory(self.memory, self.gpu_ids, names)
+        quantize = memory_plan.check_quantize(self.quantize, names)
+        models.resolve_dtype(self.dtype, names)
         if "auto" in (mode, quantize):
             raise InputError("ui: --memory/--quantize auto plans for one story's size; the UI loads one model for "
                              "stories of any size: give the mode and format (`characonsist generate ... --memory auto` "
                              "prints what it picks for a story)")
-        models.check_memory_device(mode)
+        memory_plan.check_memory_device(mode, names)
         return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
 
     def flags(self) -> list[str]:
@@ -508,7 +507,7 @@ class Worker:
         self.preview_interval = preview_interval
         self.preview_size = preview_size
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
-        workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
+        workspace.loading = workspace.loading.check()   # and bad loading options
         self.pipe = None
         self.loads = 0                                  # how often the model was loaded (once)
         self.model_state = "not loaded"
@@ -556,7 +555,7 @@ class Worker:
             _, checked = self.request(name, doc, settings)
         except (InputError, FolderError) as e:
             raise UiError(self.workspace.relative(getattr(e, "problems", None) or [str(e)])) from None
-        return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
+        return {"ok": True, "settings": checked.settings.manifest(), "groups": [g.name for g in checked.stories[0].groups],
                 "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings,
                                                   self.workspace.loading)}
 
@@ -655,9 +654,9 @@ class Worker:
                 self.loads += 1
                 try:
                     how = self.workspace.loading
-                    self.pipe = models.load_pipeline(
+                    self.pipe = loading.load_pipeline(
                         self.ref, models.resolve_dtype(how.dtype), how.memory, [int(g) for g in how.gpu_ids.split(",")],
-                        progress=False, run={"quantize": how.quantize, "vae_tiling": how.vae_tiling})
+                        quantize=how.quantize, vae_tiling=how.vae_tiling, progress=False)
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
@@ -675,13 +674,8 @@ class Worker:
     def _engine(self, run: StoryRun):
         """The run's ``generate`` on the loaded pipeline; prompts that only the loaded tokenizer can check are
         checked now (as ``StoryRun.load`` does)."""
-        c = run.checked
-        engine = models.story_engine(self.pipeline(), c.run)
-        tokenizer, limits = engine.tokenizer, engine.limits
-        if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
-            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
-            if problems:
-                raise StoryError(problems)
+        engine = loading.story_engine(self.pipeline(), run.checked.settings)
+        run.check_loaded(engine.tokenizer, engine.limits)
         run.engine = engine
         return engine
 
