@@ -18,7 +18,7 @@ STORY = "park#a cat#sitting\npark#a cat#running\n\nbeach#a robot#standing\nbeach
 def request(tiny_model, out, **kw):
     return StoryRequest(stories=[parse_text(STORY, "<form>")], model=str(tiny_model), out=str(out), height=64,
                         width=64, num_inference_steps=3, max_sequence_length=32,
-                        options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
+                        method_options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
 
 
 @pytest.mark.slow

@@ -117,16 +117,16 @@ def test_the_command_line_and_the_api_say_the_same(story_pipe, tmp_path):
     story = tmp_path / "s.txt"
     story.write_text(f"{IDENTITY}\n{FRAMES[0]}\n")
     cases = [dict(num_inference_steps=0), dict(height=100), dict(guidance_scale=float("inf")),
-             dict(max_sequence_length=0), dict(options={"mask_step": "ten"}), dict(options={"share_start": 9,
-                                                                                           "share_end": 3})]
+             dict(max_sequence_length=0), dict(method_options={"mask_step": "ten"}),
+             dict(method_options={"share_start": 9, "share_end": 3})]
     for case in cases:
         request = StoryRequest(stories=[str(story)], model=str(folder), out=str(tmp_path / "out"),
                                **{"max_sequence_length": 32, **case})
         with pytest.raises(InputError) as app_error:
             validate_request(request)
-        call = {k: v for k, v in case.items() if k != "options"}
+        call = {k: v for k, v in case.items() if k != "method_options"}
         with pytest.raises(InputError) as api_error:
-            story_pipe(IDENTITY, FRAMES[:1], **{**KW, **call}, **case.get("options", {}))
+            story_pipe(IDENTITY, FRAMES[:1], **{**KW, **call}, **case.get("method_options", {}))
         assert app_error.value.problems == api_error.value.problems, case
 
 

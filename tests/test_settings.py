@@ -29,7 +29,7 @@ def old_run(tmp_path):
 def old_request(folder: Path) -> StoryRequest:
     return StoryRequest(stories=[str(folder / "story.txt")], model="toy", out=str(folder), dtype="float32",
                         num_inference_steps=4, seed=7, save_masks=True,
-                        options={"share_bg": False, "mask_step": "2"})   # text, as --option gives it
+                        method_options={"share_bg": False, "mask_step": "2"})   # text, as --option gives it
 
 
 def test_a_run_folder_of_version_0_1_0_resumes_from_python(old_run):
@@ -54,7 +54,7 @@ def test_a_run_folder_of_version_0_1_0_resumes_from_the_command_line(old_run, fa
 
 
 def test_a_changed_setting_is_a_conflict_naming_the_field(old_run):
-    request = dataclasses.replace(old_request(old_run), options={"share_bg": False, "mask_step": "3"})
+    request = dataclasses.replace(old_request(old_run), method_options={"share_bg": False, "mask_step": "3"})
     with pytest.raises(InputError) as info:
         StoryRun(validate_request(request)).__enter__()
     assert "method_options" in str(info.value) and "'mask_step': 3" in str(info.value)

@@ -38,7 +38,7 @@ from .settings import StorySettings, method_config
 
 @dataclass
 class StoryRequest:
-    """Everything a story run needs, as a front end gives it; None = the model's default. Method ``options`` may be
+    """Everything a story run needs, as a front end gives it; None = the model's default. ``method_options`` may be
     typed values or text (``"10"``, ``"false"``, as a command line or a web form gives them): text is read in the
     option's type. ``validate_request`` turns it into a ``StorySettings`` (the same field names)."""
 
@@ -46,7 +46,7 @@ class StoryRequest:
     model: str
     out: str
     method: str = "characonsist"
-    options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
     height: int | None = None
     width: int | None = None
     num_inference_steps: int | None = None
@@ -101,7 +101,7 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     methods = method_names()
     if request.method not in methods:
         raise InputError(f"unknown method {excerpt(request.method)}; valid: {', '.join(methods)}")
-    config, recorded = method_config(request.method, dict(request.options or {}))
+    config, recorded = method_config(request.method, dict(request.method_options or {}))
     mode, gpus = check_memory(request.memory, request.gpu_ids, names)
     quantize = check_quantize(request.quantize, names)
     loras = check_loras(request.loras, names)

@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..app import Cancelled, FolderError, StoryRequest, StoryRun, validate_request
+from ..app import Cancelled, FolderError, StoryRequest, StoryRun, StorySettings, validate_request
 from ..app import loading, memory_plan
 from ..app import model as models
 from ..app.folder import OutputFolder
@@ -113,25 +113,34 @@ class Loading:
         return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
 
     def flags(self) -> list[str]:
-        """The ``characonsist generate`` flags that load the model the same way (those not at their default)."""
+        """The ``characonsist generate`` flags that load the model the same way (those not at their default; the
+        command line's names, ``cli.FLAGS``)."""
+        from ..cli import FLAGS
+
         default, parts = Loading(), []
-        for name, flag in (("memory", "--memory"), ("quantize", "--quantize"), ("gpu_ids", "--gpu-ids"),
-                           ("dtype", "--dtype")):
-            if getattr(self, name) != getattr(default, name):
-                parts += [flag, str(getattr(self, name))]
-        return parts + (["--vae-tiling"] if self.vae_tiling else [])
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                parts += [FLAGS[f.name]] if value is True else [FLAGS[f.name], str(value)]
+        return parts
+
+
+# How the page labels the fields it sets, for the application layer's messages (the command line uses its flags).
+LABELS = {"method": "Method", "num_inference_steps": "Steps", "guidance_scale": "Guidance", "seed": "Seed",
+          "width": "Width", "height": "Height", "inversion": "Picture inversion", "method_options": "More options"}
 
 
 @dataclass
 class Settings:
-    """A run's settings as the editor holds them (None = the model's default)."""
+    """A run's settings as the editor holds them (None = the model's default; option values may stay text): the
+    ``StoryRequest`` fields the form sets, under the same names (the UI's JSON, ``StorySettings``, the manifest)."""
 
     method: str = "characonsist"
-    options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
     height: int | None = None
     width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     seed: int = DEFAULT_SEED
     save_masks: bool = True
     inversion: str | None = None   # how an identity picture is followed (None: the default, euler)
@@ -149,42 +158,24 @@ class Settings:
         values = {k: (None if v == "" else v) for k, v in data.items()}
         if values.get("seed") is None:
             values.pop("seed", None)
-        if values.get("options") is None:
-            values["options"] = {}
-        if not isinstance(values.get("options", {}), dict):
-            raise UiError("settings.options: expected a mapping of option names to values")
+        if values.get("method_options") is None:
+            values["method_options"] = {}
+        if not isinstance(values.get("method_options", {}), dict):
+            raise UiError("settings.method_options: expected a mapping of option names to values")
         return cls(**values)
 
     @classmethod
-    def from_manifest(cls, settings: dict) -> Settings:
-        options = dict(settings.get("method_options") or {})
-        return cls(method=settings.get("method", "characonsist"), options=options, height=settings.get("height"),
-                   width=settings.get("width"), steps=settings.get("num_inference_steps"),
-                   guidance=settings.get("guidance_scale"), seed=settings.get("seed", DEFAULT_SEED),
-                   save_masks=bool(settings.get("save_masks", True)), inversion=settings.get("inversion"))
+    def of(cls, settings: StorySettings) -> Settings:
+        """The editor's settings of a run (``StorySettings.from_manifest``): the same fields, by name."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
 def cli_command(model: str, folder: Path, settings: Settings, loading: Loading | None = None) -> str:
     """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
-    import shlex
+    from ..cli import generate_command
 
-    parts = ["characonsist", "generate", str(folder / STORY_FILE), "--model", model, "--out", str(folder),
-             "--method", settings.method, *(loading or Loading()).flags()]
-    options = dict(settings.options)
-    for key, flag in (("share_bg", "share-bg"), ("use_token_merge", "token-merge")):
-        if key in options:
-            value = options.pop(key)
-            parts.append(f"--{flag}" if value in (True, "true", "True", "1") else f"--no-{flag}")
-    for key, value in options.items():
-        parts += ["--option", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    for flag, value in (("--height", settings.height), ("--width", settings.width), ("--steps", settings.steps),
-                        ("--guidance", settings.guidance), ("--seed", settings.seed),
-                        ("--inversion", settings.inversion)):
-        if value is not None:
-            parts += [flag, str(value)]
-    if settings.save_masks:
-        parts.append("--save-masks")
-    return " ".join(shlex.quote(p) for p in parts)
+    return generate_command(StoryRequest(stories=[str(folder / STORY_FILE)], model=model, out=str(folder),
+                                         **dataclasses.asdict(settings), **dataclasses.asdict(loading or Loading())))
 
 
 @dataclass
@@ -409,8 +400,11 @@ class Workspace:
             raise UiError(e.problems if hasattr(e, "problems") else str(e)) from None
         if doc is None:
             raise UiError(f"{folder} has neither {STORY_FILE} nor manifest.json", status=404)
-        settings = Settings.from_manifest(manifest["settings"]) if manifest and manifest.get("settings") \
-            else Settings()
+        try:
+            settings = Settings.of(StorySettings.from_manifest(manifest["settings"], str(folder / "manifest.json"))) \
+                if manifest and manifest.get("settings") else Settings()
+        except InputError as e:
+            raise UiError(e.problems) from None
         return {"name": name, "story": doc, "settings": dataclasses.asdict(settings),
                 "groups": self.gallery(name, manifest), "exports": self.exports(name),
                 "command": cli_command(self.model, folder, settings, self.loading)}
@@ -543,12 +537,9 @@ class Worker:
         for group in story.groups:   # ../pictures/<file> from the story's folder (which may not exist yet)
             if group.picture is not None:
                 group.picture = str(self.workspace.root / PICTURES / stored_picture(group.picture))
-        request = StoryRequest(stories=[story], model=self.model, out=str(folder), method=settings.method,
-                               options=dict(settings.options), height=settings.height, width=settings.width,
-                               num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                               seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite,
-                               inversion=settings.inversion, **dataclasses.asdict(self.workspace.loading))
-        return text, validate_request(request)
+        request = StoryRequest(stories=[story], model=self.model, out=str(folder), overwrite=overwrite,
+                               **dataclasses.asdict(settings), **dataclasses.asdict(self.workspace.loading))
+        return text, validate_request(request, names=LABELS)
 
     def validate(self, name: str, doc: dict, settings: Settings) -> dict:
         try:
