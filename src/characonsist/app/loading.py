@@ -30,7 +30,8 @@ def load_pipeline(ref: ModelRef, dtype: str, memory: str = "none", gpus=(0,), qu
     (``characonsist.memory.load_pipeline``)."""
     import torch
 
-    from .. import CharaConsistPipeline, memory as memory_modes
+    from .. import CharaConsistPipeline
+    from .. import memory as memory_modes
 
     name = str(ref.folder) if ref.kind == "toy" else ref.name
     with warnings.catch_warnings():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..inputs import InputError, ModelLimits, model_defaults, model_limits, read_config
 from .settings import label
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name; anything else is taken as a folder path
 

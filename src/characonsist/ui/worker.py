@@ -22,8 +22,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..app import Cancelled, FolderError, StoryRequest, StoryRun, StorySettings, validate_request
-from ..app import loading, memory_plan
+from ..app import Cancelled, FolderError, StoryRequest, StoryRun, StorySettings, loading, memory_plan, validate_request
 from ..app import model as models
 from ..app.folder import OutputFolder
 from ..app.layouts import LAYOUTS, write_layouts
