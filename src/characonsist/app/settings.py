@@ -1,7 +1,7 @@
 """``StorySettings``: the one typed, frozen record of how a story run makes its images.
 
-The application layer makes it once (``app.request.validate_request``, from a command line, a web form or a story
-file's header; ``StorySettings.from_manifest`` from a run folder) and hands the same object to ``StoryRun``, the
+The application layer makes it once (``app.request.validate_request``, from a front end's ``StoryRequest``: a
+command line, a web form; ``StorySettings.from_manifest`` from a run folder) and hands the same object to ``StoryRun``, the
 jobs (``app.jobs.plan_jobs``), the resume key (``resume_key``), the manifest (``manifest``) and the pipeline call
 (``pipeline_arguments``). Method options travel as the method's own validated ``Config`` (docs/ARCHITECTURE.md,
 "Who owns what").
