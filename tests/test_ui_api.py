@@ -46,7 +46,7 @@ def tiny_model(tiny_model):
 
 @pytest.fixture()
 def ui(tiny_model, tmp_path):
-    space = Workspace(tmp_path / "ui", tiny_model)
+    space = Workspace(tmp_path / "ui", tiny_model, flags=cli.FLAGS)   # as `characonsist ui` makes it
     worker = Worker(space, tiny_model)
     space.open()
     worker.start()
@@ -632,7 +632,7 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
 
     from torchao.utils import TorchAOBaseTensor
 
-    space = Workspace(tmp_path / "ui", tiny_model, Loading(quantize="int8", dtype="float32", memory="0"))
+    space = Workspace(tmp_path / "ui", tiny_model, Loading(quantize="int8", dtype="float32", memory="0"), cli.FLAGS)
     worker = Worker(space, tiny_model)
     assert space.loading == Loading(memory="none", quantize="int8", dtype="float32")   # "0" is the official none
     space.open()

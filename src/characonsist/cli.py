@@ -129,16 +129,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (errors still go to stderr)")
 
 
-# The command line's name of every StoryRequest / StorySettings field it sets (the one table): its flag, which
-# names the field in the application layer's messages too. ``--lora`` is repeated, one LoRA each.
+# The command line's name of every StoryRequest / StorySettings field it sets, and of the method options that have
+# a flag of their own (the official switches; any other option is --option KEY=VALUE): the one table. It names the
+# fields in the application layer's messages too, and the web UI writes its commands with it (``ui.serve``).
+# ``--lora`` is repeated, one LoRA each.
 FLAGS = {"model": "--model", "out": "--out", "method": "--method", "memory": "--memory", "quantize": "--quantize",
          "gpu_ids": "--gpu-ids", "dtype": "--dtype", "vae_tiling": "--vae-tiling", "height": "--height",
          "width": "--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
          "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size", "inversion": "--inversion",
          "attention_backend": "--attention-backend", "compile": "--compile", "loras": "--lora",
-         "save_masks": "--save-masks", "overwrite": "--overwrite"}
-# Method options with a flag of their own (the official switches); any other is --option KEY=VALUE.
-OPTION_FLAGS = {"share_bg": "--share-bg", "use_token_merge": "--token-merge"}
+         "save_masks": "--save-masks", "overwrite": "--overwrite",
+         "share_bg": "--share-bg", "use_token_merge": "--token-merge"}
+OPTION_FLAGS = ("share_bg", "use_token_merge")   # the method options among FLAGS
 
 
 def _dest(flag: str) -> str:
@@ -151,51 +153,17 @@ def request_from_args(args):
     from .app import StoryRequest
 
     options: dict = {}
-    for key, flag in OPTION_FLAGS.items():
-        if getattr(args, _dest(flag)) is not None:
-            options[key] = bool(getattr(args, _dest(flag)))
+    for key in OPTION_FLAGS:
+        if getattr(args, _dest(FLAGS[key])) is not None:
+            options[key] = bool(getattr(args, _dest(FLAGS[key])))
     for item in args.option or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--option {excerpt(item)}: expected KEY=VALUE, e.g. mask_step=10")
         options[key.strip()] = text
-    values = {field: getattr(args, _dest(flag)) for field, flag in FLAGS.items()}
+    values = {field: getattr(args, _dest(flag)) for field, flag in FLAGS.items() if field not in OPTION_FLAGS}
     values["loras"] = list(values["loras"] or [])
     return StoryRequest(stories=list(args.story), method_options=options, **values)
-
-
-def generate_command(request) -> str:
-    """The ``characonsist generate`` command line of a StoryRequest (fields at their defaults left out), through
-    ``FLAGS``: what the web UI shows to resume or re-run a story from a terminal."""
-    import dataclasses
-    import shlex
-
-    from .app import StoryRequest
-
-    default = StoryRequest(stories=[], model="", out="")
-    parts = ["characonsist", "generate", *map(str, request.stories)]
-    options = dict(request.method_options or {})
-    for field, flag in FLAGS.items():
-        value = getattr(request, field)
-        if field not in ("model", "out", "method") and (value == getattr(default, field) or value is None):
-            continue
-        if field == "loras":
-            for lora in value:
-                lora = lora if isinstance(lora, dict) else dataclasses.asdict(lora) if dataclasses.is_dataclass(lora) \
-                    else {"source": str(lora), "scale": None}
-                parts += [flag, lora["source"] + ("" if lora["scale"] in (None, 1.0) else f":{lora['scale']}")]
-        elif isinstance(value, bool):
-            parts += [flag] if value else []
-        else:
-            parts += [flag, str(value)]
-        if field == "method":   # the method's options after it
-            for key, option_flag in OPTION_FLAGS.items():
-                if key in options:
-                    on = options.pop(key) in (True, "true", "True", "1")
-                    parts.append(option_flag if on else option_flag.replace("--", "--no-", 1))
-            for key, text in options.items():
-                parts += ["--option", f"{key}={str(text).lower() if isinstance(text, bool) else text}"]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -304,7 +272,8 @@ def cmd_ui(args) -> int:
     from .ui.worker import Loading
 
     loading = Loading(args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype).check(FLAGS)
-    return serve(args.model, args.out, args.host, args.port, loading=loading, allow_hosts=args.allow_host or ())
+    return serve(args.model, args.out, args.host, args.port, loading=loading, allow_hosts=args.allow_host or (),
+                 flags=FLAGS)
 
 
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:

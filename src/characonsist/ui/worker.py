@@ -111,16 +111,14 @@ class Loading:
         memory_plan.check_memory_device(mode, names)
         return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
 
-    def flags(self) -> list[str]:
-        """The ``characonsist generate`` flags that load the model the same way (those not at their default; the
-        command line's names, ``cli.FLAGS``)."""
-        from ..cli import FLAGS
-
+    def flags(self, flags: dict[str, str] | None) -> list[str]:
+        """The ``characonsist generate`` flags that load the model the same way (those not at their default), named
+        by ``flags`` (the command line's table, which ``characonsist ui`` hands over; None: the field names)."""
         default, parts = Loading(), []
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value, flag = getattr(self, f.name), (flags or {}).get(f.name, f.name)
             if value != getattr(default, f.name):
-                parts += [FLAGS[f.name]] if value is True else [FLAGS[f.name], str(value)]
+                parts += [flag] if value is True else [flag, str(value)]
         return parts
 
 
@@ -169,12 +167,34 @@ class Settings:
         return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
-def cli_command(model: str, folder: Path, settings: Settings, loading: Loading | None = None) -> str:
-    """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
-    from ..cli import generate_command
+def cli_command(request: StoryRequest, flags: dict[str, str] | None) -> str | None:
+    """The ``characonsist generate`` command of a story's request (fields at their defaults left out), written with
+    the command line's table of flags (``characonsist ui`` hands it over; None: no command is shown)."""
+    import shlex
 
-    return generate_command(StoryRequest(stories=[str(folder / STORY_FILE)], model=model, out=str(folder),
-                                         **dataclasses.asdict(settings), **dataclasses.asdict(loading or Loading())))
+    if not flags:
+        return None
+    default = StoryRequest(stories=[], model="", out="")
+    parts = ["characonsist", "generate", *map(str, request.stories)]
+    options = dict(request.method_options or {})
+    for name in flags:    # in the table's order
+        value = getattr(request, name, None)
+        if value is None or (name not in ("model", "out", "method") and value == getattr(default, name)):
+            continue
+        if name == "loras":
+            parts += [p for lora in value for p in (flags[name], str(lora))]
+        elif isinstance(value, bool):
+            parts += [flags[name]] if value else []
+        else:
+            parts += [flags[name], str(value)]
+        if name == "method":   # the method's options after it: a flag of their own, else --option KEY=VALUE
+            for key, text in options.items():
+                if key in flags:
+                    on = text in (True, "true", "True", "1")
+                    parts.append(flags[key] if on else flags[key].replace("--", "--no-", 1))
+                else:
+                    parts += ["--option", f"{key}={str(text).lower() if isinstance(text, bool) else text}"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @dataclass
@@ -205,10 +225,12 @@ class UiJob:
 class Workspace:
     """The UI's output folder: one run folder per story, nothing read or written outside it."""
 
-    def __init__(self, root: str | Path, model: str, loading: Loading | None = None):
+    def __init__(self, root: str | Path, model: str, loading: Loading | None = None,
+                 flags: dict[str, str] | None = None):
         self.root = Path(root).expanduser().resolve()
         self.model = model
         self.loading = loading or Loading()
+        self.flags = flags        # the command line's flags, to show each story's command (``cli_command``)
         self.lock = OutputFolder(self.root)
         self._storing = threading.Lock()   # uploads run in the server's threads; one writes at a time
 
@@ -406,7 +428,12 @@ class Workspace:
             raise UiError(e.problems) from None
         return {"name": name, "story": doc, "settings": dataclasses.asdict(settings),
                 "groups": self.gallery(name, manifest), "exports": self.exports(name),
-                "command": cli_command(self.model, folder, settings, self.loading)}
+                "command": self.command(folder, settings)}
+
+    def command(self, folder: Path, settings: Settings) -> str | None:
+        """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
+        return cli_command(StoryRequest(stories=[str(folder / STORY_FILE)], model=self.model, out=str(folder),
+                                        **dataclasses.asdict(settings), **dataclasses.asdict(self.loading)), self.flags)
 
     def url(self, name: str, rel: str) -> str | None:
         path = self.folder(name) / rel
@@ -546,8 +573,7 @@ class Worker:
         except (InputError, FolderError) as e:
             raise UiError(self.workspace.relative(getattr(e, "problems", None) or [str(e)])) from None
         return {"ok": True, "settings": checked.settings.manifest(), "groups": [g.name for g in checked.stories[0].groups],
-                "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings,
-                                                  self.workspace.loading)}
+                "notes": self.workspace.relative(checked.notes), "command": self.workspace.command(self.workspace.folder(name), settings)}
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
