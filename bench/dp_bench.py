@@ -79,16 +79,16 @@ def write_model_folder(folder: Path, size: str) -> None:
 def random_engine(size: str):
     """An ``engine_factory`` for ``app.parallel.generate``: the random pipeline built on this process's device."""
     from characonsist import CharaConsistPipeline
-    from characonsist.app.model import story_engine
+    from characonsist.app.loading import story_engine
 
-    def factory(ref, run, mode, gpus, progress=False):
-        device = torch.device(f"cuda:{gpus[0]}" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, run["dtype"])
+    def factory(ref, settings, progress=False):
+        device = torch.device(f"cuda:{settings.gpu_ids[0]}" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, settings.dtype)
         flux = build_random_flux(size, device, dtype=dtype, seed=0)
         flux.vae.enable_slicing()   # decode one image at a time: the transformer sets the GPU peak
         pipe = CharaConsistPipeline.from_pipe(flux, dtype=dtype)   # from_pipe would cast to float32 otherwise
         pipe.set_progress_bar_config(disable=not progress)
-        return story_engine(pipe, run)
+        return story_engine(pipe, settings)
 
     return factory
 

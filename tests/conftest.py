@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from characonsist.app.model import GroupResult
+from characonsist.app.jobs import GroupResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -113,17 +113,17 @@ class FakeEngine:
 
 @pytest.fixture
 def fake(monkeypatch):
-    """The engine replaced by a ``FakeEngine`` (``app.model.load_engine`` monkeypatched); ``fake.loads`` lists
+    """The engine replaced by a ``FakeEngine`` (``app.loading.load_engine`` monkeypatched); ``fake.loads`` lists
     every load as (model, memory mode, GPUs)."""
     engine = FakeEngine()
     loads = []
 
-    def load_engine(ref, run, mode, gpus, progress=True):
-        loads.append((ref.name, mode, gpus))
+    def load_engine(ref, settings, progress=True):
+        loads.append((ref.name, settings.memory, list(settings.gpu_ids)))
         return engine
 
-    from characonsist.app import model as app_model
+    from characonsist.app import loading as app_loading
 
-    monkeypatch.setattr(app_model, "load_engine", load_engine)
+    monkeypatch.setattr(app_loading, "load_engine", load_engine)
     engine.loads = loads
     return engine

@@ -18,14 +18,14 @@ STORY = "park#a cat#sitting\npark#a cat#running\n\nbeach#a robot#standing\nbeach
 def request(tiny_model, out, **kw):
     return StoryRequest(stories=[parse_text(STORY, "<form>")], model=str(tiny_model), out=str(out), height=64,
                         width=64, num_inference_steps=3, max_sequence_length=32,
-                        options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
+                        method_options={"mask_step": "1"}, **kw)   # option values may stay text, as a form sends them
 
 
 @pytest.mark.slow
 def test_progress_cancel_and_resume_from_python(tiny_model, tmp_path):
     out = tmp_path / "out"
     checked = validate_request(request(tiny_model, out))
-    assert checked.run["method_options"]["mask_step"] == 1
+    assert checked.settings.method_options["mask_step"] == 1 and checked.settings.method_config.mask_step == 1
     seen, cancel = [], threading.Event()
 
     def progress(job, phase, done, total):
@@ -65,15 +65,18 @@ def test_validation_lists_every_problem_at_once(tiny_model, tmp_path):
 
 def test_cli_jobs_spread_the_seed_by_the_methods_convention(tmp_path):
     from characonsist.app.folder import OutputFolder
-    from characonsist.app.jobs import SETTINGS_KEYS, plan_jobs
+    from characonsist.app.jobs import plan_jobs
+    from characonsist.app.settings import StorySettings, method_config
     from characonsist.methods.base import story_seeds
     from characonsist.storyfile import load_story
 
     story = tmp_path / "s.txt"
     story.write_text("a park#a robot#standing\na park#a robot#waving\na beach#a robot#running\n")
-    run = {"seed": 2025, "height": 128, "width": 128}
     for method, seeding in (("characonsist", "shared"), ("consistory", "per_image")):
+        config, recorded = method_config(method, {})
+        settings = StorySettings(model="m", dtype="float32", method=method, method_config=config, height=128,
+                                 width=128, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=32,
+                                 seed=2025, recorded_options=recorded)
         with OutputFolder(tmp_path / method) as out:
-            settings = {**{k: None for k in SETTINGS_KEYS}, **run, "method": method}
-            (job,) = plan_jobs([load_story(story)], settings, out, save_masks=False)
+            (job,) = plan_jobs([load_story(story)], settings, out)
         assert [r["seed"] for r in job.records] == story_seeds(2025, 3, seeding)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from characonsist import cli
-from characonsist.app.model import oom_advice
+from characonsist.app.memory_plan import oom_advice
 from characonsist.output import read_png_record
 from conftest import FakeEngine  # the fake engine and its fixture `fake` are shared (conftest.py)
 
@@ -205,7 +205,7 @@ def test_out_of_memory_names_the_modes_that_fit(tmp_path, model_dir, fake, capsy
     err = capsys.readouterr().err
     assert "out of memory" in err and "--memory model-offload" in err and "--memory sequential-offload" in err
     assert "--memory balanced" not in err  # needs two GPUs
-    assert "--memory balanced" in oom_advice("model-offload", [0, 1])
+    assert "--memory balanced" in oom_advice("model-offload", [0, 1], cli.FLAGS)
     assert "model-offload" not in oom_advice("model-offload", [0]).split("fit:")[1]
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from characonsist import cli
-from characonsist.app import model as app_model
+from characonsist.app import loading as app_loading
 from characonsist.output import read_png_record
 
 STORY = "park#a cat#sitting\npark#a cat#running\n"
@@ -33,7 +33,7 @@ def generate(tmp_path, model, *extra, out="out", quiet=True):
     (["--lora", "x.safetensors:nan"], "the scale must be a finite number"),
 ])
 def test_bad_memory_options_exit_2_before_loading(tmp_path, tiny_model, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr(app_model, "load_engine", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(app_loading, "load_engine", lambda *a, **k: pytest.fail("the model must not load"))
     if extra[0] == "--lora" and "nan" in extra[1]:
         (tmp_path / "x.safetensors").write_bytes(b"")
         monkeypatch.chdir(tmp_path)
@@ -44,11 +44,11 @@ def test_bad_memory_options_exit_2_before_loading(tmp_path, tiny_model, capsys, 
 def test_memory_auto_says_what_it_chose(tmp_path, tiny_model, capsys, monkeypatch):
     loads = []
 
-    def load_engine(ref, run, mode, gpus, progress=True):
-        loads.append((mode, run["quantize"]))
+    def load_engine(ref, settings, progress=True):
+        loads.append((settings.memory, settings.quantize))
         raise KeyboardInterrupt   # stop right after the choice: nothing generated
 
-    monkeypatch.setattr(app_model, "load_engine", load_engine)
+    monkeypatch.setattr(app_loading, "load_engine", load_engine)
     assert generate(tmp_path, tiny_model, "--memory", "auto", quiet=False) == cli.EXIT_INTERRUPTED
     out = capsys.readouterr().out
     assert "memory: --quantize none --memory none: no CUDA GPU" in out

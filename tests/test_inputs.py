@@ -117,16 +117,16 @@ def test_the_command_line_and_the_api_say_the_same(story_pipe, tmp_path):
     story = tmp_path / "s.txt"
     story.write_text(f"{IDENTITY}\n{FRAMES[0]}\n")
     cases = [dict(num_inference_steps=0), dict(height=100), dict(guidance_scale=float("inf")),
-             dict(max_sequence_length=0), dict(options={"mask_step": "ten"}), dict(options={"share_start": 9,
-                                                                                           "share_end": 3})]
+             dict(max_sequence_length=0), dict(method_options={"mask_step": "ten"}),
+             dict(method_options={"share_start": 9, "share_end": 3})]
     for case in cases:
         request = StoryRequest(stories=[str(story)], model=str(folder), out=str(tmp_path / "out"),
                                **{"max_sequence_length": 32, **case})
         with pytest.raises(InputError) as app_error:
             validate_request(request)
-        call = {k: v for k, v in case.items() if k != "options"}
+        call = {k: v for k, v in case.items() if k != "method_options"}
         with pytest.raises(InputError) as api_error:
-            story_pipe(IDENTITY, FRAMES[:1], **{**KW, **call}, **case.get("options", {}))
+            story_pipe(IDENTITY, FRAMES[:1], **{**KW, **call}, **case.get("method_options", {}))
         assert app_error.value.problems == api_error.value.problems, case
 
 
@@ -212,12 +212,12 @@ def test_from_pipe_does_not_warn_about_an_empty_fp32_list(tiny_pipe):
 def test_toy_model_on_the_command_line_refuses_before_loading(tmp_path, monkeypatch, capsys):
     """`generate --model toy`: words outside its vocabulary and sizes it cannot take, before the weights load."""
     from characonsist import cli
-    from characonsist.app import model as app_model
+    from characonsist.app import loading as app_loading
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(app_model, "load_engine", forbidden)
+    monkeypatch.setattr(app_loading, "load_engine", forbidden)
     story = tmp_path / "story.txt"
     story.write_text("a quiet park#a robot#big in the middle\na sunny beach#a robot#small on the left\n")
     assert cli.main(["generate", str(story), "--model", "toy", "--out", str(tmp_path / "o"), "--quiet"]) == 2
@@ -237,12 +237,12 @@ def test_what_only_the_loaded_model_tells_is_checked_before_any_group(tmp_path, 
     """A model folder without a separate tokenizer: its vocabulary and size limit are read once it is loaded,
     still before the first group is generated."""
     from characonsist import cli
-    from characonsist.app import model as app_model
+    from characonsist.app import loading as app_loading
     from conftest import FakeEngine
 
     engine = FakeEngine()
     engine.tokenizer, engine.limits = toy_pipe.tokenizer_2, toy_pipe.input_limits()
-    monkeypatch.setattr(app_model, "load_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(app_loading, "load_engine", lambda *a, **k: engine)
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")

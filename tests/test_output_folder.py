@@ -1,7 +1,7 @@
 """Data safety and file-system problems: the output folder's lock, its owned temporaries, paths kept inside it,
 files it did not write left alone, and one clear line (exit 2) for every file-system problem.
 
-The engine is the fake of ``conftest.py`` (``characonsist.app.model.load_engine`` monkeypatched).
+The engine is the fake of ``conftest.py`` (``characonsist.app.loading.load_engine`` monkeypatched).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from characonsist import cli
 from characonsist.app import folder as folder_module
-from characonsist.app import model as app_model
+from characonsist.app import loading as app_loading
 from characonsist.app.folder import JOURNAL_NAME, LOCK_NAME, TMP_MARK, FolderError, OutputFolder
 from conftest import FakeEngine  # the fake engine; its fixture `fake` is conftest's
 from test_cli import run, snapshot, write  # the CLI tests' helpers
@@ -474,10 +474,10 @@ def test_empty_out_and_unreadable_weights_are_one_line(tmp_path, model_dir, caps
     assert cli.main(["generate", str(story), "--model", str(model_dir), "--out", " ", "--quiet"]) == 2
     assert "--out: give an output folder" in one_line(capsys.readouterr().err)
 
-    def unreadable(ref, run, mode, gpus, progress=True):
+    def unreadable(ref, settings, progress=True):
         raise PermissionError(errno.EACCES, "Permission denied", str(model_dir / "transformer" / "x.safetensors"))
 
-    monkeypatch.setattr(app_model, "load_engine", unreadable)
+    monkeypatch.setattr(app_loading, "load_engine", unreadable)
     assert run(tmp_path, model_dir, story=story) == cli.EXIT_BAD_INPUT
     line = one_line(capsys.readouterr().err)
     assert f"loading the model from {model_dir / 'transformer' / 'x.safetensors'}: permission denied" in line

@@ -26,7 +26,8 @@ from characonsist.output import read_png_record  # noqa: E402
 from characonsist.ui.server import create_app  # noqa: E402
 from characonsist.ui.worker import Worker, Workspace  # noqa: E402
 
-SETTINGS = {"steps": 3, "height": 64, "width": 64, "options": {"mask_step": "1"}, "save_masks": True}
+SETTINGS = {"num_inference_steps": 3, "height": 64, "width": 64, "method_options": {"mask_step": "1"},
+            "save_masks": True}
 
 
 def doc(*actions, title="Cat and robot", character="a cat", background="park", name="walk"):
@@ -45,7 +46,7 @@ def tiny_model(tiny_model):
 
 @pytest.fixture()
 def ui(tiny_model, tmp_path):
-    space = Workspace(tmp_path / "ui", tiny_model)
+    space = Workspace(tmp_path / "ui", tiny_model, flags=cli.FLAGS)   # as `characonsist ui` makes it
     worker = Worker(space, tiny_model)
     space.open()
     worker.start()
@@ -123,21 +124,21 @@ def test_story_files_in_every_format_round_trip(ui):
     assert bad.json()["problems"] == ["s.txt:1: 'park#a cat' has 1 '#' but needs exactly two: background#character#action"]
 
 
-def test_validation_gives_the_command_lines_messages_with_places(ui):
+def test_validation_names_the_pages_fields_and_places(ui):
     ok = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": SETTINGS}).json()
     assert ok["groups"] == ["000_walk"] and ok["settings"]["num_inference_steps"] == 3
     assert ok["command"].startswith("characonsist generate ") and "--steps 3" in ok["command"]
     bad = json.loads(json.dumps(STORY))
     bad["scenes"][0]["images"][2]["action"] = ""
-    response = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": {**SETTINGS, "steps": 0,
-                                                                                        "guidance": -1}})
+    response = ui.post("/api/validate", json={"name": "walk", "story": STORY, "settings": {**SETTINGS, "num_inference_steps": 0,
+                                                                                        "guidance_scale": -1}})
     assert response.status_code == 422
-    assert response.json()["problems"] == ["num_inference_steps=0 must be between 1 and 1000", "guidance_scale=-1 must be >= 0"]
+    assert response.json()["problems"] == ["Steps=0 must be between 1 and 1000", "Guidance=-1 must be >= 0"]
     response = ui.post("/api/validate", json={"name": "walk", "story": bad, "settings": SETTINGS})
     assert any("scenes[0].frames[1]: the action field is empty" in p for p in response.json()["problems"])
     assert ui.post("/api/validate", json={"name": "../up", "story": STORY}).status_code == 422
     unknown = ui.post("/api/validate", json={"name": "walk", "story": STORY,
-                                             "settings": {**SETTINGS, "options": {"nonsense": "1"}}})
+                                             "settings": {**SETTINGS, "method_options": {"nonsense": "1"}}})
     assert "has no option(s) 'nonsense'" in unknown.json()["problems"][0]
 
 
@@ -162,7 +163,7 @@ def test_generate_streams_progress_and_images_and_the_cli_resumes_it(ui, tmp_pat
     listed = ui.get("/api/stories").json()["stories"]
     assert listed == [{"name": "walk", "title": "Cat and robot", "groups": 1, "done": 1}]
     opened = ui.get("/api/stories/walk").json()
-    assert opened["story"]["character"] == "a cat" and opened["settings"]["steps"] == 3
+    assert opened["story"]["character"] == "a cat" and opened["settings"]["num_inference_steps"] == 3
     before = {p: p.read_bytes() for p in folder.rglob("*.png")}
     # the command the UI shows resumes the story from the command line: nothing left to do, nothing rewritten
     argv = shlex.split(opened["command"])[1:]
@@ -175,7 +176,7 @@ def test_generate_streams_progress_and_images_and_the_cli_resumes_it(ui, tmp_pat
     assert not [e for e in again if e["type"] == "progress"]
 
 
-LIVE = {**SETTINGS, "options": {}}     # the default mask step: a 2-step layout pre-run whose step 0 the main run takes
+LIVE = {**SETTINGS, "method_options": {}}     # the default mask step: a 2-step layout pre-run whose step 0 the main run takes
 
 
 def _previews(seen) -> list[dict]:
@@ -273,7 +274,7 @@ def test_regenerate_one_image_keeps_the_others_byte_identical(ui, tmp_path, tiny
 def test_regenerate_keeps_images_the_engine_would_change_and_says_so(ui, tmp_path):
     """StorySync's frames read the references (the first images): regenerating one changes the others in a
     fresh run; the UI keeps them as they were, byte-identical, with a note."""
-    settings = {**SETTINGS, "method": "storysync", "options": {}}
+    settings = {**SETTINGS, "method": "storysync", "method_options": {}}
     run(ui, kind="generate", name="sync", story=STORY, settings=settings)
     folder = tmp_path / "ui" / "sync" / "000_walk"
     old = {f: pixels(folder / f) for f in ("identity.png", "frame_02.png")}
@@ -287,7 +288,7 @@ def test_regenerate_keeps_images_the_engine_would_change_and_says_so(ui, tmp_pat
 
 
 def test_cancel_a_running_job_and_a_queued_one(ui, tmp_path):
-    long = {**SETTINGS, "steps": 400}
+    long = {**SETTINGS, "num_inference_steps": 400}
     first = ui.post("/api/jobs", json={"kind": "generate", "name": "long", "story": STORY, "settings": long,
                                        "previews": True}).json()
     second = ui.post("/api/jobs", json={"kind": "generate", "name": "queued", "story": STORY, "settings": SETTINGS})
@@ -631,7 +632,7 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
 
     from torchao.utils import TorchAOBaseTensor
 
-    space = Workspace(tmp_path / "ui", tiny_model, Loading(quantize="int8", dtype="float32", memory="0"))
+    space = Workspace(tmp_path / "ui", tiny_model, Loading(quantize="int8", dtype="float32", memory="0"), cli.FLAGS)
     worker = Worker(space, tiny_model)
     assert space.loading == Loading(memory="none", quantize="int8", dtype="float32")   # "0" is the official none
     space.open()

@@ -129,36 +129,47 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (errors still go to stderr)")
 
 
+# The command line's name of every StoryRequest / StorySettings field it sets, and of the method options that have
+# a flag of their own (the official switches; any other option is --option KEY=VALUE): the one table. It names the
+# fields in the application layer's messages too, and the web UI writes its commands with it (``ui.serve``).
+# ``--lora`` is repeated, one LoRA each.
+FLAGS = {"model": "--model", "out": "--out", "method": "--method", "memory": "--memory", "quantize": "--quantize",
+         "gpu_ids": "--gpu-ids", "dtype": "--dtype", "vae_tiling": "--vae-tiling", "height": "--height",
+         "width": "--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed",
+         "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size", "inversion": "--inversion",
+         "attention_backend": "--attention-backend", "compile": "--compile", "loras": "--lora",
+         "save_masks": "--save-masks", "overwrite": "--overwrite",
+         "share_bg": "--share-bg", "use_token_merge": "--token-merge"}
+OPTION_FLAGS = ("share_bg", "use_token_merge")   # the method options among FLAGS
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def request_from_args(args):
-    """The application layer's StoryRequest for ``generate``'s arguments (method options stay text: the
-    method's Config reads them in their types)."""
+    """The application layer's StoryRequest for ``generate``'s arguments, through ``FLAGS`` (method options stay
+    text: the method's Config reads them in their types)."""
     from .app import StoryRequest
 
     options: dict = {}
-    if args.share_bg is not None:
-        options["share_bg"] = bool(args.share_bg)
-    if args.token_merge is not None:
-        options["use_token_merge"] = bool(args.token_merge)
+    for key in OPTION_FLAGS:
+        if getattr(args, _dest(FLAGS[key])) is not None:
+            options[key] = bool(getattr(args, _dest(FLAGS[key])))
     for item in args.option or []:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--option {excerpt(item)}: expected KEY=VALUE, e.g. mask_step=10")
         options[key.strip()] = text
-    return StoryRequest(
-        stories=list(args.story), model=args.model, out=args.out, method=args.method, options=options,
-        height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        seed=args.seed, max_sequence_length=args.max_sequence_length, batch_size=args.batch_size,
-        memory=args.memory, gpu_ids=args.gpu_ids, dtype=args.dtype, save_masks=args.save_masks,
-        overwrite=args.overwrite, quantize=args.quantize, vae_tiling=args.vae_tiling,
-        attention_backend=args.attention_backend, compile=args.compile, loras=list(args.lora or []),
-        inversion=args.inversion)
+    values = {field: getattr(args, _dest(flag)) for field, flag in FLAGS.items() if field not in OPTION_FLAGS}
+    values["loras"] = list(values["loras"] or [])
+    return StoryRequest(stories=list(args.story), method_options=options, **values)
 
 
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_generate(args) -> int:
-    from .app import CLI_NAMES, StoryRun, parallel, validate_request
-    from .app import model as models
+    from .app import StoryRun, memory_plan, parallel, validate_request
 
     if args.workers is not None and args.ray is None:
         raise InputError("--workers N is the number of Ray actors: give it with --ray (on this host: --gpus N)")
@@ -176,7 +187,7 @@ def cmd_generate(args) -> int:
             raise InputError("--gpus N starts the processes itself: leave it out under accelerate launch / torchrun")
         return cmd_generate_parallel(args, procs)     # the process ends in parallel.exit_process (__main__)
     say = (lambda *a: None) if args.quiet else _say
-    checked = validate_request(request_from_args(args), names=CLI_NAMES)
+    checked = validate_request(request_from_args(args), names=FLAGS)
     out = checked.folder.root
     if checked.plan is not None:
         say(f"memory: {checked.plan.describe()}")
@@ -200,8 +211,9 @@ def cmd_generate(args) -> int:
         except (InputError, FolderError, KeyboardInterrupt):
             raise
         except Exception as error:
-            if models.is_oom(error):
-                _say(f"loading the model failed: {models.oom_advice(checked.mode, checked.gpus)}", err=True)
+            if memory_plan.is_oom(error):
+                advice = memory_plan.oom_advice(checked.settings.memory, checked.settings.gpu_ids, FLAGS)
+                _say(f"loading the model failed: {advice}", err=True)
                 return EXIT_FAILED
             raise
         with _progress(args.quiet, sum(j.images for j in todo), "images") as image_bar:
@@ -259,8 +271,9 @@ def cmd_ui(args) -> int:
     from .ui import serve
     from .ui.worker import Loading
 
-    return serve(args.model, args.out, args.host, args.port, loading=Loading(
-        args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype), allow_hosts=args.allow_host or ())
+    loading = Loading(args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype).check(FLAGS)
+    return serve(args.model, args.out, args.host, args.port, loading=loading, allow_hosts=args.allow_host or (),
+                 flags=FLAGS)
 
 
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
@@ -268,7 +281,7 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
     same arguments, after the checks that need no model (bad input gets its one-line message here)."""
     import subprocess
 
-    from .app import CLI_NAMES, parallel, validate_request
+    from .app import parallel, validate_request
 
     n = args.gpus
     if parallel.launched_processes() > 1:
@@ -282,7 +295,8 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
                          else f"--gpus {n}: no CUDA GPU is visible (to try several processes on a CPU: torchrun "
                          f"--nproc_per_node {n} -m characonsist {command} ...)")
     if command == "generate":
-        parallel.check_one_model_per_gpu(validate_request(request_from_args(args), names=CLI_NAMES).mode)
+        checked = validate_request(request_from_args(args), names=FLAGS)
+        parallel.check_one_model_per_gpu(checked.settings.memory, FLAGS)
     process = subprocess.Popen(parallel.launch_command(n, parallel.without_option(argv, "--gpus")),
                                env=parallel.launch_environment())
     try:
@@ -300,7 +314,7 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
 def cmd_generate_parallel(args, procs) -> int:
     """One process of a data-parallel run (``accelerate launch -m characonsist generate ...``): process 0 prints
     and writes, the others only generate (``app.parallel``)."""
-    from .app import CLI_NAMES, parallel
+    from .app import parallel
 
     quiet = args.quiet or not procs.main
     say = (lambda *a: None) if quiet else _say
@@ -327,7 +341,7 @@ def cmd_generate_parallel(args, procs) -> int:
             bars[0].update(job.images)
 
     try:
-        summary = parallel.generate(request_from_args(args), procs, CLI_NAMES, on_plan, on_start, on_group)
+        summary = parallel.generate(request_from_args(args), procs, FLAGS, on_plan, on_start, on_group)
     except parallel.ParallelError as error:
         _say(f"characonsist: error: {error}", err=True)
         return EXIT_FAILED
@@ -341,7 +355,7 @@ def cmd_generate_parallel(args, procs) -> int:
 
 def cmd_generate_ray(args) -> int:
     """``generate --ray [ADDRESS]``: the groups as tasks of Ray actors, this process writing (``app.ray_runner``)."""
-    from .app import CLI_NAMES, ray_runner
+    from .app import ray_runner
     from .app.parallel import ParallelError
 
     say = (lambda *a: None) if args.quiet else _say
@@ -366,7 +380,7 @@ def cmd_generate_ray(args) -> int:
             bars[0].update(job.images)
 
     try:
-        summary = ray_runner.generate(request_from_args(args), names=CLI_NAMES, address=args.ray or None,
+        summary = ray_runner.generate(request_from_args(args), names=FLAGS, address=args.ray or None,
                                       workers=args.workers, on_plan=on_plan, on_start=on_start, on_group=on_group,
                                       say=say)
     except ParallelError as error:

@@ -10,7 +10,9 @@ the same mistake gets the same message everywhere and the output folder is handl
         for job in run.todo:
             run.run(job, progress=lambda job, phase, done, total: ..., cancel=threading.Event())
 
-Modules: ``request`` (StoryRequest and its validation), ``model`` (finding and loading the model), ``folder``
+Modules: ``settings`` (StorySettings: the one record of a run's settings), ``request`` (StoryRequest and its
+validation, which makes the StorySettings), ``model`` (finding the model), ``memory_plan`` (how it will be loaded),
+``loading`` (loading it and generating a group with it), ``folder``
 (the output folder: lock, owned temporaries, paths), ``jobs`` (plan, run, write one group), ``manifest``,
 ``session`` (StoryRun), ``parallel`` (one process per GPU on a host) and ``ray_runner`` (a Ray cluster), both
 with one process writing the folder. docs/ARCHITECTURE.md shows the layers.
@@ -19,10 +21,10 @@ with one process writing the folder. docs/ARCHITECTURE.md shows the layers.
 from __future__ import annotations
 
 from .folder import FolderError, OutputFolder
-from .jobs import Cancelled, Job
-from .model import GroupResult
-from .request import CLI_NAMES, CheckedRequest, StoryRequest, validate_request
+from .jobs import Cancelled, GroupResult, Job
+from .request import CheckedRequest, StoryRequest, validate_request
 from .session import StoryRun
+from .settings import StorySettings
 
-__all__ = ["CLI_NAMES", "Cancelled", "CheckedRequest", "FolderError", "GroupResult", "Job", "OutputFolder",
-           "StoryRequest", "StoryRun", "validate_request"]
+__all__ = ["Cancelled", "CheckedRequest", "FolderError", "GroupResult", "Job", "OutputFolder", "StoryRequest",
+           "StoryRun", "StorySettings", "validate_request"]

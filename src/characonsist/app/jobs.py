@@ -25,13 +25,18 @@ from ..output import (
 )
 from ..storyfile import Group, Story
 from .folder import FolderError, OutputFolder
-from .model import GroupResult
+from .settings import StorySettings
 
-SETTINGS_KEYS = ("model", "dtype", "method", "method_options", "num_inference_steps", "guidance_scale",
-                 "max_sequence_length")
-# Settings that change the weights, part of a group's settings only when set (so earlier runs keep their hashes);
-# memory modes, tiling, attention backends and compilation change how, not what, and are only recorded.
-WEIGHT_KEYS = {"quantize": "none", "loras": []}
+
+@dataclass
+class GroupResult:
+    """What generating one group gives back (identity first everywhere)."""
+
+    images: list
+    masks: list | None = None
+    matches: list | None = None
+    notes: list[list[str]] | None = None
+    settings: dict | None = None
 
 
 class Cancelled(Exception):
@@ -65,14 +70,16 @@ def image_paths(folder: str, n_frames: int) -> list[str]:
     return [f"{folder}/identity.png"] + [f"{folder}/frame_{i:0{digits}d}.png" for i in range(1, n_frames + 1)]
 
 
-def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bool) -> list[Job]:
-    """Every group with its settings hash and its state on disk (finished images are recognised by hash). Images
-    without a seed of their own get the run's seed spread by the method's official convention (``Method.seeding``:
-    CharaConsist every image the same, the peers one per image), as the API does."""
+def plan_jobs(stories: list[Story], settings: StorySettings, out: OutputFolder) -> list[Job]:
+    """Every group with its settings hash (``StorySettings.resume_key`` and the images) and its state on disk
+    (finished images are recognised by hash). Images without a seed of their own get the run's seed spread by the
+    method's official convention (``Method.seeding``: CharaConsist every image the same, the peers one per image),
+    as the API does."""
     from ..methods import method_class
     from ..seeds import story_seeds
 
-    seeding = method_class(run["method"]).seeding
+    seeding = method_class(settings.method).seeding
+    key = settings.resume_key()
     jobs = []
     for story in stories:
         prefix = f"{Path(story.path).stem}/" if len(stories) > 1 else ""
@@ -80,31 +87,29 @@ def plan_jobs(stories: list[Story], run: dict, out: OutputFolder, save_masks: bo
             folder = prefix + group.name
             out.path(folder)   # refuses a folder outside the output folder
             images = []
-            seeds = story_seeds(run["seed"], len(group.images), seeding,   # the method's official convention
+            seeds = story_seeds(settings.seed, len(group.images), seeding,   # the method's official convention
                                 [image.seed for image in group.images])
             for image, seed in zip(group.images, seeds, strict=True):
                 images.append({"background": image.background, "character": image.character, "action": image.action,
                                "seed": seed,
-                               "height": image.height or run["height"], "width": image.width or run["width"]})
+                               "height": image.height or settings.height, "width": image.width or settings.width})
             hashed = images
             if group.picture is not None:   # a changed picture (its bytes) or inversion makes another group
                 images[0]["picture"] = {"path": group.picture, "sha256": _digest(group.picture),
-                                        "inversion": run.get("inversion")}
+                                        "inversion": settings.inversion}
                 # where the picture was read is recorded, not hashed: the same story file read from another folder
                 # (a relative path, a web UI's story) or the same bytes elsewhere resume the same group
                 hashed = [{**images[0], "picture": {k: v for k, v in images[0]["picture"].items() if k != "path"}},
                           *images[1:]]
-            key = {k: run[k] for k in SETTINGS_KEYS}
-            key.update({k: run[k] for k, unset in WEIGHT_KEYS.items() if run.get(k, unset) != unset})
             group_hash = settings_hash({**key, "images": hashed})
             paths = image_paths(folder, len(group.frames))
             records = []
             for i, (image, spec, path) in enumerate(zip(group.images, images, paths, strict=True)):
                 records.append({"group": folder, "role": "identity" if i == 0 else "frame", "index": i, "path": path,
-                                "prompt": image.prompt, **spec, "caption": group.captions[i], "method": run["method"],
+                                "prompt": image.prompt, **spec, "caption": group.captions[i], "method": settings.method,
                                 "settings": key, "settings_hash": group_hash, "version": __version__})
             job = Job(group, folder, records, group_hash)
-            _inspect(job, out, save_masks)
+            _inspect(job, out, settings.save_masks)
             jobs.append(job)
     return jobs
 

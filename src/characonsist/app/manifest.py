@@ -11,6 +11,7 @@ from ..output import json_bytes
 from ..storyfile import Story
 from .folder import FolderError, OutputFolder
 from .jobs import Job
+from .settings import StorySettings
 
 MANIFEST = "manifest.json"
 FORMAT = "characonsist-manifest/1"
@@ -64,7 +65,7 @@ def earlier_groups(out: OutputFolder, old: dict | None, jobs: list[Job]) -> list
     return kept
 
 
-def manifest(stories: list[Story], run: dict, jobs: list[Job], earlier: list[dict] | None = None) -> dict:
+def manifest(stories: list[Story], settings: StorySettings, jobs: list[Job], earlier: list[dict] | None = None) -> dict:
     groups = []
     for job in jobs:
         entry = {"name": job.folder, "status": job.state, "settings_hash": job.hash,
@@ -86,14 +87,14 @@ def manifest(stories: list[Story], run: dict, jobs: list[Job], earlier: list[dic
         if job.changes and job.state == "conflict":
             entry["changes"] = job.changes
         groups.append(entry)
-    data = {"format": FORMAT, "stories": [s.path for s in stories], "settings": run, "versions": versions(),
+    data = {"format": FORMAT, "stories": [s.path for s in stories], "settings": settings.manifest(), "versions": versions(),
             "groups": groups}
     if earlier:
         data["earlier"] = earlier
     return data
 
 
-def write_manifest(out: OutputFolder, stories: list[Story], run: dict, jobs: list[Job],
+def write_manifest(out: OutputFolder, stories: list[Story], settings: StorySettings, jobs: list[Job],
                    earlier: list[dict] | None = None) -> bool:
     """Write (atomically) the manifest; False if the file already said exactly this."""
-    return out.write_bytes(MANIFEST, json_bytes(manifest(stories, run, jobs, earlier)))
+    return out.write_bytes(MANIFEST, json_bytes(manifest(stories, settings, jobs, earlier)))

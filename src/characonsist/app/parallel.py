@@ -23,6 +23,7 @@ processes share the output folder (docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import queue
@@ -36,9 +37,21 @@ from ..inputs import InputError
 from .jobs import Job, run_job
 from .request import StoryRequest, validate_request
 from .session import StoryRun, failure_message, load_engine
+from .settings import StorySettings, setting
 
 WAIT = timedelta(days=1)   # a group may take hours in sequential offload; torchrun stops the run if a process dies
 _SIZE_TAG, _DATA_TAG = 1, 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What process 0 sends every other process: the model, the run's settings, the front end's field names (for
+    messages) and the groups still to do."""
+
+    ref: object               # app.model.ModelRef
+    settings: StorySettings
+    names: dict
+    todo: list[Job]
 
 
 class ParallelError(RuntimeError):
@@ -194,11 +207,12 @@ def without_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def check_one_model_per_gpu(mode: str) -> None:
+def check_one_model_per_gpu(mode: str, names: dict | None = None) -> None:
     """Refuse the memory mode that spreads one model over several GPUs when each worker holds its own model."""
     if mode == "balanced":
-        raise InputError("--memory balanced spreads one model over several GPUs; with one process (or Ray actor) "
-                         "per GPU each holds a whole model: use --memory none or model-offload")
+        raise InputError(f"{setting(names, 'memory', 'balanced')} spreads one model over several GPUs; with one "
+                         "process (or Ray actor) per GPU each holds a whole model: use "
+                         f"{setting(names, 'memory', 'none')} or model-offload")
 
 
 def to_cpu(obj):
@@ -243,7 +257,7 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
     was generated (from process 0's writer thread). Process 0 raises what a one-process run raises (InputError,
     StoryError, FolderError, KeyboardInterrupt) after telling the others to stop, and ParallelError when another
     process could not load the model; a worker whose run was stopped returns ``Summary(stopped=True)``.
-    ``engine_factory(ref, run, mode, gpus, progress)`` replaces ``app.model.load_engine`` (benchmarks with random
+    ``engine_factory(ref, settings, progress)`` replaces ``app.loading.load_engine`` (benchmarks with random
     weights)."""
     t0 = time.perf_counter()
     size = procs.size if procs else 1
@@ -252,9 +266,10 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
     try:
         checked = validate_request(request, names=names)
         if size > 1:
-            check_one_model_per_gpu(checked.mode)
-        if procs is not None:
-            checked.gpus = [procs.local_rank]
+            check_one_model_per_gpu(checked.settings.memory, names)
+        if procs is not None:   # this process's GPU
+            checked = dataclasses.replace(checked, settings=dataclasses.replace(checked.settings,
+                                                                                gpu_ids=(procs.local_rank,)))
         run = StoryRun(checked).__enter__()
     except BaseException:
         if procs is not None:
@@ -264,7 +279,7 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
         run.engine_factory = engine_factory or run.engine_factory
         todo = run.todo
         if procs is not None:
-            procs.broadcast({"ref": checked.ref, "run": checked.run, "mode": checked.mode, "todo": todo})
+            procs.broadcast(Plan(checked.ref, checked.settings, checked.names, todo))
         if on_plan is not None:
             on_plan(run)
         summary = Summary(run.jobs, len(todo), processes=size)
@@ -297,7 +312,7 @@ def generate(request: StoryRequest, procs: Processes | None, names: dict | None 
                 try:
                     message = ("result", index, run_job(todo[index], run.engine))
                 except Exception as error:  # one bad group must not end the run (as in StoryRun.run)
-                    message = ("failed", index, failure_message(error, checked.mode, checked.gpus))
+                    message = ("failed", index, failure_message(error, checked.settings, checked.names))
                 writer.put(0, message)
             if inbox is not None:
                 inbox.wait(writer)
@@ -313,16 +328,16 @@ def _work(procs: Processes, t0: float, engine_factory) -> Summary:
     plan = procs.broadcast()
     if plan is None:
         return Summary(stopped=True, processes=procs.size)
-    todo = plan["todo"]
+    todo = plan.todo
     summary = Summary(todo=len(todo), processes=procs.size)
     if not todo:
         return summary
     mine = procs.share(range(len(todo)))
-    gpus = [procs.local_rank]
+    settings = dataclasses.replace(plan.settings, gpu_ids=(procs.local_rank,))   # this process's GPU
     engine, status = None, None
     if mine:
         try:
-            engine = load_engine(plan["ref"], plan["run"], plan["mode"], gpus, False, engine_factory)
+            engine = load_engine(plan.ref, settings, False, engine_factory)
         except Exception as error:
             status = f"{type(error).__name__}: {error}"
     procs.gather(status)
@@ -336,7 +351,7 @@ def _work(procs: Processes, t0: float, engine_factory) -> Summary:
                 result = run_job(todo[index], engine)
                 message = ("result", index, to_cpu(result))
             except Exception as error:     # one bad group must not end the run (as in StoryRun.run)
-                message = ("failed", index, failure_message(error, plan["mode"], gpus))
+                message = ("failed", index, failure_message(error, settings, plan.names))
                 summary.failed += 1
             procs.send(message)
     except Exception as error:     # e.g. a result that cannot be pickled: process 0 learns why, then stops waiting

@@ -37,13 +37,14 @@ class StoryWorker:
     """A Ray actor's state: the model, loaded once, and the function that generates a group with it. Loading
     errors are kept and reported by ``ready`` (an actor that raises in ``__init__`` only says it died)."""
 
-    def __init__(self, ref, run: dict, mode: str, engine_factory=None):
-        self.mode = mode
+    def __init__(self, ref, settings, names: dict | None = None, engine_factory=None):
+        self.settings = dataclasses.replace(settings, gpu_ids=(0,))   # Ray sets CUDA_VISIBLE_DEVICES
+        self.names = names
         self.error = None
         self.engine = None
         _quiet_libraries()    # the driver shows the progress; loading bars of every actor would bury it
         try:
-            self.engine = load_engine(ref, run, mode, [0], False, engine_factory)   # Ray sets CUDA_VISIBLE_DEVICES
+            self.engine = load_engine(ref, self.settings, False, engine_factory)
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
 
@@ -61,7 +62,7 @@ class StoryWorker:
         try:
             return "result", to_cpu(run_job(job, self.engine))
         except Exception as error:   # one bad group must not end the run
-            return "failed", failure_message(error, self.mode, [0])
+            return "failed", failure_message(error, self.settings, self.names)
 
 
 def _quiet_libraries() -> None:
@@ -96,7 +97,7 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
     if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: give at least 1")
     checked = validate_request(request, names=names)     # bad input is reported before Ray starts
-    check_one_model_per_gpu(checked.mode)
+    check_one_model_per_gpu(checked.settings.memory, names)
     t0 = time.perf_counter()
     ray = _ray()
     started = not ray.is_initialized()
@@ -106,7 +107,7 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
     try:
         resources = _resources(ray, workers)
         gpu = "num_gpus" in resources
-        if request.dtype == "auto" and checked.run["dtype"] != ("bfloat16" if gpu else "float32"):
+        if request.dtype == "auto" and checked.settings.dtype != ("bfloat16" if gpu else "float32"):
             # "auto" is for the actors' device, not this process's (a head node may have no GPU)
             request = dataclasses.replace(request, dtype="bfloat16" if gpu else "float32")
             checked = validate_request(request, names=names)
@@ -120,7 +121,7 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
                 return summary
             count = min(resources.pop("count"), len(todo))
             remote = ray.remote(**resources)(StoryWorker)
-            actors = [remote.remote(checked.ref, checked.run, checked.mode, engine_factory) for _ in range(count)]
+            actors = [remote.remote(checked.ref, checked.settings, names, engine_factory) for _ in range(count)]
             infos = ray.get([a.ready.remote() for a in actors])
             failed = [f"worker {i} on {info['host']}: {info['error']}" for i, info in enumerate(infos) if info["error"]]
             if failed:

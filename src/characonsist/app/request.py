@@ -7,7 +7,6 @@ model loads is checked here, with the rules of ``characonsist.inputs`` and the m
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,36 +24,29 @@ from ..memory import MemoryPlan
 from ..seeds import DEFAULT_SEED
 from ..storyfile import Story, StoryError, load_story
 from .folder import OutputFolder, safe_name
-from .model import (
-    ModelRef,
+from .memory_plan import (
     check_attention_backend,
     check_loras,
     check_memory,
     check_memory_device,
     check_quantize,
-    limits_of,
-    load_t5_tokenizer,
     plan_memory,
-    resolve_dtype,
-    resolve_model,
 )
-
-# How the command line names the request's fields, for its messages.
-CLI_NAMES = {"height": "--height", "width": "--width", "num_inference_steps": "--steps",
-             "guidance_scale": "--guidance", "max_sequence_length": "--max-sequence-length",
-             "batch_size": "--batch-size", "seed": "--seed", "out": "--out"}
+from .model import ModelRef, limits_of, load_t5_tokenizer, resolve_dtype, resolve_model
+from .settings import StorySettings, method_config
 
 
 @dataclass
 class StoryRequest:
-    """Everything a story run needs; None = the model's default. Method ``options`` may be typed values or text
-    (``"10"``, ``"false"``, as a command line or a web form gives them): text is read in the option's type."""
+    """Everything a story run needs, as a front end gives it; None = the model's default. ``method_options`` may be
+    typed values or text (``"10"``, ``"false"``, as a command line or a web form gives them): text is read in the
+    option's type. ``validate_request`` turns it into a ``StorySettings`` (the same field names)."""
 
     stories: list            # story file paths (or parsed ``storyfile.Story`` objects)
     model: str
     out: str
     method: str = "characonsist"
-    options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
     height: int | None = None
     width: int | None = None
     num_inference_steps: int | None = None
@@ -82,14 +74,12 @@ class CheckedRequest:
     request: StoryRequest
     stories: list[Story]
     ref: ModelRef
-    run: dict                 # the run's settings, recorded in the manifest and every PNG
-    mode: str
-    gpus: list[int]
+    settings: StorySettings   # the run's settings: jobs, resume key, manifest, every PNG, the pipeline call
     tokenizer: object | None  # the model's T5 tokenizer when it could be had without the weights
     limits: ModelLimits
     folder: OutputFolder
     names: dict = field(default_factory=dict)   # how the front end names the fields, for its messages
-    plan: MemoryPlan | None = None   # what --memory auto / --quantize auto chose, and why
+    plan: MemoryPlan | None = None   # what memory / quantize "auto" chose, and why
     notes: list[str] = field(default_factory=list)   # what was decided for the run (identity pictures' fitting)
 
 
@@ -99,30 +89,9 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-def method_options(method: str, options: dict) -> dict:
-    """The options recorded for the run: share_bg and use_token_merge at their defaults (when the method has
-    them), then the given ones in their types; the method's Config checks them (InputError lists every problem)."""
-    from ..methods import method_class
-    from ..methods.base import parse_option
-
-    try:
-        cls = method_class(method)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    config = {f.name: f.default for f in dataclasses.fields(cls.Config)}
-    recorded = {k: config[k] for k in ("share_bg", "use_token_merge") if k in config}
-    unknown = [k for k in options if k not in config]
-    if unknown:
-        raise InputError(f"method {method!r} has no option(s) {', '.join(map(excerpt, unknown))}; its options: "
-                         f"{', '.join(config) or 'none'}")
-    for key, value in options.items():
-        recorded[key] = parse_option(cls.Config, key, value) if isinstance(value, str) else value
-    built = cls(**recorded)   # the Config's __post_init__: types, ranges, vocabularies, step order
-    return {k: getattr(built.config, k) for k in recorded}
-
-
 def validate_request(request: StoryRequest, names: dict[str, str] | None = None) -> CheckedRequest:
-    """Every check that needs no model weights (``names`` renames fields in messages, e.g. ``CLI_NAMES``).
+    """Every check that needs no model weights; the one place a ``StorySettings`` is made from a front end's
+    request (``names`` renames fields in messages, e.g. the command line's flags).
 
     Raises InputError (StoryError for story files) with every problem found, or FolderError for the output
     folder. The same request always gets the same messages, whichever front end sent it."""
@@ -132,33 +101,46 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     methods = method_names()
     if request.method not in methods:
         raise InputError(f"unknown method {excerpt(request.method)}; valid: {', '.join(methods)}")
-    options = method_options(request.method, dict(request.options or {}))
-    mode, gpus = check_memory(request.memory, request.gpu_ids)
-    quantize = check_quantize(request.quantize)
-    loras = check_loras(request.loras)
-    backend = check_attention_backend(request.attention_backend)
-    dtype = resolve_dtype(request.dtype)
+    config, recorded = method_config(request.method, dict(request.method_options or {}))
+    mode, gpus = check_memory(request.memory, request.gpu_ids, names)
+    quantize = check_quantize(request.quantize, names)
+    loras = check_loras(request.loras, names)
+    backend = check_attention_backend(request.attention_backend, names)
+    dtype = resolve_dtype(request.dtype, names)
     stories = load_stories(request.stories)
-    ref = resolve_model(request.model)
-    run = resolve_run(request, ref, options, dtype, names)
+    ref = resolve_model(request.model, names)
+    sizes = resolve_sizes(request, ref, names)
     plan = None
     if "auto" in (mode, quantize):
         largest = max((len(g.images) for s in stories for g in s.groups), default=2)
-        plan = plan_memory(mode, quantize, ref, run, gpus, min(largest, request.batch_size or largest))
+        plan = plan_memory(mode, quantize, ref, sizes["height"], sizes["width"], sizes["max_sequence_length"],
+                           dtype, gpus, min(largest, request.batch_size or largest))
         mode, quantize = plan.memory, plan.quantize
-    check_memory_device(mode)
-    run.update(quantize=quantize, memory=mode, vae_tiling=bool(request.vae_tiling), attention_backend=backend,
-               compile=bool(request.compile), loras=loras)
+    check_memory_device(mode, names)
+    inversion = None
+    if request.inversion is not None:
+        from ..inversion import parse_inversion
+
+        inversion = parse_inversion(request.inversion).spec()
+    elif any(group.picture is not None for story in stories for group in story.groups):
+        from ..inversion import InversionConfig
+
+        inversion = InversionConfig().spec()
+    settings = StorySettings(
+        model=ref.name, dtype=dtype, method=request.method, method_config=config, **sizes, seed=request.seed,
+        batch_size=request.batch_size, save_masks=bool(request.save_masks), inversion=inversion, quantize=quantize,
+        memory=mode, vae_tiling=bool(request.vae_tiling), attention_backend=backend, compile=bool(request.compile),
+        loras=loras, gpu_ids=tuple(gpus), recorded_options=recorded)
     tokenizer = load_t5_tokenizer(ref)
     limits = limits_of(ref, tokenizer)
-    problems = story_problems(stories, run, limits, tokenizer, ref, names)
-    picture_issues, notes = picture_problems(stories, run)
+    problems = story_problems(stories, settings, limits, tokenizer, ref, names)
+    picture_issues, notes = picture_problems(stories, settings)
     problems += picture_issues
     if problems:
         raise StoryError(problems)
     folder = OutputFolder(request.out)
     folder.check()
-    return CheckedRequest(request, stories, ref, run, mode, gpus, tokenizer, limits, folder, names, plan, notes)
+    return CheckedRequest(request, stories, ref, settings, tokenizer, limits, folder, names, plan, notes)
 
 
 def load_stories(paths: list) -> list[Story]:
@@ -191,37 +173,23 @@ def load_stories(paths: list) -> list[Story]:
     return stories
 
 
-def resolve_run(request: StoryRequest, ref: ModelRef, options: dict, dtype: str, names: dict[str, str]) -> dict:
-    """The full settings of this run: the request's, else the model's defaults (explicit values are checked,
-    never replaced: ``--steps 0`` is an error, not the default)."""
+def resolve_sizes(request: StoryRequest, ref: ModelRef, names: dict[str, str]) -> dict:
+    """The run's sizes, steps, guidance and prompt length: the request's, else the model's defaults (explicit values
+    are checked, never replaced: ``num_inference_steps=0`` is an error, not the default); the seed is checked too."""
     defaults = ref.defaults
-
-    def pick(key, default_key=None):
-        value = getattr(request, key)
-        return defaults[default_key or key] if value is None else value
-
-    run = {"model": ref.name, "dtype": dtype, "method": request.method, "method_options": options,
-           "height": pick("height"), "width": pick("width"), "num_inference_steps": pick("num_inference_steps"),
-           "guidance_scale": pick("guidance_scale"), "max_sequence_length": pick("max_sequence_length"),
-           "seed": request.seed, "batch_size": request.batch_size, "save_masks": bool(request.save_masks)}
-    problems = setting_problems(height=run["height"], width=run["width"],
-                                num_inference_steps=run["num_inference_steps"],
-                                guidance_scale=run["guidance_scale"], max_sequence_length=run["max_sequence_length"],
-                                batch_size=run["batch_size"], limits=limits_of(ref), names=names)
-    problem = seed_problem(names.get("seed", "seed"), run["seed"])
+    keys = ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+    sizes = {k: defaults[k] if getattr(request, k) is None else getattr(request, k) for k in keys}
+    problems = setting_problems(**sizes, batch_size=request.batch_size, limits=limits_of(ref), names=names)
+    problem = seed_problem(names.get("seed", "seed"), request.seed)
     if problem:
         problems.append(problem)
     if problems:
         raise InputError(problems)
-    run["guidance_scale"] = float(run["guidance_scale"])
-    if request.inversion is not None:
-        from ..inversion import parse_inversion
-
-        run["inversion"] = parse_inversion(request.inversion).spec()
-    return run
+    sizes["guidance_scale"] = float(sizes["guidance_scale"])
+    return sizes
 
 
-def picture_problems(stories: list[Story], run: dict) -> tuple[list[str], list[str]]:
+def picture_problems(stories: list[Story], settings: StorySettings) -> tuple[list[str], list[str]]:
     """Every identity picture of the stories: that it exists and decodes (problems, with the group's place), and how
     it will be fitted to the identity's size (notes: scaled to cover, centre-cropped; ``characonsist.picture``)."""
     from ..picture import fit_size, load_picture
@@ -236,21 +204,17 @@ def picture_problems(stories: list[Story], run: dict) -> tuple[list[str], list[s
             except InputError as e:
                 problems += e.problems
                 continue
-            target = (group.identity.height or run["height"], group.identity.width or run["width"])
+            target = (group.identity.height or settings.height, group.identity.width or settings.width)
             fit = fit_size((image.height, image.width), target)
             notes.append(f"{group.where[0]}: identity picture {group.picture}: {fit.describe()}")
-    if notes and "inversion" not in run:
-        from ..inversion import InversionConfig
-
-        run["inversion"] = InversionConfig().spec()
     return problems, notes
 
 
-def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokenizer, ref: ModelRef,
+def story_problems(stories: list[Story], settings: StorySettings, limits: ModelLimits, tokenizer, ref: ModelRef,
                    names: dict[str, str] | None = None) -> list[str]:
     """The run's sizes and every image's problems with their places: sizes the model cannot take, words it does
     not know, prompts too long, groups without frames, groups too large for one run (the group size rule)."""
-    problems = setting_problems(height=run["height"], width=run["width"], limits=limits, names=names)
+    problems = setting_problems(height=settings.height, width=settings.width, limits=limits, names=names)
     model = "the toy model" if ref.kind == "toy" else f"model {ref.name}"
     images, places = [], []
     for story in stories:
@@ -263,11 +227,11 @@ def story_problems(stories: list[Story], run: dict, limits: ModelLimits, tokeniz
                     problems.append(f"{group.where[0]}: this scene has one image, which is its identity (the "
                                     "'identity', else the first frame); give it at least one more frame")
             problems += image_problems(group.images, group.where, limits)
-            sizes = [(image.height or run["height"], image.width or run["width"]) for image in group.images]
+            sizes = [(image.height or settings.height, image.width or settings.width) for image in group.images]
             if all(isinstance(h, int) and isinstance(w, int) for h, w in sizes):
-                problems += [f"{group.where[0]}: {p}" for p in group_size_problems(sizes, run.get("batch_size"), names)]
+                problems += [f"{group.where[0]}: {p}" for p in group_size_problems(sizes, settings.batch_size, names)]
             images += group.images
             places += group.where
     if tokenizer is not None:
-        problems += prompt_problems(images, places, tokenizer, run["max_sequence_length"], limits.vocabulary, model)
+        problems += prompt_problems(images, places, tokenizer, settings.max_sequence_length, limits.vocabulary, model)
     return problems

@@ -164,6 +164,16 @@ class Method:
         except InputError as e:
             raise InputError([f"method {self.name!r}: {p}" for p in e.problems]) from None
 
+    @classmethod
+    def from_config(cls, config) -> Method:
+        """A method of an already checked ``Config`` (e.g. ``app.settings.StorySettings.method_config``): the
+        options are not read or checked again."""
+        if not isinstance(config, cls.Config):
+            raise TypeError(f"method {cls.name!r} takes a {cls.Config.__name__}, not {type(config).__name__}")
+        method = cls.__new__(cls)
+        method.config = config
+        return method
+
     def settings(self) -> dict:
         return asdict(self.config)
 

@@ -149,10 +149,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0.1", port: int = 8765,
-          say=print, loading=None, allow_hosts=()) -> int:
+          say=print, loading=None, allow_hosts=(), flags=None) -> int:
     """Start the UI and serve until interrupted (InputError / FolderError before anything starts). The server
     answers only requests whose ``Host`` is one of ``allowed_hosts`` (the bound address, this machine's names for
-    it, and ``allow_hosts``: ``--allow-host``), so a web page cannot reach it through DNS rebinding."""
+    it, and ``allow_hosts``: ``--allow-host``), so a web page cannot reach it through DNS rebinding. ``flags``: the
+    command line's names of the fields (``cli.FLAGS``), for the ``characonsist generate`` command each story shows."""
     import uvicorn
 
     from .server import create_app
@@ -161,7 +162,7 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
     extra = [check_allow_host(name) for name in allow_hosts or ()]
     sock = bind(host, port)                # a bad address or a port in use: one line before the model is looked at
     try:
-        workspace = Workspace(out, model, loading)
+        workspace = Workspace(out, model, loading, flags)
         worker = Worker(workspace, model)  # InputError for a model that cannot be found (or bad loading options)
         workspace.open()
     except BaseException:
@@ -173,7 +174,7 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
         hosts = allowed_hosts(host, address[0], extra)
         app = create_app(worker, hosts)
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        how = " ".join(workspace.loading.flags())
+        how = " ".join(workspace.loading.flags(workspace.flags))
         say(f"characonsist ui: http://{shown}:{address[1]}/  (model {model}{' ' + how if how else ''}, stories in "
             f"{workspace.root}; Ctrl-C stops)")
         if reachable_from_others(address[0]):

@@ -148,7 +148,7 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
                 if isinstance(f.default, (bool, int, float, str, type(None)))}}
         return JSONResponse({
             "model": worker.model, "model_state": worker.model_state, "model_error": worker.model_error,
-            "loading": " ".join(space.loading.flags()),    # how the model is loaded, as generate's flags
+            "loading": " ".join(space.loading.flags(space.flags)),    # how the model is loaded, as generate's flags
             "defaults": ref.defaults, "seed": DEFAULT_SEED, "out": str(space.root), "methods": methods, "layouts": list(LAYOUTS),
             "formats": list(FORMATS), "limits": {"multiple": limits.multiple, "max_side": limits.max_side,
                                                  "vocabulary": list(limits.vocabulary or [])},

@@ -22,17 +22,15 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..app import Cancelled, FolderError, StoryRequest, StoryRun, validate_request
+from ..app import Cancelled, FolderError, StoryRequest, StoryRun, StorySettings, loading, memory_plan, validate_request
 from ..app import model as models
 from ..app.folder import OutputFolder
 from ..app.layouts import LAYOUTS, write_layouts
 from ..app.regenerate import regenerate
-from ..app.request import story_problems
 from ..app.stories import MARK, document_from_manifest, dump_story, parse_story, story_document
 from ..inputs import InputError, excerpt
 from ..output import read_json
 from ..seeds import DEFAULT_SEED
-from ..storyfile import StoryError
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 STORY_FILE = "story.yaml"
@@ -99,40 +97,47 @@ class Loading:
     gpu_ids: str = "0"
     dtype: str = "auto"
 
-    def check(self, ref) -> Loading:
+    def check(self, names: dict | None = None) -> Loading:
         """The options with their names resolved (``0``-``3`` -> the mode's name), checked before the UI starts:
         InputError for an unknown one, ``auto`` (the UI's stories have no fixed size to plan for), or a mode that
         needs a CUDA GPU where none is visible."""
-        mode, gpus = models.check_memory(self.memory, self.gpu_ids)
-        quantize = models.check_quantize(self.quantize, ref)
-        models.resolve_dtype(self.dtype)
+        mode, gpus = memory_plan.check_memory(self.memory, self.gpu_ids, names)
+        quantize = memory_plan.check_quantize(self.quantize, names)
+        models.resolve_dtype(self.dtype, names)
         if "auto" in (mode, quantize):
             raise InputError("ui: --memory/--quantize auto plans for one story's size; the UI loads one model for "
                              "stories of any size: give the mode and format (`characonsist generate ... --memory auto` "
                              "prints what it picks for a story)")
-        models.check_memory_device(mode)
+        memory_plan.check_memory_device(mode, names)
         return Loading(mode, quantize, bool(self.vae_tiling), ",".join(map(str, gpus)), self.dtype)
 
-    def flags(self) -> list[str]:
-        """The ``characonsist generate`` flags that load the model the same way (those not at their default)."""
+    def flags(self, flags: dict[str, str] | None) -> list[str]:
+        """The ``characonsist generate`` flags that load the model the same way (those not at their default), named
+        by ``flags`` (the command line's table, which ``characonsist ui`` hands over; None: the field names)."""
         default, parts = Loading(), []
-        for name, flag in (("memory", "--memory"), ("quantize", "--quantize"), ("gpu_ids", "--gpu-ids"),
-                           ("dtype", "--dtype")):
-            if getattr(self, name) != getattr(default, name):
-                parts += [flag, str(getattr(self, name))]
-        return parts + (["--vae-tiling"] if self.vae_tiling else [])
+        for f in dataclasses.fields(self):
+            value, flag = getattr(self, f.name), (flags or {}).get(f.name, f.name)
+            if value != getattr(default, f.name):
+                parts += [flag] if value is True else [flag, str(value)]
+        return parts
+
+
+# How the page labels the fields it sets, for the application layer's messages (the command line uses its flags).
+LABELS = {"method": "Method", "num_inference_steps": "Steps", "guidance_scale": "Guidance", "seed": "Seed",
+          "width": "Width", "height": "Height", "inversion": "Picture inversion", "method_options": "More options"}
 
 
 @dataclass
 class Settings:
-    """A run's settings as the editor holds them (None = the model's default)."""
+    """A run's settings as the editor holds them (None = the model's default; option values may stay text): the
+    ``StoryRequest`` fields the form sets, under the same names (the UI's JSON, ``StorySettings``, the manifest)."""
 
     method: str = "characonsist"
-    options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)
     height: int | None = None
     width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     seed: int = DEFAULT_SEED
     save_masks: bool = True
     inversion: str | None = None   # how an identity picture is followed (None: the default, euler)
@@ -150,41 +155,45 @@ class Settings:
         values = {k: (None if v == "" else v) for k, v in data.items()}
         if values.get("seed") is None:
             values.pop("seed", None)
-        if values.get("options") is None:
-            values["options"] = {}
-        if not isinstance(values.get("options", {}), dict):
-            raise UiError("settings.options: expected a mapping of option names to values")
+        if values.get("method_options") is None:
+            values["method_options"] = {}
+        if not isinstance(values.get("method_options", {}), dict):
+            raise UiError("settings.method_options: expected a mapping of option names to values")
         return cls(**values)
 
     @classmethod
-    def from_manifest(cls, settings: dict) -> Settings:
-        options = dict(settings.get("method_options") or {})
-        return cls(method=settings.get("method", "characonsist"), options=options, height=settings.get("height"),
-                   width=settings.get("width"), steps=settings.get("num_inference_steps"),
-                   guidance=settings.get("guidance_scale"), seed=settings.get("seed", DEFAULT_SEED),
-                   save_masks=bool(settings.get("save_masks", True)), inversion=settings.get("inversion"))
+    def of(cls, settings: StorySettings) -> Settings:
+        """The editor's settings of a run (``StorySettings.from_manifest``): the same fields, by name."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
-def cli_command(model: str, folder: Path, settings: Settings, loading: Loading | None = None) -> str:
-    """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
+def cli_command(request: StoryRequest, flags: dict[str, str] | None) -> str | None:
+    """The ``characonsist generate`` command of a story's request (fields at their defaults left out), written with
+    the command line's table of flags (``characonsist ui`` hands it over; None: no command is shown)."""
     import shlex
 
-    parts = ["characonsist", "generate", str(folder / STORY_FILE), "--model", model, "--out", str(folder),
-             "--method", settings.method, *(loading or Loading()).flags()]
-    options = dict(settings.options)
-    for key, flag in (("share_bg", "share-bg"), ("use_token_merge", "token-merge")):
-        if key in options:
-            value = options.pop(key)
-            parts.append(f"--{flag}" if value in (True, "true", "True", "1") else f"--no-{flag}")
-    for key, value in options.items():
-        parts += ["--option", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    for flag, value in (("--height", settings.height), ("--width", settings.width), ("--steps", settings.steps),
-                        ("--guidance", settings.guidance), ("--seed", settings.seed),
-                        ("--inversion", settings.inversion)):
-        if value is not None:
-            parts += [flag, str(value)]
-    if settings.save_masks:
-        parts.append("--save-masks")
+    if not flags:
+        return None
+    default = StoryRequest(stories=[], model="", out="")
+    parts = ["characonsist", "generate", *map(str, request.stories)]
+    options = dict(request.method_options or {})
+    for name in flags:    # in the table's order
+        value = getattr(request, name, None)
+        if value is None or (name not in ("model", "out", "method") and value == getattr(default, name)):
+            continue
+        if name == "loras":
+            parts += [p for lora in value for p in (flags[name], str(lora))]
+        elif isinstance(value, bool):
+            parts += [flags[name]] if value else []
+        else:
+            parts += [flags[name], str(value)]
+        if name == "method":   # the method's options after it: a flag of their own, else --option KEY=VALUE
+            for key, text in options.items():
+                if key in flags:
+                    on = text in (True, "true", "True", "1")
+                    parts.append(flags[key] if on else flags[key].replace("--", "--no-", 1))
+                else:
+                    parts += ["--option", f"{key}={str(text).lower() if isinstance(text, bool) else text}"]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -216,10 +225,12 @@ class UiJob:
 class Workspace:
     """The UI's output folder: one run folder per story, nothing read or written outside it."""
 
-    def __init__(self, root: str | Path, model: str, loading: Loading | None = None):
+    def __init__(self, root: str | Path, model: str, loading: Loading | None = None,
+                 flags: dict[str, str] | None = None):
         self.root = Path(root).expanduser().resolve()
         self.model = model
         self.loading = loading or Loading()
+        self.flags = flags        # the command line's flags, to show each story's command (``cli_command``)
         self.lock = OutputFolder(self.root)
         self._storing = threading.Lock()   # uploads run in the server's threads; one writes at a time
 
@@ -410,11 +421,19 @@ class Workspace:
             raise UiError(e.problems if hasattr(e, "problems") else str(e)) from None
         if doc is None:
             raise UiError(f"{folder} has neither {STORY_FILE} nor manifest.json", status=404)
-        settings = Settings.from_manifest(manifest["settings"]) if manifest and manifest.get("settings") \
-            else Settings()
+        try:
+            settings = Settings.of(StorySettings.from_manifest(manifest["settings"], str(folder / "manifest.json"))) \
+                if manifest and manifest.get("settings") else Settings()
+        except InputError as e:
+            raise UiError(e.problems) from None
         return {"name": name, "story": doc, "settings": dataclasses.asdict(settings),
                 "groups": self.gallery(name, manifest), "exports": self.exports(name),
-                "command": cli_command(self.model, folder, settings, self.loading)}
+                "command": self.command(folder, settings)}
+
+    def command(self, folder: Path, settings: Settings) -> str | None:
+        """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
+        return cli_command(StoryRequest(stories=[str(folder / STORY_FILE)], model=self.model, out=str(folder),
+                                        **dataclasses.asdict(settings), **dataclasses.asdict(self.loading)), self.flags)
 
     def url(self, name: str, rel: str) -> str | None:
         path = self.folder(name) / rel
@@ -508,7 +527,7 @@ class Worker:
         self.preview_interval = preview_interval
         self.preview_size = preview_size
         self.ref = models.resolve_model(model)          # InputError: a bad --model stops the UI before it starts
-        workspace.loading = workspace.loading.check(self.ref)   # and bad loading options
+        workspace.loading = workspace.loading.check()   # and bad loading options
         self.pipe = None
         self.loads = 0                                  # how often the model was loaded (once)
         self.model_state = "not loaded"
@@ -544,21 +563,17 @@ class Worker:
         for group in story.groups:   # ../pictures/<file> from the story's folder (which may not exist yet)
             if group.picture is not None:
                 group.picture = str(self.workspace.root / PICTURES / stored_picture(group.picture))
-        request = StoryRequest(stories=[story], model=self.model, out=str(folder), method=settings.method,
-                               options=dict(settings.options), height=settings.height, width=settings.width,
-                               num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                               seed=settings.seed, save_masks=settings.save_masks, overwrite=overwrite,
-                               inversion=settings.inversion, **dataclasses.asdict(self.workspace.loading))
-        return text, validate_request(request)
+        request = StoryRequest(stories=[story], model=self.model, out=str(folder), overwrite=overwrite,
+                               **dataclasses.asdict(settings), **dataclasses.asdict(self.workspace.loading))
+        return text, validate_request(request, names=LABELS)
 
     def validate(self, name: str, doc: dict, settings: Settings) -> dict:
         try:
             _, checked = self.request(name, doc, settings)
         except (InputError, FolderError) as e:
             raise UiError(self.workspace.relative(getattr(e, "problems", None) or [str(e)])) from None
-        return {"ok": True, "settings": checked.run, "groups": [g.name for g in checked.stories[0].groups],
-                "notes": self.workspace.relative(checked.notes), "command": cli_command(self.model, self.workspace.folder(name), settings,
-                                                  self.workspace.loading)}
+        return {"ok": True, "settings": checked.settings.manifest(), "groups": [g.name for g in checked.stories[0].groups],
+                "notes": self.workspace.relative(checked.notes), "command": self.workspace.command(self.workspace.folder(name), settings)}
 
     def submit(self, kind: str, name: str, payload: dict) -> UiJob:
         check_name(name)
@@ -655,9 +670,9 @@ class Worker:
                 self.loads += 1
                 try:
                     how = self.workspace.loading
-                    self.pipe = models.load_pipeline(
+                    self.pipe = loading.load_pipeline(
                         self.ref, models.resolve_dtype(how.dtype), how.memory, [int(g) for g in how.gpu_ids.split(",")],
-                        progress=False, run={"quantize": how.quantize, "vae_tiling": how.vae_tiling})
+                        quantize=how.quantize, vae_tiling=how.vae_tiling, progress=False)
                 except Exception as e:
                     self.model_state, self.model_error = "failed", f"{type(e).__name__}: {e}"
                     raise
@@ -675,13 +690,8 @@ class Worker:
     def _engine(self, run: StoryRun):
         """The run's ``generate`` on the loaded pipeline; prompts that only the loaded tokenizer can check are
         checked now (as ``StoryRun.load`` does)."""
-        c = run.checked
-        engine = models.story_engine(self.pipeline(), c.run)
-        tokenizer, limits = engine.tokenizer, engine.limits
-        if (c.tokenizer is None and tokenizer is not None) or (limits is not None and limits != c.limits):
-            problems = story_problems(c.stories, c.run, limits or c.limits, c.tokenizer or tokenizer, c.ref, c.names)
-            if problems:
-                raise StoryError(problems)
+        engine = loading.story_engine(self.pipeline(), run.checked.settings)
+        run.check_loaded(engine.tokenizer, engine.limits)
         run.engine = engine
         return engine
 

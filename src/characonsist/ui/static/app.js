@@ -215,20 +215,22 @@ function settings() {
   if ("share_bg" in known) options.share_bg = $("#background-mode").value === "keep";
   if ("use_token_merge" in known) options.use_token_merge = $("#token-merge").checked;
   const num = id => numberOrNull($(id).value);
-  return {method, options, steps: num("#steps"), guidance: num("#guidance"), seed: num("#seed") ?? info.seed,
+  return {method, method_options: options, num_inference_steps: num("#steps"), guidance_scale: num("#guidance"),
+          seed: num("#seed") ?? info.seed,
           width: num("#width"), height: num("#height"), save_masks: $("#save-masks").checked,
           inversion: $("#inversion").value || null};
 }
 
 function showSettings(s) {
   $("#method").value = s.method;
-  const options = {...(s.options || {})};
+  const options = {...(s.method_options || s.options || {})};   // s.options: a draft kept by an older version
   $("#background-mode").value = options.share_bg === false ? "change" : "keep";
   $("#token-merge").checked = options.use_token_merge !== false;
   delete options.share_bg; delete options.use_token_merge;
   $("#options").value = Object.entries(options).map(([k, v]) => `${k}=${v}`).join("\n");
-  for (const [id, key] of [["#steps", "steps"], ["#guidance", "guidance"], ["#seed", "seed"], ["#width", "width"], ["#height", "height"]])
-    $(id).value = s[key] ?? "";
+  for (const [id, key, old] of [["#steps", "num_inference_steps", "steps"], ["#guidance", "guidance_scale", "guidance"],
+                                ["#seed", "seed"], ["#width", "width"], ["#height", "height"]])
+    $(id).value = s[key] ?? s[old] ?? "";
   $("#save-masks").checked = s.save_masks !== false;
   const inversion = s.inversion && s.inversion !== "euler" ? s.inversion : "";
   if (inversion && !$$("#inversion option").some(o => o.value === inversion))
@@ -475,7 +477,7 @@ async function start() {
   try { draft = JSON.parse(localStorage.getItem("characonsist-draft") || "null"); } catch (e) { draft = null; }
   story = draft?.story || emptyStory();
   $("#name").value = draft?.name || "";
-  showSettings(draft?.settings || {method: "characonsist", options: {}, seed: info.seed, save_masks: true});
+  showSettings(draft?.settings || {method: "characonsist", method_options: {}, seed: info.seed, save_masks: true});
   render();
   await listStories();
   if ($("#name").value) openStory($("#name").value, true);
