@@ -95,6 +95,11 @@ class Backbone:
         FLUX.1's rule in ``inputs.model_defaults``)."""
         raise NotImplementedError
 
+    def pipeline_defaults(self, pipe) -> dict | None:
+        """``defaults`` for a loaded pipeline, where its own config matters (klein: distilled or base)."""
+        transformer = getattr(pipe, "transformer", None)
+        return self.defaults(dict(transformer.config) if transformer is not None else None)
+
     def supports_picture(self) -> bool:
         """Whether an identity picture (``identity_image``, ``characonsist.inversion``) can be used."""
         return False
