@@ -107,7 +107,12 @@ def tiny_klein_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: i
     """A random-weight ``Flux2KleinPipeline`` at toy width: FLUX.2's blocks (fused single blocks, 4-axis RoPE),
     a 27-layer Qwen3 causal LM (klein reads its hidden states 9, 18 and 27) of width 16, a 2-block FLUX.2 VAE
     (scale factor 2, 8 latent channels patched 2x2). ``is_distilled=False`` keeps real classifier-free guidance."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from .tokenizers import make_qwen_tokenizer
