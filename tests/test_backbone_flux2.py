@@ -210,3 +210,20 @@ def test_backbone_bench_runs_klein_tiny_on_the_cpu(tmp_path):
                                   str(tmp_path)])
     assert result["backbone"] == "klein" and result["ours_s"] > 0 and result["stock_s"] > 0
     assert (tmp_path / "backbone_klein_tiny.json").is_file()
+
+
+@pytest.mark.slow
+def test_group_offload_keeps_every_method_exact_on_klein(tmp_path):
+    """Group offload's hooks around klein's blocks (CPU to CPU here: the hooks run, no stream) leave the methods
+    switched off equal to the stock pipeline under the same hooks."""
+    from characonsist import memory
+    from characonsist.testing import tiny_klein_pipeline
+
+    tiny_klein_pipeline(seed=2).save_pretrained(tmp_path)
+    story, stock = _load(tmp_path)
+    for pipe in (story, stock):
+        memory.apply_memory_mode(pipe, "group-offload", "cpu")
+    assert any(getattr(m, "_diffusers_hook", None) is not None for m in story.transformer.modules())
+    for method in ("characonsist", "storysync"):
+        out = story(IDENTITY, FRAMES[:1], method=method, guidance_scale=4.0, **OFF[method], **KW)
+        assert np.array_equal(np.stack(out.images), _stock(stock, [IDENTITY, *FRAMES[:1]], out.seeds, 4.0))
