@@ -76,6 +76,17 @@ def test_spans_count_the_chat_templates_first_tokens_with_the_background(klein):
     assert no_bg[0] == 3 and no_bg[2] == len(tok(" a red cat".strip()).input_ids)
 
 
+def test_a_prompt_that_fits_only_without_the_chat_template_is_refused(klein):
+    """The prompt's own 7 tokens fit 16, the templated ~27 do not: refused before any work, naming both counts
+    (the stock pipeline would cut the prompt's end silently)."""
+    from characonsist.inputs import InputError
+
+    story, _ = klein
+    with pytest.raises(InputError, match=r"Qwen3 tokens with klein's chat template \(\d+ of them the template's\), "
+                                         r"but the text encoder takes at most 16 \(max_sequence_length\)"):
+        story(IDENTITY, FRAMES, **{**KW, "max_sequence_length": 16})
+
+
 @pytest.mark.parametrize("guidance", [4.0, 1.0])   # with the negative pass (CFG) and without it
 def test_vanilla_equals_flux2_klein_pipeline_exactly(klein, guidance):
     story, stock = klein

@@ -349,7 +349,7 @@ class StoryPipelineMixin:
                                    max_sequence_length)
         if problems:
             raise InputError(problems)
-        return self.backbone.token_spans(self, image)
+        return self.backbone.token_spans(self, image, max_sequence_length)
 
     @torch.no_grad()
     def __call__(

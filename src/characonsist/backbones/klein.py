@@ -46,7 +46,7 @@ import copy
 import numpy as np
 import torch
 
-from ..inputs import KLEIN_BASE_DEFAULTS, KLEIN_DEFAULTS
+from ..inputs import KLEIN_BASE_DEFAULTS, KLEIN_DEFAULTS, InputError, excerpt
 from .base import Backbone, TextBatch
 from .flux1 import FluxLayerProcessor, layer_of
 
@@ -98,15 +98,22 @@ class Klein(Backbone):
     def prompt_tokenizer(self, pipe):
         return getattr(pipe, "tokenizer", None)
 
-    def token_spans(self, pipe, image) -> tuple[int, int, int]:
+    def token_spans(self, pipe, image, max_sequence_length: int | None = None) -> tuple[int, int, int]:
         """(background end, prompt end, character length) as positions in klein's text sequence: the chat
-        template's leading tokens count with the background (see the module docstring)."""
+        template's leading tokens count with the background (see the module docstring). Raises InputError where
+        the templated prompt does not fit ``max_sequence_length`` (Flux2KleinPipeline would cut it silently)."""
         tok = self.prompt_tokenizer(pipe)
         prompt = image.prompt
         text = _template(tok, prompt)
         start = text.find(prompt) if prompt else len(_template(tok, "\x00").split("\x00")[0])
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
         starts = [a for a, b in enc["offset_mapping"]]
+        if max_sequence_length is not None and len(starts) > max_sequence_length:
+            own = len(tok(prompt, add_special_tokens=False).input_ids)
+            raise InputError(f"prompt {excerpt(image.spec())}: {len(starts)} Qwen3 tokens with klein's chat template "
+                             f"({len(starts) - own} of them the template's), but the text encoder takes at most "
+                             f"{max_sequence_length} (max_sequence_length); shorten the prompt by "
+                             f"{len(starts) - max_sequence_length} tokens or raise max_sequence_length")
         bg_text, char_text = image.background.strip(), image.character.strip()
 
         def before(char_pos: int) -> int:
