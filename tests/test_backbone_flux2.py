@@ -74,6 +74,14 @@ def test_spans_count_the_chat_templates_first_tokens_with_the_background(klein):
     assert "".join(pieces[bg:real]) == " a red cat sitting" and pieces[real] == "<|im_end|>"
     no_bg = story.token_spans(StoryImage("", "a red cat", "sitting"), 64)
     assert no_bg[0] == 3 and no_bg[2] == len(tok(" a red cat".strip()).input_ids)
+    tok.padding_side = "left"   # a tokenizer padding on the left: the same tokens, after the padding
+    try:
+        padded = tok(_template(tok, image.prompt), padding="max_length", max_length=64).input_ids
+        left = story.token_spans(image, 64)
+        assert [tok.decode([i]) for i in padded[left[0] - (bg - 3):left[1] + 1]] == pieces[3:real + 1]
+        assert left[2] == char
+    finally:
+        tok.padding_side = "right"
 
 
 def test_a_prompt_that_fits_only_without_the_chat_template_is_refused(klein):

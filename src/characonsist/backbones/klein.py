@@ -9,7 +9,8 @@ What differs from FLUX.1, and what this adapter does about it:
   layers 9, 18 and 27 side by side. Text positions are 4-axis ids (0, 0, 0, token index); no text mask reaches the
   transformer (as FLUX.1). **Spans**: the methods take the background as the tokens [0, bg) and the foreground as
   [bg, real) (docs/API.md); here the template's leading tokens (``<|im_start|>``, ``user``, newline) come first,
-  so they count with the background, and "real" ends where the prompt ends (the closing template tokens are left
+  so they count with the background (so would left padding, were a tokenizer to pad on the left; Qwen3's pads
+  on the right), and "real" ends where the prompt ends (the closing template tokens are left
   out of every text softmax, as FLUX.1 leaves out T5's end token). Spans are read from the tokenizer's character
   offsets of the templated prompt, so a BPE token is never split between two fields.
 - **Blocks.** Double blocks (``Flux2Attention``: the projections and output layers of FLUX.1's double blocks, so
@@ -123,6 +124,9 @@ class Klein(Backbone):
         real = before(start + len(prompt))
         bg = before(start + len(bg_text)) if bg_text else before(start)
         char_end = before(start + (len(bg_text) + 1 if bg_text else 0) + len(char_text)) if char_text else bg
+        if getattr(tok, "padding_side", "right") == "left" and max_sequence_length is not None:
+            pads = max_sequence_length - len(starts)   # left padding comes first: it counts with the background
+            bg, real, char_end = bg + pads, real + pads, char_end + pads
         return bg, real, min(char_end, real) - bg
 
     def encode(self, pipe, prompts, max_sequence_length, device, guidance_scale) -> TextBatch:
