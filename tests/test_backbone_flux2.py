@@ -72,6 +72,7 @@ def test_spans_count_the_chat_templates_first_tokens_with_the_background(klein):
     assert "".join(pieces[3:bg]) == "in the park"
     assert "".join(pieces[bg:bg + char]) == " a red cat"
     assert "".join(pieces[bg:real]) == " a red cat sitting" and pieces[real] == "<|im_end|>"
+    assert story.token_spans(StoryImage("user", "a red cat", "sitting"), 64) == (4, 8, 3)   # not the template's "user"
     no_bg = story.token_spans(StoryImage("", "a red cat", "sitting"), 64)
     assert no_bg[0] == 3 and no_bg[2] == len(tok(" a red cat".strip()).input_ids)
     tok.padding_side = "left"   # a tokenizer padding on the left: the same tokens, after the padding

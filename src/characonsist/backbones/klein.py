@@ -106,7 +106,8 @@ class Klein(Backbone):
         tok = self.prompt_tokenizer(pipe)
         prompt = image.prompt
         text = _template(tok, prompt)
-        start = text.find(prompt) if prompt else len(_template(tok, "\x00").split("\x00")[0])
+        prefix = _template(tok, "\x00").split("\x00")[0]   # the template's text before the prompt
+        start = len(prefix) if text.startswith(prefix) else text.find(prompt)
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
         starts = [a for a, b in enc["offset_mapping"]]
         if max_sequence_length is not None and len(starts) > max_sequence_length:
