@@ -1,6 +1,7 @@
 """Another backbone against its stock pipeline, in one process (issue 25): time ratio, GPU peak, host peak.
 
-Random weights at the full architecture (``random_flux.build_random_chroma``; on a CPU ``--tiny``), identity + N
+Random weights at the full architecture (``random_flux.build_random_chroma`` / ``build_random_klein``; on a CPU
+``--tiny``), identity + N
 frames at the backbone's defaults unless given: first the stock pipeline generating the N + 1 prompts as one batch
 (one generator per image), then ``CharaConsistPipeline.from_pipe(stock)`` with the method. Prints one JSON line and
 writes it to ``--out``. Random weights give real timings and memory, never images worth looking at.
@@ -18,7 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-BUILDERS = {"chroma": "build_random_chroma"}
+# backbone: (builder in random_flux, its keyword arguments). klein: FLUX.2 [klein] 4B (step-distilled, 4 steps, no
+# guidance); klein-base: klein base 4B (50 steps, CFG 4.0); klein-9b: the distilled 9B.
+BUILDERS = {"chroma": ("build_random_chroma", {}),
+            "klein": ("build_random_klein", {"variant": "4b", "distilled": True}),
+            "klein-base": ("build_random_klein", {"variant": "4b", "distilled": False}),
+            "klein-9b": ("build_random_klein", {"variant": "9b", "distilled": True})}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -27,7 +33,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="toy widths on the CPU (tests the whole script)")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--method", default="characonsist")
-    p.add_argument("--steps", type=int, default=None, help="default: the backbone's (Chroma 35; tiny 4)")
+    p.add_argument("--steps", type=int, default=None, help="default: the backbone's (Chroma 35, klein 4, klein-base 50; tiny 4)")
     p.add_argument("--size", type=int, default=None, help="default 1024 (tiny: 32)")
     p.add_argument("--max-sequence-length", type=int, default=None, help="default 512 (tiny: 64)")
     p.add_argument("--out", default=os.environ.get("OUT", "out/bench"))
@@ -43,7 +49,8 @@ def main(argv=None) -> dict:
 
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    stock = getattr(random_flux, BUILDERS[args.backbone])("tiny" if args.tiny else "full", device, dtype)
+    builder, options = BUILDERS[args.backbone]
+    stock = getattr(random_flux, builder)("tiny" if args.tiny else "full", device, dtype, **options)
     stock.set_progress_bar_config(disable=True)
     story = CharaConsistPipeline.from_pipe(stock)
     story.set_progress_bar_config(disable=True)
@@ -69,7 +76,7 @@ def main(argv=None) -> dict:
 
     prompts = [identity.replace("#", " "), *(f.replace("#", " ") for f in frames)]
     gens = lambda: [torch.Generator("cpu").manual_seed(2025) for _ in prompts]   # noqa: E731
-    t_stock, gpu_stock = timed(lambda: stock(prompts, generator=gens(), guidance_scale=defaults["guidance_scale"],
+    t_stock, gpu_stock = timed(lambda: stock(prompt=prompts, generator=gens(), guidance_scale=defaults["guidance_scale"],
                                              **kw))
     t_ours, gpu_ours = timed(lambda: story(identity, frames, method=args.method, seed=2025, **kw))
     result = {"backbone": args.backbone, "tiny": args.tiny, "method": args.method, "frames": args.frames,

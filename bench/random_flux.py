@@ -159,6 +159,79 @@ def build_random_chroma(size: str = "full", device: str | torch.device = "cuda",
     return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tok, transformer=transformer)
 
 
+# FLUX.2 [klein]: transformer/config.json of black-forest-labs/FLUX.2-klein-4B (5 double + 20 single blocks, 24 heads
+# x 128, Qwen3-4B's 3 x 2560 text channels) and of FLUX.2-klein-9B (8 + 24, 32 heads, Qwen3-8B's 3 x 4096); both 4
+# RoPE axes of 32, theta 2000, 128 latent channels (32 x 2x2), no guidance embedding.
+KLEIN_TRANSFORMER = {
+    "4b": dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+               axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False),
+    "9b": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
+               num_attention_heads=32, joint_attention_dim=12288, timestep_guidance_channels=256, mlp_ratio=3.0,
+               axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False),
+}
+TINY_KLEIN_TRANSFORMER = dict(
+    patch_size=1, in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=48, timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
+    guidance_embeds=False)
+# text_encoder/config.json: Qwen3-4B and Qwen3-8B (the transformer reads hidden states 9, 18, 27 of 36 layers)
+KLEIN_QWEN3 = {
+    "4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000, rms_norm_eps=1e-6,
+               max_position_embeddings=40960, tie_word_embeddings=True),
+    "9b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000, rms_norm_eps=1e-6,
+               max_position_embeddings=40960, tie_word_embeddings=False),
+}
+TINY_QWEN3 = dict(vocab_size=151936, hidden_size=16, intermediate_size=37, num_hidden_layers=27, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8, max_position_embeddings=4096, tie_word_embeddings=True)
+# vae/config.json (AutoencoderKLFlux2: 32 latent channels, batch-norm statistics over the 2x2 patches)
+KLEIN_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 latent_channels=32, norm_num_groups=32, sample_size=1024, use_quant_conv=True,
+                 use_post_quant_conv=True, batch_norm_eps=1e-4, patch_size=(2, 2))
+TINY_KLEIN_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                      latent_channels=8, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                      use_post_quant_conv=False)
+
+
+def build_random_klein(size: str = "full", device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                       seed: int = 0, variant: str = "4b", distilled: bool = True):
+    """A ``Flux2KleinPipeline`` of FLUX.2 [klein] 4B's or 9B's architecture (``size="full"``, ``variant``) or toy
+    widths (``"tiny"``), random weights, built straight in ``dtype`` on ``device``. ``distilled``: the step-distilled
+    checkpoints (one pass a step) rather than the base ones (classifier-free guidance)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from characonsist.testing import CORPUS, FLUX2_SCHEDULER
+    from characonsist.tokenizers import make_qwen_tokenizer
+
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size={size!r}: choose 'full' or 'tiny'")
+    if variant not in KLEIN_TRANSFORMER:
+        raise ValueError(f"variant={variant!r}: choose one of {', '.join(KLEIN_TRANSFORMER)}")
+    full = size == "full"
+    device = torch.device(device)
+    tok = make_qwen_tokenizer(CORPUS * 20 + ["user assistant"] * 20, model_max_length=4096)
+    torch.manual_seed(seed)
+    with _building(device, dtype):
+        qwen = Qwen3ForCausalLM(Qwen3Config(**(KLEIN_QWEN3[variant] if full else TINY_QWEN3),
+                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        vae = AutoencoderKLFlux2(**(KLEIN_VAE if full else TINY_KLEIN_VAE))
+        transformer = Flux2Transformer2DModel(**(KLEIN_TRANSFORMER[variant] if full else TINY_KLEIN_TRANSFORMER))
+    for module in (qwen, vae, transformer):
+        module.eval().requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
+                              is_distilled=distilled)
+
+
 def parameter_counts(pipe) -> dict[str, float]:
     """Billions of parameters per module."""
     names = ("transformer", "text_encoder_2", "text_encoder", "vae")

@@ -147,7 +147,7 @@ def test_backbone_bench_runs_tiny_on_the_cpu(tmp_path):
 def test_an_unsupported_transformer_class_is_one_line(tmp_path):
     from characonsist.inputs import InputError
 
-    (tmp_path / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline", "transformer": '
-                                               '["diffusers", "Flux2Transformer2DModel"]}')
-    with pytest.raises(InputError, match="Flux2Transformer2DModel, not a supported backbone"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline", "transformer": '
+                                               '["diffusers", "QwenImageTransformer2DModel"]}')
+    with pytest.raises(InputError, match="QwenImageTransformer2DModel, not a supported backbone"):
         CharaConsistPipeline.from_pretrained(tmp_path)

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CharaConsistPipeline": "characonsist.pipeline",
     "ChromaStoryPipeline": "characonsist.pipeline",
+    "Flux2KleinStoryPipeline": "characonsist.pipeline",
     "StoryPipelineOutput": "characonsist.pipeline",
     "METHODS": "characonsist.methods",
     "get_method": "characonsist.methods",
@@ -30,4 +31,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'characonsist' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "CharaConsistPipeline", "ChromaStoryPipeline", "StoryImage", "StoryPipelineOutput", "get_method", "__version__"]
+__all__ = ["METHODS", "CharaConsistPipeline", "ChromaStoryPipeline", "Flux2KleinStoryPipeline", "StoryImage", "StoryPipelineOutput", "get_method", "__version__"]

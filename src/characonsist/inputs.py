@@ -45,7 +45,12 @@ SCHNELL_DEFAULTS = {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequen
 # ChromaPipeline.__call__: 1024 px, 35 steps, guidance 5.0 (real CFG with the empty negative prompt), 512 tokens.
 CHROMA_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 35, "guidance_scale": 5.0,
                    "max_sequence_length": 512}
-BACKBONE_DEFAULTS = {"ChromaTransformer2DModel": CHROMA_DEFAULTS}
+# FLUX.2 [klein]: the distilled checkpoints' model card (4 steps, no guidance); the base checkpoints' are
+# Flux2KleinPipeline.__call__'s (50 steps, real CFG at 4.0). Both 1024 px, 512 Qwen3 tokens.
+KLEIN_DEFAULTS = {"height": 1024, "width": 1024, "num_inference_steps": 4, "guidance_scale": 1.0,
+                  "max_sequence_length": 512}
+KLEIN_BASE_DEFAULTS = {**KLEIN_DEFAULTS, "num_inference_steps": 50, "guidance_scale": 4.0}
+BACKBONE_DEFAULTS = {"ChromaTransformer2DModel": CHROMA_DEFAULTS, "Flux2Transformer2DModel": KLEIN_DEFAULTS}
 
 
 class InputError(ValueError):
@@ -213,6 +218,9 @@ def model_defaults(folder: Path | None, transformer_config: dict | None = None, 
         transformer_config = read_config(Path(folder) / "transformer" / "config.json")
     if base is None and transformer_config:   # a saved config names its class: another backbone's defaults
         base = BACKBONE_DEFAULTS.get(transformer_config.get("_class_name"))
+        if base is KLEIN_DEFAULTS and folder is not None and \
+                not (read_config(Path(folder) / "model_index.json") or {}).get("is_distilled", False):
+            base = KLEIN_BASE_DEFAULTS   # a klein base folder (model_index.json's is_distilled false)
     if base is not None:
         defaults.update(base)
     if base is None and transformer_config and transformer_config.get("guidance_embeds") is False:

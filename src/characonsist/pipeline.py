@@ -349,7 +349,7 @@ class StoryPipelineMixin:
                                    max_sequence_length)
         if problems:
             raise InputError(problems)
-        return self.backbone.token_spans(self, image)
+        return self.backbone.token_spans(self, image, max_sequence_length)
 
     @torch.no_grad()
     def __call__(
@@ -522,7 +522,8 @@ class StoryPipelineMixin:
 
 class CharaConsistPipeline(StoryPipelineMixin, FluxPipeline):
     """FLUX.1 story generation with a consistency method (CharaConsist by default). Its ``from_pretrained`` and
-    ``from_pipe`` return the story pipeline of the model's backbone (``ChromaStoryPipeline`` for Chroma)."""
+    ``from_pipe`` return the story pipeline of the model's backbone (``ChromaStoryPipeline`` for Chroma,
+    ``Flux2KleinStoryPipeline`` for FLUX.2 [klein])."""
 
 
 from diffusers import ChromaPipeline  # noqa: E402
@@ -532,4 +533,17 @@ class ChromaStoryPipeline(StoryPipelineMixin, ChromaPipeline):
     """Chroma story generation (``characonsist.backbones.chroma``): the same call as ``CharaConsistPipeline``."""
 
 
-STORY_PIPELINES = {"FluxPipeline": CharaConsistPipeline, "ChromaPipeline": ChromaStoryPipeline}
+from diffusers import Flux2KleinPipeline  # noqa: E402
+
+
+class Flux2KleinStoryPipeline(StoryPipelineMixin, Flux2KleinPipeline):
+    """FLUX.2 [klein] story generation (``characonsist.backbones.klein``): the same call as ``CharaConsistPipeline``."""
+
+    def story_defaults(self) -> dict:
+        """The distilled checkpoints' defaults (4 steps, no guidance) or, where ``is_distilled`` is false, the base
+        checkpoints' (50 steps, guidance 4.0); a folder's ``characonsist_defaults.json`` wins."""
+        return model_defaults(self.model_folder(), dict(self.transformer.config), self.backbone.pipeline_defaults(self))
+
+
+STORY_PIPELINES = {"FluxPipeline": CharaConsistPipeline, "ChromaPipeline": ChromaStoryPipeline,
+                   "Flux2KleinPipeline": Flux2KleinStoryPipeline}

@@ -94,3 +94,49 @@ def tiny_chroma_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: 
     for module in (t5, vae, transformer):
         module.eval()
     return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=t5, tokenizer=tok, transformer=transformer)
+
+
+# FLUX.2's scheduler_config.json (the klein checkpoints ship FLUX.2 [dev]'s): dynamic shifting, here with the mu of
+# ``compute_empirical_mu`` that Flux2KleinPipeline passes.
+FLUX2_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                       max_image_seq_len=4096, time_shift_type="exponential")
+
+
+def tiny_klein_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, max_length: int = 128,
+                        is_distilled: bool = False):
+    """A random-weight ``Flux2KleinPipeline`` at toy width: FLUX.2's blocks (fused single blocks, 4-axis RoPE),
+    a 27-layer Qwen3 causal LM (klein reads its hidden states 9, 18 and 27) of width 16, a 2-block FLUX.2 VAE
+    (scale factor 2, 8 latent channels patched 2x2). ``is_distilled=False`` keeps real classifier-free guidance."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .tokenizers import make_qwen_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_qwen_tokenizer(CORPUS * 20 + ["user assistant"] * 20, model_max_length=max_length)
+    hidden = 16
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=37, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=max_length, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=8,
+        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():   # latent statistics other than 0/1, so decoding's de-normalisation is exercised
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=32, num_layers=num_layers, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=32, mlp_ratio=3.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+    for module in (qwen, vae, transformer):
+        module.eval()
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer,
+                              is_distilled=is_distilled)

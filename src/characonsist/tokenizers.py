@@ -85,3 +85,30 @@ def make_word_t5_tokenizer(words, model_max_length: int = 512):
     vocab += [("\u2581" + w, -2.0) for w in sorted({w.lower() for w in words})]
     vocab += [("\u2581", -8.0)] + [(c, -10.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+# A chat template in the shape of Qwen3's for one user turn: FLUX.2 [klein] wraps every prompt in it, with the
+# generation prompt and ``enable_thinking=False`` (an empty think block).
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def make_qwen_tokenizer(corpus: Iterable[str], vocab_size: int = 400, model_max_length: int = 512):
+    """A ``Qwen2TokenizerFast`` (byte-level BPE trained in-process on ``corpus``) with Qwen's chat special tokens and
+    a Qwen3-shaped chat template, padding on the right as Qwen3's: FLUX.2 [klein]'s tokenizer at toy size."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                              bos_token=None, chat_template=QWEN_CHAT_TEMPLATE, model_max_length=model_max_length)

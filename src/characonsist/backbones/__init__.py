@@ -6,7 +6,7 @@ attention processors that hand every layer's q, k, v to the method. The engine a
 ``engine.AttnCall`` and ``engine.Slot``: no method knows which backbone it runs on.
 
 The backbone is found from the transformer's class (``backbone_of``): FLUX.1 (``FluxTransformer2DModel``),
-Chroma (``ChromaTransformer2DModel``).
+Chroma (``ChromaTransformer2DModel``), FLUX.2 [klein] (``Flux2Transformer2DModel``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from __future__ import annotations
 from .base import Backbone, TextBatch
 from .chroma import Chroma
 from .flux1 import Flux1
+from .klein import Klein
 
-BACKBONES: dict[str, Backbone] = {b.transformer_class: b for b in (Flux1(), Chroma())}
+BACKBONES: dict[str, Backbone] = {b.transformer_class: b for b in (Flux1(), Chroma(), Klein())}
 
 
 def backbone_named(transformer_class: str) -> Backbone | None:

@@ -50,9 +50,11 @@ class Backbone:
         """The tokenizer whose tokens are the transformer's text tokens (spans and length checks use it)."""
         raise NotImplementedError
 
-    def token_spans(self, pipe, image) -> tuple[int, int, int]:
+    def token_spans(self, pipe, image, max_sequence_length: int | None = None) -> tuple[int, int, int]:
         """(background end, real prompt end, character length) in the transformer's text sequence: background =
-        [0, bg), character = [bg, bg + char), foreground = [bg, real); softmaxes over text run over [0, real)."""
+        [0, bg), character = [bg, bg + char), foreground = [bg, real); softmaxes over text run over [0, real).
+        ``max_sequence_length``: for an adapter whose text encoder adds tokens of its own (klein's chat template);
+        the prompt's own length is checked by ``inputs.prompt_problems``."""
         tok = self.prompt_tokenizer(pipe)
 
         def count(text: str) -> int:
@@ -94,6 +96,11 @@ class Backbone:
         """Height, width, steps, guidance and ``max_sequence_length`` of the stock pipeline for this model (None:
         FLUX.1's rule in ``inputs.model_defaults``)."""
         raise NotImplementedError
+
+    def pipeline_defaults(self, pipe) -> dict | None:
+        """``defaults`` for a loaded pipeline, where its own config matters (klein: distilled or base)."""
+        transformer = getattr(pipe, "transformer", None)
+        return self.defaults(dict(transformer.config) if transformer is not None else None)
 
     def supports_picture(self) -> bool:
         """Whether an identity picture (``identity_image``, ``characonsist.inversion``) can be used."""
