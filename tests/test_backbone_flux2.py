@@ -247,3 +247,29 @@ def test_group_offload_keeps_every_method_exact_on_klein(tmp_path):
     for method in ("characonsist", "storysync"):
         out = story(IDENTITY, FRAMES[:1], method=method, guidance_scale=4.0, **OFF[method], **KW)
         assert np.array_equal(np.stack(out.images), _stock(stock, [IDENTITY, *FRAMES[:1]], out.seeds, 4.0))
+
+
+@pytest.mark.parametrize("distilled, steps", [(True, 4), (False, 50)])
+def test_a_hub_klein_gets_its_kinds_defaults_from_the_cache(tmp_path, monkeypatch, distilled, steps):
+    """A hub id (no folder): the command line reads ``model_index.json``'s ``is_distilled`` from the hub cache, so a
+    klein base checkpoint gets 50 steps and guidance, a distilled one 4 steps. The real ``hf_hub_download``, offline,
+    over a cache laid out as huggingface_hub writes it."""
+    import json
+
+    from characonsist.app.model import resolve_model
+    from characonsist.testing import tiny_klein_pipeline
+
+    saved = tmp_path / "saved"
+    tiny_klein_pipeline(seed=1, is_distilled=distilled).save_pretrained(saved)
+    snapshot = tmp_path / "hub" / "models--someone--klein-tiny" / "snapshots" / ("0" * 40)
+    for name in ("model_index.json", "transformer/config.json", "vae/config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_text((saved / name).read_text())
+    (tmp_path / "hub" / "models--someone--klein-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--klein-tiny" / "refs" / "main").write_text("0" * 40)
+    assert json.loads((snapshot / "model_index.json").read_text())["is_distilled"] is distilled
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    ref = resolve_model("someone/klein-tiny")
+    assert ref.kind == "hub" and ref.defaults["num_inference_steps"] == steps

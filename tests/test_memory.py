@@ -264,3 +264,30 @@ def test_auto_on_the_cards_people_have():
     cpu = memory.choose_plan(None, 8.0, ["none"])
     assert (cpu.quantize, cpu.memory) == ("none", "none") and "no CUDA GPU" in cpu.reason
     assert cpu.describe().startswith("--quantize none --memory none")
+
+
+def test_the_large_text_encoder_of_each_backbone_is_the_one_quantized(tmp_path):
+    """FLUX.1 quantizes its T5 ``text_encoder_2`` (CLIP-L stays); Chroma (T5) and FLUX.2 [klein] (Qwen3) have one
+    ``text_encoder``, the large one: it is quantized with the transformer."""
+    from characonsist.testing import tiny_chroma_pipeline, tiny_klein_pipeline
+
+    assert memory.quantized_components(None) == ("transformer", "text_encoder_2")
+    for name, build, expected in (("chroma", tiny_chroma_pipeline, ("transformer", "text_encoder")),
+                                  ("klein", tiny_klein_pipeline, ("transformer", "text_encoder"))):
+        build(seed=1).save_pretrained(tmp_path / name)
+        assert memory.quantized_components(memory.read_model_index(str(tmp_path / name))) == expected, name
+    assert memory.read_model_index(str(tmp_path / "missing")) is None
+
+
+@needs_torchao
+def test_torchao_int8_quantizes_klein_s_qwen3_encoder(tmp_path):
+    from torchao.utils import TorchAOBaseTensor
+
+    from characonsist.testing import tiny_klein_pipeline
+
+    tiny_klein_pipeline(seed=1).save_pretrained(tmp_path)
+    pipe = memory.load_pipeline(CharaConsistPipeline, str(tmp_path), torch.float32, quantize="int8")
+    for name in ("transformer", "text_encoder"):   # transformers keeps a causal LM's lm_head (unused here) as is
+        linears = [m for n, m in getattr(pipe, name).named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears), name
+    assert memory.settings(pipe)["weights"]["text_encoder"] == "torchao"

@@ -209,18 +209,21 @@ def read_config(path: Path | None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def model_defaults(folder: Path | None, transformer_config: dict | None = None, base: dict | None = None) -> dict:
+def model_defaults(folder: Path | None, transformer_config: dict | None = None, base: dict | None = None,
+                   model_index: dict | None = None) -> dict:
     """Height, width, steps, guidance and ``max_sequence_length`` for a model: ``base`` (another backbone's stock
     defaults, ``characonsist.backbones``) or FLUX.1-dev's; FLUX.1-schnell's for a FLUX.1 transformer without
-    guidance embedding; the model folder's ``characonsist_defaults.json`` wins."""
+    guidance embedding; the model folder's ``characonsist_defaults.json`` wins. ``model_index``: the pipeline's
+    ``model_index.json`` when there is no folder (a hub model): klein's ``is_distilled`` is read from it."""
     defaults = dict(FLUX_DEFAULTS)
     if base is None and transformer_config is None and folder is not None:
         transformer_config = read_config(Path(folder) / "transformer" / "config.json")
     if base is None and transformer_config:   # a saved config names its class: another backbone's defaults
         base = BACKBONE_DEFAULTS.get(transformer_config.get("_class_name"))
-        if base is KLEIN_DEFAULTS and folder is not None and \
-                not (read_config(Path(folder) / "model_index.json") or {}).get("is_distilled", False):
-            base = KLEIN_BASE_DEFAULTS   # a klein base folder (model_index.json's is_distilled false)
+        if folder is not None:
+            model_index = read_config(Path(folder) / "model_index.json")
+        if base is KLEIN_DEFAULTS and model_index is not None and not model_index.get("is_distilled", False):
+            base = KLEIN_BASE_DEFAULTS   # a klein base model (model_index.json's is_distilled false)
     if base is not None:
         defaults.update(base)
     if base is None and transformer_config and transformer_config.get("guidance_embeds") is False:

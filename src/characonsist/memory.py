@@ -55,6 +55,29 @@ QUANTIZATIONS: dict[str, Quantization] = {q.name: q for q in [
 QUANTIZED_COMPONENTS = ("transformer", "text_encoder_2")
 
 
+def quantized_components(model_index: dict | None) -> tuple[str, ...]:
+    """The components a weight format applies to in a pipeline of this ``model_index.json``: the transformer and
+    the large text encoder, which is FLUX.1's ``text_encoder_2`` (T5-XXL; its CLIP-L ``text_encoder`` stays) or the
+    only ``text_encoder`` of Chroma (T5-XXL) and FLUX.2 [klein] (Qwen3, as large as its transformer)."""
+    if not model_index or "text_encoder_2" in model_index:
+        return QUANTIZED_COMPONENTS
+    return ("transformer", "text_encoder") if "text_encoder" in model_index else ("transformer",)
+
+
+def read_model_index(name: str) -> dict | None:
+    """A pipeline's ``model_index.json``: from a local folder, else from the hub (or its cache); None if neither."""
+    path = Path(str(name)) / "model_index.json"
+    try:
+        if not path.parent.is_dir():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(name), "model_index.json"))
+        data = json.loads(path.read_text())
+    except Exception:  # the default (FLUX.1's components) is used when it cannot be had
+        return None
+    return data if isinstance(data, dict) else None
+
+
 @dataclass(frozen=True)
 class Mode:
     """A memory mode: where the weights live while the story runs."""
@@ -408,7 +431,7 @@ def check_quantization(quantize: str, cuda: bool | None = None) -> str | None:
 def quantization_config(quantize: str, dtype, components=QUANTIZED_COMPONENTS):
     """diffusers' ``PipelineQuantizationConfig`` for a weight format (None for ``none`` and ``fp8-storage``, which is
     applied after loading). Each component gets its own library's config class (diffusers for the transformer,
-    transformers for the T5 encoder)."""
+    transformers for the text encoder); ``components``: ``quantized_components`` of the model."""
     q = QUANTIZATIONS[quantize]
     if q.backend not in ("torchao", "bitsandbytes"):
         return None
@@ -501,7 +524,8 @@ def load_pipeline(cls, name: str, dtype, quantize: str = "none", memory: str = "
     gpus = list(gpus or [0])
     cuda = torch.cuda.is_available()
     device = f"cuda:{gpus[0]}" if cuda else "cpu"
-    config = quantization_config(quantize, dtype)
+    components = quantized_components(read_model_index(name)) if quantize != "none" else QUANTIZED_COMPONENTS
+    config = quantization_config(quantize, dtype, components)
     if config is not None:
         kwargs["quantization_config"] = config
     if memory == "balanced":
@@ -516,7 +540,7 @@ def load_pipeline(cls, name: str, dtype, quantize: str = "none", memory: str = "
             kwargs["device_map"] = "cuda"
     pipe = cls.from_pretrained(name, **dtype_kwarg(dtype), **kwargs)
     if quantize == "fp8-storage":
-        enable_fp8_storage(pipe, dtype)
+        enable_fp8_storage(pipe, dtype, components)
     load_loras(pipe, loras)
     apply_memory_mode(pipe, memory, device, gpus)
     if quantize != "none":   # memory is short: decode one image at a time (the same images, a smaller peak)

@@ -57,8 +57,9 @@ def resolve_model(name: str, names: dict | None = None) -> ModelRef:
         raise InputError(f"model folder {name!r} does not exist (a hub id looks like owner/name, e.g. "
                          "black-forest-labs/FLUX.1-dev; `toy` is the model shipped with the package)")
     check_hub_access(name)
-    return ModelRef(name, "hub", None, model_defaults(None, read_config(_hub_file(name, "transformer/config.json"))),
-                    read_config(_hub_file(name, "vae/config.json")))
+    defaults = model_defaults(None, read_config(_hub_file(name, "transformer/config.json")),
+                              model_index=read_config(_hub_file(name, "model_index.json")))
+    return ModelRef(name, "hub", None, defaults, read_config(_hub_file(name, "vae/config.json")))
 
 
 def _hub_file(repo: str, filename: str) -> Path | None:
