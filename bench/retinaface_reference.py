@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         sys.modules["cv2"] = types.ModuleType("cv2")
     sys.path.insert(0, str(Path(args.repo).resolve()))
-    from data import cfg_mnet, cfg_re50
     from layers.functions.prior_box import PriorBox
     from models.retinaface import RetinaFace as Reference
     from torchvision.ops import nms as tv_nms
@@ -122,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.nms.py_cpu_nms import py_cpu_nms
 
     from characonsist.evaluate import retinaface as R
+    from data import cfg_mnet, cfg_re50
 
     root = Path(__file__).resolve().parent.parent
     images = pictures(root)
