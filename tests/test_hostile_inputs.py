@@ -298,7 +298,8 @@ def ui(tmp_path):
     from starlette.testclient import TestClient
 
     from characonsist.ui.server import create_app
-    from characonsist.ui.worker import Worker, Workspace
+    from characonsist.ui.worker import Worker
+    from characonsist.ui.workspace import Workspace
 
     space = Workspace(tmp_path / "ui", "toy")
     worker = Worker(space, "toy")

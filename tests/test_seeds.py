@@ -26,7 +26,7 @@ def test_every_front_end_defaults_to_the_one_seed():
     from characonsist.pipeline import CharaConsistPipeline
     from characonsist.toy.bench import run_bench
     from characonsist.toy.bench_two import run_two_bench
-    from characonsist.ui.worker import Settings
+    from characonsist.ui.form import Settings
 
     assert DEFAULT_SEED == 2025   # CharaConsist's official seed; changing it changes every image
     assert inspect.signature(CharaConsistPipeline.__call__).parameters["seed"].default == DEFAULT_SEED

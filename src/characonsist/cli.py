@@ -257,7 +257,7 @@ def cmd_ui(args) -> int:
     if problem:
         raise InputError(problem)
     from .ui import serve
-    from .ui.worker import Loading
+    from .ui.form import Loading
 
     return serve(args.model, args.out, args.host, args.port, loading=Loading(
         args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype), allow_hosts=args.allow_host or ())

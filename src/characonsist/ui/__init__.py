@@ -1,7 +1,8 @@
 """``characonsist ui``: a local web app for making a story (``pip install 'characonsist[ui]'``).
 
 One page (plain HTML, CSS and JavaScript shipped in ``ui/static``: no build step, nothing fetched from the
-internet), a small Starlette app (``server.py``) and one worker thread that owns the model (``worker.py``). The
+internet), a small Starlette app (``server.py``), one worker thread that owns the model (``worker.py``),
+the workspace of story folders (``workspace.py``) and the form's settings (``form.py``). The
 work is the application layer's (``characonsist.app``), shared with ``characonsist generate``; docs/UI.md.
 """
 
@@ -156,7 +157,8 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
     import uvicorn
 
     from .server import create_app
-    from .worker import Worker, Workspace
+    from .worker import Worker
+    from .workspace import Workspace
 
     extra = [check_allow_host(name) for name in allow_hosts or ()]
     sock = bind(host, port)                # a bad address or a port in use: one line before the model is looked at

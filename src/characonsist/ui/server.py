@@ -1,5 +1,5 @@
 """The UI's web layer (Starlette): one static page, a JSON API and server-sent events. It only translates HTTP
-to the worker and the workspace (``ui/worker.py``), which call the application layer.
+to the worker (``ui/worker.py``) and the workspace (``ui/workspace.py``), which call the application layer.
 
 Safe by default: the server answers only requests whose ``Host`` is the address it serves (a web page elsewhere
 cannot reach it by DNS rebinding), writes only through JSON POSTs and picture uploads sent as
@@ -29,14 +29,13 @@ from ..app.layouts import LAYOUTS
 from ..app.stories import FORMATS, SUFFIX, dump_story, parse_story, story_document
 from ..inputs import InputError
 from ..seeds import DEFAULT_SEED
-from .worker import (
+from .form import Settings, UiError
+from .worker import Worker
+from .workspace import (
     MAX_PICTURE_BYTES,
     MAX_PICTURE_PIXELS,
     PICTURE_FORMATS,
     PICTURES,
-    Settings,
-    UiError,
-    Worker,
     Workspace,
     check_name,
     stored_picture,
