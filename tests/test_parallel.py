@@ -164,13 +164,13 @@ def test_bench_toy_in_two_processes_merges_one_json(workdir):
 
 def test_merged_bench_results_equal_one_run():
     """The merge alone (oracle: no model): two shares of a suite give the one-process result."""
-    from characonsist.toy import bench
+    from characonsist.toy import bench, runner, scoring
     from characonsist.toy.suite import reduced_suite
 
     stories = reduced_suite()[:3]
-    whole = bench.run_bench(None, stories, ["oracle"])
-    parts = [bench.run_bench(None, stories[:2], ["oracle"]), bench.run_bench(None, stories[2:], ["oracle"])]
-    merged = bench.merge_results(parts)
+    whole = runner.run_bench(None, stories, ["oracle"])
+    parts = [runner.run_bench(None, stories[:2], ["oracle"]), runner.run_bench(None, stories[2:], ["oracle"])]
+    merged = scoring.merge_results(parts)
     assert differences(strip_timings(bench._plain(whole)), strip_timings(bench._plain(merged))) == []
     assert merged["methods"]["oracle"]["metrics"]["wall_seconds"] == max(
         p["methods"]["oracle"]["metrics"]["wall_seconds"] for p in parts)

@@ -30,7 +30,8 @@ import numpy as np
 
 from ..seeds import DEFAULT_SEED
 from . import world
-from .bench import _pct, _ratio, check_prompt_lengths, merge_results, save_strip
+from .runner import ORACLE, check_prompt_lengths, method_seeding, parse_method, save_strip
+from .scoring import _pct, _ratio, merge_results, to_uint8
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -137,7 +138,6 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
     Character} the oracle draws instead of its random identities.
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``."""
     from ..seeds import story_seeds
-    from .bench import ORACLE, method_seeding, parse_method, to_uint8
     from .readout import read_pairs
 
     width = 2 * height
