@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from characonsist.toy import checks, train, world
+from characonsist.toy import checks, world
+from characonsist.toy.training import config, networks
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tr = dict(train.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=2, num_attention_heads=2)
-    vae = dict(train.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
-    pipe = train.build_pipeline(0, transformer_config=tr, vae_config=vae)
+    tr = dict(networks.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=2, num_attention_heads=2)
+    vae = dict(networks.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
+    pipe = networks.build_pipeline(0, transformer_config=tr, vae_config=vae)
     pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)   # what the VAE stage measures and sets
     pipe.set_progress_bar_config(disable=True)
-    return pipe, dict(train.DEFAULTS, num_inference_steps=2)
+    return pipe, dict(config.DEFAULTS, num_inference_steps=2)
 
 
 def test_token_parts_take_the_majority_part_of_character_tokens():

@@ -129,7 +129,7 @@ def schedule(pipe, defaults: dict) -> dict:
     """The toy sampler's sigma at each of its steps against FLUX.1-dev's (50 steps, 1024x1024) at the same
     fraction of the run (FLUX's sigmas interpolated linearly between its steps), and at the official steps of
     CharaConsist, rescaled as the methods rescale them (``round(v * N / 50)``)."""
-    from .train import FLUX_DEV_SCHEDULER_CONFIG
+    from .training.networks import FLUX_DEV_SCHEDULER_CONFIG
 
     n = defaults["num_inference_steps"]
     tokens = (defaults["height"] // TOKEN_PX) * (defaults["width"] // TOKEN_PX)
@@ -223,7 +223,7 @@ class _Recorder:
 
 def _encode(pipe, images: list[np.ndarray]) -> torch.Tensor:
     """Packed, scaled VAE latents (B, tokens, 64) of uint8 images, as the transformer sees them."""
-    from .train import to_pixels
+    from .training.data import to_pixels
 
     x = to_pixels(np.stack(images), pipe.device).to(pipe.vae.dtype)
     lat = pipe.vae.encode(x).latent_dist.mean
@@ -371,7 +371,7 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
     """Two-panel images (``train.two_panel_prompt`` of two captions of one kind, in other scenes and actions;
     half side by side, half stacked): the share whose panels read the same four identity attributes, against
     two single images of the same two captions from two seeds (which must agree no more than chance)."""
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     scenes, actions = list(world.SCENES), list(world.ACTIONS)
@@ -448,7 +448,7 @@ def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int 
     and whose named fields are the right caption's. Check 4 has both panels generated jointly; this isolates
     reading an appearance that is already there, which is what a frame does with a picture as the identity.
     """
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     h, w = defaults["height"], defaults["width"]
@@ -519,7 +519,7 @@ def panel_attention(pipe, defaults: dict, n: int = 24, seed: int = 4040, sigmas:
     directions are pooled. A head that carries appearance from one instance to the other has a ratio well above
     1 and a high ``right_part``.
     """
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     n_steps = defaults["num_inference_steps"]
