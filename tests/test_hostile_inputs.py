@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from characonsist import cli
-from characonsist.inputs import InputError, coerce_images
-from characonsist.story import StoryImage
+from characonsist.inputs import InputError
+from characonsist.story import StoryImage, coerce_images
 from characonsist.storyfile import StoryError, load_story, parse_structured, parse_text
 from test_cli import write
 

@@ -16,7 +16,7 @@ import math
 import numbers
 import re
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -283,31 +283,6 @@ def unknown_words(tokenizer, text: str, vocabulary: Iterable[str], spelled: Iter
 
 
 # ---------------------------------------------------------------------------------------------- images
-
-def coerce_images(identity, frames) -> list[StoryImage]:
-    """``[identity, *frames]`` as StoryImages; every problem at once, each with its place."""
-    from .story import StoryImage
-
-    problems, images = [], []
-    if isinstance(frames, (str, bytes)) or isinstance(frames, StoryImage):
-        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
-                         f"got one {type(frames).__name__} {excerpt(frames)}; for a single frame pass [frame]")
-    if frames is None:
-        frames = []
-    if isinstance(frames, (Mapping, Set)):   # iterating them gives keys / an arbitrary order, never the frames meant
-        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
-                         f"got a {type(frames).__name__} {excerpt(frames)}")
-    if not isinstance(frames, Iterable):
-        raise InputError(f"frames must be a list of images, got {type(frames).__name__} {excerpt(frames)}")
-    for place, value in [("identity", identity), *((f"frames[{i}]", f) for i, f in enumerate(frames))]:
-        try:
-            images.append(StoryImage.coerce(value))
-        except (TypeError, ValueError) as e:
-            problems.append(f"{place}: {e}")
-    if problems:
-        raise InputError(problems)
-    return images
-
 
 def setting_problems(*, height=None, width=None, num_inference_steps=None, guidance_scale=None,
                      max_sequence_length=None, batch_size=None, limits: ModelLimits | None = None,

@@ -24,7 +24,6 @@ from .inputs import (
     OUTPUT_TYPES,
     InputError,
     ModelLimits,
-    coerce_images,
     excerpt,
     group_size_problems,
     image_problems,
@@ -39,7 +38,7 @@ from .match import Matches
 from .methods import Method, get_method
 from .picture import describe_source, fit_picture, load_picture, psnr
 from .seeds import DEFAULT_SEED, story_seeds
-from .story import StoryImage
+from .story import StoryImage, coerce_images
 
 FluxPipeline = import_flux()
 

@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import checkpoints
-from .models import ModelUnavailable, pick_device
+from .models import pick_device
+from .unavailable import ModelUnavailable
 
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 FACENET_FILE = "20180402-114759-vggface2.pt"

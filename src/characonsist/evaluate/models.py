@@ -26,12 +26,10 @@ import math
 
 import numpy as np
 
+from .unavailable import ModelUnavailable
+
 EXTRA = "pip install 'characonsist[eval]'"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
-class ModelUnavailable(RuntimeError):
-    """A metric's model or package cannot be had; the message says what to install or pass."""
 
 
 def pick_device(name: str = "auto") -> str:

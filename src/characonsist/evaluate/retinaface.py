@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import checkpoints
-from .models import ModelUnavailable, pick_device
+from .models import pick_device
+from .unavailable import ModelUnavailable
 
 RELEASE = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 RESNET50_URL = RELEASE + "detection_Resnet50_Final.pth"

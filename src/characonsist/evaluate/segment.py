@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .models import ClipSegSegmenter, ModelUnavailable, Owlv2Detector, _describe_processor, _load, _quiet, _Torch
+from .models import ClipSegSegmenter, Owlv2Detector, _describe_processor, _load, _quiet, _Torch
+from .unavailable import ModelUnavailable
 
 DEFAULT_SAM = "facebook/sam-vit-huge"
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"

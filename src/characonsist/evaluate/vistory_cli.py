@@ -89,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_suite(args, parser) -> int:
-    from .models import ModelUnavailable
     from .runfolder import RunError, read_run
+    from .unavailable import ModelUnavailable
     from .vistorybench import (
         VistoryError,
         dataset_root,

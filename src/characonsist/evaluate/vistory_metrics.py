@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import ModelUnavailable, _load, _quiet, _Torch
+from .models import _load, _quiet, _Torch
+from .unavailable import ModelUnavailable
 
 GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"     # transformers' conversion of groundingdino_swint_ogc.pth
 CIDS_CLIP = "openai/clip-vit-large-patch14"
