@@ -690,7 +690,7 @@ class Bench:
             chain += [("cc-full", self.find("ours", n, share_bg=True, options={}))]
             chain = [(name, r) for name, r in chain if r is not None]
             self.log(f"breakdown, {n} frames (wall deltas; transformer-time deltas):")
-            for (_, prev), (name, cur) in zip(chain, chain[1:]):
+            for (_, prev), (name, cur) in zip(chain, chain[1:], strict=False):   # consecutive pairs
                 self.log(f"    +{name:<28} {cur['wall_s'] - prev['wall_s']:+8.2f} s   "
                          f"{cur['transformer_s'] - prev['transformer_s']:+8.2f} s")
         for r in self.records:

@@ -30,7 +30,7 @@ from dp_compare import compare_folders, differences, strip_timings  # noqa: E402
 SCENES = ["a sunny beach", "a green forest", "a grey city", "a starry night", "a sunny beach", "a grey city"]
 KINDS = ["a robot", "a cat", "a bird", "a robot", "a cat", "a bird"]
 STORY = "\n".join(f"{scene}#{kind}#big in the middle\n{scene}#{kind}#small on the left\n"
-                  for scene, kind in zip(SCENES, KINDS))          # six groups: identity + one frame each
+                  for scene, kind in zip(SCENES, KINDS, strict=True))          # six groups: identity + one frame each
 ARGS = ["--model", "toy", "--steps", "3"]
 GROUPS = [f"group_{i:03d}" for i in range(len(SCENES))]
 WRITTEN = re.compile(r"(group_\d+): written \((?:process|worker) (\d+)\)")

@@ -99,7 +99,7 @@ def test_suite_composition():
         assert suite.story_mode(truth) == s.mode
         assert len({t[2] for t in truth[1:]}) == 4                     # the frames' actions vary
         if s.mode == "changing":
-            assert all(a != b for a, b in zip(scenes, scenes[1:]))
+            assert all(a != b for a, b in zip(scenes, scenes[1:], strict=False))   # consecutive pairs
         if s.mode == "mixed":
             away = [x for x in scenes if x != home]
             assert len(away) > len(set(away))                           # a switched scene comes back
@@ -230,7 +230,7 @@ def test_mask_scores_tell_all_foreground_from_a_good_mask():
     assert scoring.upsample_mask(np.eye(2, dtype=bool), 4, 6).tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2
     # in a story: images without a mask are skipped, methods without masks get no mask metrics ("-" in the table)
     truth3 = [("city", "robot", "big-centre")] * 3
-    reads = [{**dict(zip(("scene", "kind", "action"), t)), "position": "centre", "size": "big",
+    reads = [{**dict(zip(("scene", "kind", "action"), t, strict=True)), "position": "centre", "size": "big",
               **ch.attributes()} for t in truth3]
     s = score_story(truth3, reads, [img] * 3, "fixed", [np.ones((16, 16), bool), None, scoring.pool_mask(truth)])
     assert s["mask_scores"][1] is None

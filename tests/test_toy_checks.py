@@ -95,7 +95,7 @@ def test_two_character_scores_known_answers():
     rng = np.random.default_rng(8)
     truths = [world.sample_two_fields(rng) for _ in range(6)]
     chars = [tuple(world.sample_character(rng, k) for k in kinds) for _, kinds, _ in truths]
-    images = [world.render_two(s, ch, a, rng=rng) for (s, _, a), ch in zip(truths, chars)]
+    images = [world.render_two(s, ch, a, rng=rng) for (s, _, a), ch in zip(truths, chars, strict=True)]
     right = checks.score_two_characters(truths, images)        # the renderer as the model: everything reads back
     assert right["n"] == 6 and all(v == 1.0 for v in right["adherence"].values()), right["adherence"]
     assert right["rows"][0]["caption"] == world.two_caption(*truths[0])
@@ -105,7 +105,7 @@ def test_two_character_scores_known_answers():
     s = checks.score_two_characters(truths, swapped)["adherence"]
     assert s["kinds"] == 1.0 and s["kinds_in_order"] == 0.0 and s["scene"] == 1.0
     copied = [world.render_two(s, (ch[0], world.Character(ch[1].kind, **ch[0].attributes())), a, rng=rng)
-              for (s, _, a), ch in zip(truths, chars)]                      # one identity on both: a full leak
+              for (s, _, a), ch in zip(truths, chars, strict=True)]                      # one identity on both: a full leak
     leak = checks.score_two_characters(truths, copied)
     assert leak["same_all_four"] == 1.0 and all(v == 1.0 for v in leak["same_attribute"].values())
 

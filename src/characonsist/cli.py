@@ -228,7 +228,7 @@ def _say_earlier(run, say) -> None:
 def _say_notes(job, say, shown: int = 3) -> None:
     """The group's notes (fallbacks taken: an empty mask, no match; how a picture was followed), the first few
     with their image, the rest counted; all of them are in manifest.json and each PNG's record."""
-    notes = [(Path(record["path"]).stem, note) for record, image_notes in zip(job.records, job.notes)
+    notes = [(Path(record["path"]).stem, note) for record, image_notes in zip(job.records, job.notes, strict=True)
              for note in image_notes]
     for stem, note in notes[:shown]:
         say(f"{job.folder}/{stem}: {note}")

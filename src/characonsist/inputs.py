@@ -357,7 +357,7 @@ def size_problem(name: str, value, limits: ModelLimits | None = None) -> str | N
 def image_problems(images: Sequence[StoryImage], places: Sequence[str], limits: ModelLimits) -> list[str]:
     """Per-image size problems against the model's limits (StoryImage itself checks the multiple of 16)."""
     problems = []
-    for image, place in zip(images, places):
+    for image, place in zip(images, places, strict=True):
         for key in ("height", "width"):
             value = getattr(image, key)
             if value is not None:
@@ -372,7 +372,7 @@ def prompt_problems(images: Sequence[StoryImage], places: Sequence[str], tokeniz
     """Prompts the text encoder cannot take: words outside a closed vocabulary (reported instead of a length
     problem, which they cause), then prompts longer than ``max_sequence_length`` T5 tokens (end token included)."""
     problems, unknown_any = [], False
-    for image, place in zip(images, places):
+    for image, place in zip(images, places, strict=True):
         if vocabulary is not None:
             unknown = unknown_words(tokenizer, image.prompt, vocabulary)
             if unknown:

@@ -200,7 +200,7 @@ def _split_line(line: str, place: str, problems: list[str]) -> dict | None:
         problems.append(f"{place}: {excerpt(line)} has {len(parts) - 1} '#' but needs exactly two: "
                         "background#character#action")
         return None
-    return dict(zip(FIELDS, parts))
+    return dict(zip(FIELDS, parts, strict=True))
 
 
 def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: list[str],

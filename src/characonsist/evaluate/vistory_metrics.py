@@ -322,7 +322,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
             continue
         if aligner is not None:
             single.setdefault(shot.index, {})     # a shot that reaches matching counts, 0 if nobody is matched
-        for r, c in zip(*linear_sum_assignment(-sims)):
+        for r, c in zip(*linear_sum_assignment(-sims), strict=True):   # rows and columns of one assignment
             key = shot.keys[r]
             if not rows[r] or c not in cache[key][1]:
                 continue

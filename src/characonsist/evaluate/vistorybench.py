@@ -158,7 +158,7 @@ def read_story(root: Path, story_id: str, language: str = "en") -> VStory:
         unknown = [c for c in keys if c not in characters]
         if unknown:
             notes.append(f"{where}: character(s) {', '.join(map(repr, unknown))} not in Characters; left out")
-            names = [n for n, c in zip(names, keys) if c in characters]
+            names = [n for n, c in zip(names, keys, strict=True) if c in characters]
             keys = [c for c in keys if c in characters]
         shots.append(Shot(index, _text(raw["Setting Description"], language, where, notes),
                           _text(raw["Plot Correspondence"], language, where, notes), [str(n) for n in names], keys,
@@ -171,7 +171,7 @@ def read_story(root: Path, story_id: str, language: str = "en") -> VStory:
 def merged_prompt(story: VStory, shot: Shot) -> str:
     """The benchmark's one-string prompt of a shot (``StoryDataset.story_prompt_merge``): camera; plot; script;
     "<name> is <prompt>" per character; scene."""
-    chars = ";".join(f"{n} is {story.characters[k].prompt}" for n, k in zip(shot.names, shot.keys))
+    chars = ";".join(f"{n} is {story.characters[k].prompt}" for n, k in zip(shot.names, shot.keys, strict=True))
     return f"{shot.camera};{shot.plot};{shot.script};{chars};{shot.scene};"
 
 
@@ -264,7 +264,7 @@ def convert_dataset(dataset: str | Path, out: str | Path, lite: bool = False, la
                                "--force")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for c, story in zip(converted, stories):
+    for c, story in zip(converted, stories, strict=True):
         header = [MARK, f"# source: {root / c.id / 'story.json'} ({language}{', text only' if text_only else ''})",
                   f"# {len(c.scenes)} groups (one per character), {sum(len(s['frames']) for s in c.scenes)} frames",
                   *(f"# note: {n}" for n in c.notes)]

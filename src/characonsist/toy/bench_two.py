@@ -55,7 +55,7 @@ def score_two_story(truth: list, reads: list[tuple[dict, dict]], mode: str | Non
     kinds = truth[0][1]
     ident = reads[0]
     ref = [find_kind(ident, k, c) for c, k in enumerate(kinds)]     # identity half of each character
-    frames = list(zip(truth[1:], reads[1:]))
+    frames = list(zip(truth[1:], reads[1:], strict=True))
     out: dict = {"frames": len(frames), "images": len(reads), "mode": mode, "identity_found": sum(
         r is not None for r in ref)}
     hits = [0, 0]
@@ -77,7 +77,7 @@ def score_two_story(truth: list, reads: list[tuple[dict, dict]], mode: str | Non
             ok.append(all(same.values()))
             hits[c] += ok[-1]
         both += all(ok)
-    rows = [two_character_row(t, r) for t, r in zip(truth, reads)]
+    rows = [two_character_row(t, r) for t, r in zip(truth, reads, strict=True)]
     out.update(identity_hits=hits, both_hits=both, attribute_hits=attr_hits, kind_found=found, swapped=swapped,
                adherence_hits={k: int(sum(r[k] for r in rows)) for k in ADHERENCE},
                same_hits={a: int(sum(r["same"][a] for r in rows)) for a in ATTRS},

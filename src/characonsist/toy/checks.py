@@ -249,7 +249,7 @@ def single_block_similarity(pipe, defaults: dict, images: list[np.ndarray], prom
     store: list[torch.Tensor] = []
     blocks = tr.single_transformer_blocks
     saved = [b.attn.processor for b in blocks]
-    for b, p in zip(blocks, saved):
+    for b, p in zip(blocks, saved, strict=True):
         b.attn.set_processor(_Recorder(p, store, embeds.shape[1]))
     try:
         tr(hidden_states=xt.to(tr.dtype), timestep=torch.full((len(images),), sigma, device=pipe.device,
@@ -257,7 +257,7 @@ def single_block_similarity(pipe, defaults: dict, images: list[np.ndarray], prom
            guidance=None, pooled_projections=pooled.to(tr.dtype), encoder_hidden_states=embeds.to(tr.dtype),
            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
     finally:
-        for b, p in zip(blocks, saved):
+        for b, p in zip(blocks, saved, strict=True):
             b.attn.set_processor(p)
     sims = []
     for k in range(1, len(images)):
@@ -405,8 +405,8 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "agree_side_by_side": float(np.mean([r["agree"] for r in reads if not r["vertical"]])),
             "agree_stacked": float(np.mean([r["agree"] for r in reads if r["vertical"]])),
             "panels_named_correct": float(np.mean([r["named_correct"] for r in reads])),
-            "two_seeds_agree": float(np.mean([_agree(a, b) for a, b in zip(singles_a, singles_b)])),
-            "two_seeds_per_attribute": {a: float(np.mean([x[a] == y[a] for x, y in zip(singles_a, singles_b)]))
+            "two_seeds_agree": float(np.mean([_agree(a, b) for a, b in zip(singles_a, singles_b, strict=True)])),
+            "two_seeds_per_attribute": {a: float(np.mean([x[a] == y[a] for x, y in zip(singles_a, singles_b, strict=True)]))
                                         for a in ATTRS},
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
 
@@ -597,7 +597,7 @@ def two_character_row(truth: tuple, reads: tuple[dict, dict]) -> dict:
     ok = {"scene": all(r["scene"] == scene for r in reads),
           "kinds": sorted(got_kinds) == sorted(kinds), "kinds_in_order": got_kinds == tuple(kinds),
           "actions": sorted(got_actions) == sorted(actions),
-          "bound": sorted(zip(got_kinds, got_actions)) == sorted(zip(kinds, actions))}
+          "bound": sorted(zip(got_kinds, got_actions, strict=True)) == sorted(zip(kinds, actions, strict=True))}
     ok["all_named"] = ok["scene"] and ok["bound"]
     return {**ok, "same": {a: reads[0][a] == reads[1][a] for a in ATTRS}}
 

@@ -183,8 +183,8 @@ def read_pairs(images, net: ReadoutNet | None = None, batch: int = 64, confidenc
     halves = [h for im in images for h in split_pair(im)]
     res = read_batch(halves, net, batch, confidence)
     reads, conf = res if confidence else (res, None)
-    pairs = list(zip(reads[0::2], reads[1::2]))
-    return (pairs, list(zip(conf[0::2], conf[1::2]))) if confidence else pairs
+    pairs = list(zip(reads[0::2], reads[1::2], strict=True))
+    return (pairs, list(zip(conf[0::2], conf[1::2], strict=True))) if confidence else pairs
 
 
 # ---------------------------------------------------------------- data, training, accuracy
@@ -258,8 +258,8 @@ def measure_accuracy(n: int = 1000, seed: int = 12345, degrade: bool = False,
     if two_characters:
         named = [all(r[f] for f in world.NAMED_FIELDS) for r in right]
         every = [all(r.values()) for r in right]
-        acc["both_named"] = float(np.mean([a and b for a, b in zip(named[0::2], named[1::2])]))
-        acc["both_all"] = float(np.mean([a and b for a, b in zip(every[0::2], every[1::2])]))
+        acc["both_named"] = float(np.mean([a and b for a, b in zip(named[0::2], named[1::2], strict=True)]))
+        acc["both_all"] = float(np.mean([a and b for a, b in zip(every[0::2], every[1::2], strict=True)]))
     return acc
 
 

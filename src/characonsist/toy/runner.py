@@ -239,8 +239,8 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = DEF
                 rec["masks"] = [_mask_text(m) for m in masks]
             if character is not None:
                 rec.update(score_picture(character.attributes(), reads, psnr))
-                named = [r[f] == v for (scene, kind, action), r in zip(story.truth[1:], reads[1:])
-                         for f, v in zip(ADHERENCE_FIELDS, (scene, kind, *action.split("-")[::-1]))]
+                named = [r[f] == v for (scene, kind, action), r in zip(story.truth[1:], reads[1:], strict=True)
+                         for f, v in zip(ADHERENCE_FIELDS, (scene, kind, *action.split("-")[::-1]), strict=True)]
                 rec.update(frame_adherence_hits=int(sum(named)), frame_adherence_fields=len(named))
             records.append(rec)
             if log:

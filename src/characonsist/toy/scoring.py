@@ -147,9 +147,9 @@ def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
     out["identity_hits"] = sum(all(r[a] == ident[a] for a in world.ATTRIBUTES) for r in frames)
     out["attribute_hits"] = {a: sum(r[a] == ident[a] for r in frames) for a in world.ATTRIBUTES}
     named = {f: 0 for f in ADHERENCE_FIELDS}
-    for (scene, kind, action), r in zip(truth, reads):
+    for (scene, kind, action), r in zip(truth, reads, strict=True):
         size, position = action.split("-")
-        for f, v in zip(ADHERENCE_FIELDS, (scene, kind, position, size)):
+        for f, v in zip(ADHERENCE_FIELDS, (scene, kind, position, size), strict=True):
             named[f] += r[f] == v
     out["adherence_hits"] = named
     out["images"] = len(reads)
@@ -169,7 +169,7 @@ def score_story(truth: list[tuple[str, str, str]], reads: list[dict[str, str]],
             out["bg_pixel"] = float(np.nanmean(agree)) if not np.all(np.isnan(agree)) else float("nan")
     if masks is not None and images is not None and any(m is not None for m in masks):
         per_image = []
-        for (scene, _, action), r, image, mask in zip(truth, reads, images, masks):
+        for (scene, _, action), r, image, mask in zip(truth, reads, images, masks, strict=True):
             if mask is None:
                 per_image.append(None)
                 continue

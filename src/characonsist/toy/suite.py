@@ -84,7 +84,7 @@ def make_suite(n_per_mode: int = 20, frames: int = 4, seed: int = SUITE_SEED) ->
             scenes = _frame_scenes(mode, home, rng, frames)
             stories.append(ToyStory(
                 name=f"{mode}-{i:02d}", mode=mode, identity=_image(home, kind, actions[0]),
-                frames=tuple(_image(s, kind, a) for s, a in zip(scenes, actions[1:])), seed=k))
+                frames=tuple(_image(s, kind, a) for s, a in zip(scenes, actions[1:], strict=True)), seed=k))
     return stories
 
 
@@ -132,7 +132,7 @@ def _read_groups(path: str | Path, parse, other, hint: str, check_kinds, make) -
     out = []
     for gi, group in enumerate(story.groups):
         truth = []
-        for img, where in zip(group.images, group.where):
+        for img, where in zip(group.images, group.where, strict=True):
             try:
                 truth.append(parse(img.spec()))
             except ValueError as e:
@@ -223,7 +223,7 @@ def two_character_suite(n_per_mode: int = TWO_PER_MODE, frames: int = 4, seed: i
             acts = [[str(a) for a in rng.choice(list(world.ACTIONS), size=frames + 1, replace=frames + 1 > 6)]
                     for _ in kinds]
             scenes = _frame_scenes(mode, home, rng, frames)
-            images = [_two_image(sc, kinds, (a, b)) for sc, a, b in zip([home, *scenes], *acts)]
+            images = [_two_image(sc, kinds, (a, b)) for sc, a, b in zip([home, *scenes], *acts, strict=True)]
             stories.append(ToyTwoStory(name=f"two-{mode}-{i:02d}", mode=mode, identity=images[0],
                                        frames=tuple(images[1:]), seed=TWO_OFFSET + k))
     return stories
@@ -235,7 +235,7 @@ def load_two_stories(path: str | Path) -> list[ToyTwoStory]:
     def kinds(truth, where):
         return [f"{w}: every image of a story must show the identity's two kinds "
                 f"({' and '.join(world.KINDS[k] for k in truth[0][1])})"
-                for t, w in zip(truth[1:], where[1:]) if sorted(t[1]) != sorted(truth[0][1])]
+                for t, w in zip(truth[1:], where[1:], strict=True) if sorted(t[1]) != sorted(truth[0][1])]
 
     return _read_groups(path, world.parse_two_caption, world.parse_caption,
                         "one character: every image of a --two-characters story shows two, e.g. "

@@ -204,7 +204,7 @@ class Workspace:
     def _adopt_pictures(self, doc: dict, manifest: dict) -> None:
         """A story rebuilt from a command-line run's manifest names its pictures where that run read them; the same
         bytes uploaded here are named as the UI names them (the groups stay finished: the picture's sha256 counts)."""
-        for scene, group in zip(doc["scenes"], manifest.get("groups") or []):
+        for scene, group in zip(doc["scenes"], manifest.get("groups") or [], strict=True):
             identity = scene["images"][0] if scene["images"] else {}
             if identity.get("image") and stored_picture(identity["image"]) is None:
                 file = self._stored((group["identity"].get("picture") or {}).get("sha256"))
