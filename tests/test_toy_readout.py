@@ -26,9 +26,9 @@ def test_reads_degraded_renders(sample):
     imgs, labels = sample
     rng = np.random.default_rng(0)
     degraded = [readout.degrade(im, rng) for im in imgs[:24]]
-    assert any(not np.array_equal(a, b) for a, b in zip(degraded, imgs, strict=True))
+    assert any(not np.array_equal(a, b) for a, b in zip(degraded, imgs[:24], strict=True))
     pred = readout.read_batch(degraded)
-    identity_ok = np.mean([all(p[a] == t[a] for a in world.ATTRIBUTES) for p, t in zip(pred, labels, strict=True)])
+    identity_ok = np.mean([all(p[a] == t[a] for a in world.ATTRIBUTES) for p, t in zip(pred, labels[:24], strict=True)])
     assert identity_ok >= 0.9
 
 

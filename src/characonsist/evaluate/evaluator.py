@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from . import metrics as M
 from .models import (
@@ -302,7 +303,6 @@ def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBa
 
 def _bar(progress: bool, total: int):
     if progress:
-        from tqdm import tqdm
 
         return tqdm(total=total, unit="group", desc="eval", dynamic_ncols=True)
 

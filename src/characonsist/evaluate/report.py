@@ -13,6 +13,8 @@ import io
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from ..app.folder import write_file
 from .evaluator import EVAL_FORMAT
 from .metrics import METRICS
@@ -114,7 +116,6 @@ def _csv(header: list[str], rows: list[list]) -> bytes:
 
 def thumbnail(path: Path, size: int = 192) -> str:
     """A ``data:`` URI of the image scaled to at most ``size`` pixels (empty when it cannot be read)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as image:

@@ -19,6 +19,7 @@ matched to the shot's ``index`` of story.json. ``timestamp`` is ``YYYYMMDD_HHMMS
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from ..app.folder import write_file
 from ..storyfile import slug
@@ -369,7 +371,6 @@ def export_layout(shots: dict[str, dict[int, Path]], out: str | Path, method: st
     """Write ``<out>/<method>/<mode>/<language>/<timestamp>/<story_id>/shot_XX.<suffix>`` (XX = the shot's story.json
     index, two digits) for the official scripts (``bench_run.py --method <method> --mode <mode>``). A timestamp
     folder that exists and was not written by this export is refused; one of ours is completed, files kept."""
-    from PIL import Image
 
     if suffix not in ("jpg", "png"):
         raise VistoryError(f"--export-format {suffix!r}: jpg or png")
@@ -399,7 +400,6 @@ def export_layout(shots: dict[str, dict[int, Path]], out: str | Path, method: st
 
 
 def _encode(image, suffix: str) -> bytes:
-    import io
 
     buffer = io.BytesIO()
     if suffix == "jpg":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..seeds import DEFAULT_SEED
+from ..seeds import DEFAULT_SEED, story_seeds
 from . import world
 from .runner import ORACLE, check_prompt_lengths, method_seeding, parse_method, save_strip
 from .scoring import _pct, _ratio, merge_results, to_uint8
@@ -137,7 +137,6 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
     (seeds and conventions as ``bench.run_bench``). ``oracle_characters`` (tests): a function (story) -> {kind:
     Character} the oracle draws instead of its random identities.
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``."""
-    from ..seeds import story_seeds
     from .readout import read_pairs
 
     width = 2 * height

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from . import world
@@ -114,7 +116,6 @@ def _to_tensor(images, resize: bool = True) -> torch.Tensor:
         if im.dtype != np.uint8:  # float images in [0, 1] (diffusers output_type="np")
             im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
         if resize and im.shape[:2] != (SIZE, SIZE):
-            from PIL import Image
             im = np.asarray(Image.fromarray(im[..., :3]).resize((SIZE, SIZE), Image.BILINEAR))
         out.append(torch.from_numpy(np.array(im[..., :3])))
     return torch.stack(out).permute(0, 3, 1, 2).float() / 255
@@ -207,7 +208,6 @@ def render_set(n: int, seed: int, workers: int = 1, two_characters: bool = False
     ``default_rng([seed, i, 2])``) and (left, right) labels."""
     jobs = [(seed, i, min(500, n - 500 * i), two_characters) for i in range((n + 499) // 500)]
     if workers > 1:
-        from multiprocessing import get_context
         with get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs)
     else:

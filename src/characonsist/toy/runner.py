@@ -6,13 +6,15 @@ and scored (:mod:`characonsist.toy.scoring`); the pipeline and the readout on a 
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .._compat import dtype_kwarg
-from ..seeds import DEFAULT_SEED
+from ..seeds import DEFAULT_SEED, story_seeds
 from . import world
 from .pictures import PICTURE_KINDS, aggregate_pictures, score_picture, story_picture
 from .scoring import ADHERENCE_FIELDS, aggregate, pool_mask, score_story, to_uint8
@@ -83,7 +85,6 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 def save_strip(image_dir, spec: str, name: str, images: list, axis: int = 1) -> None:
     """A story's images side by side (``axis=1``; stacked: 0) as ``IMAGE_DIR/<spec>/<name>.png``."""
-    from PIL import Image
 
     folder = Path(image_dir) / spec.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,6 @@ def run_bench(pipe, stories: list[ToyStory], methods: list[str], seed: int = DEF
     ``on_method(result)``, if given, is called with the result so far after each method (the command line writes
     it to ``--json``, so a run cut short keeps the methods it finished).
     """
-    from ..seeds import story_seeds
     from .readout import read_batch
 
     conventions = {}
@@ -300,7 +300,6 @@ def readout_on(device: str):
 def device_readout(net, device: str):
     """A copy of readout ``net`` on ``device`` that takes the CPU batches ``readout.read_batch`` builds and returns
     its logits on the CPU (``net`` itself stays where it is)."""
-    import copy
 
     import torch
 

@@ -12,12 +12,13 @@ shows the same two characters of different kinds side by side (``world.two_capti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..story import StoryImage
+from ..storyfile import StoryError, load_story
 from . import world
 
 MODES = ("fixed", "changing", "mixed")
@@ -95,7 +96,6 @@ HELDOUT_OFFSET = 1000
 def heldout_suite(n_per_mode: int = 20) -> list[ToyStory]:
     """A second suite of the same form that no setting was tuned on: other stories (drawn from ``HELDOUT_SEED``)
     and other noise (seed offsets from ``HELDOUT_OFFSET``), named ``heldout-<mode>-NN``."""
-    from dataclasses import replace
 
     return [replace(s, name=f"heldout-{s.name}", seed=HELDOUT_OFFSET + s.seed)
             for s in make_suite(n_per_mode, seed=HELDOUT_SEED)]
@@ -125,7 +125,6 @@ def _read_groups(path: str | Path, parse, other, hint: str, check_kinds, make) -
     """The groups of a story file, each image read by ``parse`` (a caption's truth); an image that only ``other``
     reads gets ``hint``; ``check_kinds(truth, where)`` lists a group's kind problems; ``make(group, index,
     truth)`` builds a story. All problems are raised at once (``StoryError``) with their places."""
-    from ..storyfile import StoryError, load_story
 
     story = load_story(path)
     problems: list[str] = []

@@ -59,6 +59,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,8 +74,6 @@ from .training.loop import Dist, _log, _save_state, _state, export, init_from_va
 
 def probe_auto(batch: int) -> tuple[str, int]:
     """The first (precision, batch) whose probe runs, each in its own process (a CUDA error is fatal)."""
-    import subprocess
-    import sys
 
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     for precision, b in (("bf16", batch), ("fp32", batch), ("bf16", batch // 2), ("fp32", batch // 2)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +111,6 @@ class Settings:
 
 def cli_command(model: str, folder: Path, settings: Settings, loading: Loading | None = None) -> str:
     """The ``characonsist generate`` command that resumes or re-runs this story from the command line."""
-    import shlex
 
     parts = ["characonsist", "generate", str(folder / STORY_FILE), "--model", model, "--out", str(folder),
              "--method", settings.method, *(loading or Loading()).flags()]

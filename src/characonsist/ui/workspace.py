@@ -18,6 +18,7 @@ from ..app.folder import OutputFolder
 from ..app.stories import document_from_manifest, parse_story, story_document
 from ..inputs import InputError, excerpt
 from ..output import read_json
+from ..picture import bytes_digest, file_digest, load_picture_bytes
 from .form import STORY_FILE, Loading, Settings, UiError, cli_command
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -118,7 +119,6 @@ class Workspace:
         atomically with its bytes as uploaded to ``pictures/<sha256[:16]>.<ext>`` (the same picture twice is one
         file; a file there that characonsist did not write is never replaced). ``filename`` is the browser's name,
         used in messages only. UiError says what is wrong."""
-        from ..picture import bytes_digest, file_digest, load_picture_bytes
 
         name = upload_name(filename)
         where = f"picture: {name}" if name else "picture"
@@ -190,7 +190,6 @@ class Workspace:
         """The stored picture with these bytes (sha256), if any."""
         if not isinstance(digest, str) or len(digest) != 64:
             return None
-        from ..picture import file_digest
 
         for ext in PICTURE_FORMATS.values():
             try:

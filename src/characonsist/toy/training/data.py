@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...story import StoryImage
+from .. import world
 from .config import TrainConfig
 
 # ------------------------------------------------------------------------------------------------ data
 
 def all_prompts() -> list[str]:
     """Every prompt of the toy world (the three caption fields joined by spaces, as ``StoryImage.prompt``)."""
-    from ...story import StoryImage
-    from .. import world
 
     return [StoryImage.parse(world.caption(s, k, a)).prompt
             for s in world.SCENES for k in world.KINDS for a in world.ACTIONS]
@@ -30,8 +30,6 @@ def _render_chunk(args: tuple[int, int, int, int, int, bool]) -> tuple[np.ndarra
     """Render ``n`` examples from the chunk's own seeded generator (independent of the worker count): random
     identities, each drawn ``per_identity`` times in a random scene and action, one after the other; with
     ``two_characters``, ``world.sample_two_example`` images (size x 2 size) from the generator ``[seed, chunk, 2]``."""
-    from ...story import StoryImage
-    from .. import world
 
     seed, chunk, n, size, per_identity, two_characters = args
     if two_characters:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from ..._compat import dtype_kwarg
+from ...tokenizers import make_clip_tokenizer, make_word_t5_tokenizer
+from .. import world
 
                                      # recipe, both panels equally noised); see reference_noise
 
@@ -63,8 +65,6 @@ def build_pipeline(seed: int = 0, transformer_config: dict | None = None, vae_co
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from ...tokenizers import make_clip_tokenizer, make_word_t5_tokenizer
-    from .. import world
 
     tok1 = make_clip_tokenizer(world.VOCAB_WORDS, model_max_length=77)
     tok2 = make_word_t5_tokenizer(world.VOCAB_WORDS)
