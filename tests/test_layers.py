@@ -84,3 +84,78 @@ def test_a_cycle_inside_one_layer_fails_naming_it(tmp_path):
     assert "no import cycles" in out and "BROKEN" in out
     assert "No cycles are allowed in characonsist." in out
     assert ".match -> .mask (1 import)" in out or ".mask -> .match (1 import)" in out
+
+
+# The one place that says which imports may stay inside a function (docs/ARCHITECTURE.md points here): an optional
+# extra that may be missing, or a slow dependency that the light modules (the command line, the input rules, the
+# application layer, the UI's start) must not pay for when a command does not need it; and a module of the package
+# that itself imports one of these at its top. Every other import stands at the top of its module.
+OPTIONAL = {"starlette", "uvicorn", "ray", "onnx", "onnxruntime", "scipy", "torchao", "peft", "bitsandbytes", "psutil",
+            "msvcrt", "tomllib", "selenium"}
+SLOW = {"torch", "torchvision", "diffusers", "transformers", "huggingface_hub", "safetensors", "accelerate",
+        "tokenizers"}
+# TO BE REMOVED with the branch that rewrites app/ (one settings object): app/'s imports inside functions
+NOT_YET = ("characonsist.app.",)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _targets(module: str, is_package: bool, node) -> list[str]:
+    """The modules an import statement names (``from .a import b``: ``pkg.a`` and ``pkg.a.b``)."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not node.level:
+        return [node.module]
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    target = ".".join(base + ([node.module] if node.module else []))
+    return ([target] if node.module else []) + [f"{target}.{a.name}" for a in node.names]
+
+
+def test_imports_inside_functions_are_only_optional_or_slow_ones():
+    import ast
+
+    trees = {}
+    for path in sorted((SRC / "characonsist").rglob("*.py")):
+        trees[_module_name(path)] = (ast.parse(path.read_text()), path.name == "__init__.py", path)
+
+    def top_level(tree):
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield node
+            elif isinstance(node, ast.Try) or (isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.dump(node.test)):
+                yield from (n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+    deps = {m: {t for node in top_level(tree) for t in _targets(m, pkg, node)} for m, (tree, pkg, _) in trees.items()}
+    lazy_ok: dict[str, bool] = {}
+
+    def may_be_lazy(name: str, seen: frozenset = frozenset()) -> bool:
+        """An optional or slow package, or a module of ours importing one at its top (with its parents)."""
+        top = name.split(".")[0]
+        if top in OPTIONAL or top in SLOW:
+            return True
+        if top != "characonsist" or name in seen:
+            return False
+        if name not in lazy_ok:
+            parts = name.split(".")
+            mods = [".".join(parts[:i]) for i in range(2, len(parts) + 1) if ".".join(parts[:i]) in trees]
+            lazy_ok[name] = any(may_be_lazy(t, seen | {name}) for m in mods for t in deps[m])
+        return lazy_ok[name]
+
+    found = []
+    for module, (tree, pkg, path) in trees.items():
+        if module.startswith(NOT_YET):
+            continue
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and not any(
+                            may_be_lazy(t) for t in _targets(module, pkg, node)):
+                        found.append(f"{path.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "move these imports to the top of their module (tests/test_layers.py says which may stay " \
+        "inside a function):\n" + "\n".join(found)

@@ -164,8 +164,6 @@ def run_suite(args, parser) -> int:
                 results[name][story_id] = scorer(story, shots[story_id])
             status[name] = "ok"
         except Exception as e:  # an endpoint or model failing mid-run: the others still report
-            from .vistory_metrics import PromptAlignError
-
             if not isinstance(e, PromptAlignError):
                 raise
             status[name] = f"failed: {e}"
