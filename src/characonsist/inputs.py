@@ -19,10 +19,6 @@ import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .story import StoryImage
 
 SIZE_MULTIPLE = 16          # FLUX: 8x VAE downsampling, then 2x2 latent packing
 MAX_SEQUENCE_LENGTH = 512   # FLUX's T5 encoder
@@ -354,8 +350,9 @@ def size_problem(name: str, value, limits: ModelLimits | None = None) -> str | N
     return None
 
 
-def image_problems(images: Sequence[StoryImage], places: Sequence[str], limits: ModelLimits) -> list[str]:
-    """Per-image size problems against the model's limits (StoryImage itself checks the multiple of 16)."""
+def image_problems(images: Sequence, places: Sequence[str], limits: ModelLimits) -> list[str]:
+    """Per-image size problems of ``images`` (``story.StoryImage``s) against the model's limits (StoryImage itself
+    checks the multiple of 16)."""
     problems = []
     for image, place in zip(images, places, strict=True):
         for key in ("height", "width"):
@@ -367,7 +364,7 @@ def image_problems(images: Sequence[StoryImage], places: Sequence[str], limits: 
     return problems
 
 
-def prompt_problems(images: Sequence[StoryImage], places: Sequence[str], tokenizer, max_sequence_length: int,
+def prompt_problems(images: Sequence, places: Sequence[str], tokenizer, max_sequence_length: int,
                     vocabulary: Sequence[str] | None = None, model: str = "the model") -> list[str]:
     """Prompts the text encoder cannot take: words outside a closed vocabulary (reported instead of a length
     problem, which they cause), then prompts longer than ``max_sequence_length`` T5 tokens (end token included)."""
