@@ -55,7 +55,7 @@ def story_text(stories: int, frames: int) -> str:
     if stories > len(BACKGROUNDS) or frames > len(ACTIONS):
         raise ValueError(f"at most {len(BACKGROUNDS)} stories and {len(ACTIONS)} frames")
     groups = []
-    for bg, character in zip(BACKGROUNDS[:stories], CHARACTERS[:stories]):
+    for bg, character in zip(BACKGROUNDS[:stories], CHARACTERS[:stories], strict=True):
         groups.append("\n".join(f"{bg}#{character}#{a}" for a in [IDENTITY_ACTION, *ACTIONS[:frames]]))
     return "\n\n".join(groups) + "\n"
 

@@ -99,30 +99,13 @@ from sdpa_check import (  # noqa: E402
     plans_lines,
     policy,
 )
+from workload import SEED, comparison, full_prompt, story  # noqa: E402
 
-SEED = 2025
 # the table phase's default entries, in priority order (the budget guard drops the tail): bf16 on one GPU (the
 # 1.25x target), compiled on both sides, then the 24 GB and 16 GB candidates, the offload modes, 8 frames
 TABLE_MODES = ["none/none", "none/none+compile", "int8/none", "fp8/none", "nf4/model-offload", "nf4/none",
                "int8/model-offload", "none/group-offload", "none/model-offload", "int8/group-offload",
                "fp8-storage/none", "int8-bnb/none", "none/sequential-offload", "none/none@8"]
-BACKGROUND, CHARACTER = "a sunny park with green trees", "a small red robot with a blue hat"
-IDENTITY_ACTION = "standing"
-ACTIONS = ["waving", "running", "sitting on a bench", "jumping", "reading a book", "eating", "sleeping",
-           "dancing", "playing guitar", "walking left", "looking right", "smiling"]
-
-
-def story(n_frames: int) -> tuple[str, list[str]]:
-    """``background#character#action`` prompts: one identity and ``n_frames`` frames in the same scene."""
-    if n_frames > len(ACTIONS):
-        raise ValueError(f"at most {len(ACTIONS)} frames")
-    identity = f"{BACKGROUND}#{CHARACTER}#{IDENTITY_ACTION}"
-    return identity, [f"{BACKGROUND}#{CHARACTER}#{a}" for a in ACTIONS[:n_frames]]
-
-
-def full_prompt(spec: str) -> str:
-    """The prompt the model sees (``StoryImage.prompt``: the three fields joined by spaces)."""
-    return " ".join(p.strip() for p in spec.split("#") if p.strip())
 
 
 def literal(text: str):
@@ -153,17 +136,6 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
             raise ValueError(f"variant name {name.strip()!r} given twice")
         variants.append((name.strip(), options))
     return variants
-
-
-def comparison(record: dict, base: dict) -> dict:
-    """A run's figures relative to its baseline (the same N + 1 prompts through plain FluxPipeline)."""
-    out = {"x_baseline": record["wall_s"] / base["wall_s"],
-           "transformer_x_baseline": record["transformer_s"] / max(base["transformer_s"], 1e-9),
-           "host_peak_delta_gib": record["rss_peak_gib"] - base["rss_peak_gib"]}
-    for key in ("gpu_peak_alloc_gib", "gpu_peak_reserved_gib"):
-        if key in record and key in base:
-            out[key.replace("_gib", "_x_baseline")] = record[key] / base[key]
-    return out
 
 
 def baseline_of(records: list[dict], record: dict) -> dict | None:
@@ -718,7 +690,7 @@ class Bench:
             chain += [("cc-full", self.find("ours", n, share_bg=True, options={}))]
             chain = [(name, r) for name, r in chain if r is not None]
             self.log(f"breakdown, {n} frames (wall deltas; transformer-time deltas):")
-            for (_, prev), (name, cur) in zip(chain, chain[1:]):
+            for (_, prev), (name, cur) in zip(chain, chain[1:], strict=False):   # consecutive pairs
                 self.log(f"    +{name:<28} {cur['wall_s'] - prev['wall_s']:+8.2f} s   "
                          f"{cur['transformer_s'] - prev['transformer_s']:+8.2f} s")
         for r in self.records:

@@ -10,7 +10,7 @@ offload hooks). Each entry runs in its own process, so its host RSS and GPU peak
 * ``baseline``: plain ``FluxPipeline`` over the same modules (same hooks, same quantized linears) generating the
   identity + N frames as one batch, after a 1-step warm-up;
 * ``ours``: ``CharaConsistPipeline`` with CharaConsist's defaults on the same story and seed, after a warm-up call
-  (pre-run, masks, matches) and a 1-step warm-up; its ratios to the baseline (``gpu_bench.comparison``).
+  (pre-run, masks, matches) and a 1-step warm-up; its ratios to the baseline (``workload.comparison``).
 
 Entries are ``QUANTIZE/MEMORY[+compile][@N]`` (``characonsist.memory``: QUANTIZATIONS x MODES; ``@N`` frames,
 default ``--frames``' first). ``+compile``: plain FluxPipeline uncompiled first (``baseline-eager``), then
@@ -38,8 +38,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gpu_bench import SEED, comparison, full_prompt, story  # noqa: E402
 from measure import GIB, HostPeak, measure, sync  # noqa: E402
+from workload import SEED, comparison, full_prompt, story  # noqa: E402
 
 # Seconds an entry takes on one H200 at 1024x1024, 50 steps, identity + 4 frames (estimates: about 0.85 s per
 # forward of 5 images in bf16, 118 forwards with warm-ups, plus loading), before the speed factors of

@@ -45,7 +45,7 @@ def collect(pipe, defaults: dict, stories, seed: int = 2025) -> list[dict]:
             pipe(identity=story.identity, frames=list(story.frames), method="characonsist", seed=seed + i,
                  output_type="np", **defaults)
             main = calls[-len(story.frames):]          # the main run's mask step (after the pre-run's)
-            for frame, (sim, frame_fg, id_fg) in zip(story.frames, main):
+            for frame, (sim, frame_fg, id_fg) in zip(story.frames, main, strict=True):
                 fg_rows = frame_fg.nonzero(as_tuple=True)[0]
                 best = (sim[fg_rows][:, id_fg].max(dim=1).values if len(fg_rows) and bool(id_fg.any())
                         else torch.zeros(0))

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from characonsist.output import _font
 from characonsist.toy import checks, world
 from characonsist.toy.model import load_toy_pipeline
-from characonsist.toy.train import two_panel_prompt
+from characonsist.toy.training.data import two_panel_prompt
 
 CAPTIONS = (("a sunny beach#a cat#big in the middle", "a grey city#a cat#small on the left"),
             ("a green forest#a robot#small on the right", "a starry night#a robot#big on the left"),

@@ -72,7 +72,7 @@ def test_every_method_acts_on_chroma(chroma, method):
     out = story(IDENTITY, FRAMES, method=method, guidance_scale=4.0, **KW)
     ref = _stock(stock, [IDENTITY, *FRAMES], out.seeds, 4.0)
     assert all(np.isfinite(x).all() for x in out.images)
-    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:]))
+    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:], strict=True))
 
 
 def test_characonsist_leaves_the_identity_as_chroma_draws_it(chroma):

@@ -175,7 +175,7 @@ def test_characonsist_leaves_the_identity_as_klein_draws_it(klein):
     alone = story(IDENTITY, [], guidance_scale=4.0, **KW)
     np.testing.assert_allclose(alone.identity, out.identity, atol=1e-5)
     chunked = story(IDENTITY, FRAMES, guidance_scale=4.0, batch_size=2, **KW)
-    for x, y in zip(out.images, chunked.images):
+    for x, y in zip(out.images, chunked.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
@@ -185,7 +185,7 @@ def test_every_method_acts_on_klein(klein, method):
     out = story(IDENTITY, FRAMES, method=method, guidance_scale=4.0, **KW)
     ref = _stock(stock, [IDENTITY, *FRAMES], out.seeds, 4.0)
     assert all(np.isfinite(x).all() for x in out.images)
-    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:]))
+    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:], strict=True))
 
 
 def test_a_picture_identity_is_refused_on_klein(klein):

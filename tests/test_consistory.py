@@ -50,7 +50,7 @@ def test_consistory_changes_frames_deterministically(story_pipe, monkeypatch):
     ref = story_pipe(IDENTITY, frames, method="vanilla", **KW)
     assert np.isfinite(_stack(a)).all()
     assert np.array_equal(_stack(a), _stack(b))
-    assert all(np.abs(x - r).max() > 1e-4 for x, r in zip(a.images, ref.images))
+    assert all(np.abs(x - r).max() > 1e-4 for x, r in zip(a.images, ref.images, strict=True))
     assert all(m.dtype == bool and m.shape == (8, 8) for m in a.masks)
     no_inject = story_pipe(IDENTITY, frames, method="consistory", blend_steps=3, schedule_steps=None, injection=False,
                            **KW)
@@ -61,7 +61,7 @@ def test_anchors_do_not_depend_on_the_frames_so_frames_can_be_added(story_pipe):
     kw = {**KW, "num_inference_steps": 4}
     full = story_pipe(IDENTITY, FRAMES, method="consistory", **kw)          # anchors = identity + frame 1
     anchors = story_pipe(IDENTITY, FRAMES[:1], method="consistory", **kw)
-    for x, y in zip(full.images[:2], anchors.images):
+    for x, y in zip(full.images[:2], anchors.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
     assert get_method("consistory").dependencies([None] * 4, 3) == {1}     # the anchors join every chunk
     assert any("frame(s) [1]" in n for n in full.notes[0])                 # the identity reads frame 1: said so

@@ -53,7 +53,7 @@ def test_characonsist_changes_frames_but_never_the_identity(story_pipe, tiny_pip
     out = story_pipe(IDENTITY, FRAMES, **KW)
     ref = _plain(tiny_pipe, [IDENTITY, *FRAMES], [2025] * 4, **KW)
     assert np.array_equal(out.identity, ref[0])
-    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:]))
+    assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:], strict=True))
     alone = story_pipe(IDENTITY, [], **KW)
     np.testing.assert_allclose(alone.identity, out.identity, atol=1e-5)
     assert out.method == "characonsist" and out.settings["method_options"]["share_bg"] is True
@@ -64,7 +64,7 @@ def test_characonsist_changes_frames_but_never_the_identity(story_pipe, tiny_pip
 def test_same_call_twice_is_identical(story_pipe):
     a = story_pipe(IDENTITY, FRAMES[:2], **KW)
     b = story_pipe(IDENTITY, FRAMES[:2], **KW)
-    for x, y in zip(a.images, b.images):
+    for x, y in zip(a.images, b.images, strict=True):
         assert np.array_equal(x, y)
     assert a.notes == b.notes
 
@@ -72,7 +72,7 @@ def test_same_call_twice_is_identical(story_pipe):
 def test_chunks_give_the_same_frames(story_pipe):
     full = story_pipe(IDENTITY, FRAMES, **KW)
     chunked = story_pipe(IDENTITY, FRAMES, batch_size=2, **KW)
-    for x, y in zip(full.images, chunked.images):
+    for x, y in zip(full.images, chunked.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
@@ -84,7 +84,7 @@ def test_mixed_scenes_take_background_from_the_scene_anchor(story_pipe):
     assert CharaConsistPipeline._chunks(images, method, 2) == [[0, 1], [0, 1, 2], [0, 3]]
     full = story_pipe(IDENTITY, frames, **KW)
     chunked = story_pipe(IDENTITY, frames, batch_size=2, **KW)
-    for x, y in zip(full.images, chunked.images):
+    for x, y in zip(full.images, chunked.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
@@ -167,7 +167,7 @@ def test_save_and_load_round_trip(tiny_pipe, story_pipe, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     a = loaded(IDENTITY, FRAMES[:2], **KW)
     b = story_pipe(IDENTITY, FRAMES[:2], **KW)
-    for x, y in zip(a.images, b.images):
+    for x, y in zip(a.images, b.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
@@ -187,7 +187,7 @@ def test_vanilla_twins_reproduce_plain_flux(story_pipe):
     method = Twins()
     out = story_pipe(IDENTITY, FRAMES[:2], method=method, **KW)
     ref = story_pipe(IDENTITY, FRAMES[:2], method="vanilla", **KW)
-    for x, y in zip(out.images, ref.images):
+    for x, y in zip(out.images, ref.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
     assert 6 in method.seen_rows and 3 in method.seen_rows     # twins ran, then were dropped
 
@@ -250,11 +250,11 @@ def test_main_run_takes_step0_over_from_the_prerun_bit_exactly(story_pipe):
     finally:
         hook.remove()
     assert n_reused == len(forwards) - n_reused - 1      # one forward of the chunk fewer
-    for x, y in zip(reused.images, full.images):
+    for x, y in zip(reused.images, full.images, strict=True):
         assert np.array_equal(x, y)
-    for x, y in zip(reused.masks, full.masks):
+    for x, y in zip(reused.masks, full.masks, strict=True):
         assert np.array_equal(x, y)
-    for x, y in zip(reused.matches, full.matches):
+    for x, y in zip(reused.matches, full.matches, strict=True):
         assert torch.equal(x.frame_idx, y.frame_idx) and torch.equal(x.id_idx, y.id_idx)
 
 
@@ -270,7 +270,7 @@ def test_a_one_step_prerun_is_not_taken_over(story_pipe):
     kw = {**KW, "num_inference_steps": 3, "mask_step": 1}
     reused = story_pipe(IDENTITY, FRAMES[:1], **kw)
     full = story_pipe(IDENTITY, FRAMES[:1], reuse_prerun_step0=False, **kw)
-    assert all(np.array_equal(x, y) for x, y in zip(reused.images, full.images))
+    assert all(np.array_equal(x, y) for x, y in zip(reused.images, full.images, strict=True))
 
 
 def test_volatile_backend_option_is_checked(story_pipe):
@@ -278,4 +278,4 @@ def test_volatile_backend_option_is_checked(story_pipe):
         story_pipe(IDENTITY, FRAMES[:1], volatile_backend="fast", **KW)
     a = story_pipe(IDENTITY, FRAMES[:1], **KW)
     b = story_pipe(IDENTITY, FRAMES[:1], volatile_backend="default", **KW)   # on the CPU: same kernels
-    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True))

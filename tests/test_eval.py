@@ -146,13 +146,13 @@ def test_identical_images_score_one_on_every_metric(tmp_path, tiny, bank):
 
 def test_clip_t_is_the_cosine_of_each_image_with_its_own_text(tmp_path, tiny, bank):
     images, texts = [noise(10), noise(11), noise(12)], ["a robot in the park", "a girl on a beach", "a dog at night"]
-    run = read_run(write_run(tmp_path, [[{"image": im, "prompt": t} for im, t in zip(images, texts)]]))
+    run = read_run(write_run(tmp_path, [[{"image": im, "prompt": t} for im, t in zip(images, texts, strict=True)]]))
     got = [im["clip_t"] for im in evaluate_run(run, bank.config, bank)["groups"][0]["images"]]
     clip = bank.get("clip")
     expected = np.sum(clip.embed_images(images) * clip.embed_texts(texts), axis=1)
     assert got == pytest.approx(expected.tolist(), abs=1e-6)
     swapped = read_run(write_run(tmp_path / "swapped", [[{"image": im, "prompt": t}
-                                                          for im, t in zip(images, texts[::-1])]]))
+                                                          for im, t in zip(images, texts[::-1], strict=True)]]))
     cross = np.sum(clip.embed_images(images) * clip.embed_texts(texts[::-1]), axis=1)
     got = [im["clip_t"] for im in evaluate_run(swapped, bank.config, bank)["groups"][0]["images"]]
     assert got == pytest.approx(cross.tolist(), abs=1e-6) and not np.allclose(cross, expected)

@@ -34,7 +34,7 @@ def scored(tiny, seeds=range(40)) -> list[tuple[float, int]]:
     """(best OWLv2 score for "a robot", seed) of noise images, highest first."""
     detector = Owlv2Detector(tiny["face_detector"], "cpu")
     detector.best_boxes([noise(s) for s in seeds], ["a robot"] * len(seeds), 0.0)
-    return sorted(zip(detector.last_scores, seeds), reverse=True)
+    return sorted(zip(detector.last_scores, seeds, strict=True), reverse=True)
 
 
 # ------------------------------------------------------------------------------------------ SAM
@@ -45,7 +45,7 @@ def test_sam_mask_is_the_best_of_three_for_the_character_box(tiny, sam):
     masks, notes = sam.segment(images, ["a robot", "a cat"])
     assert notes == [None, None]
     boxes = sam.detector.best_boxes(images, ["a robot", "a cat"], 0.0)
-    for image, box, mask in zip(images, boxes, masks):
+    for image, box, mask in zip(images, boxes, masks, strict=True):
         assert mask.shape == (image.height, image.width) and mask.dtype == bool
         # by hand: SAM's three masks for this box, the one with the highest predicted IoU
         batch = sam.processor(images=[image], input_boxes=[[list(box[:4])]], return_tensors="pt")
@@ -119,7 +119,7 @@ def test_sam_masks_remove_the_background_as_expected(tmp_path, tiny):
     assert notes == [None] * 3 and all(0 < m.sum() < m.size for m in masks)
     clip: ClipModel = bank.get("clip")
     for key, keep in (("clip_i_fg", "fg"), ("clip_i_bg", "bg")):
-        emb = clip.embed_images([M.mask_out(im, m, keep, fill_colour()) for im, m in zip(images, masks)])
+        emb = clip.embed_images([M.mask_out(im, m, keep, fill_colour()) for im, m in zip(images, masks, strict=True)])
         expected = [M.cosine(emb[0], emb[1]), M.cosine(emb[0], emb[2])]
         assert pair_values(result, key) == pytest.approx(expected, abs=1e-6)
         assert pair_values(result, key)[1] == pytest.approx(1.0, abs=1e-6)   # the identity itself

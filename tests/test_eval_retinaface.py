@@ -144,7 +144,7 @@ def test_prior_boxes_count_and_layout():
     # levels of 8x12, 4x6 and 2x3 cells, 2 min sizes each
     assert priors.shape == (2 * (8 * 12 + 4 * 6 + 2 * 3), 4)
     expected = []
-    for sizes, step in zip(R.MIN_SIZES, R.STEPS):
+    for sizes, step in zip(R.MIN_SIZES, R.STEPS, strict=True):
         for y, x, s in itertools.product(range(-(-h // step)), range(-(-w // step)), sizes):
             expected.append(((x + 0.5) * step / w, (y + 0.5) * step / h, s / w, s / h))
     assert torch.allclose(priors, torch.tensor(expected), atol=1e-7)
@@ -232,7 +232,7 @@ def test_detect_gives_the_best_face_clipped_with_its_landmarks(tiny):
     faces = detector.faces(images)
     best = detector.detect(images)
     tops = list(detector.last_scores)
-    for image, found, face, top in zip(images, faces, best, tops):
+    for image, found, face, top in zip(images, faces, best, tops, strict=True):
         assert found and face is not None
         assert [f.score for f in found] == sorted((f.score for f in found), reverse=True)
         assert face.score == found[0].score == pytest.approx(top)
@@ -259,7 +259,7 @@ def test_no_face_leaves_the_pairs_out_with_the_usual_reason(tmp_path, tiny):
     detector = R.RetinaFaceDetector(tiny["retinaface"], "cpu")
     seeds = range(20)
     detector.faces([noise(s) for s in seeds])
-    ranked = sorted(zip(detector.last_scores, seeds), reverse=True)
+    ranked = sorted(zip(detector.last_scores, seeds, strict=True), reverse=True)
     (high, a), (second, b), (low, c) = ranked[0], ranked[1], ranked[-1]
     assert low < second
     threshold = (low + second) / 2

@@ -131,7 +131,7 @@ def _fake_run(folder: Path, story_file: Path, colours: dict[str, list], prefix: 
     groups = []
     for group in story.groups:
         entries = []
-        for k, (image, colour) in enumerate(zip(group.images, colours[group.name])):
+        for k, (image, colour) in enumerate(zip(group.images, colours[group.name], strict=True)):
             path = f"{prefix}{group.name}/{'identity' if k == 0 else f'frame_{k:02d}'}.png"
             if colour is not None:
                 _image(folder / path, colour, (64, 48))

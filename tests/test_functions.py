@@ -121,7 +121,7 @@ def test_merge_weight_schedule():
     assert merge_weight(30) == pytest.approx(0.8 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
     assert merge_weight(31) == 0.0 and merge_weight(45) == 0.0
     ws = [merge_weight(s) for s in range(11, 31)]
-    assert all(a > b for a, b in zip(ws, ws[1:]))
+    assert all(a > b for a, b in zip(ws, ws[1:], strict=False))   # consecutive pairs: one fewer than ws
 
 
 def test_merge_tokens_interpolates_matched_rows_only():

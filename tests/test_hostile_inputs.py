@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from characonsist import cli
-from characonsist.inputs import InputError, coerce_images
-from characonsist.story import StoryImage
+from characonsist.inputs import InputError
+from characonsist.story import StoryImage, coerce_images
 from characonsist.storyfile import StoryError, load_story, parse_structured, parse_text
 from test_cli import write
 
@@ -298,7 +298,8 @@ def ui(tmp_path):
     from starlette.testclient import TestClient
 
     from characonsist.ui.server import create_app
-    from characonsist.ui.worker import Worker, Workspace
+    from characonsist.ui.worker import Worker
+    from characonsist.ui.workspace import Workspace
 
     space = Workspace(tmp_path / "ui", "toy")
     worker = Worker(space, "toy")

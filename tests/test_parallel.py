@@ -30,7 +30,7 @@ from dp_compare import compare_folders, differences, strip_timings  # noqa: E402
 SCENES = ["a sunny beach", "a green forest", "a grey city", "a starry night", "a sunny beach", "a grey city"]
 KINDS = ["a robot", "a cat", "a bird", "a robot", "a cat", "a bird"]
 STORY = "\n".join(f"{scene}#{kind}#big in the middle\n{scene}#{kind}#small on the left\n"
-                  for scene, kind in zip(SCENES, KINDS))          # six groups: identity + one frame each
+                  for scene, kind in zip(SCENES, KINDS, strict=True))          # six groups: identity + one frame each
 ARGS = ["--model", "toy", "--steps", "3"]
 GROUPS = [f"group_{i:03d}" for i in range(len(SCENES))]
 WRITTEN = re.compile(r"(group_\d+): written \((?:process|worker) (\d+)\)")
@@ -164,13 +164,13 @@ def test_bench_toy_in_two_processes_merges_one_json(workdir):
 
 def test_merged_bench_results_equal_one_run():
     """The merge alone (oracle: no model): two shares of a suite give the one-process result."""
-    from characonsist.toy import bench
+    from characonsist.toy import bench, runner, scoring
     from characonsist.toy.suite import reduced_suite
 
     stories = reduced_suite()[:3]
-    whole = bench.run_bench(None, stories, ["oracle"])
-    parts = [bench.run_bench(None, stories[:2], ["oracle"]), bench.run_bench(None, stories[2:], ["oracle"])]
-    merged = bench.merge_results(parts)
+    whole = runner.run_bench(None, stories, ["oracle"])
+    parts = [runner.run_bench(None, stories[:2], ["oracle"]), runner.run_bench(None, stories[2:], ["oracle"])]
+    merged = scoring.merge_results(parts)
     assert differences(strip_timings(bench._plain(whole)), strip_timings(bench._plain(merged))) == []
     assert merged["methods"]["oracle"]["metrics"]["wall_seconds"] == max(
         p["methods"]["oracle"]["metrics"]["wall_seconds"] for p in parts)

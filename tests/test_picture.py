@@ -125,7 +125,7 @@ def test_rf_inversion_spans_euler_and_renoise_exactly():
     sigmas = torch.tensor([1.0, 0.93, 0.8, 0.61, 0.4, 0.18, 0.0])
     euler = invert(_field, x0, sigmas, InversionConfig("euler"))
     assert all(torch.equal(a, b) for a, b in zip(euler, invert(_field, x0, sigmas, InversionConfig("rf", gamma=0.0),
-                                                                noise)))
+                                                                noise), strict=True))
     straight = invert(_field, x0, sigmas, InversionConfig("rf", gamma=1.0), noise)
     renoise = PictureRow(InversionConfig("renoise"), x0, noise, sigmas)
     for k in range(len(sigmas)):
@@ -230,7 +230,7 @@ def test_eta_pulls_the_free_row_toward_the_picture(story_pipe, picture):
 def test_vanilla_frames_do_not_see_the_picture_and_the_identity_is_its_reconstruction(story_pipe, picture):
     plain = story_pipe(IDENTITY, FRAMES, method="vanilla", output_type="np", **KW)
     out = story_pipe(IDENTITY, FRAMES, method="vanilla", identity_image=picture, output_type="np", **KW)
-    assert all(np.array_equal(a, b) for a, b in zip(plain.frames, out.frames))
+    assert all(np.array_equal(a, b) for a, b in zip(plain.frames, out.frames, strict=True))
     fitted, _ = fit_picture(load_picture(picture), 32, 32)
     decoded = story_pipe(IDENTITY, FRAMES, method="vanilla", identity_image=picture, output_type="latent", **KW)
     assert torch.equal(decoded.identity, _x0(story_pipe, picture)[0])
@@ -250,7 +250,7 @@ def test_every_method_switched_off_with_a_picture_gives_plain_frames(story_pipe,
     out = story_pipe(IDENTITY, FRAMES, method=method, identity_image=picture, inversion="euler", output_type="np",
                      **OFF[method], **KW)
     plain = story_pipe(IDENTITY, FRAMES, method="vanilla", seed=out.seeds, output_type="np", **KW)
-    assert all(np.array_equal(a, b) for a, b in zip(out.frames, plain.frames))
+    assert all(np.array_equal(a, b) for a, b in zip(out.frames, plain.frames, strict=True))
 
 
 @pytest.mark.parametrize("method", sorted(OFF))
@@ -259,7 +259,7 @@ def test_every_method_takes_a_picture(story_pipe, picture, method):
     assert torch.equal(out.identity, _x0(story_pipe, picture)[0])      # the identity stays the picture
     seeds = story_seeds(2025, 3, "shared" if method == "characonsist" else "per_image")
     generated = story_pipe(IDENTITY, FRAMES, method=method, output_type="latent", seed=seeds, **KW)
-    assert any(not torch.equal(a, b) for a, b in zip(out.frames, generated.frames))   # frames see the picture
+    assert any(not torch.equal(a, b) for a, b in zip(out.frames, generated.frames, strict=True))   # frames see the picture
     assert all(torch.isfinite(f).all() for f in out.frames)
     if method != "storydiffusion":                                     # masks come from the picture's own row
         assert out.masks[0] is not None and out.masks[0].shape == (8, 8)
@@ -272,7 +272,7 @@ def test_chunks_and_another_identity_size(story_pipe, picture):
     full = story_pipe(IDENTITY, FRAMES, identity_image=picture, inversion="euler", output_type="np", **KW)
     chunked = story_pipe(IDENTITY, FRAMES, identity_image=picture, inversion="euler", batch_size=2,
                          output_type="np", **KW)
-    for a, b in zip(full.images, chunked.images):
+    for a, b in zip(full.images, chunked.images, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4)
     wide = StoryImage("in the park", "a red cat", "sitting", height=32, width=48)
     out = story_pipe(wide, FRAMES, identity_image=picture, output_type="np", **KW)

@@ -16,3 +16,15 @@ def test_source_names_no_document_outside_the_repo():
             for p in sorted(SRC.rglob("*.py")) for n, line in enumerate(p.read_text().splitlines(), 1)
             if OUTSIDE.search(line)]
     assert not hits, "name the repo's own docs instead:\n" + "\n".join(hits)
+
+
+DOCS = [SRC.parents[1] / "README.md", SRC.parents[1] / "examples" / "README.md",
+        *sorted((SRC.parents[1] / "docs").glob("*.md"))]
+OUTSIDE_DOCS = re.compile(OUTSIDE.pattern + r"|\b[Ii]ssues? #\d+\b")
+
+
+def test_docs_name_no_document_outside_the_repo():
+    """The README, examples/README.md and docs/ likewise (BENCHMARKS.md is the results log, kept by date)."""
+    hits = [f"{p.relative_to(SRC.parents[1])}:{n}: {line.strip()[:100]}"
+            for p in DOCS for n, line in enumerate(p.read_text().splitlines(), 1) if OUTSIDE_DOCS.search(line)]
+    assert not hits, "say what the issue or document says instead:\n" + "\n".join(hits)

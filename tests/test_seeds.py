@@ -24,9 +24,9 @@ def test_every_front_end_defaults_to_the_one_seed():
     from characonsist.app.request import StoryRequest
     from characonsist.cli import build_parser
     from characonsist.pipeline import CharaConsistPipeline
-    from characonsist.toy.bench import run_bench
     from characonsist.toy.bench_two import run_two_bench
-    from characonsist.ui.worker import Settings
+    from characonsist.toy.runner import run_bench
+    from characonsist.ui.form import Settings
 
     assert DEFAULT_SEED == 2025   # CharaConsist's official seed; changing it changes every image
     assert inspect.signature(CharaConsistPipeline.__call__).parameters["seed"].default == DEFAULT_SEED

@@ -28,7 +28,7 @@ def test_a_reading_callback_changes_no_image(story_pipe, method):
     seen = []
     read = story_pipe(IDENTITY, FRAMES, method=method, callback_on_step_end=_reader(seen),
                       callback_on_step_end_tensor_inputs=TENSORS, **KW)
-    for a, b in zip(plain.images, read.images):
+    for a, b in zip(plain.images, read.images, strict=True):
         assert a.tobytes() == b.tobytes()
     assert [s["step"] for s in seen] == list(range(KW["num_inference_steps"]))   # once per step, step 0 included
     channels = story_pipe.transformer.config.in_channels

@@ -39,7 +39,7 @@ def test_sharing_changes_images_deterministically(story_pipe):
     ref = story_pipe(IDENTITY, FRAMES, method="vanilla", **KW)
     assert np.isfinite(_images(a)).all()
     assert np.array_equal(_images(a), _images(b)) and a.notes == b.notes          # deterministic
-    assert all(np.abs(x - r).max() > 1e-4 for x, r in zip(a.images, ref.images))   # identity images share too
+    assert all(np.abs(x - r).max() > 1e-4 for x, r in zip(a.images, ref.images, strict=True))   # identity images share too
     assert a.settings["method_options"]["sample_rate"] == 0.5
     assert a.settings["method_options"]["effective_schedule"] == {"share_start": 1, "share_end": 6, "skip_switch": 2}
 
@@ -52,7 +52,7 @@ def test_identity_images_share_among_themselves_and_frames_only_read_them(story_
     full = story_pipe(IDENTITY, THREE, method="storydiffusion", **KW)
     ids = story_pipe(IDENTITY, THREE[:1], method="storydiffusion", **KW)
     two = story_pipe(IDENTITY, THREE[:2], method="storydiffusion", **KW)
-    for x, y in zip(full.images[:2], ids.images):                 # the identity images never see a frame
+    for x, y in zip(full.images[:2], ids.images, strict=True):                 # the identity images never see a frame
         np.testing.assert_allclose(x, y, atol=1e-4)
     np.testing.assert_allclose(full.frames[1], two.frames[1], atol=1e-4)   # frame 2 does not see frame 3
     assert any("frame(s) [1]" in n for n in full.notes[0])        # the identity is changed by frame 1: said so
@@ -131,7 +131,7 @@ def test_step_options_are_rescaled_to_the_step_count():
 def test_chunks_give_the_same_images(story_pipe):
     both = story_pipe(IDENTITY, FRAMES, method="storydiffusion", **KW)
     chunked = story_pipe(IDENTITY, FRAMES, method="storydiffusion", batch_size=2, **KW)
-    for x, y in zip(both.images, chunked.images):
+    for x, y in zip(both.images, chunked.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 

@@ -71,8 +71,8 @@ def test_cross_image_attention_equals_dense_eq7(case):
     assert torch.allclose(got, want, atol=1e-5)
     # the same as the engine's masked reference with the shared keys as the image queries' extra keys
     sel = [masks[j] & (keep[n] if keep is not None else True) for n, j in enumerate(sources)]
-    ek = torch.cat([k[j, T:][s] for j, s in zip(sources, sel)])
-    ev = torch.cat([v[j, T:][s] for j, s in zip(sources, sel)])
+    ek = torch.cat([k[j, T:][s] for j, s in zip(sources, sel, strict=True)])
+    ev = torch.cat([v[j, T:][s] for j, s in zip(sources, sel, strict=True)])
     ref = masked_reference_attention(q[i], k[i], v[i], [QueryGroup(torch.arange(T)),
                                                         QueryGroup(torch.arange(T, T + N), ek, ev)])
     assert torch.allclose(got, ref, atol=1e-5)
@@ -189,17 +189,17 @@ def vanilla(story_pipe):
 def test_switched_off_equals_plain_flux_exactly(story_pipe, vanilla):
     out = story_pipe(IDENTITY, FRAMES, method="storysync", **OFF, **KW)
     assert out.seeds == story_seeds(2025, 3, "per_image") and out.settings["seeding"] == "per_image"
-    assert all(np.array_equal(a, b) for a, b in zip(out.images, vanilla.images))
+    assert all(np.array_equal(a, b) for a, b in zip(out.images, vanilla.images, strict=True))
     late = story_pipe(IDENTITY, FRAMES, method="storysync", share_start=50, bli=False, **KW)
-    assert all(np.array_equal(a, b) for a, b in zip(late.images, vanilla.images))   # sharing never starts
+    assert all(np.array_equal(a, b) for a, b in zip(late.images, vanilla.images, strict=True))   # sharing never starts
 
 
 def test_effect_on_changes_frames_stays_finite_and_is_deterministic(story_pipe, vanilla):
     a = story_pipe(IDENTITY, FRAMES, method="storysync", **KW)
     b = story_pipe(IDENTITY, FRAMES, method="storysync", **KW)
-    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images)) and a.notes == b.notes
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images, strict=True)) and a.notes == b.notes
     assert all(np.isfinite(x).all() for x in a.images)
-    assert all(np.abs(x - y).max() > 1e-4 for x, y in zip(a.frames, vanilla.frames))
+    assert all(np.abs(x - y).max() > 1e-4 for x, y in zip(a.frames, vanilla.frames, strict=True))
     assert a.method == "storysync" and a.settings["method_options"]["gamma"] == 0.3
     assert any("every frame" in n for n in a.notes[0])       # the batch changes the identity: said so
     assert StorySync.seeding == "per_image"
@@ -214,17 +214,17 @@ def test_effect_on_changes_frames_stays_finite_and_is_deterministic(story_pipe, 
 def test_each_component_alone_acts(story_pipe, vanilla, options):
     out = story_pipe(IDENTITY, FRAMES, method="storysync", **options, **KW)
     assert all(np.isfinite(x).all() for x in out.images)
-    assert any(np.abs(x - y).max() > 1e-5 for x, y in zip(out.frames, vanilla.frames))
+    assert any(np.abs(x - y).max() > 1e-5 for x, y in zip(out.frames, vanilla.frames, strict=True))
 
 
 def test_bli_pulls_toward_the_vanilla_twins(story_pipe, vanilla):
     # lambda = 1 on every step and block: each layer's image outputs are the twin's, so the images are plain FLUX's
     full = story_pipe(IDENTITY, FRAMES, method="storysync", bli_lambda=1.0, bli_end=50, **KW)
-    for x, y in zip(full.images, vanilla.images):
+    for x, y in zip(full.images, vanilla.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
     # BLI alone interpolates between two plain passes: plain FLUX again
     alone = story_pipe(IDENTITY, FRAMES, method="storysync", share=False, rfh=False, **KW)
-    for x, y in zip(alone.images, vanilla.images):
+    for x, y in zip(alone.images, vanilla.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 
@@ -237,7 +237,7 @@ def test_subset_references_eq13(story_pipe, vanilla):
     # references {identity, frame 1} run in every chunk; the other frames see only them: chunking changes nothing
     full = story_pipe(IDENTITY, frames, method="storysync", num_references=2, **KW)
     chunked = story_pipe(IDENTITY, frames, method="storysync", num_references=2, batch_size=3, **KW)
-    for x, y in zip(full.images, chunked.images):
+    for x, y in zip(full.images, chunked.images, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-4)
 
 

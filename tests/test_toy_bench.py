@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from characonsist.methods import METHODS
-from characonsist.toy import bench, suite, world
-from characonsist.toy.bench import aggregate, background_agreement, background_mask, parse_method, score_story
+from characonsist.toy import bench, runner, scoring, suite, world
+from characonsist.toy.runner import parse_method
+from characonsist.toy.scoring import aggregate, background_agreement, background_mask, score_story
 
 
 def test_method_specs_and_ablations():
@@ -98,7 +99,7 @@ def test_suite_composition():
         assert suite.story_mode(truth) == s.mode
         assert len({t[2] for t in truth[1:]}) == 4                     # the frames' actions vary
         if s.mode == "changing":
-            assert all(a != b for a, b in zip(scenes, scenes[1:]))
+            assert all(a != b for a, b in zip(scenes, scenes[1:], strict=False))   # consecutive pairs
         if s.mode == "mixed":
             away = [x for x in scenes if x != home]
             assert len(away) > len(set(away))                           # a switched scene comes back
@@ -155,11 +156,11 @@ def test_oracle_run_and_cli_json(tmp_path, capsys):
 
 
 def test_methods_all_and_device_checks(tmp_path, capsys, monkeypatch):
-    assert bench.expand_methods("all") == list(bench.ALL_METHODS)
-    assert bench.ALL_METHODS == ("vanilla", "characonsist", "characonsist-no-tracking", "characonsist-no-merge",
+    assert runner.expand_methods("all") == list(runner.ALL_METHODS)
+    assert runner.ALL_METHODS == ("vanilla", "characonsist", "characonsist-no-tracking", "characonsist-no-merge",
                                  "characonsist-no-mask", "consistory", "storysync", "storydiffusion")
-    assert bench.expand_methods("oracle, all,vanilla,") == ["oracle", *bench.ALL_METHODS]
-    assert all(parse_method(spec)[0] in METHODS for spec in bench.ALL_METHODS)
+    assert runner.expand_methods("oracle, all,vanilla,") == ["oracle", *runner.ALL_METHODS]
+    assert all(parse_method(spec)[0] in METHODS for spec in runner.ALL_METHODS)
     assert bench.check_device("cpu") is None
     assert "use cpu" in bench.check_device("xla")
     assert bench.main(["--methods", "oracle", "--device", "nonsense", "--quiet"]) == 2
@@ -184,10 +185,10 @@ def test_device_readout_wrapper_reads_like_the_plain_readout():
     rng = np.random.default_rng(4)
     images = [world.sample_example(rng)[0] for _ in range(3)]
     net = load_readout()
-    wrapped = bench.device_readout(net, "cpu")
+    wrapped = runner.device_readout(net, "cpu")
     assert wrapped.net is not net and next(net.parameters()).device.type == "cpu"
     assert read_batch(images, wrapped) == read_batch(images, net)
-    assert bench.readout_on("cpu") is None
+    assert runner.readout_on("cpu") is None
 
 
 def test_character_pixels_follow_the_true_mask():
@@ -199,26 +200,26 @@ def test_character_pixels_follow_the_true_mask():
         scene, ch, action = str(rng.choice(list(world.SCENES))), world.sample_character(rng), str(
             rng.choice(list(world.ACTIONS)))
         img, truth = world.render(scene, ch, action, rng=rng, return_mask=True)
-        region = bench.character_region([action])
+        region = scoring.character_region([action])
         assert not (truth & ~region).any()                          # the boxes hold the whole character
         soft = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(1)))
         for out, im in ((clean, img), (blurred, soft)):
-            seg = bench.character_pixels(im, [scene], region)
+            seg = scoring.character_pixels(im, [scene], region)
             out.append((seg & truth).sum() / (seg | truth).sum())
     assert np.mean(clean) > 0.93 and min(clean) > 0.8
     assert np.mean(blurred) > 0.8
     # nothing outside the region, and an image of the bare scene has (almost) no character pixels in it
-    assert not bench.character_pixels(img, [scene], np.zeros_like(region)).any()
+    assert not scoring.character_pixels(img, [scene], np.zeros_like(region)).any()
 
 
 def test_mask_scores_tell_all_foreground_from_a_good_mask():
     ch = world.Character("robot", "orange", "stripes", "scarf", "blue")
     img, truth = world.render("city", ch, "big-centre", rng=np.random.default_rng(2), return_mask=True)
-    region = bench.character_region(["big-centre"])
-    chars = bench.character_pixels(img, ["city"], region)
-    good = bench.mask_scores(bench.pool_mask(truth), chars, region)
-    everything = bench.mask_scores(np.ones((16, 16), bool), chars, region)
-    nothing = bench.mask_scores(np.zeros((16, 16), bool), chars, region)
+    region = scoring.character_region(["big-centre"])
+    chars = scoring.character_pixels(img, ["city"], region)
+    good = scoring.mask_scores(scoring.pool_mask(truth), chars, region)
+    everything = scoring.mask_scores(np.ones((16, 16), bool), chars, region)
+    nothing = scoring.mask_scores(np.zeros((16, 16), bool), chars, region)
     assert good["in_box"] == 1.0 and good["iou"] > 0.7 and good["covered"] > 0.8 and good["fg"] < 0.3
     assert everything["fg"] == 1.0 and everything["covered"] == 1.0
     assert everything["in_box"] == pytest.approx(region.mean()) and everything["iou"] < 0.3
@@ -226,18 +227,18 @@ def test_mask_scores_tell_all_foreground_from_a_good_mask():
         everything["in_box"])                                         # the all-foreground reference
     assert nothing["fg"] == 0.0 and np.isnan(nothing["in_box"]) and nothing["iou"] == 0.0
     # a token grid of another size is upsampled to the image
-    assert bench.upsample_mask(np.eye(2, dtype=bool), 4, 6).tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2
+    assert scoring.upsample_mask(np.eye(2, dtype=bool), 4, 6).tolist() == [[1, 1, 1, 0, 0, 0]] * 2 + [[0, 0, 0, 1, 1, 1]] * 2
     # in a story: images without a mask are skipped, methods without masks get no mask metrics ("-" in the table)
     truth3 = [("city", "robot", "big-centre")] * 3
-    reads = [{**dict(zip(("scene", "kind", "action"), t)), "position": "centre", "size": "big",
+    reads = [{**dict(zip(("scene", "kind", "action"), t, strict=True)), "position": "centre", "size": "big",
               **ch.attributes()} for t in truth3]
-    s = score_story(truth3, reads, [img] * 3, "fixed", [np.ones((16, 16), bool), None, bench.pool_mask(truth)])
+    s = score_story(truth3, reads, [img] * 3, "fixed", [np.ones((16, 16), bool), None, scoring.pool_mask(truth)])
     assert s["mask_scores"][1] is None
     m = aggregate([{**s, "mode": "fixed", "seconds": 1.0}])
     assert m["masked_images"] == 2 and m["mask_fg"] == pytest.approx((1 + good["fg"]) / 2)
     plain = aggregate([{**score_story(truth3, reads, [img] * 3, "fixed"), "mode": "fixed", "seconds": 1.0}])
     assert plain["masked_images"] == 0 and np.isnan(plain["mask_iou"])
-    table = bench.format_tables({"methods": {"a": {"metrics": {**m, "wall_seconds": 2.0}},
+    table = scoring.format_tables({"methods": {"a": {"metrics": {**m, "wall_seconds": 2.0}},
                                              "b": {"metrics": {**plain, "wall_seconds": 1.0}}}})
     row_a, row_b = (line.split() for line in table.splitlines()[2:4])
     assert row_a[7:11] == [f"{100 * m[k]:.1f}" for k in ("mask_fg", "mask_in_box", "mask_iou", "mask_iou_all_fg")]
@@ -252,8 +253,8 @@ def test_engine_plumbing_with_tiny_pipeline():
     pipe.set_progress_bar_config(disable=True)
     story = suite.make_suite()[:1]
     with pytest.raises(ValueError, match="max_sequence_length"):
-        bench.run_bench(pipe, story, ["vanilla"], max_sequence_length=8)
-    res = bench.run_bench(pipe, story, ["vanilla", "characonsist"], height=32, width=32, num_inference_steps=1,
+        runner.run_bench(pipe, story, ["vanilla"], max_sequence_length=8)
+    res = runner.run_bench(pipe, story, ["vanilla", "characonsist"], height=32, width=32, num_inference_steps=1,
                           max_sequence_length=64)
     for spec in ("vanilla", "characonsist"):
         rec = res["methods"][spec]["stories"][0]
@@ -273,21 +274,21 @@ def test_each_method_runs_with_its_official_seeding(story_pipe, tmp_path):
     ``same_latent=False``, StoryDiffusion's continued generator); the JSON records which was used."""
     story = suite.make_suite()[:1]
     kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=64)
-    res = bench.run_bench(story_pipe, story, ["vanilla", "storydiffusion"], **kw)
+    res = runner.run_bench(story_pipe, story, ["vanilla", "storydiffusion"], **kw)
     assert res["settings"]["seeding"] == {"vanilla": "shared", "storydiffusion": "per_image"}
     s = 2025 + story[0].seed
     plain, peer = (res["methods"][m] for m in ("vanilla", "storydiffusion"))
     assert plain["seeding"] == "shared" and plain["stories"][0]["seeds"] == [s] * 5
     seeds = peer["stories"][0]["seeds"]
     assert peer["seeding"] == "per_image" and seeds[0] == s and len(set(seeds)) == 5 and "error" not in peer["stories"][0]
-    forced = bench.run_bench(story_pipe, story, ["consistory", "vanilla+seeding=per_image"], seeding="shared", **kw)
+    forced = runner.run_bench(story_pipe, story, ["consistory", "vanilla+seeding=per_image"], seeding="shared", **kw)
     assert forced["methods"]["consistory"]["stories"][0]["seeds"] == [s] * 5
     own = forced["methods"]["vanilla+seeding=per_image"]                # a spec's own convention wins
     assert own["seeding"] == "per_image" and own["options"] == {} and len(set(own["stories"][0]["seeds"])) == 5
-    assert [bench.method_seeding(m) for m in ("characonsist", "consistory", "storysync", "oracle")] == [
+    assert [runner.method_seeding(m) for m in ("characonsist", "consistory", "storysync", "oracle")] == [
         "shared", "per_image", "per_image", None]
     with pytest.raises(ValueError, match="seeding"):
-        bench.method_seeding("vanilla", "random")
+        runner.method_seeding("vanilla", "random")
     out = tmp_path / "o.json"
     assert bench.main(["--methods", "oracle", "--limit", "1", "--quiet", "--seeding", "per_image", "--json",
                        str(out)]) == 0
@@ -322,8 +323,8 @@ def test_story_pictures_show_a_known_character():
     assert all(r[a] == getattr(chars["render"], a) for r in reads for a in world.ATTRIBUTES)
     # offgrid: the character is bigger than any trained height and not centred at 0.25/0.5/0.75 of the width
     _, mask = world.render("city", chars["render"], "small-left", rng=np.random.default_rng(0), return_mask=True)
-    region = bench.character_region(["small-left"])
-    big = bench.character_pixels(images["offgrid"], ["city"], np.ones_like(region))
+    region = scoring.character_region(["small-left"])
+    big = scoring.character_pixels(images["offgrid"], ["city"], np.ones_like(region))
     assert big.sum() > 1.5 * mask.sum()
     cols = np.nonzero(big.any(0))[0]
     assert abs((cols.min() + cols.max()) / 2 / 128 - 0.25) > 0.03
@@ -353,7 +354,7 @@ def test_picture_scores_and_table():
 def test_bench_with_an_identity_picture_on_the_tiny_pipeline(story_pipe, tmp_path):
     story = suite.make_suite()[:1]
     kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=64)
-    res = bench.run_bench(story_pipe, story, ["oracle", "vanilla", "characonsist+inversion=euler"],
+    res = runner.run_bench(story_pipe, story, ["oracle", "vanilla", "characonsist+inversion=euler"],
                           identity_picture="render", image_dir=tmp_path, **kw)
     assert res["settings"]["identity_picture"] == "render" and res["settings"]["inversion"] == "euler"
     oracle, vanilla, cc = (res["methods"][m] for m in ("oracle", "vanilla", "characonsist+inversion=euler"))
@@ -367,11 +368,11 @@ def test_bench_with_an_identity_picture_on_the_tiny_pipeline(story_pipe, tmp_pat
     with Image.open(tmp_path / "vanilla" / f"{story[0].name}.png") as strip:
         assert strip.size == (32 * 6, 32)                                      # the picture, then the 5 images
     with pytest.raises(ValueError, match="identity picture"):
-        bench.run_bench(story_pipe, story, ["vanilla"], identity_picture="photo", **kw)
+        runner.run_bench(story_pipe, story, ["vanilla"], identity_picture="photo", **kw)
     from characonsist.inputs import InputError
 
     with pytest.raises(InputError, match="inversion"):
-        bench.run_bench(story_pipe, story, ["vanilla+inversion=nope"], identity_picture="render", **kw)
+        runner.run_bench(story_pipe, story, ["vanilla+inversion=nope"], identity_picture="render", **kw)
 
 
 def test_picture_comparison_script(tmp_path):
@@ -408,7 +409,7 @@ def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
     """--json holds each finished method before the next starts (a GPU call can be cut at its time limit)."""
     out = tmp_path / "r.json"
     calls = []
-    real = bench._oracle_images
+    real = runner._oracle_images
 
     def oracle_then_interrupt(*a, **k):
         calls.append(1)
@@ -416,13 +417,13 @@ def test_a_run_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(bench, "_oracle_images", oracle_then_interrupt)
+    monkeypatch.setattr(runner, "_oracle_images", oracle_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--methods", "oracle,oracle+seeding=per_image", "--limit", "2", "--quiet", "--json", str(out)])
     res = json.loads(out.read_text())
     assert list(res["methods"]) == ["oracle"] and res["settings"]["partial"] == "1 of 2 methods"
     assert bench.is_report(out)
-    monkeypatch.setattr(bench, "_oracle_images", real)
+    monkeypatch.setattr(runner, "_oracle_images", real)
     assert bench.main(["--methods", "oracle,oracle+seeding=per_image", "--limit", "2", "--quiet", "--json",
                        str(out)]) == 0
     res = json.loads(out.read_text())

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from characonsist.toy import checks, train, world
+from characonsist.toy import checks, world
+from characonsist.toy.training import config, networks
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tr = dict(train.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=2, num_attention_heads=2)
-    vae = dict(train.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
-    pipe = train.build_pipeline(0, transformer_config=tr, vae_config=vae)
+    tr = dict(networks.TRANSFORMER_CONFIG, num_layers=1, num_single_layers=2, num_attention_heads=2)
+    vae = dict(networks.VAE_CONFIG, block_out_channels=(8, 8, 16), norm_num_groups=4)
+    pipe = networks.build_pipeline(0, transformer_config=tr, vae_config=vae)
     pipe.vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)   # what the VAE stage measures and sets
     pipe.set_progress_bar_config(disable=True)
-    return pipe, dict(train.DEFAULTS, num_inference_steps=2)
+    return pipe, dict(config.DEFAULTS, num_inference_steps=2)
 
 
 def test_token_parts_take_the_majority_part_of_character_tokens():
@@ -94,7 +95,7 @@ def test_two_character_scores_known_answers():
     rng = np.random.default_rng(8)
     truths = [world.sample_two_fields(rng) for _ in range(6)]
     chars = [tuple(world.sample_character(rng, k) for k in kinds) for _, kinds, _ in truths]
-    images = [world.render_two(s, ch, a, rng=rng) for (s, _, a), ch in zip(truths, chars)]
+    images = [world.render_two(s, ch, a, rng=rng) for (s, _, a), ch in zip(truths, chars, strict=True)]
     right = checks.score_two_characters(truths, images)        # the renderer as the model: everything reads back
     assert right["n"] == 6 and all(v == 1.0 for v in right["adherence"].values()), right["adherence"]
     assert right["rows"][0]["caption"] == world.two_caption(*truths[0])
@@ -104,7 +105,7 @@ def test_two_character_scores_known_answers():
     s = checks.score_two_characters(truths, swapped)["adherence"]
     assert s["kinds"] == 1.0 and s["kinds_in_order"] == 0.0 and s["scene"] == 1.0
     copied = [world.render_two(s, (ch[0], world.Character(ch[1].kind, **ch[0].attributes())), a, rng=rng)
-              for (s, _, a), ch in zip(truths, chars)]                      # one identity on both: a full leak
+              for (s, _, a), ch in zip(truths, chars, strict=True)]                      # one identity on both: a full leak
     leak = checks.score_two_characters(truths, copied)
     assert leak["same_all_four"] == 1.0 and all(v == 1.0 for v in leak["same_attribute"].values())
 

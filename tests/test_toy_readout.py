@@ -14,7 +14,7 @@ def test_reads_held_out_renders(sample):
     imgs, labels = sample
     pred = readout.read_batch(imgs)
     for field in world.FIELDS:
-        acc = np.mean([p[field] == t[field] for p, t in zip(pred, labels)])
+        acc = np.mean([p[field] == t[field] for p, t in zip(pred, labels, strict=True)])
         assert acc >= 0.95, (field, acc)
     assert all(p["action"] == f"{p['size']}-{p['position']}" for p in pred)
     again, conf = readout.read_batch(imgs[:8], confidence=True)
@@ -26,9 +26,9 @@ def test_reads_degraded_renders(sample):
     imgs, labels = sample
     rng = np.random.default_rng(0)
     degraded = [readout.degrade(im, rng) for im in imgs[:24]]
-    assert any(not np.array_equal(a, b) for a, b in zip(degraded, imgs))
+    assert any(not np.array_equal(a, b) for a, b in zip(degraded, imgs[:24], strict=True))
     pred = readout.read_batch(degraded)
-    identity_ok = np.mean([all(p[a] == t[a] for a in world.ATTRIBUTES) for p, t in zip(pred, labels)])
+    identity_ok = np.mean([all(p[a] == t[a] for a in world.ATTRIBUTES) for p, t in zip(pred, labels[:24], strict=True)])
     assert identity_ok >= 0.9
 
 
@@ -64,7 +64,7 @@ def test_reads_both_characters_of_two_character_renders(two_sample):
     pairs = readout.read_pairs(imgs)
     acc = _field_accuracy(pairs, labels)
     assert all(a >= 0.95 for a in acc.values()), acc
-    named = [all(r[f] == t[f] for r, t in zip(p, lab) for f in world.NAMED_FIELDS) for p, lab in zip(pairs, labels)]
+    named = [all(r[f] == t[f] for r, t in zip(p, lab, strict=True) for f in world.NAMED_FIELDS) for p, lab in zip(pairs, labels, strict=True)]
     assert np.mean(named) >= 0.95
     assert readout.read_pairs([Image.fromarray(imgs[0])]) == pairs[:1]     # PIL images too
     again, conf = readout.read_pairs(imgs[:3], confidence=True)

@@ -244,6 +244,6 @@ def test_two_character_examples_are_seeded_and_label_each_half():
         img, labels, cap = world.sample_two_example(rng, size=32)
         scene, kinds, actions = world.parse_two_caption(cap)
         assert img.shape == (32, 64, 3) and kinds[0] != kinds[1]
-        assert [(x["scene"], x["kind"], x["action"]) for x in labels] == list(zip((scene, scene), kinds, actions))
+        assert [(x["scene"], x["kind"], x["action"]) for x in labels] == list(zip((scene, scene), kinds, actions, strict=True))
         seen_kinds.add(kinds)
     assert len(seen_kinds) == 6                         # every ordered pair of different kinds

@@ -24,7 +24,8 @@ from starlette.testclient import TestClient  # noqa: E402
 from characonsist import cli  # noqa: E402
 from characonsist.output import read_png_record  # noqa: E402
 from characonsist.ui.server import create_app  # noqa: E402
-from characonsist.ui.worker import Worker, Workspace  # noqa: E402
+from characonsist.ui.worker import Worker  # noqa: E402
+from characonsist.ui.workspace import Workspace  # noqa: E402
 
 SETTINGS = {"num_inference_steps": 3, "height": 64, "width": 64, "method_options": {"mask_step": "1"},
             "save_masks": True}
@@ -471,7 +472,7 @@ def upload(client, data: bytes, filename="me.png", kind="application/octet-strea
 
 
 def test_picture_upload_is_checked_stored_by_its_bytes_and_served(ui, tmp_path, monkeypatch):
-    from characonsist.ui import worker as worker_module
+    from characonsist.ui import workspace as workspace_module
 
     data = png_bytes()
     first = upload(ui, data, filename="../../etc/passwd.png")     # a path from the browser is only a name
@@ -502,7 +503,7 @@ def test_picture_upload_is_checked_stored_by_its_bytes_and_served(ui, tmp_path, 
         refused.json()["problems"][0]
     assert upload(ui, b"", "empty.png").json()["problems"] == [
         "picture: empty.png: the file is empty; choose a picture (PNG, JPEG, WebP, GIF or BMP)"]
-    big = upload(ui, b"\0" * (worker_module.MAX_PICTURE_BYTES + 1), "huge.png")
+    big = upload(ui, b"\0" * (workspace_module.MAX_PICTURE_BYTES + 1), "huge.png")
     assert big.status_code == 413 and "16 MiB" in big.json()["problems"][0]
     form = upload(ui, data, kind="multipart/form-data; boundary=x")
     assert form.status_code == 415                                              # a cross-site form cannot send it
@@ -512,7 +513,7 @@ def test_picture_upload_is_checked_stored_by_its_bytes_and_served(ui, tmp_path, 
     name = __import__("hashlib").sha256(other).hexdigest()[:16] + ".png"
     (pictures / name).write_bytes(b"someone else's")
     assert upload(ui, other).status_code == 409 and (pictures / name).read_bytes() == b"someone else's"
-    monkeypatch.setattr(worker_module, "MAX_PICTURE_PIXELS", 1000)
+    monkeypatch.setattr(workspace_module, "MAX_PICTURE_PIXELS", 1000)
     many = upload(ui, png_bytes((50, 30)), "wide.png")
     assert many.status_code == 422 and "50x30 is more than 0.001 megapixels" in many.json()["problems"][0]
     for path in ("/pictures/%2e%2e%2fmanifest.json", "/pictures/nothing.png", f"/pictures/{name[:-4]}.txt",
@@ -617,7 +618,7 @@ def test_the_ui_loads_its_model_as_generate_would_and_says_so(tiny_model, tmp_pa
     command it shows; what cannot work is refused before the UI starts."""
     import importlib.util
 
-    from characonsist.ui.worker import Loading
+    from characonsist.ui.form import Loading
 
     for argv, message in ((["--memory", "auto"], "--memory/--quantize auto plans for one story's size"),
                           (["--memory", "model-offload"], "needs a CUDA GPU and none is visible"),

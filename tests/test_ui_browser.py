@@ -121,7 +121,7 @@ def test_make_a_story_in_the_browser(server, tmp_path):
         rows = driver.find_elements(By.CSS_SELECTOR, ".scene .row")
         assert len(rows) == 3
         for row, action, caption in zip(rows, ["big in the middle", "small on the left", "small on the right"],
-                                        ["", "Bot walks away", "Into the forest"]):
+                                        ["", "Bot walks away", "Into the forest"], strict=True):
             type_in(row.find_element(By.CSS_SELECTOR, "input.action"), action)
             if caption:
                 type_in(row.find_element(By.CSS_SELECTOR, "input.caption"), caption)

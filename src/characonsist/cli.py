@@ -13,15 +13,25 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 from contextlib import nullcontext
+from importlib.resources import files
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
+from .app import StoryRequest, StoryRun, memory_plan, parallel, ray_runner, validate_request
 from .app.folder import FolderError, check_writable_target, describe_os_error
-from .app.layouts import LAYOUTS
+from .app.layouts import LAYOUTS, check_layout_targets, write_layouts
+from .app.parallel import ParallelError
+from .evaluate.cli import main as evaluate
 from .inputs import InputError, excerpt
+from .output import read_json
 from .seeds import DEFAULT_SEED
+from .ui import missing_extra, serve
+from .ui.form import Loading
 
 EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -150,7 +160,6 @@ def _dest(flag: str) -> str:
 def request_from_args(args):
     """The application layer's StoryRequest for ``generate``'s arguments, through ``FLAGS`` (method options stay
     text: the method's Config reads them in their types)."""
-    from .app import StoryRequest
 
     options: dict = {}
     for key in OPTION_FLAGS:
@@ -169,7 +178,6 @@ def request_from_args(args):
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_generate(args) -> int:
-    from .app import StoryRun, memory_plan, parallel, validate_request
 
     if args.workers is not None and args.ray is None:
         raise InputError("--workers N is the number of Ray actors: give it with --ray (on this host: --gpus N)")
@@ -198,7 +206,6 @@ def cmd_generate(args) -> int:
         say(f"{len(run.jobs)} group(s), {len(run.jobs) - len(todo)} already done, {len(todo)} to generate -> {out}")
         _say_earlier(run, say)
         if args.layout:   # the pages' files are known now: a file in their way stops the run before the model loads
-            from .app.layouts import check_layout_targets
 
             check_layout_targets(run.folder, run.jobs, args.layout)
         if not todo:
@@ -240,7 +247,7 @@ def _say_earlier(run, say) -> None:
 def _say_notes(job, say, shown: int = 3) -> None:
     """The group's notes (fallbacks taken: an empty mask, no match; how a picture was followed), the first few
     with their image, the rest counted; all of them are in manifest.json and each PNG's record."""
-    notes = [(Path(record["path"]).stem, note) for record, image_notes in zip(job.records, job.notes)
+    notes = [(Path(record["path"]).stem, note) for record, image_notes in zip(job.records, job.notes, strict=True)
              for note in image_notes]
     for stem, note in notes[:shown]:
         say(f"{job.folder}/{stem}: {note}")
@@ -251,7 +258,6 @@ def _say_notes(job, say, shown: int = 3) -> None:
 def _write_layouts(run, args, say) -> None:
     if not getattr(args, "layout", None):
         return
-    from .app.layouts import write_layouts
 
     done = [j for j in run.jobs if j.state == "done"]
     if not done:
@@ -263,13 +269,10 @@ def _write_layouts(run, args, say) -> None:
 
 
 def cmd_ui(args) -> int:
-    from .ui import missing_extra
 
     problem = missing_extra()
     if problem:
         raise InputError(problem)
-    from .ui import serve
-    from .ui.worker import Loading
 
     loading = Loading(args.memory, args.quantize, args.vae_tiling, args.gpu_ids, args.dtype).check(FLAGS)
     return serve(args.model, args.out, args.host, args.port, loading=loading, allow_hosts=args.allow_host or (),
@@ -279,9 +282,7 @@ def cmd_ui(args) -> int:
 def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
     """``--gpus N`` (N > 1): start ``accelerate launch --multi_gpu --num_processes N -m characonsist ...`` with the
     same arguments, after the checks that need no model (bad input gets its one-line message here)."""
-    import subprocess
 
-    from .app import parallel, validate_request
 
     n = args.gpus
     if parallel.launched_processes() > 1:
@@ -314,7 +315,6 @@ def cmd_launch(args, argv: list[str], command: str = "generate") -> int:
 def cmd_generate_parallel(args, procs) -> int:
     """One process of a data-parallel run (``accelerate launch -m characonsist generate ...``): process 0 prints
     and writes, the others only generate (``app.parallel``)."""
-    from .app import parallel
 
     quiet = args.quiet or not procs.main
     say = (lambda *a: None) if quiet else _say
@@ -355,8 +355,6 @@ def cmd_generate_parallel(args, procs) -> int:
 
 def cmd_generate_ray(args) -> int:
     """``generate --ray [ADDRESS]``: the groups as tasks of Ray actors, this process writing (``app.ray_runner``)."""
-    from .app import ray_runner
-    from .app.parallel import ParallelError
 
     say = (lambda *a: None) if args.quiet else _say
     bars = []
@@ -404,7 +402,6 @@ def _summary_status(summary, args, say, lost_suffix: str = "") -> int:
 
 
 def _say(message: str, err: bool = False) -> None:
-    from tqdm import tqdm
 
     tqdm.write(message, file=sys.stderr if err else sys.stdout)
 
@@ -412,7 +409,6 @@ def _say(message: str, err: bool = False) -> None:
 def _progress(quiet: bool, total: int, unit: str):
     if quiet:
         return nullcontext(_NoBar())
-    from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, desc=unit, position=0, dynamic_ncols=True)
 
@@ -436,13 +432,11 @@ def _silence_libraries() -> None:
 
 
 def demo_story_path() -> Path:
-    from importlib.resources import files
 
     return Path(str(files("characonsist") / "examples" / "demo_story.txt"))
 
 
 def cmd_demo(args) -> int:
-    from .output import read_json
 
     out = Path(args.out)
     gen_args = build_parser().parse_args(["generate", str(demo_story_path()), "--model", "toy", "--out", str(out),
@@ -486,7 +480,6 @@ def cmd_bench_toy(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from .evaluate.cli import main as evaluate
 
     return evaluate(argv)
 

@@ -272,10 +272,8 @@ class Engine:
     """Runs one chunk (identity + frames) of a story through a method, in lockstep."""
 
     def __init__(self, pipe, method):
-        from .backbones import backbone_of
-
         self.pipe, self.method = pipe, method
-        self.backbone = backbone_of(pipe)
+        self.backbone = pipe.backbone      # the pipeline's adapter (``backbones.backbone_of``): the engine imports none
         self.run: Run | None = None
         self._wants: set[str] = set()
         self._plain = False

@@ -16,13 +16,9 @@ import math
 import numbers
 import re
 import reprlib
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .story import StoryImage
 
 SIZE_MULTIPLE = 16          # FLUX: 8x VAE downsampling, then 2x2 latent packing
 MAX_SEQUENCE_LENGTH = 512   # FLUX's T5 encoder
@@ -295,31 +291,6 @@ def unknown_words(tokenizer, text: str, vocabulary: Iterable[str], spelled: Iter
 
 # ---------------------------------------------------------------------------------------------- images
 
-def coerce_images(identity, frames) -> list[StoryImage]:
-    """``[identity, *frames]`` as StoryImages; every problem at once, each with its place."""
-    from .story import StoryImage
-
-    problems, images = [], []
-    if isinstance(frames, (str, bytes)) or isinstance(frames, StoryImage):
-        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
-                         f"got one {type(frames).__name__} {excerpt(frames)}; for a single frame pass [frame]")
-    if frames is None:
-        frames = []
-    if isinstance(frames, (Mapping, Set)):   # iterating them gives keys / an arbitrary order, never the frames meant
-        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
-                         f"got a {type(frames).__name__} {excerpt(frames)}")
-    if not isinstance(frames, Iterable):
-        raise InputError(f"frames must be a list of images, got {type(frames).__name__} {excerpt(frames)}")
-    for place, value in [("identity", identity), *((f"frames[{i}]", f) for i, f in enumerate(frames))]:
-        try:
-            images.append(StoryImage.coerce(value))
-        except (TypeError, ValueError) as e:
-            problems.append(f"{place}: {e}")
-    if problems:
-        raise InputError(problems)
-    return images
-
-
 def setting_problems(*, height=None, width=None, num_inference_steps=None, guidance_scale=None,
                      max_sequence_length=None, batch_size=None, limits: ModelLimits | None = None,
                      names: dict[str, str] | None = None) -> list[str]:
@@ -390,10 +361,11 @@ def size_problem(name: str, value, limits: ModelLimits | None = None) -> str | N
     return None
 
 
-def image_problems(images: Sequence[StoryImage], places: Sequence[str], limits: ModelLimits) -> list[str]:
-    """Per-image size problems against the model's limits (StoryImage itself checks the multiple of 16)."""
+def image_problems(images: Sequence, places: Sequence[str], limits: ModelLimits) -> list[str]:
+    """Per-image size problems of ``images`` (``story.StoryImage``s) against the model's limits (StoryImage itself
+    checks the multiple of 16)."""
     problems = []
-    for image, place in zip(images, places):
+    for image, place in zip(images, places, strict=True):
         for key in ("height", "width"):
             value = getattr(image, key)
             if value is not None:
@@ -403,12 +375,12 @@ def image_problems(images: Sequence[StoryImage], places: Sequence[str], limits: 
     return problems
 
 
-def prompt_problems(images: Sequence[StoryImage], places: Sequence[str], tokenizer, max_sequence_length: int,
+def prompt_problems(images: Sequence, places: Sequence[str], tokenizer, max_sequence_length: int,
                     vocabulary: Sequence[str] | None = None, model: str = "the model") -> list[str]:
     """Prompts the text encoder cannot take: words outside a closed vocabulary (reported instead of a length
     problem, which they cause), then prompts longer than ``max_sequence_length`` T5 tokens (end token included)."""
     problems, unknown_any = [], False
-    for image, place in zip(images, places):
+    for image, place in zip(images, places, strict=True):
         if vocabulary is not None:
             unknown = unknown_words(tokenizer, image.prompt, vocabulary)
             if unknown:

@@ -40,7 +40,7 @@ def span_weights(bg_lens: list[int], real_lens: list[int], device=None) -> torch
     [bg_len, real_len) of each row, R = max real_len (for ``text_attention_spans_batched``)."""
     R = max(real_lens)
     w = torch.zeros(2, len(bg_lens), R)
-    for i, (b, r) in enumerate(zip(bg_lens, real_lens)):
+    for i, (b, r) in enumerate(zip(bg_lens, real_lens, strict=True)):
         if b > 0:
             w[0, i, :b] = 1.0 / b
         if r > b:

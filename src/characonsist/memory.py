@@ -18,10 +18,13 @@ call the layers' own linears (quantized, offloaded or carrying a LoRA) exactly a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._compat import dtype_kwarg
 
 GIB = 1024**3
 
@@ -332,7 +335,6 @@ class MemoryPlan:
 
 def available_quantizations(cuda: bool, capability: tuple[int, int] | None = None) -> list[str]:
     """Weight formats usable here: their package importable, CUDA present where they need it."""
-    import importlib.util
 
     found = []
     for q in QUANTIZATIONS.values():
@@ -411,7 +413,6 @@ def visible_memory(gpu: int = 0) -> tuple[float | None, float, int, tuple[int, i
 
 def check_quantization(quantize: str, cuda: bool | None = None) -> str | None:
     """A problem with using weight format ``quantize`` here (unknown name, package missing, no CUDA), or None."""
-    import importlib.util
 
     if quantize not in QUANTIZATIONS:
         return f"unknown weight format {quantize!r}; valid: {', '.join(QUANTIZATIONS)}, auto"
@@ -519,7 +520,6 @@ def load_pipeline(cls, name: str, dtype, quantize: str = "none", memory: str = "
     """
     import torch
 
-    from ._compat import dtype_kwarg
 
     gpus = list(gpus or [0])
     cuda = torch.cuda.is_available()

@@ -12,11 +12,13 @@ output's notes.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .inputs import InputError, excerpt
 
@@ -81,7 +83,6 @@ def load_picture(value, place: str = "identity_image"):
     [0, 1] (a torch tensor is taken as an array, channels last or first), or a path to an image file.
 
     Raises InputError naming ``place`` and what is wrong (missing file, not an image, bad shape, ...)."""
-    from PIL import Image
 
     if isinstance(value, Image.Image):
         if value.width < 1 or value.height < 1:
@@ -114,14 +115,12 @@ def load_picture_bytes(data: bytes, name: str, place: str = "picture", formats: 
     """``(RGB PIL image, PIL format name)`` of an image file's bytes (an upload), decoded completely, with the same
     messages as a file (``name`` stands for the file in them). ``formats`` (PIL names such as ``"PNG"``) and
     ``max_pixels`` refuse other formats and larger pictures before they are decoded."""
-    import io
 
     return _decode(io.BytesIO(data), name, place, formats, max_pixels)
 
 
 def _decode(source, name: str, place: str, formats: tuple[str, ...] | None = None, max_pixels: int | None = None):
     """Open and decode an image file (a path or a file object) completely: ``(RGB image, format)``, or InputError."""
-    from PIL import Image, UnidentifiedImageError
 
     where = place if not name or name == place else f"{place}: {name}"   # an unnamed upload: "picture: ..." once
     try:
@@ -146,7 +145,6 @@ def _decode(source, name: str, place: str, formats: tuple[str, ...] | None = Non
 
 
 def _from_array(array: np.ndarray, place: str):
-    from PIL import Image
 
     a = array
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -175,7 +173,6 @@ def _from_array(array: np.ndarray, place: str):
 
 def fit_picture(image, height: int, width: int):
     """``(fitted RGB PIL image, Fit)``: ``image`` scaled to cover ``height`` x ``width`` and centre-cropped."""
-    from PIL import Image
 
     fit = fit_size((image.height, image.width), (height, width))
     if fit.resized:

@@ -9,6 +9,7 @@ model's transformer class and return the matching class. See docs/API.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ._compat import dtype_keyword, dtype_kwarg, import_flux
 from .backbones import Backbone, backbone_named, backbone_of
@@ -24,7 +26,6 @@ from .inputs import (
     OUTPUT_TYPES,
     InputError,
     ModelLimits,
-    coerce_images,
     excerpt,
     group_size_problems,
     image_problems,
@@ -39,7 +40,7 @@ from .match import Matches
 from .methods import Method, get_method
 from .picture import describe_source, fit_picture, load_picture, psnr
 from .seeds import DEFAULT_SEED, story_seeds
-from .story import StoryImage
+from .story import StoryImage, coerce_images
 
 FluxPipeline = import_flux()
 
@@ -137,7 +138,6 @@ class _StepBars:
         self.pipe, self.callback, self.bar, self.phase, self.done = pipe, callback, None, None, 0
 
     def start_phase(self, phase) -> None:
-        from tqdm.auto import tqdm
 
         self.close()
         self.phase, self.done = phase, phase.start
@@ -161,7 +161,6 @@ class _StepBars:
 
 def _transformer_class(name_or_path) -> str | None:
     """The transformer class named by a model's ``model_index.json`` (a folder or a hub id), or None."""
-    import json
 
     try:
         if os.path.isdir(name_or_path):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 MODES = ("linear", "exact")
 FIT_SIZE = 64          # px of the synthetic images the linear map is fitted on
@@ -129,7 +130,6 @@ def _long_side(height: int, width: int, size: int) -> tuple[int, int]:
 def previews(pipe, latents: torch.Tensor, height: int, width: int, mode: str = "linear", size: int = 128) -> list:
     """PIL previews (``size`` px on the long side, at most the image's) of packed latents (B, tokens, C*4) of images ``height`` x
     ``width`` (e.g. a callback's ``x0`` and ``pipe.step_batch``'s size). ``mode``: ``"linear"`` or ``"exact"``."""
-    from PIL import Image
 
     if mode not in MODES:
         raise ValueError(f"preview mode {mode!r}; valid: {', '.join(MODES)}")

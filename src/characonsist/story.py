@@ -9,6 +9,7 @@ for fields that already end in a space or comma).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import asdict, dataclass
 
 from .inputs import InputError, excerpt, is_int, seed_problem, size_problem, text_problem
@@ -83,3 +84,26 @@ class StoryImage:
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def coerce_images(identity, frames) -> list[StoryImage]:
+    """``[identity, *frames]`` as StoryImages; every problem at once, each with its place."""
+    problems, images = [], []
+    if isinstance(frames, (str, bytes)) or isinstance(frames, StoryImage):
+        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
+                         f"got one {type(frames).__name__} {excerpt(frames)}; for a single frame pass [frame]")
+    if frames is None:
+        frames = []
+    if isinstance(frames, (Mapping, Set)):   # iterating them gives keys / an arbitrary order, never the frames meant
+        raise InputError(f"frames must be a list of images ('background#character#action' strings or StoryImage), "
+                         f"got a {type(frames).__name__} {excerpt(frames)}")
+    if not isinstance(frames, Iterable):
+        raise InputError(f"frames must be a list of images, got {type(frames).__name__} {excerpt(frames)}")
+    for place, value in [("identity", identity), *((f"frames[{i}]", f) for i, f in enumerate(frames))]:
+        try:
+            images.append(StoryImage.coerce(value))
+        except (TypeError, ValueError) as e:
+            problems.append(f"{place}: {e}")
+    if problems:
+        raise InputError(problems)
+    return images

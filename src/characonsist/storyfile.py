@@ -34,6 +34,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .inputs import InputError, control_character, describe_character, excerpt, seed_problem, size_problem, text_problem
 from .story import StoryImage
 
@@ -200,7 +202,7 @@ def _split_line(line: str, place: str, problems: list[str]) -> dict | None:
         problems.append(f"{place}: {excerpt(line)} has {len(parts) - 1} '#' but needs exactly two: "
                         "background#character#action")
         return None
-    return dict(zip(FIELDS, parts))
+    return dict(zip(FIELDS, parts, strict=True))
 
 
 def _image_from_fields(fields: dict | None, extra: dict, place: str, problems: list[str],
@@ -259,7 +261,6 @@ def _yaml_error(source: str, line: int, text: str) -> StoryError:
 def _scan(text: str, source: str, base) -> None:
     """Read the YAML events of ``text`` with the parser ``base`` (nothing is built): StoryError at the first alias
     or at nesting deeper than ``MAX_DEPTH``; the parser's own error at a syntax error."""
-    import yaml
 
     scan = base(text)
     try:
@@ -285,7 +286,6 @@ def _load_yaml(text: str, source: str) -> tuple[object, _Lines]:
     """The YAML document's data, read in two passes over libyaml's events (the pure-Python parser without it):
     first refuse aliases and nesting deeper than ``MAX_DEPTH`` (nothing is built yet), then build it, noting every
     mapping key's line and refusing duplicate keys."""
-    import yaml
 
     fast = getattr(yaml, "CSafeLoader", None)
     base = fast or yaml.SafeLoader

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .tokenizers import make_clip_tokenizer, make_qwen_tokenizer, make_t5_tokenizer
+
 WORDS = (
     "a an the in on at of with and photo cat dog man woman girl boy robot knight wizard fox bear rabbit red blue "
     "green yellow hat scarf coat park forest beach city street room kitchen castle desert snow night day sitting "
@@ -54,7 +56,6 @@ def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: in
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizers import make_clip_tokenizer, make_t5_tokenizer
 
     torch.manual_seed(seed)
     tok1 = make_clip_tokenizer(WORDS, model_max_length=max_length)
@@ -81,7 +82,6 @@ def tiny_chroma_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: 
     """A random-weight ``ChromaPipeline`` (FLUX.1 blocks, Chroma's distilled modulation; T5 only) at toy width."""
     from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-    from .tokenizers import make_t5_tokenizer
 
     torch.manual_seed(seed)
     tok = make_t5_tokenizer(CORPUS * 20, vocab_size=160, model_max_length=max_length)
@@ -114,8 +114,6 @@ def tiny_klein_pipeline(seed: int = 0, num_layers: int = 1, num_single_layers: i
         Flux2Transformer2DModel,
     )
     from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from .tokenizers import make_qwen_tokenizer
 
     torch.manual_seed(seed)
     tok = make_qwen_tokenizer(CORPUS * 20 + ["user assistant"] * 20, model_max_length=max_length)

@@ -16,6 +16,7 @@ Both round-trip through ``save_pretrained`` / ``from_pretrained`` like the real 
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Iterable
 
 
@@ -77,7 +78,6 @@ def make_word_t5_tokenizer(words, model_max_length: int = 512):
     and a 2-layer random T5 gives the transformer little to read words from. Here the word pieces outscore any
     spelling of them, so Viterbi picks whole words.
     """
-    import string
 
     from transformers import T5Tokenizer
 

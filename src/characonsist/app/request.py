@@ -161,7 +161,7 @@ def load_stories(paths: list) -> list[Story]:
             problems += e.problems
     if len(paths) > 1:
         stems = [Path(s.path).stem for s in stories]
-        for story, stem in zip(stories, stems):
+        for story, stem in zip(stories, stems, strict=True):
             why = safe_name(stem)
             if why:
                 problems.append(f"{story.path}: the file's name (without its suffix) names its output folder, "

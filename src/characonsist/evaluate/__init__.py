@@ -6,7 +6,7 @@ DINOv2, DreamSim and face identity similarity over any run folder, plus the Cons
 """
 
 from .evaluator import EvalConfig, ModelBank, evaluate_run
-from .models import ModelUnavailable
 from .runfolder import RunError, read_run
+from .unavailable import ModelUnavailable
 
 __all__ = ["EvalConfig", "ModelBank", "ModelUnavailable", "RunError", "evaluate_run", "read_run"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .models import ModelUnavailable
+from .unavailable import ModelUnavailable
 
 
 def checkpoint_dir() -> Path:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..app.folder import write_file
+from .convert import ConvertError, convert_sets, read_sets, subset, write_story
 from .evaluator import EVAL_FORMAT, MASK_MODES, TEXT_MODES, EvalConfig, ModelBank, evaluate_run
 from .hub import offline_notice
 from .metrics import METRICS, PAIR_MODES
@@ -22,6 +23,8 @@ from .references import BENCHMARKS, references
 from .report import ReportError, check_ours, compare_html, compare_table, terminal_summary, text_table, write_report
 from .runfolder import RunError, read_run
 from .segment import ALIASES
+from .vistory_cli import add_arguments, run_suite
+from .vistory_cli import run_convert as run_vistory_convert
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -73,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "facexlib, OWLv2 score >= 0.3)")
     p.add_argument("--device", default=d.device, help="auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    from .vistory_cli import add_arguments
 
     add_arguments(p)
     return p
@@ -104,7 +106,6 @@ def config_from(args) -> EvalConfig:
 
 
 def run_convert(argv: list[str]) -> int:
-    from .convert import ConvertError, convert_sets, read_sets, subset, write_story
 
     args = convert_parser().parse_args(argv)
     try:
@@ -131,7 +132,6 @@ def run_convert(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["convert", "vistorybench"]:
-        from .vistory_cli import run_convert as run_vistory_convert
 
         return run_vistory_convert(argv[2:])
     if argv and argv[0] == "convert":
@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.suite == "vistorybench":
-        from .vistory_cli import run_suite
 
         return run_suite(args, parser)
     try:

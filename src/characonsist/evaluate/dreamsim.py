@@ -33,11 +33,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .models import ModelUnavailable
+from .unavailable import ModelUnavailable
 
 IMAGE_SIZE = 224
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -283,8 +285,6 @@ class DreamSimModel(nn.Module):
     def preprocess(images) -> torch.Tensor:
         """PIL images -> (N, 3, 224, 224) in [0, 1]: RGB, PIL bicubic resize (the package's torchvision Resize on
         PIL images calls PIL), then /255 (ToTensor)."""
-        import numpy as np
-        from PIL import Image
 
         arrays = [np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC), dtype=np.float32)
                   for im in images]

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from . import metrics as M
 from .models import (
@@ -159,13 +160,13 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
     image_rows = [{"path": im.path, "role": im.role, "prompt": im.prompt, "text": t, "background": im.background,
                    "character": im.character} for im, t in zip(group.images, texts, strict=True)]
     pair_rows = [{"a": group.images[i].path, "b": group.images[j].path, "same_scene": s}
-                 for (i, j), s in zip(index_pairs, scene)]
+                 for (i, j), s in zip(index_pairs, scene, strict=True)]
     notes = list(group.notes)
     wanted = set(config.metrics)
 
     def record(key: str, per_pair: list | None = None, per_image: list | None = None):
         rows, values = (pair_rows, per_pair) if per_pair is not None else (image_rows, per_image)
-        for row, value in zip(rows, values):
+        for row, value in zip(rows, values, strict=True):
             row[key] = value
         if info[key]["status"] == "pending" and any(v is not None for v in values):
             info[key]["status"] = "ok"
@@ -222,7 +223,7 @@ def _evaluate_group(run: Run, group: EvalGroup, config: EvalConfig, bank: ModelB
                         embs[k] = e
                 values = M.pair_similarity(embs, index_pairs)
                 if key == "clip_i_bg":
-                    values = [v if s else None for v, s in zip(values, scene)]
+                    values = [v if s else None for v, s in zip(values, scene, strict=True)]
                 record(key, per_pair=values)
 
     def single(key, kind, distance=False):
@@ -302,7 +303,6 @@ def _masks(run: Run, group: EvalGroup, images, config: EvalConfig, bank: ModelBa
 
 def _bar(progress: bool, total: int):
     if progress:
-        from tqdm import tqdm
 
         return tqdm(total=total, unit="group", desc="eval", dynamic_ncols=True)
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from . import checkpoints
-from .models import ModelUnavailable, pick_device
+from .models import pick_device
+from .unavailable import ModelUnavailable
 
 FACENET_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 FACENET_FILE = "20180402-114759-vggface2.pt"
@@ -186,7 +188,6 @@ class FaceNet:
 
     def crop(self, image, box):
         """facenet-pytorch's ``extract_face`` on a PIL image: margin scaled to the box, clipped, 160x160."""
-        from PIL import Image
 
         x0, y0, x1, y1 = box[:4]
         mx = self.margin * (x1 - x0) / (CROP - self.margin)
@@ -197,7 +198,6 @@ class FaceNet:
 
     def tensor(self, faces) -> torch.Tensor:
         """Face crops (PIL, resized to 160x160 if not already) as the network's standardised NCHW batch."""
-        from PIL import Image
 
         faces = [f if f.size == self.size else f.resize(self.size, Image.BILINEAR) for f in faces]
         batch = np.stack([np.asarray(f.convert("RGB"), dtype=np.float32) for f in faces])

@@ -24,6 +24,7 @@ from __future__ import annotations
 from itertools import combinations
 
 import numpy as np
+from PIL import Image
 
 PAIR_MODES = ("identity", "all")
 # key: (label, higher is better)
@@ -78,7 +79,6 @@ def pair_similarity(embeddings, index_pairs, distance: bool = False) -> list[flo
 
 def mask_out(image, mask: np.ndarray, keep: str, fill: tuple[int, int, int]):
     """``image`` with the background (``keep="fg"``) or the foreground (``keep="bg"``) replaced by ``fill``."""
-    from PIL import Image
 
     if keep not in ("fg", "bg"):
         raise ValueError(f"keep={keep!r}: expected 'fg' or 'bg'")

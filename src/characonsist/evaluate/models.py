@@ -23,15 +23,16 @@ which preprocessing it used; the report prints that next to every figure.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from .unavailable import ModelUnavailable
 
 EXTRA = "pip install 'characonsist[eval]'"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-
-
-class ModelUnavailable(RuntimeError):
-    """A metric's model or package cannot be had; the message says what to install or pass."""
 
 
 def pick_device(name: str = "auto") -> str:
@@ -54,7 +55,6 @@ def _load(loader, name: str, what: str, **kwargs):
 
 def _quiet():
     """transformers' loading bars and notices off while loading (restored after)."""
-    from contextlib import contextmanager
 
     from transformers.utils import logging
 
@@ -282,13 +282,11 @@ class ArcFaceOnnx:
         x0, y0, x1, y1 = box[:4]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         half = max(x1 - x0, y1 - y0) * (1 + self.margin) / 2
-        from PIL import Image
 
         return image.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half))).resize(
             (self.size[1], self.size[0]), Image.BILINEAR)
 
     def embed(self, faces) -> np.ndarray:
-        from PIL import Image
 
         size = (self.size[1], self.size[0])
         faces = [f if f.size == size else f.resize(size, Image.BILINEAR) for f in faces]
@@ -334,7 +332,6 @@ def _unit(x) -> np.ndarray:
 
 def _resolve_file(name: str, what: str, suffix: str):
     """A local file, a folder holding exactly one ``suffix`` file, or ``owner/repo:file`` on the hub."""
-    from pathlib import Path
 
     path = Path(name).expanduser()
     if path.is_file():

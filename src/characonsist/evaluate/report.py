@@ -13,6 +13,8 @@ import io
 import json
 from pathlib import Path
 
+from PIL import Image
+
 from ..app.folder import write_file
 from .evaluator import EVAL_FORMAT
 from .metrics import METRICS
@@ -35,7 +37,7 @@ def fmt(value, digits: int = 3) -> str:
 
 def text_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -114,7 +116,6 @@ def _csv(header: list[str], rows: list[list]) -> bytes:
 
 def thumbnail(path: Path, size: int = 192) -> str:
     """A ``data:`` URI of the image scaled to at most ``size`` pixels (empty when it cannot be read)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as image:

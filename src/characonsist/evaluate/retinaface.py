@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import checkpoints
-from .models import ModelUnavailable, pick_device
+from .models import pick_device
+from .unavailable import ModelUnavailable
 
 RELEASE = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 RESNET50_URL = RELEASE + "detection_Resnet50_Final.pth"
@@ -217,7 +218,7 @@ def prior_boxes(height: int, width: int, min_sizes=MIN_SIZES, steps=STEPS) -> to
     the ceil(H / step) x ceil(W / step) map in row-major order and each min size, (cx, cy, w, h) relative to the
     image: centre ((x + 0.5) * step / W, (y + 0.5) * step / H), size (min_size / W, min_size / H)."""
     out = []
-    for sizes, step in zip(min_sizes, steps):
+    for sizes, step in zip(min_sizes, steps, strict=True):
         rows, cols = math.ceil(height / step), math.ceil(width / step)
         cy = (torch.arange(rows, dtype=torch.float64) + 0.5) * step / height
         cx = (torch.arange(cols, dtype=torch.float64) + 0.5) * step / width
@@ -389,7 +390,7 @@ class RetinaFaceDetector:
                 scale = torch.tensor([w, h], dtype=torch.float32, device=loc.device)
                 boxes = decode_boxes(loc, priors) * scale.repeat(2)
                 points = decode_landmarks(landmarks, priors) * scale.repeat(5)
-                for k, b, s, p in zip(chunk, boxes, scores, points):
+                for k, b, s, p in zip(chunk, boxes, scores, points, strict=True):
                     self.last_scores[k] = float(s.max()) if s.numel() else 0.0
                     found[k] = self._select(b, s, p)
         return found
@@ -399,7 +400,7 @@ class RetinaFaceDetector:
         keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:TOP_K]
         kept = keep[nms(boxes[keep], scores[keep], self.nms_threshold)][:KEEP_TOP_K]
         out = []
-        for b, s, p in zip(boxes[kept].tolist(), scores[kept].tolist(), points[kept].tolist()):
+        for b, s, p in zip(boxes[kept].tolist(), scores[kept].tolist(), points[kept].tolist(), strict=True):
             out.append(Face(*b, s, tuple((p[2 * j], p[2 * j + 1]) for j in range(5))))
         return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "characonsist-manifest/"
@@ -37,7 +38,6 @@ class EvalImage:
     caption: str | None = None
 
     def load(self):
-        from PIL import Image
 
         with Image.open(self.file) as image:
             return image.convert("RGB")
@@ -116,7 +116,6 @@ def read_run(folder: str | Path) -> Run:
 def method_mask(run: Run, image: EvalImage, size: tuple[int, int]) -> np.ndarray | None:
     """The method's own foreground mask of ``image`` (bool, ``size`` = (width, height)), from the right half of
     ``masks/<stem>_mask.png``; None when there is none or it is not of that layout."""
-    from PIL import Image
 
     stem = Path(image.path)
     file = run.folder / stem.parent / "masks" / f"{stem.stem}_mask.png"

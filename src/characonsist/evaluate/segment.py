@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .models import ClipSegSegmenter, ModelUnavailable, Owlv2Detector, _describe_processor, _load, _quiet, _Torch
+from .models import ClipSegSegmenter, Owlv2Detector, _describe_processor, _load, _quiet, _Torch
+from .unavailable import ModelUnavailable
 
 DEFAULT_SAM = "facebook/sam-vit-huge"
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
@@ -53,14 +54,14 @@ class SamSegmenter(_Torch):
         masks: list[np.ndarray | None] = [None] * len(images)
         notes: list[str | None] = [None] * len(images)
         found = [k for k, b in enumerate(boxes) if b is not None]
-        for k, (box, score, text) in enumerate(zip(boxes, scores, texts)):
+        for k, (box, score, text) in enumerate(zip(boxes, scores, texts, strict=True)):
             if box is None:
                 why = (f"best OWLv2 score {score:.3f} < {self.box_threshold}" if score < self.box_threshold
                        else "the best box is under 2 px wide or high")
                 notes[k] = f"no box for {text!r} ({why}): no SAM mask, left out of CLIP-I-fg/bg"
         for start in range(0, len(found), self.batch_size):
             chunk = found[start:start + self.batch_size]
-            for k, mask in zip(chunk, self._sam([images[k] for k in chunk], [boxes[k][:4] for k in chunk])):
+            for k, mask in zip(chunk, self._sam([images[k] for k in chunk], [boxes[k][:4] for k in chunk]), strict=True):
                 masks[k] = mask
         return masks, notes
 
@@ -70,7 +71,7 @@ class SamSegmenter(_Torch):
         out = self._run(self.model, **batch, multimask_output=True)
         logits = self.processor.post_process_masks(out.pred_masks.float().cpu(), sizes, reshaped, binarize=False)
         best = out.iou_scores.float().cpu().argmax(dim=-1)  # (images, boxes=1)
-        return [(m[0, int(b[0])] > 0).numpy() for m, b in zip(logits, best)]
+        return [(m[0, int(b[0])] > 0).numpy() for m, b in zip(logits, best, strict=True)]
 
     def _run(self, module, multimask_output: bool = True, **inputs):
         with self.torch.inference_mode():

@@ -13,16 +13,20 @@ defaults), ``clipseg``, ``face_detector`` (OWLv2, also SAM's box detector) and `
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from ..tokenizers import make_clip_tokenizer
+from .models import CLIP_MEAN
 
 WORDS = ("a an the of in on at photo human face robot cat dog girl boy park beach city forest street sunny green "
          "grey starry night big small left right middle red blue").split()
 
 
 def _tokenizer(max_length: int):
-    from ..tokenizers import make_clip_tokenizer
 
     return make_clip_tokenizer(WORDS, model_max_length=max_length)
 
@@ -63,7 +67,6 @@ def save_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, str]:
         ViTImageProcessor,
     )
 
-    from .models import CLIP_MEAN
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -221,7 +224,6 @@ def save_tiny_dreamsim(folder: str | Path, kind: str = "ensemble", seed: int = 0
     ``{'state_dict': ..., 'proj'}`` files, and a peft LoRA adapter on every ``qkv`` (``adapter_config.json`` +
     ``adapter_model.safetensors``, keys as peft saves them for the package's model). ``lora_scale=0`` writes a zero
     adapter."""
-    import json
 
     import torch
     from safetensors.torch import save_file
@@ -343,7 +345,6 @@ def save_tiny_aesthetic(folder: str | Path, seed: int = 0) -> tuple[str, Path]:
     tower.eval().save_pretrained(folder / "siglip")
     head = nn.Sequential(nn.Linear(32, 1024), nn.Dropout(0.5), nn.Linear(1024, 128), nn.Dropout(0.5),
                          nn.Linear(128, 64), nn.Dropout(0.5), nn.Linear(64, 16), nn.Dropout(0.2), nn.Linear(16, 1))
-    from collections import OrderedDict
 
     state = OrderedDict((f"scoring_head.{k}", v) for k, v in head.state_dict().items())   # as the released file
     torch.save(state, folder / "head.pth")

@@ -15,6 +15,22 @@ import os
 import sys
 from pathlib import Path
 
+from ..app.folder import write_file
+from . import vistory_metrics as vm
+from .runfolder import RunError, read_run
+from .unavailable import ModelUnavailable
+from .vistory_metrics import PromptAligner, PromptAlignError, mean_over_stories
+from .vistorybench import (
+    VistoryError,
+    convert_dataset,
+    dataset_root,
+    export_layout,
+    read_map,
+    read_story,
+    shots_from_layout,
+    shots_from_runs,
+)
+
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 METRICS = ("cids", "csd", "aesthetic", "prompt_align")
 
@@ -35,7 +51,6 @@ def convert_parser() -> argparse.ArgumentParser:
 
 
 def run_convert(argv: list[str]) -> int:
-    from .vistorybench import VistoryError, convert_dataset
 
     args = convert_parser().parse_args(argv)
     try:
@@ -89,17 +104,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_suite(args, parser) -> int:
-    from .models import ModelUnavailable
-    from .runfolder import RunError, read_run
-    from .vistorybench import (
-        VistoryError,
-        dataset_root,
-        export_layout,
-        read_map,
-        read_story,
-        shots_from_layout,
-        shots_from_runs,
-    )
 
     if not args.dataset:
         parser.error("--suite vistorybench needs --dataset DATASET_DIR")
@@ -160,12 +164,9 @@ def run_suite(args, parser) -> int:
                 results[name][story_id] = scorer(story, shots[story_id])
             status[name] = "ok"
         except Exception as e:  # an endpoint or model failing mid-run: the others still report
-            from .vistory_metrics import PromptAlignError
-
             if not isinstance(e, PromptAlignError):
                 raise
             status[name] = f"failed: {e}"
-    from .vistory_metrics import mean_over_stories
 
     overall = {name: mean_over_stories(results[name]) for name in wanted if status.get(name) == "ok"}
     for name in wanted:
@@ -179,7 +180,6 @@ def run_suite(args, parser) -> int:
     for n in notes[:10]:
         print(f"note: {n}")
     if args.report_dir:
-        from ..app.folder import write_file
 
         out = Path(args.report_dir) / "vistorybench.json"
         data = {"format": "characonsist-vistorybench-eval/1", "dataset": str(root), "language": language,
@@ -195,7 +195,6 @@ def run_suite(args, parser) -> int:
 
 
 def _aligner(args, status: dict):
-    from .vistory_metrics import PromptAligner, PromptAlignError
 
     key = args.api_key or os.environ.get("VISTORYBENCH_API_KEY")
     url = args.base_url or os.environ.get("VISTORYBENCH_BASE_URL")
@@ -210,7 +209,6 @@ def _aligner(args, status: dict):
 
 
 def _scorer(name: str, args, aligner):
-    from . import vistory_metrics as vm
 
     progress = not args.quiet
     none = lambda v: None if v is None or str(v).lower() == "none" else v  # noqa: E731

@@ -48,8 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from .models import ModelUnavailable, _load, _quiet, _Torch
+from .checkpoints import load_exactly, read_state_dict, resolve_checkpoint
+from .models import ArcFaceOnnx, ClipModel, _load, _quiet, _Torch
+from .unavailable import ModelUnavailable
 
 GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"     # transformers' conversion of groundingdino_swint_ogc.pth
 CIDS_CLIP = "openai/clip-vit-large-patch14"
@@ -162,7 +165,6 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 def align_face(image, landmarks, size: int = 112):
     """The face warped so that its 5 landmarks land on ArcFace's template (insightface ``norm_crop``), bilinear,
     black outside the image; pixel coordinates as OpenCV's ``warpAffine`` (output (x, y) reads input M^-1 (x, y))."""
-    from PIL import Image
 
     m = similarity_transform(np.asarray(landmarks, np.float64), ARCFACE_DST * size / 112.0)
     full = np.vstack([m, [0, 0, 1]])
@@ -183,7 +185,6 @@ class FaceEncoder:
 
     def __init__(self, arcface: str = ARCFACE_FILE, detector: str = "retinaface", device: str = "auto",
                  progress: bool = True):
-        from .models import ArcFaceOnnx
         from .retinaface import RetinaFaceDetector
 
         self.embedder = ArcFaceOnnx(str(_checkpoint(arcface, "ArcFace ONNX (antelopev2 glintr100.onnx)", "--arcface",
@@ -210,7 +211,6 @@ class FaceEncoder:
 
 class ClipEncoder:
     def __init__(self, name: str = CIDS_CLIP, device: str = "auto"):
-        from .models import ClipModel
 
         self.clip = ClipModel(name, device)
 
@@ -235,14 +235,12 @@ class CidsModels:
 
 
 def _open(path):
-    from PIL import Image
 
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 def _mirror(image):
-    from PIL import ImageOps
 
     return ImageOps.mirror(image)
 
@@ -321,7 +319,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
             continue
         if aligner is not None:
             single.setdefault(shot.index, {})     # a shot that reaches matching counts, 0 if nobody is matched
-        for r, c in zip(*linear_sum_assignment(-sims)):
+        for r, c in zip(*linear_sum_assignment(-sims), strict=True):   # rows and columns of one assignment
             key = shot.keys[r]
             if not rows[r] or c not in cache[key][1]:
                 continue
@@ -524,7 +522,6 @@ class AestheticPredictor(_Torch):
                                   nn.Linear(16, 1))
         self.file = _checkpoint(head, "aesthetic predictor v2.5 head", "--aesthetic", "aesthetic_predictor_v2_5.pth",
                                 progress, aliases={"aesthetic-v2.5": AESTHETIC_URL})
-        from .checkpoints import load_exactly, read_state_dict
 
         state = read_state_dict(self.file, "aesthetic predictor v2.5 head", "aesthetic_predictor_v2_5.pth")
         state = {k.removeprefix("scoring_head."): v for k, v in state.items()}
@@ -542,7 +539,6 @@ class AestheticPredictor(_Torch):
 
     def pixels(self, image):
         import torch
-        from PIL import Image
 
         image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
@@ -687,7 +683,6 @@ def prompt_align_story(story, shots: dict[int, Path], aligner: PromptAligner) ->
 # ------------------------------------------------------------------------------------------------------- helpers
 
 def _checkpoint(source: str, what: str, flag: str, expected: str, progress: bool, aliases: dict | None = None):
-    from .checkpoints import resolve_checkpoint
 
     return resolve_checkpoint(str(source), aliases=aliases or {}, what=what, flag=flag, expected=expected,
                               progress=progress)

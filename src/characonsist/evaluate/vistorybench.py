@@ -19,6 +19,7 @@ matched to the shot's ``index`` of story.json. ``timestamp`` is ``YYYYMMDD_HHMMS
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from ..app.folder import write_file
 from ..storyfile import slug
@@ -158,7 +160,7 @@ def read_story(root: Path, story_id: str, language: str = "en") -> VStory:
         unknown = [c for c in keys if c not in characters]
         if unknown:
             notes.append(f"{where}: character(s) {', '.join(map(repr, unknown))} not in Characters; left out")
-            names = [n for n, c in zip(names, keys) if c in characters]
+            names = [n for n, c in zip(names, keys, strict=True) if c in characters]
             keys = [c for c in keys if c in characters]
         shots.append(Shot(index, _text(raw["Setting Description"], language, where, notes),
                           _text(raw["Plot Correspondence"], language, where, notes), [str(n) for n in names], keys,
@@ -171,7 +173,7 @@ def read_story(root: Path, story_id: str, language: str = "en") -> VStory:
 def merged_prompt(story: VStory, shot: Shot) -> str:
     """The benchmark's one-string prompt of a shot (``StoryDataset.story_prompt_merge``): camera; plot; script;
     "<name> is <prompt>" per character; scene."""
-    chars = ";".join(f"{n} is {story.characters[k].prompt}" for n, k in zip(shot.names, shot.keys))
+    chars = ";".join(f"{n} is {story.characters[k].prompt}" for n, k in zip(shot.names, shot.keys, strict=True))
     return f"{shot.camera};{shot.plot};{shot.script};{chars};{shot.scene};"
 
 
@@ -264,7 +266,7 @@ def convert_dataset(dataset: str | Path, out: str | Path, lite: bool = False, la
                                "--force")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for c, story in zip(converted, stories):
+    for c, story in zip(converted, stories, strict=True):
         header = [MARK, f"# source: {root / c.id / 'story.json'} ({language}{', text only' if text_only else ''})",
                   f"# {len(c.scenes)} groups (one per character), {sum(len(s['frames']) for s in c.scenes)} frames",
                   *(f"# note: {n}" for n in c.notes)]
@@ -369,7 +371,6 @@ def export_layout(shots: dict[str, dict[int, Path]], out: str | Path, method: st
     """Write ``<out>/<method>/<mode>/<language>/<timestamp>/<story_id>/shot_XX.<suffix>`` (XX = the shot's story.json
     index, two digits) for the official scripts (``bench_run.py --method <method> --mode <mode>``). A timestamp
     folder that exists and was not written by this export is refused; one of ours is completed, files kept."""
-    from PIL import Image
 
     if suffix not in ("jpg", "png"):
         raise VistoryError(f"--export-format {suffix!r}: jpg or png")
@@ -399,7 +400,6 @@ def export_layout(shots: dict[str, dict[int, Path]], out: str | Path, method: st
 
 
 def _encode(image, suffix: str) -> bytes:
-    import io
 
     buffer = io.BytesIO()
     if suffix == "jpg":

@@ -222,7 +222,7 @@ class CharaConsist(Method):
                     new[s.pos] = foreground_mask(bg, fg, s.grid, cfg.mask_erode, cfg.mask_dilate)
             if new:   # one device-to-host copy for all images
                 flat = torch.cat(list(new.values())).cpu()
-                for pos, mask in zip(new, flat.split([m.numel() for m in new.values()])):
+                for pos, mask in zip(new, flat.split([m.numel() for m in new.values()]), strict=True):
                     self.masks[pos] = mask
             if run.step == self.schedule["mask_step"] and 0 in new:
                 self.id_mask_final = self.masks[0]

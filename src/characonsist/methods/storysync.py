@@ -420,7 +420,7 @@ class StorySync(Method):
                 idx = torch.tensor(rows, device=call.query.device)
                 spans = [(s.bg_len, s.bg_len + s.char_len, s.real_len) for s in (group.slots[r] for r in rows)]
                 maps = subject_attention(call.q_rot[idx, T:], call.k_rot[idx, :T], spans)
-                for a, row in zip(maps, rows):
+                for a, row in zip(maps, rows, strict=True):
                     acc = self.acc_mask.setdefault(group.slots[row].pos, [torch.zeros_like(a), 0])
                     acc[0] += a
                     acc[1] += 1

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..seeds import DEFAULT_SEED
+from ..seeds import DEFAULT_SEED, story_seeds
 from . import world
-from .bench import _pct, _ratio, check_prompt_lengths, merge_results, save_strip
+from .runner import ORACLE, check_prompt_lengths, method_seeding, parse_method, save_strip
+from .scoring import _pct, _ratio, merge_results, to_uint8
 from .suite import MODES, ToyTwoStory
 
 ATTRS = tuple(world.ATTRIBUTES)
@@ -54,7 +55,7 @@ def score_two_story(truth: list, reads: list[tuple[dict, dict]], mode: str | Non
     kinds = truth[0][1]
     ident = reads[0]
     ref = [find_kind(ident, k, c) for c, k in enumerate(kinds)]     # identity half of each character
-    frames = list(zip(truth[1:], reads[1:]))
+    frames = list(zip(truth[1:], reads[1:], strict=True))
     out: dict = {"frames": len(frames), "images": len(reads), "mode": mode, "identity_found": sum(
         r is not None for r in ref)}
     hits = [0, 0]
@@ -76,7 +77,7 @@ def score_two_story(truth: list, reads: list[tuple[dict, dict]], mode: str | Non
             ok.append(all(same.values()))
             hits[c] += ok[-1]
         both += all(ok)
-    rows = [two_character_row(t, r) for t, r in zip(truth, reads)]
+    rows = [two_character_row(t, r) for t, r in zip(truth, reads, strict=True)]
     out.update(identity_hits=hits, both_hits=both, attribute_hits=attr_hits, kind_found=found, swapped=swapped,
                adherence_hits={k: int(sum(r[k] for r in rows)) for k in ADHERENCE},
                same_hits={a: int(sum(r["same"][a] for r in rows)) for a in ATTRS},
@@ -136,8 +137,6 @@ def run_two_bench(pipe, stories: list[ToyTwoStory], methods: list[str], seed: in
     (seeds and conventions as ``bench.run_bench``). ``oracle_characters`` (tests): a function (story) -> {kind:
     Character} the oracle draws instead of its random identities.
     Returns ``{"settings": ..., "methods": {spec: {"method", "options", "seeding", "metrics", "stories"}}}``."""
-    from ..seeds import story_seeds
-    from .bench import ORACLE, method_seeding, parse_method, to_uint8
     from .readout import read_pairs
 
     width = 2 * height

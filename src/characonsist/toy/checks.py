@@ -129,7 +129,7 @@ def schedule(pipe, defaults: dict) -> dict:
     """The toy sampler's sigma at each of its steps against FLUX.1-dev's (50 steps, 1024x1024) at the same
     fraction of the run (FLUX's sigmas interpolated linearly between its steps), and at the official steps of
     CharaConsist, rescaled as the methods rescale them (``round(v * N / 50)``)."""
-    from .train import FLUX_DEV_SCHEDULER_CONFIG
+    from .training.networks import FLUX_DEV_SCHEDULER_CONFIG
 
     n = defaults["num_inference_steps"]
     tokens = (defaults["height"] // TOKEN_PX) * (defaults["width"] // TOKEN_PX)
@@ -223,7 +223,7 @@ class _Recorder:
 
 def _encode(pipe, images: list[np.ndarray]) -> torch.Tensor:
     """Packed, scaled VAE latents (B, tokens, 64) of uint8 images, as the transformer sees them."""
-    from .train import to_pixels
+    from .training.data import to_pixels
 
     x = to_pixels(np.stack(images), pipe.device).to(pipe.vae.dtype)
     lat = pipe.vae.encode(x).latent_dist.mean
@@ -249,7 +249,7 @@ def single_block_similarity(pipe, defaults: dict, images: list[np.ndarray], prom
     store: list[torch.Tensor] = []
     blocks = tr.single_transformer_blocks
     saved = [b.attn.processor for b in blocks]
-    for b, p in zip(blocks, saved):
+    for b, p in zip(blocks, saved, strict=True):
         b.attn.set_processor(_Recorder(p, store, embeds.shape[1]))
     try:
         tr(hidden_states=xt.to(tr.dtype), timestep=torch.full((len(images),), sigma, device=pipe.device,
@@ -257,7 +257,7 @@ def single_block_similarity(pipe, defaults: dict, images: list[np.ndarray], prom
            guidance=None, pooled_projections=pooled.to(tr.dtype), encoder_hidden_states=embeds.to(tr.dtype),
            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
     finally:
-        for b, p in zip(blocks, saved):
+        for b, p in zip(blocks, saved, strict=True):
             b.attn.set_processor(p)
     sims = []
     for k in range(1, len(images)):
@@ -371,7 +371,7 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
     """Two-panel images (``train.two_panel_prompt`` of two captions of one kind, in other scenes and actions;
     half side by side, half stacked): the share whose panels read the same four identity attributes, against
     two single images of the same two captions from two seeds (which must agree no more than chance)."""
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     scenes, actions = list(world.SCENES), list(world.ACTIONS)
@@ -405,8 +405,8 @@ def in_context(pipe, defaults: dict, n: int = 200, seed: int = 99, batch: int = 
             "agree_side_by_side": float(np.mean([r["agree"] for r in reads if not r["vertical"]])),
             "agree_stacked": float(np.mean([r["agree"] for r in reads if r["vertical"]])),
             "panels_named_correct": float(np.mean([r["named_correct"] for r in reads])),
-            "two_seeds_agree": float(np.mean([_agree(a, b) for a, b in zip(singles_a, singles_b)])),
-            "two_seeds_per_attribute": {a: float(np.mean([x[a] == y[a] for x, y in zip(singles_a, singles_b)]))
+            "two_seeds_agree": float(np.mean([_agree(a, b) for a, b in zip(singles_a, singles_b, strict=True)])),
+            "two_seeds_per_attribute": {a: float(np.mean([x[a] == y[a] for x, y in zip(singles_a, singles_b, strict=True)]))
                                         for a in ATTRS},
             "chance": chance_agreement(singles_a + singles_b), "rows": reads}
 
@@ -448,7 +448,7 @@ def copy_given(pipe, defaults: dict, n: int = 96, seed: int = 31337, batch: int 
     and whose named fields are the right caption's. Check 4 has both panels generated jointly; this isolates
     reading an appearance that is already there, which is what a frame does with a picture as the identity.
     """
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     h, w = defaults["height"], defaults["width"]
@@ -519,7 +519,7 @@ def panel_attention(pipe, defaults: dict, n: int = 24, seed: int = 4040, sigmas:
     directions are pooled. A head that carries appearance from one instance to the other has a ratio well above
     1 and a high ``right_part``.
     """
-    from .train import two_panel_prompt
+    from .training.data import two_panel_prompt
 
     rng = np.random.default_rng(seed)
     n_steps = defaults["num_inference_steps"]
@@ -597,7 +597,7 @@ def two_character_row(truth: tuple, reads: tuple[dict, dict]) -> dict:
     ok = {"scene": all(r["scene"] == scene for r in reads),
           "kinds": sorted(got_kinds) == sorted(kinds), "kinds_in_order": got_kinds == tuple(kinds),
           "actions": sorted(got_actions) == sorted(actions),
-          "bound": sorted(zip(got_kinds, got_actions)) == sorted(zip(kinds, actions))}
+          "bound": sorted(zip(got_kinds, got_actions, strict=True)) == sorted(zip(kinds, actions, strict=True))}
     ok["all_named"] = ok["scene"] and ok["bound"]
     return {**ok, "same": {a: reads[0][a] == reads[1][a] for a in ATTRS}}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .._compat import dtype_kwarg
+from .._compat import dtype_kwarg, import_flux
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULTS_FILE = "characonsist_defaults.json"
@@ -39,7 +39,6 @@ def load_toy_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = t
     Pass ``defaults`` to the pipeline call (``pipe(prompt, **defaults)``): in particular
     ``max_sequence_length`` is short (the model was trained with that padding), not FLUX's 512.
     """
-    from .._compat import import_flux
 
     FluxPipeline = import_flux()
     path = _check_dir(Path(path))

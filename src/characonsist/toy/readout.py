@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from . import world
@@ -114,7 +116,6 @@ def _to_tensor(images, resize: bool = True) -> torch.Tensor:
         if im.dtype != np.uint8:  # float images in [0, 1] (diffusers output_type="np")
             im = (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
         if resize and im.shape[:2] != (SIZE, SIZE):
-            from PIL import Image
             im = np.asarray(Image.fromarray(im[..., :3]).resize((SIZE, SIZE), Image.BILINEAR))
         out.append(torch.from_numpy(np.array(im[..., :3])))
     return torch.stack(out).permute(0, 3, 1, 2).float() / 255
@@ -183,8 +184,8 @@ def read_pairs(images, net: ReadoutNet | None = None, batch: int = 64, confidenc
     halves = [h for im in images for h in split_pair(im)]
     res = read_batch(halves, net, batch, confidence)
     reads, conf = res if confidence else (res, None)
-    pairs = list(zip(reads[0::2], reads[1::2]))
-    return (pairs, list(zip(conf[0::2], conf[1::2]))) if confidence else pairs
+    pairs = list(zip(reads[0::2], reads[1::2], strict=True))
+    return (pairs, list(zip(conf[0::2], conf[1::2], strict=True))) if confidence else pairs
 
 
 # ---------------------------------------------------------------- data, training, accuracy
@@ -207,7 +208,6 @@ def render_set(n: int, seed: int, workers: int = 1, two_characters: bool = False
     ``default_rng([seed, i, 2])``) and (left, right) labels."""
     jobs = [(seed, i, min(500, n - 500 * i), two_characters) for i in range((n + 499) // 500)]
     if workers > 1:
-        from multiprocessing import get_context
         with get_context("spawn").Pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs)
     else:
@@ -258,8 +258,8 @@ def measure_accuracy(n: int = 1000, seed: int = 12345, degrade: bool = False,
     if two_characters:
         named = [all(r[f] for f in world.NAMED_FIELDS) for r in right]
         every = [all(r.values()) for r in right]
-        acc["both_named"] = float(np.mean([a and b for a, b in zip(named[0::2], named[1::2])]))
-        acc["both_all"] = float(np.mean([a and b for a, b in zip(every[0::2], every[1::2])]))
+        acc["both_named"] = float(np.mean([a and b for a, b in zip(named[0::2], named[1::2], strict=True)]))
+        acc["both_all"] = float(np.mean([a and b for a, b in zip(every[0::2], every[1::2], strict=True)]))
     return acc
 
 

@@ -12,12 +12,13 @@ shows the same two characters of different kinds side by side (``world.two_capti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..story import StoryImage
+from ..storyfile import StoryError, load_story
 from . import world
 
 MODES = ("fixed", "changing", "mixed")
@@ -84,7 +85,7 @@ def make_suite(n_per_mode: int = 20, frames: int = 4, seed: int = SUITE_SEED) ->
             scenes = _frame_scenes(mode, home, rng, frames)
             stories.append(ToyStory(
                 name=f"{mode}-{i:02d}", mode=mode, identity=_image(home, kind, actions[0]),
-                frames=tuple(_image(s, kind, a) for s, a in zip(scenes, actions[1:])), seed=k))
+                frames=tuple(_image(s, kind, a) for s, a in zip(scenes, actions[1:], strict=True)), seed=k))
     return stories
 
 
@@ -95,7 +96,6 @@ HELDOUT_OFFSET = 1000
 def heldout_suite(n_per_mode: int = 20) -> list[ToyStory]:
     """A second suite of the same form that no setting was tuned on: other stories (drawn from ``HELDOUT_SEED``)
     and other noise (seed offsets from ``HELDOUT_OFFSET``), named ``heldout-<mode>-NN``."""
-    from dataclasses import replace
 
     return [replace(s, name=f"heldout-{s.name}", seed=HELDOUT_OFFSET + s.seed)
             for s in make_suite(n_per_mode, seed=HELDOUT_SEED)]
@@ -125,14 +125,13 @@ def _read_groups(path: str | Path, parse, other, hint: str, check_kinds, make) -
     """The groups of a story file, each image read by ``parse`` (a caption's truth); an image that only ``other``
     reads gets ``hint``; ``check_kinds(truth, where)`` lists a group's kind problems; ``make(group, index,
     truth)`` builds a story. All problems are raised at once (``StoryError``) with their places."""
-    from ..storyfile import StoryError, load_story
 
     story = load_story(path)
     problems: list[str] = []
     out = []
     for gi, group in enumerate(story.groups):
         truth = []
-        for img, where in zip(group.images, group.where):
+        for img, where in zip(group.images, group.where, strict=True):
             try:
                 truth.append(parse(img.spec()))
             except ValueError as e:
@@ -223,7 +222,7 @@ def two_character_suite(n_per_mode: int = TWO_PER_MODE, frames: int = 4, seed: i
             acts = [[str(a) for a in rng.choice(list(world.ACTIONS), size=frames + 1, replace=frames + 1 > 6)]
                     for _ in kinds]
             scenes = _frame_scenes(mode, home, rng, frames)
-            images = [_two_image(sc, kinds, (a, b)) for sc, a, b in zip([home, *scenes], *acts)]
+            images = [_two_image(sc, kinds, (a, b)) for sc, a, b in zip([home, *scenes], *acts, strict=True)]
             stories.append(ToyTwoStory(name=f"two-{mode}-{i:02d}", mode=mode, identity=images[0],
                                        frames=tuple(images[1:]), seed=TWO_OFFSET + k))
     return stories
@@ -235,7 +234,7 @@ def load_two_stories(path: str | Path) -> list[ToyTwoStory]:
     def kinds(truth, where):
         return [f"{w}: every image of a story must show the identity's two kinds "
                 f"({' and '.join(world.KINDS[k] for k in truth[0][1])})"
-                for t, w in zip(truth[1:], where[1:]) if sorted(t[1]) != sorted(truth[0][1])]
+                for t, w in zip(truth[1:], where[1:], strict=True) if sorted(t[1]) != sorted(truth[0][1])]
 
     return _read_groups(path, world.parse_two_caption, world.parse_caption,
                         "one character: every image of a --two-characters story shows two, e.g. "

@@ -532,7 +532,7 @@ def render_two(scene: str, characters: tuple[Character, Character], actions: tup
     if track:
         cv.track = True
     boxes = []
-    for i, (character, action) in enumerate(zip(characters, actions)):
+    for i, (character, action) in enumerate(zip(characters, actions, strict=True)):
         cx, feet, H = _place(action, size, rng, jitter)
         cv.clip_x = (i * size * _SS, (i + 1) * size * _SS)
         x0, y0, x1, y1 = _character(cv, character, cx + i * size, feet, H)
@@ -574,5 +574,5 @@ def sample_two_example(rng: np.random.Generator, size: int = 128
     scene, kinds, actions = sample_two_fields(rng)
     chars = tuple(sample_character(rng, k) for k in kinds)
     img = render_two(scene, chars, actions, size=size, rng=rng)
-    labels = tuple(labels_of(scene, ch, a) for ch, a in zip(chars, actions))
+    labels = tuple(labels_of(scene, ch, a) for ch, a in zip(chars, actions, strict=True))
     return img, labels, two_caption(scene, kinds, actions)

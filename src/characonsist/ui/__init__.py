@@ -1,16 +1,23 @@
 """``characonsist ui``: a local web app for making a story (``pip install 'characonsist[ui]'``).
 
 One page (plain HTML, CSS and JavaScript shipped in ``ui/static``: no build step, nothing fetched from the
-internet), a small Starlette app (``server.py``) and one worker thread that owns the model (``worker.py``). The
+internet), a small Starlette app (``server.py``), one worker thread that owns the model (``worker.py``),
+the workspace of story folders (``workspace.py``) and the form's settings (``form.py``). The
 work is the application layer's (``characonsist.app``), shared with ``characonsist generate``; docs/UI.md.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import ipaddress
 import socket
 import sys
+
+from ..app.folder import FolderError
+from ..inputs import InputError
+from .worker import Worker
+from .workspace import Workspace
 
 
 def missing_extra() -> str | None:
@@ -38,7 +45,6 @@ def _machine_names(address: str, timeout: float = 2.0) -> set[str]:
     """The names this machine has for ``address``: its reverse lookup, and those of ``localhost`` and the machine's
     own name that resolve to it (for an unspecified address, 0.0.0.0 or ::, every address of those names). Lookups
     that take longer than ``timeout`` are left out (``--allow-host`` adds a name)."""
-    import concurrent.futures
 
     unspecified = ipaddress.ip_address(address).is_unspecified
 
@@ -73,7 +79,6 @@ def _machine_names(address: str, timeout: float = 2.0) -> set[str]:
 
 def check_allow_host(name) -> str:
     """An ``--allow-host`` value as the Host check takes it (a name, an address or ``*.domain``); InputError else."""
-    from ..inputs import InputError
 
     text = str(name).strip().lower()
     bare = text.strip("[]")
@@ -119,7 +124,6 @@ def reachable_from_others(address: str) -> bool:
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket (port 0: any free port); OSError becomes one line naming the address."""
-    from ..app.folder import FolderError
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise FolderError(f"--port {port}: must be a port number between 0 and 65535 (0 picks a free one)")
@@ -157,7 +161,6 @@ def serve(model: str = "toy", out: str = "characonsist-ui", host: str = "127.0.0
     import uvicorn
 
     from .server import create_app
-    from .worker import Worker, Workspace
 
     extra = [check_allow_host(name) for name in allow_hosts or ()]
     sock = bind(host, port)                # a bad address or a port in use: one line before the model is looked at

@@ -1,5 +1,5 @@
 """The UI's web layer (Starlette): one static page, a JSON API and server-sent events. It only translates HTTP
-to the worker and the workspace (``ui/worker.py``), which call the application layer.
+to the worker (``ui/worker.py``) and the workspace (``ui/workspace.py``), which call the application layer.
 
 Safe by default: the server answers only requests whose ``Host`` is the address it serves (a web page elsewhere
 cannot reach it by DNS rebinding), writes only through JSON POSTs and picture uploads sent as
@@ -11,6 +11,7 @@ from their bytes), and reads story files the browser uploads as text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import zipfile
@@ -26,17 +27,17 @@ from starlette.routing import Route
 
 from ..app.folder import FolderError
 from ..app.layouts import LAYOUTS
+from ..app.model import limits_of, load_t5_tokenizer
 from ..app.stories import FORMATS, SUFFIX, dump_story, parse_story, story_document
 from ..inputs import InputError
 from ..seeds import DEFAULT_SEED
-from .worker import (
+from .form import Settings, UiError
+from .worker import Worker
+from .workspace import (
     MAX_PICTURE_BYTES,
     MAX_PICTURE_PIXELS,
     PICTURE_FORMATS,
     PICTURES,
-    Settings,
-    UiError,
-    Worker,
     Workspace,
     check_name,
     stored_picture,
@@ -131,7 +132,6 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         return Response(text, media_type=kind, headers={"Cache-Control": "no-cache"})
 
     async def info(request: Request):
-        from ..app.model import limits_of, load_t5_tokenizer
         from ..inversion import MODES
         from ..methods import METHODS, method_class
         from ..preview import MODES as PREVIEW_MODES
@@ -140,7 +140,6 @@ def create_app(worker: Worker, allowed_hosts: list[str] | None = None) -> Starle
         limits = limits_of(ref, load_t5_tokenizer(ref))
         methods = {}
         for name in sorted(METHODS):
-            import dataclasses
 
             cls = method_class(name)
             methods[name] = {"seeding": cls.seeding, "options": {
