@@ -97,8 +97,6 @@ OPTIONAL = {"starlette", "uvicorn", "ray", "onnx", "onnxruntime", "scipy", "torc
             "msvcrt", "tomllib", "selenium"}
 SLOW = {"torch", "torchvision", "diffusers", "transformers", "huggingface_hub", "safetensors", "accelerate",
         "tokenizers"}
-# TO BE REMOVED with the branch that rewrites app/ (one settings object): app/'s imports inside functions
-NOT_YET = ("characonsist.app.",)
 
 
 def _module_name(path: Path) -> str:
@@ -152,8 +150,6 @@ def test_imports_inside_functions_are_only_optional_or_slow_ones():
 
     found = []
     for module, (tree, pkg, path) in trees.items():
-        if module.startswith(NOT_YET):
-            continue
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):

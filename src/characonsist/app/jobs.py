@@ -7,9 +7,13 @@ A file the tool did not write (no characonsist record in it) is never overwritte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from .. import __version__
 from ..inputs import InputError
@@ -23,6 +27,8 @@ from ..output import (
     settings_hash,
     storyboard,
 )
+from ..picture import SOURCE_KEY, bytes_digest, file_digest, load_picture_bytes
+from ..seeds import story_seeds
 from ..storyfile import Group, Story
 from .folder import FolderError, OutputFolder
 from .settings import StorySettings
@@ -76,7 +82,6 @@ def plan_jobs(stories: list[Story], settings: StorySettings, out: OutputFolder) 
     method's official convention (``Method.seeding``: CharaConsist every image the same, the peers one per image),
     as the API does."""
     from ..methods import method_class
-    from ..seeds import story_seeds
 
     seeding = method_class(settings.method).seeding
     key = settings.resume_key()
@@ -115,8 +120,6 @@ def plan_jobs(stories: list[Story], settings: StorySettings, out: OutputFolder) 
 
 
 def _digest(path: str) -> str | None:
-    from ..picture import file_digest
-
     try:
         return file_digest(path)
     except OSError:   # checked before planning; a picture gone since is reported when the group runs
@@ -215,8 +218,6 @@ def picture_of(job: Job):
     ``job.group.picture`` is its file, or the file's bytes already read (``with_picture_bytes``); bytes that no
     longer match the sha256 planned (and recorded) are refused, so a group is never made from another picture than
     the one its manifest names."""
-    from ..picture import SOURCE_KEY, bytes_digest, load_picture_bytes
-
     source = job.group.picture
     if source is None:
         return None
@@ -237,8 +238,6 @@ def picture_of(job: Job):
 def with_picture_bytes(job: Job) -> Job:
     """A copy of ``job`` that carries its picture's bytes instead of its path (for a worker on another machine,
     e.g. a Ray actor, that cannot read the path); the job itself is not changed."""
-    import dataclasses
-
     if not isinstance(job.group.picture, str):
         return job
     try:
@@ -265,9 +264,6 @@ def run_job(job: Job, generate, progress=None, cancel=None) -> GroupResult:
 
 def write_job(job: Job, result: GroupResult, out: OutputFolder, save_masks: bool) -> None:
     """Save the group's unfinished images (finished ones are never rewritten), masks, and storyboard."""
-    import numpy as np
-    from PIL import Image
-
     images = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in result.images]
     if len(images) != len(job.records):
         raise RuntimeError(f"the engine returned {len(images)} images for a group of {len(job.records)}")
@@ -316,8 +312,6 @@ def _numpy(tensor):
 
 def write_storyboard(job: Job, out: OutputFolder, save_masks: bool, images: list | None = None) -> None:
     """The group's sheet: identity and frames in a grid with captions (read from disk when not given)."""
-    from PIL import Image
-
     if images is None:
         images = []
         for record in job.records:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 
+from .. import memory as memory_modes
 from .jobs import GroupResult, picture_of
 from .model import ModelRef
 from .settings import StorySettings
@@ -30,8 +31,7 @@ def load_pipeline(ref: ModelRef, dtype: str, memory: str = "none", gpus=(0,), qu
     (``characonsist.memory.load_pipeline``)."""
     import torch
 
-    from .. import CharaConsistPipeline
-    from .. import memory as memory_modes
+    from ..pipeline import CharaConsistPipeline
 
     name = str(ref.folder) if ref.kind == "toy" else ref.name
     with warnings.catch_warnings():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import memory
 from ..inputs import InputError
-from ..memory import MEMORY_ALIASES, MODES, QUANTIZATIONS, MemoryPlan, estimate_needs
+from ..memory import MEMORY_ALIASES, MODES, QUANTIZATIONS, MemoryPlan, check_quantization, estimate_needs
 from .model import HUB_ID, ModelRef
 from .settings import Lora, label, setting
 
@@ -57,8 +58,6 @@ def check_memory_device(mode: str, names: dict | None = None) -> None:
 
 def check_quantize(quantize: str, names: dict | None = None) -> str:
     """The weight format's name (``auto`` stays ``auto``); InputError if it is unknown or cannot run here."""
-    from ..memory import check_quantization
-
     if quantize == "auto":
         return quantize
     if quantize not in QUANTIZATIONS:
@@ -114,8 +113,6 @@ def plan_memory(mode: str, quantize: str, ref: ModelRef, height: int, width: int
     """Resolve memory / quantize ``auto``: the fastest pair that fits this machine's free GPU memory and available
     host memory for the largest group (``characonsist.memory.choose_plan``). A mode or weight format given
     explicitly is kept."""
-    from .. import memory
-
     gpu_free, host, n_gpus, capability = memory.visible_memory(gpus[0])
     formats = [quantize] if quantize != "auto" else (
         memory.available_quantizations(gpu_free is not None, capability))

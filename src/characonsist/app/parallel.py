@@ -23,7 +23,9 @@ processes share the output folder (docs/ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
 import os
 import pickle
 import queue
@@ -165,9 +167,6 @@ def exit_process(code: int) -> None:
     a failed run although every result had been written). A process alone exits normally (``sys.exit``)."""
     if launched_processes() <= 1:
         sys.exit(code)
-    import atexit
-    import logging
-
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
@@ -217,8 +216,6 @@ def check_one_model_per_gpu(mode: str, names: dict | None = None) -> None:
 
 def to_cpu(obj):
     """``obj`` with every tensor on the CPU (results cross processes; the writer may have no GPU of theirs)."""
-    import dataclasses
-
     if hasattr(obj, "detach") and hasattr(obj, "cpu"):
         return obj.detach().cpu()
     if isinstance(obj, (list, tuple)):

@@ -21,13 +21,14 @@ Ray is an optional extra: ``pip install 'characonsist[ray]'``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import platform
 import time
 from collections import deque
 
 from ..inputs import InputError, excerpt
-from .jobs import with_picture_bytes
+from .jobs import run_job, with_picture_bytes
 from .parallel import ParallelError, Summary, check_one_model_per_gpu, to_cpu
 from .request import StoryRequest, validate_request
 from .session import StoryRun, failure_message, load_engine
@@ -57,8 +58,6 @@ class StoryWorker:
 
     def generate(self, job) -> tuple:
         """``("result", GroupResult on the CPU)`` or ``("failed", why)``."""
-        from .jobs import run_job
-
         try:
             return "result", to_cpu(run_job(job, self.engine))
         except Exception as error:   # one bad group must not end the run
@@ -66,8 +65,6 @@ class StoryWorker:
 
 
 def _quiet_libraries() -> None:
-    import importlib
-
     for name in ("diffusers", "transformers"):
         try:
             logging = importlib.import_module(f"{name}.utils.logging")

@@ -19,8 +19,10 @@ settings hash, so the folder resumes like any other run of the story with the ne
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from .jobs import Job, run_job, write_job
+from ..output import read_png_record
+from .jobs import Job, is_ours, run_job, write_job
 
 KEPT_NOTE = ("kept as it was when image {index} was regenerated: with this method image {index} is read by the "
              "others, so a fresh run of this story gives a different image here")
@@ -28,11 +30,6 @@ KEPT_NOTE = ("kept as it was when image {index} was regenerated: with this metho
 
 def old_pixels(run, job: Job, index: int) -> dict[int, np.ndarray]:
     """The pixels of the group's images on disk (written by characonsist), except image ``index``."""
-    from PIL import Image
-
-    from ..output import read_png_record
-    from .jobs import is_ours
-
     kept = {}
     for i, record in enumerate(job.records):
         path = run.folder.path(record["path"])
@@ -52,8 +49,6 @@ def regenerate(run, job: Job, index: int, progress=None, cancel=None) -> list[in
     if run.engine is None:
         run.load()
     result = run_job(job, run.engine, progress=progress, cancel=cancel)
-    from PIL import Image
-
     images = [np.asarray(im.convert("RGB")) if isinstance(im, Image.Image) else np.asarray(im) for im in result.images]
     notes = [list(n) for n in (result.notes or [[] for _ in images])]
     differing = []

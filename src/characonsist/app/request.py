@@ -21,6 +21,7 @@ from ..inputs import (
     setting_problems,
 )
 from ..memory import MemoryPlan
+from ..picture import fit_size, load_picture
 from ..seeds import DEFAULT_SEED
 from ..storyfile import Story, StoryError, load_story
 from .folder import OutputFolder, safe_name
@@ -192,8 +193,6 @@ def resolve_sizes(request: StoryRequest, ref: ModelRef, names: dict[str, str]) -
 def picture_problems(stories: list[Story], settings: StorySettings) -> tuple[list[str], list[str]]:
     """Every identity picture of the stories: that it exists and decodes (problems, with the group's place), and how
     it will be fitted to the identity's size (notes: scaled to cover, centre-cropped; ``characonsist.picture``)."""
-    from ..picture import fit_size, load_picture
-
     problems, notes = [], []
     for story in stories:
         for group in story.groups:

@@ -20,6 +20,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from ..inputs import InputError, text_problem
 from ..seeds import DEFAULT_SEED, story_seeds
 from ..storyfile import FIELDS, PICTURE_MARK, Story, StoryError, parse_structured, parse_text
@@ -175,8 +177,6 @@ def dump_story(doc: dict, fmt: str = "yaml") -> str:
         raise InputError(f"story format {fmt!r}; valid: {', '.join(FORMATS)}")
     data = structured(doc)
     if fmt == "yaml":
-        import yaml
-
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
     elif fmt == "toml":
         text = _toml(data)
