@@ -7,8 +7,9 @@ Per story (the official ``bench_run.py`` averages each story's numbers over the 
   threshold only names phrases, unused here); a box's score is its best token probability. Crops: the normalised
   cx, cy, w, h times the image size, truncated to integers, turned into corners, clamped to the image, kept when
   not empty (``crop_img``). References: every ``image/<key>/**/*.jpg``; its best box's crop, or the whole images
-  when no reference has one. Encoder by the character's ``tag``: ``realistic_human`` -> face (ArcFace: the first
-  face found while the detection threshold steps 0.45, 0.35, ... down to 0.1), others -> CLIP ViT-L/14
+  when no reference has one. Encoder by the character's ``tag``: ``realistic_human`` -> faces (their default
+  ``face_mix``, ``face_mix.py``: ArcFace, AdaFace and FaceNet, per pair the mean of the models' cosines; ArcFace
+  takes the first face found while the detection threshold steps 0.45, 0.35, ... down to 0.1), others -> CLIP ViT-L/14
   ``get_image_features``, unit length. A shot's crops (all boxes, best first) get a (characters x crops) matrix of
   each crop's best cosine to the character's references; Hungarian assignment (``linear_sum_assignment`` on the
   negated matrix); an assigned crop joins its character's crops. Per character: **cross** = mean cosine of its
@@ -247,6 +248,20 @@ def _mirror(image):
     return ImageOps.mirror(image)
 
 
+def _sim(a, b) -> np.ndarray:
+    """Cosine matrix of two feature sets: unit arrays (CLIP, ArcFace), or the face mix's per-model dicts (the mean
+    of the models' cosines, ``face_mix.ensemble_matrix``)."""
+    if isinstance(a, np.ndarray):
+        return a @ b.T
+    from .face_mix import ensemble_matrix
+
+    return ensemble_matrix(a, b)
+
+
+def _twice(feats):
+    return np.concatenate([feats, feats]) if isinstance(feats, np.ndarray) else [feats[0], feats[0]]
+
+
 def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) -> dict:
     """CIDS cross/self, OCCM and copy-paste of one story (``shots``: shot index -> image), as ``CIDSEvaluator``."""
     from scipy.optimize import linear_sum_assignment
@@ -257,7 +272,8 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if char.tag == "realistic_human":
             encoders[key] = models.face
             if models.face is None:
-                notes.append(f"{key!r} (realistic_human) left out: no face model (pass --arcface glintr100.onnx)")
+                notes.append(f"{key!r} (realistic_human) left out: no face model (pass --arcface glintr100.onnx, "
+                             "--adaface or --facenet)")
         else:
             encoders[key] = models.clip
     refs, copy_refs = {}, {}
@@ -287,7 +303,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if cp is None:
             notes.append(f"{key!r}: no face in the mirrored reference; copy-paste left out")
         else:
-            copy_refs[key] = cp if len(cp) == 2 else np.concatenate([cp, cp])
+            copy_refs[key] = cp if len(cp) == 2 else _twice(cp)
     matched: dict[str, list] = {k: [] for k in story.characters}
     per_shot, occm, single = {}, [], {}
     for shot in story.shots:
@@ -313,7 +329,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
             feats, valid = enc.embed(crops)
             if feats is None:
                 continue
-            matrix = feats @ refs[key].T
+            matrix = _sim(feats, refs[key])
             cache[key] = ({c: matrix[i] for i, c in enumerate(valid)}, valid)
             sims[r, valid] = matrix.max(axis=1)
             rows[r] = True
@@ -342,13 +358,13 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if feats is None:
             chars[key] = {"cross": 0.0, "self": 0.0, "matched": len(crops)}
             continue
-        cross = float((feats @ refs[key].T).mean())
-        pair = feats @ feats.T
+        cross = float(_sim(feats, refs[key]).mean())
+        pair = _sim(feats, feats)
         upper = pair[np.triu_indices(len(feats), k=1)]
         chars[key] = {"cross": round(cross, 4), "self": round(float(upper.mean()), 4) if len(feats) > 1 else 1.0,
                       "matched": len(crops)}
         if key in copy_refs:
-            two = np.clip(feats @ copy_refs[key].T, -1.0, 1.0) / COPY_PASTE_T
+            two = np.clip(_sim(feats, copy_refs[key]), -1.0, 1.0) / COPY_PASTE_T
             two = np.exp(two - two.max(axis=1, keepdims=True))
             cp_scores.append(float((two[:, 0] / two.sum(axis=1)).mean()))
     scored = {k: v for k, v in chars.items() if encoders.get(k) is not None}
