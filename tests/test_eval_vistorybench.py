@@ -655,3 +655,21 @@ def test_cids_face_mix_end_to_end_on_the_tiny_dataset(dataset, tiny, tmp_path, c
     assert result["characters"]["Ann"]["cross"] == pytest.approx(round(cross, 4), abs=1e-9)
     arcface_only = np.mean([p[0] for p in per_model])
     assert abs(cross - arcface_only) > 1e-3                               # the mix is not ArcFace alone
+
+
+def test_facexlib_order_of_equal_scores(tiny):
+    """Saturated probabilities (1.0 in float32) tie: facexlib takes numpy's ``argsort()[::-1]`` order (the last
+    prior first, for a plain run of ties), the port's ``detect.py`` order here keeps prior order."""
+    import torch
+
+    from characonsist.evaluate.retinaface import RetinaFaceDetector
+
+    boxes = torch.tensor([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [0, 20, 10, 30.0]])
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.5])
+    points = torch.arange(40, dtype=torch.float32).view(4, 10)
+    port = RetinaFaceDetector(tiny["retinaface"], "cpu", threshold=0.97, progress=False)
+    facexlib = RetinaFaceDetector(tiny["retinaface"], "cpu", threshold=0.97, progress=False, nms_offset=0.0,
+                                  top_k=(None, None), facexlib_order=True)
+    expected = np.argsort(scores[:3].numpy())[::-1]
+    assert [f.x0 for f in facexlib._select(boxes, scores, points)] == [float(boxes[k, 0]) for k in expected]
+    assert [f.x0 for f in port._select(boxes, scores, points)] == [0.0, 20.0, 40.0]

@@ -9,7 +9,8 @@ crop_ratio=(1, 1), det_model='retinaface_resnet50')``:
   ``vistory_metrics.FaceEncoder``) with the stepped thresholds 0.45, 0.35, 0.25, 0.15, and embeds it.
 * **AdaFace and FaceNet** share facexlib's face: RetinaFace ResNet-50 on the crop at its own size (BGR minus (104,
   117, 123)), faces with probability > 0.97 (``get_face_landmarks_5`` calls ``detect_faces(img, 0.97)``), NMS at
-  IoU 0.4 as torchvision's ``nms``, the best face first; its 5 landmarks mapped onto facexlib's FFHQ template
+  IoU 0.4 as torchvision's ``nms``, the best face first (equal scores, as a saturated float32 probability of 1.0,
+  in facexlib's order: numpy's ``argsort()[::-1]``, then torchvision's stable sort); its 5 landmarks mapped onto facexlib's FFHQ template
   scaled to 112 px by a similarity (``cv2.estimateAffinePartial2D``, LMEDS), and the crop warped to 112x112
   (``cv2.warpAffine``, bilinear, constant border (135, 133, 132) in BGR). Both are OpenCV's own steps written out
   here (``partial_affine``, ``warp_affine``; no OpenCV needed). AdaFace gets the face as its ``to_input`` (BGR, (x / 255 - 0.5) /
@@ -157,7 +158,8 @@ class FacexlibFaces:
         from .retinaface import NMS_THRESHOLD, RetinaFaceDetector
 
         self.detector = RetinaFaceDetector(detector, device, threshold=FACEXLIB_THRESHOLD, nms_threshold=NMS_THRESHOLD,
-                                           progress=progress, nms_offset=0.0, top_k=(None, None))
+                                           progress=progress, nms_offset=0.0, top_k=(None, None),
+                                           facexlib_order=True)
 
     def describe(self) -> str:
         return (f"facexlib FaceRestoreHelper steps: {self.detector.label}, the crop at its own size, face probability "

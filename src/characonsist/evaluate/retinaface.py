@@ -339,12 +339,14 @@ class RetinaFaceDetector:
 
     def __init__(self, source: str = "retinaface", device: str = "auto", threshold: float = THRESHOLD,
                  nms_threshold: float = NMS_THRESHOLD, progress: bool = True, batch_size: int = 4,
-                 nms_offset: float = 1.0, top_k: tuple[int | None, int | None] = (TOP_K, KEEP_TOP_K)):
+                 nms_offset: float = 1.0, top_k: tuple[int | None, int | None] = (TOP_K, KEEP_TOP_K),
+                 facexlib_order: bool = False):
         """``nms_offset`` 1: the port's ``py_cpu_nms`` areas, 0: torchvision's ``nms`` (facexlib); ``top_k``: the
         candidates kept before and after NMS (``detect.py``'s; facexlib's ``detect_faces`` keeps all: ``(None,
-        None)``)."""
+        None)``). ``facexlib_order``: equal scores in facexlib's order (numpy's ``argsort()[::-1]`` of the kept
+        scores, then torchvision's stable descending sort) instead of prior order."""
         self.device = pick_device(device)
-        self.nms_offset, self.top_k = nms_offset, top_k
+        self.nms_offset, self.top_k, self.facexlib_order = nms_offset, top_k, facexlib_order
         self.file = resolve_checkpoint(source, progress=progress)
         self.net = load_retinaface(self.file).to(self.device)
         self.threshold, self.nms_threshold, self.batch_size = threshold, nms_threshold, batch_size
@@ -402,6 +404,9 @@ class RetinaFaceDetector:
     def _select(self, boxes, scores, points) -> list[Face]:
         keep = torch.nonzero(scores > self.threshold).flatten()
         before, after = self.top_k
+        if self.facexlib_order:
+            order = np.argsort(scores[keep].cpu().numpy())[::-1].copy()
+            keep = keep[torch.from_numpy(order).to(keep.device)]
         keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:before]
         kept = keep[nms(boxes[keep], scores[keep], self.nms_threshold, self.nms_offset)][:after]
         out = []
