@@ -161,20 +161,16 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(image, landmarks, size: int = 112):
-    """The face warped so that its 5 landmarks land on ArcFace's template (insightface ``norm_crop``), bilinear,
-    black outside the image; pixel coordinates as OpenCV's ``warpAffine`` (output (x, y) reads input M^-1 (x, y))."""
+    """The face warped so that its 5 landmarks land on ArcFace's template (insightface ``norm_crop``: skimage's
+    similarity, then ``cv2.warpAffine(img, M, (112, 112), borderValue=0.0)``, bilinear, black outside), with OpenCV's
+    own warp arithmetic (``face_mix.warp_affine``)."""
     from PIL import Image
 
+    from .face_mix import warp_affine
+
     m = similarity_transform(np.asarray(landmarks, np.float64), ARCFACE_DST * size / 112.0)
-    full = np.vstack([m, [0, 0, 1]])
-    inv = np.linalg.inv(full)[:2]
-    a, b, c = inv[0]
-    d, e, f = inv[1]
-    # PIL reads output pixel x at input index a (x + 0.5) + c - 0.5 (pixel centres); shift so that it reads a x + c
-    c2 = c - 0.5 * (a + b) + 0.5
-    f2 = f - 0.5 * (d + e) + 0.5
-    return image.convert("RGB").transform((size, size), Image.AFFINE, (a, b, c2, d, e, f2), resample=Image.BILINEAR,
-                                          fillcolor=(0, 0, 0))
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return Image.fromarray(warp_affine(rgb, m, (size, size), border=(0, 0, 0)))
 
 
 class FaceEncoder:
