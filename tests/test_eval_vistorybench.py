@@ -673,3 +673,23 @@ def test_facexlib_order_of_equal_scores(tiny):
     expected = np.argsort(scores[:3].numpy())[::-1]
     assert [f.x0 for f in facexlib._select(boxes, scores, points)] == [float(boxes[k, 0]) for k in expected]
     assert [f.x0 for f in port._select(boxes, scores, points)] == [0.0, 20.0, 40.0]
+
+
+def test_face_mix_without_adaface_weights_says_what_to_pass(dataset, tiny, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    layout = tmp_path / "outputs/m/base/en/20260101_000000/01"
+    _noise(layout / "shot_01.png", 1)
+    base = ["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout.parent), "--vistory-metrics",
+            "cids", "--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
+            "--face-detector", tiny["retinaface"], "--facenet", tiny["facenet"], "--device", "cpu", "-q"]
+    assert cli.main(base) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cids: skipped"))
+    assert "adaface/adaface_ir101_webface12m.ckpt" in line and "--adaface none" in line
+    # left out of the mix: CIDS runs with ArcFace and FaceNet
+    assert cli.main([*base, "--adaface", "none", "--report-dir", str(tmp_path / "r")]) == 0
+    from characonsist.evaluate.adaface import AdaFace
+
+    with pytest.raises(vm.ModelUnavailable, match=r"no such AdaFace checkpoint; pass 'adaface' \(downloads "):
+        AdaFace(str(tmp_path / "missing.ckpt"), "cpu")

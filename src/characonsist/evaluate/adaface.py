@@ -155,9 +155,14 @@ def load_adaface(file: str | Path) -> IResNet:
 def resolve_checkpoint(source: str, progress: bool = True) -> Path:
     """An AdaFace checkpoint from ``source``: ``adaface`` (the benchmark's ``ADAFACE_SOURCE`` on the hub), a local
     ``.ckpt``, a URL (downloaded once into torch hub's cache) or ``owner/repo:file``."""
-    source = ADAFACE_SOURCE if str(source).lower() in ("adaface", "adaface-ir101") else str(source)
-    return checkpoints.resolve_checkpoint(source, aliases={}, what="AdaFace", flag="--adaface",
-                                          expected=ADAFACE_FILE, progress=progress)
+    try:
+        return checkpoints.resolve_checkpoint(str(source), aliases={"adaface": ADAFACE_SOURCE}, what="AdaFace",
+                                              flag="--adaface", expected=ADAFACE_FILE, progress=progress)
+    except ModelUnavailable as e:
+        if "cannot download" not in str(e):
+            raise
+        raise ModelUnavailable(f"{e} (pass --adaface /path/to/{ADAFACE_FILE}, or --adaface none to leave AdaFace "
+                               "out of the face mix)") from None
 
 
 class AdaFace:
