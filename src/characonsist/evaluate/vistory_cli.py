@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="AdaFace IR-101 checkpoint for the face mix (file, URL or owner/repo:file; default: "
                         "%(default)s); `none`: left out of the mix")
     g.add_argument("--facenet", default="facenet",
-                   help="FaceNet VGGFace2 checkpoint for the face mix (default: facenet-pytorch's release, the file "
-                        "their facenet/20180402-114759-vggface2.pt is); `none`: left out of the mix")
+                   help="FaceNet VGGFace2 checkpoint for the face mix (default: facenet-pytorch's release of "
+                        "20180402-114759-vggface2.pt, the name and format of their facenet/ copy); `none`: left out "
+                        "of the mix")
     g.add_argument("--csd", default="ViStoryBench/VistoryBench_pretrain:csd/csd_vit-large.pth",
                    help="CSD checkpoint (file, URL or owner/repo:file; default: %(default)s)")
     g.add_argument("--aesthetic", default="aesthetic-v2.5",
