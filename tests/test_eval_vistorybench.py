@@ -263,9 +263,11 @@ def test_face_alignment_maps_landmarks_onto_the_template():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from characonsist.evaluate.tiny import (
+        save_tiny_adaface,
         save_tiny_aesthetic,
         save_tiny_arcface,
         save_tiny_csd,
+        save_tiny_facenet,
         save_tiny_grounding_dino,
         save_tiny_models,
         save_tiny_retinaface,
@@ -279,6 +281,8 @@ def tiny(tmp_path_factory):
     paths["head"] = str(head)
     paths["arcface"] = str(save_tiny_arcface(folder / "arcface.onnx"))
     paths["retinaface"] = str(save_tiny_retinaface(folder / "retinaface.pth"))
+    paths["adaface"] = str(save_tiny_adaface(folder / "adaface.ckpt"))
+    paths["facenet"] = str(save_tiny_facenet(folder / "facenet.pt"))
     return paths
 
 
@@ -443,7 +447,8 @@ def test_suite_end_to_end_on_a_run_with_export(dataset, tiny, endpoint, tmp_path
                     {"000_01-rabbit": [(1, 1, 1), (150, 100, 50), (200, 30, 30)],
                      "001_01-ann": [(2, 2, 2), (0, 30, 0), (200, 30, 30)]})
     models = ["--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
-              "--face-detector", tiny["retinaface"], "--csd", tiny["csd"], "--aesthetic", tiny["head"],
+              "--face-detector", tiny["retinaface"], "--adaface", tiny["adaface"], "--facenet", tiny["facenet"],
+              "--csd", tiny["csd"], "--aesthetic", tiny["head"],
               "--siglip", tiny["siglip"], "--device", "cpu", "-q"]
     report = tmp_path / "report"
     code = cli.main(["eval", "--suite", "vistorybench", "--dataset", str(dataset), "--map", str(stories), str(run),
@@ -482,3 +487,209 @@ def test_suite_end_to_end_on_a_run_with_export(dataset, tiny, endpoint, tmp_path
     assert exit_info.value.code == 2 and "needs --dataset" in capsys.readouterr().err
     assert cli.main(["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(run), *models]) == 2
     assert "--map" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ realistic humans: the face mix
+
+def _noise(path: Path, seed: int, size=(96, 72)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_adaface_checkpoint_round_trip_and_ir101_shape(tiny, tmp_path):
+    import torch
+
+    from characonsist.evaluate.adaface import AdaFace, IResNet, read_checkpoint, shape_of
+
+    model = AdaFace(tiny["adaface"], "cpu", progress=False)          # a Lightning file with an unknown class inside
+    saved = torch.load(tiny["adaface"], weights_only=False)["state_dict"]
+    assert read_checkpoint(tiny["adaface"]).keys() == {k[6:] for k in saved if k.startswith("model.")}
+    assert (model.net.widths, model.net.units, model.net.dim) == ((4, 8, 12, 16), (1, 2, 1, 1), 16)
+    face = Image.fromarray(np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    x = model.tensor([face])
+    rgb = np.asarray(face, dtype=np.float64)
+    assert torch.equal(x[0], torch.from_numpy(((rgb[:, :, ::-1] / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).copy()).float())
+    # the same forward as the saved network, written out from its own modules
+    net = IResNet((4, 8, 12, 16), (1, 2, 1, 1), 4, 16)
+    net.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+    expected = net.eval().output_layer(net.body(net.input_layer(x)))
+    assert np.allclose(model.embed([face]), (expected / expected.norm(dim=1, keepdim=True)).detach().numpy(), atol=1e-6)
+    with torch.device("meta"):
+        full = IResNet().state_dict()
+    assert shape_of(full) == {"stem": 64, "widths": (64, 128, 256, 512), "units": (3, 13, 30, 3), "dim": 512}
+    assert len([k for k in full if k.endswith(".res_layer.1.weight")]) == 49          # IR-101: 49 units
+    bad = tmp_path / "not_adaface.ckpt"
+    torch.save({"state_dict": {"model.conv.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(vm.ModelUnavailable, match=r"not_adaface\.ckpt: not an AdaFace IR backbone state dict"):
+        AdaFace(str(bad), "cpu")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(vm.ModelUnavailable, match=r"junk\.ckpt: cannot read an AdaFace checkpoint"):
+        AdaFace(str(tmp_path / "junk.ckpt"), "cpu")
+
+
+def test_warp_affine_follows_opencv_conventions():
+    from characonsist.evaluate.face_mix import BORDER_BGR, warp_affine
+
+    src = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    same = warp_affine(src, np.array([[1.0, 0, 0], [0, 1.0, 0]]), (30, 20))
+    assert np.array_equal(same[:-1, :-1], src[:-1, :-1])                 # the image itself, pixel centres on pixels
+    shifted = warp_affine(src, np.array([[1.0, 0, 3], [0, 1.0, 2]]), (30, 20))
+    assert np.array_equal(shifted[2:, 3:], src[:-2, :-3])                 # output (x, y) reads input (x - 3, y - 2)
+    assert (shifted[0, 0] == BORDER_BGR).all() and (shifted[:2] == np.array(BORDER_BGR, np.uint8)).all()
+    half = warp_affine(src, np.array([[1.0, 0, 0.5], [0, 1.0, 0]]), (30, 20))
+    inner = (src[:, :-1].astype(int) * 16384 + src[:, 1:].astype(int) * 16384 + (1 << 14)) >> 15
+    assert np.array_equal(half[:-1, 1:].astype(int), inner[:-1])           # half a pixel: the two neighbours' mean
+    edge = (np.array(BORDER_BGR) * 16384 + src[:, 0].astype(int) * 16384 + (1 << 14)) >> 15
+    assert np.array_equal(half[:-1, 0].astype(int), edge[:-1])             # outside neighbour: the border value
+    with pytest.raises(ValueError, match="uint8"):
+        warp_affine(src.astype(np.float32), np.eye(2, 3), (4, 4))
+
+
+def test_partial_affine_recovers_a_similarity_and_drops_a_far_landmark():
+    from characonsist.evaluate.face_mix import _cv_rng_subsets, face_template, partial_affine
+
+    dst = face_template()
+    angle, scale, shift = 0.3, 2.5, np.array([40.0, -7.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = (dst - shift) @ np.linalg.inv(rot).T                           # src mapped by (rot, shift) lands on dst
+    m, inliers = partial_affine(src, dst)
+    assert inliers.all() and np.allclose(m[:, :2], rot, atol=1e-4) and np.allclose(m[:, 2], shift, atol=1e-3)
+    far = src.copy()
+    far[3] += 40.0                                                        # one mouth corner far off
+    m2, inliers2 = partial_affine(far, dst)
+    assert inliers2.tolist() == [True, True, True, False, True]
+    assert np.allclose(m2, m, atol=1e-3)                                  # the fit of the other four is the same
+    subsets = _cv_rng_subsets(5, 13)
+    assert len(subsets) == 13 and all(len(set(s)) == 2 and max(s) < 5 for s in subsets)
+    assert subsets == _cv_rng_subsets(5, 13)                              # OpenCV's fixed seed: always the same
+
+
+def test_ensemble_similarity_averages_the_models_both_have():
+    from characonsist.evaluate.face_mix import ensemble_matrix, ensemble_similarity
+
+    u = lambda *v: np.array([v], float) / np.linalg.norm(v)  # noqa: E731
+    a = {"arcface": u(1, 0), "adaface": u(1, 1), "facenet": u(0, 1)}
+    b = {"arcface": u(1, 0), "facenet": u(1, 0)}
+    assert ensemble_similarity(a, b) == pytest.approx((1.0 + 0.0) / 2)     # adaface: only in a, left out
+    assert ensemble_similarity({"adaface": u(1, 0)}, b) == 0.0             # nothing in common: 0
+    assert ensemble_matrix([a, b], [b]).tolist() == [[pytest.approx(0.5)], [pytest.approx(1.0)]]
+
+
+def test_face_mix_features_from_tiny_models(tiny):
+    import torch
+
+    from characonsist.evaluate.adaface import AdaFace
+    from characonsist.evaluate.face_mix import FaceMixEncoder, FacexlibFaces
+    from characonsist.evaluate.facenet import FaceNet
+
+    faces = FacexlibFaces(tiny["retinaface"], "cpu", progress=False)
+    assert faces.detector.threshold == 0.97 and faces.detector.nms_offset == 0 and faces.detector.top_k == (None, None)
+    facenet = FaceNet(tiny["facenet"], "cpu", progress=False)
+    enc = FaceMixEncoder(vm.FaceEncoder(tiny["arcface"], tiny["retinaface"], "cpu", progress=False),
+                         AdaFace(tiny["adaface"], "cpu", progress=False), facenet, faces)
+    images = [Image.fromarray(np.random.default_rng(k).integers(0, 256, (70, 90, 3), dtype=np.uint8)) for k in range(6)]
+    feats, valid = enc.embed(images)
+    assert valid and all(set(f) <= {"arcface", "adaface", "facenet"} and f for f in feats)
+    k = next(i for i, f in enumerate(feats) if "facenet" in f)
+    face = faces.aligned(images[valid[k]])
+    assert face.shape == (112, 112, 3) and face.dtype == np.uint8
+    x = torch.from_numpy(face.astype(np.float32) / 255).permute(2, 0, 1)[None]   # BGR / 255, as the benchmark feeds it
+    ref = facenet.net(x).detach().numpy()
+    assert np.allclose(feats[k]["facenet"], ref / np.linalg.norm(ref), atol=1e-6)
+    with pytest.raises(ValueError, match="facexlib face crops"):
+        FaceMixEncoder(None, enc.adaface, None, None)
+
+
+def test_cids_face_mix_end_to_end_on_the_tiny_dataset(dataset, tiny, tmp_path, capsys):
+    """A realistic human through ``eval --suite vistorybench`` with the default face mix, equal to ``cids_story``
+    with the encoder built by hand; ``--face-encoder arcface`` scores ArcFace alone."""
+    from characonsist.evaluate.adaface import AdaFace
+    from characonsist.evaluate.face_mix import FaceMixEncoder, FacexlibFaces
+    from characonsist.evaluate.facenet import FaceNet
+
+    root = dataset_root(dataset)
+    data = json.loads((root / "01/story.json").read_text(encoding="utf-8-sig"))
+    data["Characters"]["Ann"]["tag"] = "realistic_human"
+    (root / "01/story.json").write_text(json.dumps(data), encoding="utf-8")
+    _noise(root / "01/image/Ann/00.jpg", 7, (640, 480))                  # the tiny detector's boxes are 5% wide
+    layout = tmp_path / "outputs/m/base/en/20260101_000000/01"
+    shots = {k: _noise(layout / f"shot_{k:02d}.png", 10 + k, (640, 480)) for k in (1, 2, 4)}
+    common = ["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout.parent), "--vistory-metrics",
+              "cids", "--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
+              "--face-detector", tiny["retinaface"], "--adaface", tiny["adaface"], "--facenet", tiny["facenet"],
+              "--device", "cpu", "-q"]
+    assert cli.main([*common, "--report-dir", str(tmp_path / "mix")]) == 0, capsys.readouterr().out
+    mix = json.loads((tmp_path / "mix/vistorybench.json").read_text())["stories"]["cids"]["01"]
+    story = read_story(root, "01")
+    assert story.characters["Ann"].tag == "realistic_human"
+    encoder = FaceMixEncoder(vm.FaceEncoder(tiny["arcface"], tiny["retinaface"], "cpu", progress=False),
+                             AdaFace(tiny["adaface"], "cpu", progress=False),
+                             FaceNet(tiny["facenet"], "cpu", progress=False),
+                             FacexlibFaces(tiny["retinaface"], "cpu", progress=False))
+    models = vm.CidsModels(vm.GroundingDino(tiny["gdino"], "cpu"), vm.ClipEncoder(tiny["clip"], "cpu"), encoder)
+    by_hand = vm.cids_story(story, shots, models)
+    assert mix["metrics"] == pytest.approx(by_hand["metrics"], abs=1e-6)
+    assert mix["characters"]["Ann"] == by_hand["characters"]["Ann"] and by_hand["characters"]["Ann"]["matched"] >= 1
+    assert cli.main([*common, "--face-encoder", "arcface", "--report-dir", str(tmp_path / "arc")]) == 0
+    arc = json.loads((tmp_path / "arc/vistorybench.json").read_text())["stories"]["cids"]["01"]
+    alone = vm.cids_story(story, shots, vm.CidsModels(models.detector, models.clip, encoder.arcface))
+    assert arc["characters"]["Ann"] == alone["characters"]["Ann"]
+    # with crops large enough for facexlib's detector (the tiny GroundingDINO's boxes are small): all three models
+    # count, and a character's cross is the mean over its crops of the models' averaged cosines to the reference
+    class Centre:
+        def detect(self, image):
+            import torch
+
+            return torch.tensor([[0.5, 0.5, 0.8, 0.8]]), torch.tensor([0.9])
+
+    centred = vm.CidsModels(Centre(), models.clip, encoder)
+    result = vm.cids_story(story, shots, centred)
+    ref_crop, _ = vm.crop_boxes(Image.open(root / "01/image/Ann/00.jpg").convert("RGB"), Centre().detect(None)[0])
+    ref = encoder.features(ref_crop[0])
+    crops = [vm.crop_boxes(Image.open(shots[k]).convert("RGB"), Centre().detect(None)[0])[0][0] for k in (2, 4)]
+    feats = [encoder.features(c) for c in crops]
+    assert set(ref) == {"arcface", "adaface", "facenet"} and all(set(f) == set(ref) for f in feats)
+    per_model = [[float((f[n] @ ref[n].T).item()) for n in ("arcface", "adaface", "facenet")] for f in feats]
+    cross = np.mean([np.mean(p) for p in per_model])
+    assert result["characters"]["Ann"]["cross"] == pytest.approx(round(cross, 4), abs=1e-9)
+    arcface_only = np.mean([p[0] for p in per_model])
+    assert abs(cross - arcface_only) > 1e-3                               # the mix is not ArcFace alone
+
+
+def test_facexlib_order_of_equal_scores(tiny):
+    """Saturated probabilities (1.0 in float32) tie: facexlib takes numpy's ``argsort()[::-1]`` order (the last
+    prior first, for a plain run of ties), the port's ``detect.py`` order here keeps prior order."""
+    import torch
+
+    from characonsist.evaluate.retinaface import RetinaFaceDetector
+
+    boxes = torch.tensor([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [0, 20, 10, 30.0]])
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.5])
+    points = torch.arange(40, dtype=torch.float32).view(4, 10)
+    port = RetinaFaceDetector(tiny["retinaface"], "cpu", threshold=0.97, progress=False)
+    facexlib = RetinaFaceDetector(tiny["retinaface"], "cpu", threshold=0.97, progress=False, nms_offset=0.0,
+                                  top_k=(None, None), facexlib_order=True)
+    expected = np.argsort(scores[:3].numpy())[::-1]
+    assert [f.x0 for f in facexlib._select(boxes, scores, points)] == [float(boxes[k, 0]) for k in expected]
+    assert [f.x0 for f in port._select(boxes, scores, points)] == [0.0, 20.0, 40.0]
+
+
+def test_face_mix_without_adaface_weights_says_what_to_pass(dataset, tiny, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    layout = tmp_path / "outputs/m/base/en/20260101_000000/01"
+    _noise(layout / "shot_01.png", 1)
+    base = ["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout.parent), "--vistory-metrics",
+            "cids", "--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
+            "--face-detector", tiny["retinaface"], "--facenet", tiny["facenet"], "--device", "cpu", "-q"]
+    assert cli.main(base) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cids: skipped"))
+    assert "adaface/adaface_ir101_webface12m.ckpt" in line and "--adaface none" in line
+    # left out of the mix: CIDS runs with ArcFace and FaceNet
+    assert cli.main([*base, "--adaface", "none", "--report-dir", str(tmp_path / "r")]) == 0
+    from characonsist.evaluate.adaface import AdaFace
+
+    with pytest.raises(vm.ModelUnavailable, match=r"no such AdaFace checkpoint; pass 'adaface' \(downloads "):
+        AdaFace(str(tmp_path / "missing.ckpt"), "cpu")

@@ -339,8 +339,15 @@ class RetinaFaceDetector:
     """ID sim's face detector: RetinaFace as the PyTorch port runs it; per image the highest-scoring face."""
 
     def __init__(self, source: str = "retinaface", device: str = "auto", threshold: float = THRESHOLD,
-                 nms_threshold: float = NMS_THRESHOLD, progress: bool = True, batch_size: int = 4):
+                 nms_threshold: float = NMS_THRESHOLD, progress: bool = True, batch_size: int = 4,
+                 nms_offset: float = 1.0, top_k: tuple[int | None, int | None] = (TOP_K, KEEP_TOP_K),
+                 facexlib_order: bool = False):
+        """``nms_offset`` 1: the port's ``py_cpu_nms`` areas, 0: torchvision's ``nms`` (facexlib); ``top_k``: the
+        candidates kept before and after NMS (``detect.py``'s; facexlib's ``detect_faces`` keeps all: ``(None,
+        None)``). ``facexlib_order``: equal scores in facexlib's order (numpy's ``argsort()[::-1]`` of the kept
+        scores, then torchvision's stable descending sort) instead of prior order."""
         self.device = pick_device(device)
+        self.nms_offset, self.top_k, self.facexlib_order = nms_offset, top_k, facexlib_order
         self.file = resolve_checkpoint(source, progress=progress)
         self.net = load_retinaface(self.file).to(self.device)
         self.threshold, self.nms_threshold, self.batch_size = threshold, nms_threshold, batch_size
@@ -397,8 +404,12 @@ class RetinaFaceDetector:
 
     def _select(self, boxes, scores, points) -> list[Face]:
         keep = torch.nonzero(scores > self.threshold).flatten()
-        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:TOP_K]
-        kept = keep[nms(boxes[keep], scores[keep], self.nms_threshold)][:KEEP_TOP_K]
+        before, after = self.top_k
+        if self.facexlib_order:
+            order = np.argsort(scores[keep].cpu().numpy())[::-1].copy()
+            keep = keep[torch.from_numpy(order).to(keep.device)]
+        keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:before]
+        kept = keep[nms(boxes[keep], scores[keep], self.nms_threshold, self.nms_offset)][:after]
         out = []
         for b, s, p in zip(boxes[kept].tolist(), scores[kept].tolist(), points[kept].tolist(), strict=True):
             out.append(Face(*b, s, tuple((p[2 * j], p[2 * j + 1]) for j in range(5))))

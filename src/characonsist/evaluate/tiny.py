@@ -13,6 +13,7 @@ defaults), ``clipseg``, ``face_detector`` (OWLv2, also SAM's box detector) and `
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -178,6 +179,32 @@ def save_tiny_retinaface(path: str | Path, seed: int = 0, backbone: str = "resne
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({prefix + k: v for k, v in net.state_dict().items()}, path)
+    return path
+
+
+def save_tiny_adaface(path: str | Path, seed: int = 0, widths=(4, 8, 12, 16), units=(1, 2, 1, 1), stem: int = 4,
+                      dim: int = 16) -> Path:
+    """A random AdaFace ``IResNet`` saved as AdaFace's released Lightning checkpoints are: ``{'state_dict':
+    {'model.<key>': ..., 'head.kernel': ...}, 'hyper_parameters': <an argparse.Namespace>}`` (an object of a class
+    that torch's weights-only loader does not know, as Lightning writes). Batch-norm statistics from random faces."""
+    import torch
+
+    from .adaface import SIZE, IResNet
+
+    torch.manual_seed(seed)
+    net = IResNet(tuple(widths), tuple(units), stem, dim)
+    for module in net.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    with torch.no_grad():
+        net.train()(torch.rand(8, 3, SIZE, SIZE) * 2 - 1)
+    net.eval()
+    state = {f"model.{k}": v for k, v in net.state_dict().items()}
+    state["head.kernel"] = torch.randn(dim, 5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(arch="ir_101", head="adaface"),
+                "epoch": 1}, path)
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..app.folder import write_file
 from . import vistory_metrics as vm
+from .face_mix import FaceMixEncoder, FacexlibFaces
 from .runfolder import RunError, read_run
 from .unavailable import ModelUnavailable
 from .vistory_metrics import PromptAligner, PromptAlignError, mean_over_stories
@@ -86,6 +87,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "glintr100.onnx",
                    help="ArcFace ONNX for realistic_human characters (antelopev2's glintr100.onnx); `none`: leave "
                         "them out")
+    g.add_argument("--face-encoder", choices=("mix", "arcface"), default="mix",
+                   help="realistic_human characters: mix (their default use_multi_face_encoder: ArcFace, AdaFace and "
+                        "FaceNet, cosines averaged) or arcface alone")
+    g.add_argument("--adaface", default="ViStoryBench/VistoryBench_pretrain:adaface/adaface_ir101_webface12m.ckpt",
+                   help="AdaFace IR-101 checkpoint for the face mix (file, URL or owner/repo:file; default: "
+                        "%(default)s); `none`: left out of the mix")
+    g.add_argument("--facenet", default="facenet",
+                   help="FaceNet VGGFace2 checkpoint for the face mix (default: facenet-pytorch's release of "
+                        "20180402-114759-vggface2.pt, the name and format of their facenet/ copy); `none`: left out "
+                        "of the mix")
     g.add_argument("--csd", default="ViStoryBench/VistoryBench_pretrain:csd/csd_vit-large.pth",
                    help="CSD checkpoint (file, URL or owner/repo:file; default: %(default)s)")
     g.add_argument("--aesthetic", default="aesthetic-v2.5",
@@ -208,6 +219,19 @@ def _aligner(args, status: dict):
         return None
 
 
+def _face_mix(arcface, args, detector: str, progress: bool):
+    """The face mix of the models that are not ``none`` (None when all are)."""
+    from .adaface import AdaFace
+    from .facenet import FaceNet
+
+    adaface = None if str(args.adaface).lower() == "none" else AdaFace(args.adaface, args.device, progress)
+    facenet = None if str(args.facenet).lower() == "none" else FaceNet(args.facenet, args.device, progress=progress)
+    if arcface is None and adaface is None and facenet is None:
+        return None
+    faces = FacexlibFaces(detector, args.device, progress) if adaface is not None or facenet is not None else None
+    return FaceMixEncoder(arcface, adaface, facenet, faces)
+
+
 def _scorer(name: str, args, aligner):
 
     progress = not args.quiet
@@ -223,6 +247,8 @@ def _scorer(name: str, args, aligner):
 
         detector = args.face_detector if is_retinaface_source(str(args.face_detector)) else "retinaface"
         face = vm.FaceEncoder(args.arcface, detector, args.device, progress) if none(args.arcface) else None
+        if args.face_encoder == "mix":
+            face = _face_mix(face, args, detector, progress)
         models = vm.CidsModels(vm.GroundingDino(args.grounding_dino, args.device), vm.ClipEncoder(args.cids_clip,
                                                                                                    args.device), face)
         return lambda story, shots: vm.cids_story(story, shots, models, aligner)

@@ -7,8 +7,9 @@ Per story (the official ``bench_run.py`` averages each story's numbers over the 
   threshold only names phrases, unused here); a box's score is its best token probability. Crops: the normalised
   cx, cy, w, h times the image size, truncated to integers, turned into corners, clamped to the image, kept when
   not empty (``crop_img``). References: every ``image/<key>/**/*.jpg``; its best box's crop, or the whole images
-  when no reference has one. Encoder by the character's ``tag``: ``realistic_human`` -> face (ArcFace: the first
-  face found while the detection threshold steps 0.45, 0.35, ... down to 0.1), others -> CLIP ViT-L/14
+  when no reference has one. Encoder by the character's ``tag``: ``realistic_human`` -> faces (their default
+  ``face_mix``, ``face_mix.py``: ArcFace, AdaFace and FaceNet, per pair the mean of the models' cosines; ArcFace
+  takes the first face found while the detection threshold steps 0.45, 0.35, ... down to 0.1), others -> CLIP ViT-L/14
   ``get_image_features``, unit length. A shot's crops (all boxes, best first) get a (characters x crops) matrix of
   each crop's best cosine to the character's references; Hungarian assignment (``linear_sum_assignment`` on the
   negated matrix); an assigned crop joins its character's crops. Per character: **cross** = mean cosine of its
@@ -51,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .checkpoints import load_exactly, read_state_dict, resolve_checkpoint
+from .face_mix import ensemble_matrix, similarity_transform, warp_affine
 from .models import ArcFaceOnnx, ClipModel, _load, _quiet, _Torch
 from .unavailable import ModelUnavailable
 
@@ -143,39 +145,14 @@ def crop_boxes(image, boxes) -> tuple[list, list[int]]:
 
 # ------------------------------------------------------------------------------------------------------- encoders
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 similarity (rotation, uniform scale, shift) taking ``src`` points closest to ``dst`` in least squares
-    (Umeyama 1991, as skimage's ``SimilarityTransform.estimate`` that insightface's ``estimate_norm`` uses)."""
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s0, d0 = src - mu_s, dst - mu_d
-    cov = d0.T @ s0 / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    fix = np.eye(2)
-    if np.linalg.det(cov) < 0:
-        fix[1, 1] = -1
-    rot = u @ fix @ vt
-    scale = (sig * np.diag(fix)).sum() / s0.var(0).sum()
-    m = np.zeros((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - m[:, :2] @ mu_s
-    return m
-
-
 def align_face(image, landmarks, size: int = 112):
-    """The face warped so that its 5 landmarks land on ArcFace's template (insightface ``norm_crop``), bilinear,
-    black outside the image; pixel coordinates as OpenCV's ``warpAffine`` (output (x, y) reads input M^-1 (x, y))."""
+    """The face warped so that its 5 landmarks land on ArcFace's template (insightface ``norm_crop``: skimage's
+    similarity, then ``cv2.warpAffine(img, M, (112, 112), borderValue=0.0)``, bilinear, black outside), with OpenCV's
+    own warp arithmetic (``face_mix.warp_affine``)."""
 
     m = similarity_transform(np.asarray(landmarks, np.float64), ARCFACE_DST * size / 112.0)
-    full = np.vstack([m, [0, 0, 1]])
-    inv = np.linalg.inv(full)[:2]
-    a, b, c = inv[0]
-    d, e, f = inv[1]
-    # PIL reads output pixel x at input index a (x + 0.5) + c - 0.5 (pixel centres); shift so that it reads a x + c
-    c2 = c - 0.5 * (a + b) + 0.5
-    f2 = f - 0.5 * (d + e) + 0.5
-    return image.convert("RGB").transform((size, size), Image.AFFINE, (a, b, c2, d, e, f2), resample=Image.BILINEAR,
-                                          fillcolor=(0, 0, 0))
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return Image.fromarray(warp_affine(rgb, m, (size, size), border=(0, 0, 0)))
 
 
 class FaceEncoder:
@@ -245,6 +222,18 @@ def _mirror(image):
     return ImageOps.mirror(image)
 
 
+def _sim(a, b) -> np.ndarray:
+    """Cosine matrix of two feature sets: unit arrays (CLIP, ArcFace), or the face mix's per-model dicts (the mean
+    of the models' cosines, ``face_mix.ensemble_matrix``)."""
+    if isinstance(a, np.ndarray):
+        return a @ b.T
+    return ensemble_matrix(a, b)
+
+
+def _twice(feats):
+    return np.concatenate([feats, feats]) if isinstance(feats, np.ndarray) else [feats[0], feats[0]]
+
+
 def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) -> dict:
     """CIDS cross/self, OCCM and copy-paste of one story (``shots``: shot index -> image), as ``CIDSEvaluator``."""
     from scipy.optimize import linear_sum_assignment
@@ -255,7 +244,8 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if char.tag == "realistic_human":
             encoders[key] = models.face
             if models.face is None:
-                notes.append(f"{key!r} (realistic_human) left out: no face model (pass --arcface glintr100.onnx)")
+                notes.append(f"{key!r} (realistic_human) left out: no face model (pass --arcface glintr100.onnx, "
+                             "--adaface or --facenet)")
         else:
             encoders[key] = models.clip
     refs, copy_refs = {}, {}
@@ -285,7 +275,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if cp is None:
             notes.append(f"{key!r}: no face in the mirrored reference; copy-paste left out")
         else:
-            copy_refs[key] = cp if len(cp) == 2 else np.concatenate([cp, cp])
+            copy_refs[key] = cp if len(cp) == 2 else _twice(cp)
     matched: dict[str, list] = {k: [] for k in story.characters}
     per_shot, occm, single = {}, [], {}
     for shot in story.shots:
@@ -311,7 +301,7 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
             feats, valid = enc.embed(crops)
             if feats is None:
                 continue
-            matrix = feats @ refs[key].T
+            matrix = _sim(feats, refs[key])
             cache[key] = ({c: matrix[i] for i, c in enumerate(valid)}, valid)
             sims[r, valid] = matrix.max(axis=1)
             rows[r] = True
@@ -340,13 +330,13 @@ def cids_story(story, shots: dict[int, Path], models: CidsModels, aligner=None) 
         if feats is None:
             chars[key] = {"cross": 0.0, "self": 0.0, "matched": len(crops)}
             continue
-        cross = float((feats @ refs[key].T).mean())
-        pair = feats @ feats.T
+        cross = float(_sim(feats, refs[key]).mean())
+        pair = _sim(feats, feats)
         upper = pair[np.triu_indices(len(feats), k=1)]
         chars[key] = {"cross": round(cross, 4), "self": round(float(upper.mean()), 4) if len(feats) > 1 else 1.0,
                       "matched": len(crops)}
         if key in copy_refs:
-            two = np.clip(feats @ copy_refs[key].T, -1.0, 1.0) / COPY_PASTE_T
+            two = np.clip(_sim(feats, copy_refs[key]), -1.0, 1.0) / COPY_PASTE_T
             two = np.exp(two - two.max(axis=1, keepdims=True))
             cp_scores.append(float((two[:, 0] / two.sum(axis=1)).mean()))
     scored = {k: v for k, v in chars.items() if encoders.get(k) is not None}
