@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from characonsist.app.folder import FolderError, OutputFolder
-from characonsist.app.layouts import LAYOUTS, Panel, pdf_bytes, render_layout, write_layouts
+from characonsist.app.layouts import LAYOUTS, Panel, check_layout_targets, pdf_bytes, render_layout, write_layouts
 from characonsist.app.stories import dump_story, parse_story, story_document
 from characonsist.inputs import InputError
 from characonsist.output import png_bytes, png_text
@@ -67,6 +67,20 @@ def test_write_layouts_replaces_only_its_own_files_and_drops_stale_pages(tmp_pat
             write_layouts(out, jobs, ["panel"])
         with pytest.raises(ValueError, match="valid: " + ", ".join(LAYOUTS)):
             write_layouts(out, jobs, ["poster"])
+    finally:
+        out.close()
+
+
+def test_a_layout_in_the_way_is_named_as_each_front_end_names_the_field(tmp_path):
+    """The application layer names the ``layout`` field; the command line passes its flag for it."""
+    out, jobs = _folder_with_group(tmp_path, 3)
+    try:
+        (out.root / "layouts").mkdir()
+        Image.new("RGB", (4, 4)).save(out.root / "layouts" / "strip_01.png")      # someone else's file
+        with pytest.raises(FolderError, match="and layout='strip' writes there.*or leave out layout$"):
+            check_layout_targets(out, jobs, ["strip"], formats=("png",))
+        with pytest.raises(FolderError, match="and --layout strip writes there.*or leave out --layout$"):
+            check_layout_targets(out, jobs, ["strip"], formats=("png",), names={"layout": "--layout"})
     finally:
         out.close()
 

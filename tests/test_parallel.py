@@ -351,3 +351,22 @@ def test_a_launched_process_exits_with_its_code_after_the_exit_handlers():
         assert result.returncode == 3, result.stderr
         assert result.stdout.startswith("buffered handler ran")
         assert ("teardown ran" in result.stdout) is teardown
+
+
+def test_ray_messages_name_the_workers_field_as_the_front_end_does():
+    """A cluster too small for the workers asked for: the application layer names the field, the command line its
+    flag (the cluster is described by an object with Ray's ``cluster_resources``; Ray itself is not needed)."""
+    from types import SimpleNamespace
+
+    from characonsist.app import ray_runner
+    from characonsist.inputs import InputError
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"GPU": 1, "CPU": 8})
+    with pytest.raises(InputError, match=r"^workers=3: the Ray cluster has 1 GPU\(s\)"):
+        ray_runner._resources(cluster, 3)
+    with pytest.raises(InputError, match=r"^--workers 3: the Ray cluster has 1 GPU\(s\)"):
+        ray_runner._resources(cluster, 3, {"workers": "--workers"})
+    cpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 8})
+    with pytest.raises(InputError, match="give workers='N' to run N workers on its CPUs"):
+        ray_runner._resources(cpus, None)
+    assert ray_runner._resources(cpus, 2) == {"num_cpus": 1, "count": 2}

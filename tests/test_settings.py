@@ -79,3 +79,17 @@ def test_from_manifest_names_what_is_wrong():
         StorySettings.from_manifest({**good, "method_options": {"mask_step": -1}})
     with pytest.raises(InputError, match="has no option"):
         method_config("characonsist", {"mask_stp": 2})
+
+
+def test_the_output_folder_is_named_as_each_front_end_names_it(tmp_path):
+    """A run folder that is a file: Python names the field ``out``, the command line its flag."""
+    from characonsist.app.folder import FolderError
+
+    target = tmp_path / "taken"
+    target.write_text("someone's file")
+    request = StoryRequest(stories=[str(Path(__file__).parent / "data" / "run_0.1.0" / "story.txt")], model="toy",
+                           out=str(target))
+    with pytest.raises(FolderError, match=f"^out {target} is a file"):
+        validate_request(request)
+    with pytest.raises(FolderError, match=f"^--out {target} is a file"):
+        validate_request(request, names=cli.FLAGS)

@@ -149,7 +149,9 @@ FLAGS = {"model": "--model", "out": "--out", "method": "--method", "memory": "--
          "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size", "inversion": "--inversion",
          "attention_backend": "--attention-backend", "compile": "--compile", "loras": "--lora",
          "save_masks": "--save-masks", "overwrite": "--overwrite",
-         "share_bg": "--share-bg", "use_token_merge": "--token-merge"}
+         "share_bg": "--share-bg", "use_token_merge": "--token-merge",
+         "layout": "--layout", "ray": "--ray", "workers": "--workers"}
+COMMAND_LINE_ONLY = ("layout", "ray", "workers")   # named in messages, not fields of a StoryRequest
 OPTION_FLAGS = ("share_bg", "use_token_merge")   # the method options among FLAGS
 
 
@@ -170,7 +172,8 @@ def request_from_args(args):
         if not sep or not key.strip():
             raise InputError(f"--option {excerpt(item)}: expected KEY=VALUE, e.g. mask_step=10")
         options[key.strip()] = text
-    values = {field: getattr(args, _dest(flag)) for field, flag in FLAGS.items() if field not in OPTION_FLAGS}
+    values = {field: getattr(args, _dest(flag)) for field, flag in FLAGS.items()
+              if field not in OPTION_FLAGS and field not in COMMAND_LINE_ONLY}
     values["loras"] = list(values["loras"] or [])
     return StoryRequest(stories=list(args.story), method_options=options, **values)
 
@@ -207,7 +210,7 @@ def cmd_generate(args) -> int:
         _say_earlier(run, say)
         if args.layout:   # the pages' files are known now: a file in their way stops the run before the model loads
 
-            check_layout_targets(run.folder, run.jobs, args.layout)
+            check_layout_targets(run.folder, run.jobs, args.layout, names=FLAGS)
         if not todo:
             _write_layouts(run, args, say)
             return 0

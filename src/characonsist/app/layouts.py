@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..output import png_bytes, png_text, read_png_record, storyboard
 from .folder import FolderError, OutputFolder
+from .settings import label, setting
 
 LAYOUTS = ("storyboard", "strip", "2x2", "panel")
 FOLDER = "layouts"
@@ -172,17 +173,19 @@ def layout_files(layout: str, pages: int, formats=("png", "pdf")) -> list[str]:
 PER_PAGE = {"strip": 4, "2x2": 4, "panel": 1}   # panels a page; a storyboard is one page a group
 
 
-def check_layout_targets(out: OutputFolder, jobs, layouts, formats=("png", "pdf")) -> None:
+def check_layout_targets(out: OutputFolder, jobs, layouts, formats=("png", "pdf"), names: dict | None = None) -> None:
     """Before any work (the model not loaded): every file ``layouts`` would write once every group of ``jobs`` is
-    finished is missing or one this module wrote; FolderError names the first that is not."""
+    finished is missing or one this module wrote; FolderError names the first that is not (and the ``layout`` field
+    as ``names`` calls it)."""
     images = sum(len(job.records) for job in jobs)
     for layout in dict.fromkeys(layouts):
         pages = len(jobs) if layout == "storyboard" else -(-images // PER_PAGE.get(layout, 1))
         for rel in layout_files(layout, pages, formats):
             if not _is_ours(out, rel):
-                raise FolderError(f"{out.path(rel)} was not written by characonsist and --layout {layout} writes "
-                                  "there: move it away (characonsist never replaces files it did not write), or "
-                                  "leave out --layout", out.path(rel))
+                raise FolderError(f"{out.path(rel)} was not written by characonsist and "
+                                  f"{setting(names, 'layout', layout)} writes there: move it away (characonsist "
+                                  f"never replaces files it did not write), or leave out {label(names, 'layout')}",
+                                  out.path(rel))
 
 
 def write_layouts(out: OutputFolder, jobs, layouts, title: str = "", formats=("png", "pdf")) -> list[str]:

@@ -32,6 +32,7 @@ from .jobs import run_job, with_picture_bytes
 from .parallel import ParallelError, Summary, check_one_model_per_gpu, to_cpu
 from .request import StoryRequest, validate_request
 from .session import StoryRun, failure_message, load_engine
+from .settings import label, setting
 
 
 class StoryWorker:
@@ -74,11 +75,12 @@ def _quiet_libraries() -> None:
             pass
 
 
-def _ray():
+def _ray(names: dict | None = None):
     try:
         import ray
     except ImportError:
-        raise InputError("--ray needs Ray: pip install 'characonsist[ray]' (on every node of the cluster)") from None
+        raise InputError(f"{label(names, 'ray')} needs Ray: pip install 'characonsist[ray]' (on every node of the "
+                         "cluster)") from None
     return ray
 
 
@@ -92,17 +94,17 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
     model."""
     say = say or (lambda *a: None)
     if workers is not None and workers < 1:
-        raise InputError(f"--workers {workers}: give at least 1")
+        raise InputError(f"{setting(names, 'workers', workers)}: give at least 1")
     checked = validate_request(request, names=names)     # bad input is reported before Ray starts
     check_one_model_per_gpu(checked.settings.memory, names)
     t0 = time.perf_counter()
-    ray = _ray()
+    ray = _ray(names)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, **(init or {}))
     actors = []
     try:
-        resources = _resources(ray, workers)
+        resources = _resources(ray, workers, names)
         gpu = "num_gpus" in resources
         if request.dtype == "auto" and checked.settings.dtype != ("bfloat16" if gpu else "float32"):
             # "auto" is for the actors' device, not this process's (a head node may have no GPU)
@@ -143,19 +145,21 @@ def generate(request: StoryRequest, names: dict | None = None, address: str | No
             ray.shutdown()
 
 
-def _resources(ray, workers: int | None) -> dict:
+def _resources(ray, workers: int | None, names: dict | None = None) -> dict:
     """Actor options (one GPU each, or one CPU on a cluster without GPUs) and how many actors."""
     cluster = ray.cluster_resources()
     gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
     if gpus:
         if workers is not None and workers > gpus:
-            raise InputError(f"--workers {workers}: the Ray cluster has {gpus} GPU(s); each worker takes one")
+            raise InputError(f"{setting(names, 'workers', workers)}: the Ray cluster has {gpus} GPU(s); each worker "
+                             "takes one")
         return {"num_gpus": 1, "count": workers or gpus}
     if workers is None:
-        raise InputError("the Ray cluster has no GPU: give --workers N to run N workers on its CPUs (slow; for "
-                         "trying the setup out)")
+        raise InputError(f"the Ray cluster has no GPU: give {setting(names, 'workers', 'N')} to run N workers on its CPUs "
+                         "(slow; for trying the setup out)")
     if workers > cpus:
-        raise InputError(f"--workers {workers}: the Ray cluster has {cpus} CPU(s) and no GPU; each worker takes one")
+        raise InputError(f"{setting(names, 'workers', workers)}: the Ray cluster has {cpus} CPU(s) and no GPU; each "
+                         "worker takes one")
     return {"num_cpus": 1, "count": workers}
 
 

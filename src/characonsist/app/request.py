@@ -34,7 +34,7 @@ from .memory_plan import (
     plan_memory,
 )
 from .model import ModelRef, limits_of, load_t5_tokenizer, resolve_dtype, resolve_model
-from .settings import StorySettings, method_config
+from .settings import StorySettings, label, method_config
 
 
 @dataclass
@@ -139,7 +139,7 @@ def validate_request(request: StoryRequest, names: dict[str, str] | None = None)
     problems += picture_issues
     if problems:
         raise StoryError(problems)
-    folder = OutputFolder(request.out)
+    folder = OutputFolder(request.out, flag=label(names, "out"))
     folder.check()
     return CheckedRequest(request, stories, ref, settings, tokenizer, limits, folder, names, plan, notes)
 

@@ -70,7 +70,8 @@ class Loading:
 
 # How the page labels the fields it sets, for the application layer's messages (the command line uses its flags).
 LABELS = {"method": "Method", "num_inference_steps": "Steps", "guidance_scale": "Guidance", "seed": "Seed",
-          "width": "Width", "height": "Height", "inversion": "Picture inversion", "method_options": "More options"}
+          "width": "Width", "height": "Height", "inversion": "Picture inversion", "method_options": "More options",
+          "out": "the story's folder"}
 
 
 @dataclass
