@@ -1,4 +1,4 @@
-"""Another backbone against its stock pipeline, in one process (issue 25): time ratio, GPU peak, host peak.
+"""Another backbone against its stock pipeline, in one process: time ratio, GPU peak, host peak.
 
 Random weights at the full architecture (``random_flux.build_random_chroma`` / ``build_random_klein``; on a CPU
 ``--tiny``), identity + N

@@ -1,4 +1,4 @@
-"""Data-parallel throughput of ``characonsist generate`` (issue 16): full-size FLUX.1-dev architecture with random
+"""Data-parallel throughput of ``characonsist generate``: full-size FLUX.1-dev architecture with random
 bf16 weights (``random_flux.py``), identity + 4 frames x 8 stories at 1024x1024, run through the same code as
 ``characonsist generate`` on N GPUs (``app.parallel.generate``: process 0 holds the output folder and writes,
 the others send their groups to it). Only the model's loading differs: each process builds the random pipeline

@@ -1,4 +1,4 @@
-"""Compare a data-parallel run with a one-process run (issue 16).
+"""Compare a data-parallel run with a one-process run.
 
     python bench/dp_compare.py toy ONE.json MANY.json [--images ONE_DIR MANY_DIR]
         `characonsist bench toy` results: identical apart from timings (and the process count), strips byte for byte

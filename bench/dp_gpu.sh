@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 on the two-GPU machine (nvidia-h200-x2): two GPUs against one, through the data-parallel path.
+# Two GPUs against one on the two-GPU machine (nvidia-h200-x2): two GPUs against one, through the data-parallel path.
 #   toy:  the toy model's full suite (60 stories; METHODS, default vanilla,characonsist,consistory), one process on
 #         GPU 0, then `bench toy --gpus 2`; the merged JSON compared with the one-process JSON apart from timings,
 #         the image strips byte for byte; throughput ratio from the runs' run_seconds (loading excluded)

@@ -1,4 +1,4 @@
-"""``evaluate/dreamsim.py`` against the official ``dreamsim`` package (issue 17), full-size, random weights.
+"""``evaluate/dreamsim.py`` against the official ``dreamsim`` package, full-size, random weights.
 
 For each DreamSim type this writes random full-size checkpoints in the package's cache layout (DINO's torch.hub
 file, the CLIP-as-DINO ``*_pretrain.pth.tar`` files, a peft LoRA adapter on every ``qkv`` with random non-zero

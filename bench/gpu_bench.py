@@ -1,4 +1,4 @@
-"""GPU benchmark of the CharaConsist engine against plain FLUX (issues 4 and 6).
+"""GPU benchmark of the CharaConsist engine against plain FLUX.
 
 Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``random_flux.py``), 1024x1024,
 50 steps, seed 2025 for every image. Phases run in the order given (``--phases``, comma-separated, ``:N`` or
@@ -22,7 +22,7 @@ Full-size FLUX.1-dev architecture with random bf16 weights built on the GPU (``r
 * ``breakdown``: ablations at N frames: the engine with method "vanilla" (pure engine overhead), then
   CharaConsist without pre-run / background sharing / token merge, switched on one at a time, then the full
   method; the deltas say where the extra time goes.
-* ``picture``: the identity from a picture (issue 15): CharaConsist at N frames with ``identity_image`` (a seeded
+* ``picture``: the identity from a picture: CharaConsist at N frames with ``identity_image`` (a seeded
   random picture of ``--picture-size``, fitted to the run's size) for each ``--picture-inversions`` entry (default
   renoise, euler, fireflow), against the baseline and against CharaConsist without a picture at the same N
   (measured here unless an earlier phase did: ``x_story`` / ``gpu_peak_alloc_x_story``); the inversion's own
@@ -55,7 +55,7 @@ Earlier (BENCHMARKS.md, 2026-11-22):
 Report:  python bench/report.py bench/results/h100-2026-11-22/bench_final.json
 CPU:     python bench/gpu_bench.py --tiny --phases plans,main:1,peers:1,profile:1,breakdown:1,picture:1,modes:1 \
              --ours-variants nomerge:use_token_merge=False --out /tmp/bench
-Picture (issue 15, not yet run on a GPU):
+Picture (measured 2026-12-06, BENCHMARKS.md table 4):
          timeout 540 python3 bench/gpu_bench.py --phases main:4/on,picture:4 --budget-s 480 --out $OUT --tag picture
 Results: ``<out>/bench_<tag>.json`` (every record, written after each run), ``log_<tag>.txt``, profiler tables;
 a summary is printed last.

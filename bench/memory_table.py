@@ -1,4 +1,4 @@
-"""The memory-mode table of issue 14: weight format x memory mode -> peak GPU allocated / reserved, peak host RSS,
+"""The memory-mode table: weight format x memory mode -> peak GPU allocated / reserved, peak host RSS,
 wall time, ratio to plain FluxPipeline in the same mode and process (``gpu_bench.py --phases table``).
 
 A random full-size FLUX.1-dev pipeline is saved once per machine as a diffusers folder (``--checkpoint``; about

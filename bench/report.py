@@ -74,7 +74,7 @@ def report(path: str) -> list[str]:
             line += f"  {r['tflops_wall']:.0f} TFLOP/s ({100 * r.get('frac_of_matmul_wall', 0):.0f}% of matmul)"
         if r.get("options") and r.get("variant"):
             line += f"  options {r['options']}"
-        if r.get("kind") == "picture" and "inversion_calls" in r:   # the identity from a picture (issue 15)
+        if r.get("kind") == "picture" and "inversion_calls" in r:   # the identity from a picture
             line += f"  inversion {r['inversion_calls']} forwards {r['inversion_s']:.2f} s"
             if "x_story" in r:
                 line += f", x{r['x_story']:.3f} the story without a picture"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The memory-mode table of issue 14 on the GPU machine: `gpu_bench.py --phases table` over the entries in ENTRIES,
+# The memory-mode table on the GPU machine: `gpu_bench.py --phases table` over the entries in ENTRIES,
 # one process per entry, on every visible GPU side by side; the budget guard skips what would not end in BUDGET s.
 # Carry .whl (bench/table_wheels.sh: diffusers, torchao, bitsandbytes slimmed to CUDA 13.0). $OUT gets
 # bench_TAG.json (every record) and log_TAG.txt (every process's output and the table).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy world's GPU evaluation (issue 10): the model's checks, then the full suite (60 stories) and the held-out
+# The toy world's GPU evaluation: the model's checks, then the full suite (60 stories) and the held-out
 # suite for every method and ablation, one JSON per group of methods (a killed group loses only itself).
 # Device call (carry .whl: the diffusers wheels; see BENCHMARKS.md):
 #   bash bench/toy_gpu_eval.sh $OUT            # checks, full suite (all methods), held-out suite (main methods)

@@ -1,4 +1,4 @@
-"""Compare runs of ``characonsist bench toy --identity-picture ...`` (issue 15): the picture table of every method
+"""Compare runs of ``characonsist bench toy --identity-picture ...``: the picture table of every method
 spec in the given JSON files, then each spec against a reference spec on the stories both ran, paired story by
 story (the same pictures and noise), with 95% bootstrap intervals over stories.
 

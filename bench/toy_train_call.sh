@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One self-contained device call of toy-model training (issue 23): nothing is read from an earlier call's files
+# One self-contained device call of toy-model training: nothing is read from an earlier call's files
 # on the machine, and everything the next call needs comes back in $OUT before this one ends.
 #   bash bench/toy_train_call.sh $OUT AT_STEP TOTAL_STEPS
 # It starts from the transformer in the working tree (src/characonsist/toy/weights/transformer: the shipped one,

@@ -139,7 +139,7 @@ def test_report_of_stored_h100_results():
 
 @pytest.mark.slow
 def test_bench_tiny_picture_phase(tmp_path):
-    """The picture phase (issue 15): the story without a picture, then one run per inversion with the identity from a
+    """The picture phase: the story without a picture, then one run per inversion with the identity from a
     picture of another size; the inversion's forwards are the batch-1 calls (none for renoise, N for Euler)."""
     gpu_bench = _load_bench()
     threads = torch.get_num_threads()

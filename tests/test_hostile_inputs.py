@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 24): nothing a user or a web page sends can exhaust the machine, end in a traceback or an
+"""Hostile inputs: nothing a user or a web page sends can exhaust the machine, end in a traceback or an
 HTTP 500, or be taken silently in a wrong sense. Each test names the item of the issue it covers; the UI's go
 through the real app (a started worker; the Host check and the streamed body through uvicorn on a real socket).
 Every test here is fast: no model is loaded (the command line's engine is test_cli's fake; the callback test uses the

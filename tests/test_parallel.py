@@ -1,4 +1,4 @@
-"""Data-parallel runs on the CPU (issue 16), on the shipped toy model: two processes started with the command
+"""Data-parallel runs on the CPU, on the shipped toy model: two processes started with the command
 ``--gpus 2`` starts (``accelerate launch --multi_gpu --num_processes 2 -m characonsist ...``, which on a machine
 without CUDA runs them on the CPU), and a local Ray cluster. Every group is written exactly once, a killed
 process's groups are taken up by a rerun, and the folder (images, storyboards, manifest) equals a one-process

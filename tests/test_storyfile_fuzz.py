@@ -1,4 +1,4 @@
-"""A bounded, deterministic fuzz test of the story-file readers (text, YAML, TOML; issue 24): every input, valid or
+"""A bounded, deterministic fuzz test of the story-file readers (text, YAML, TOML): every input, valid or
 mangled, ends in a ``Story`` or a ``StoryError`` (never another exception), within a second and 100 MB of Python
 allocations; a story that parses (up to 100 images) also turns into the UI's document and back into story files.
 

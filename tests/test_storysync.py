@@ -1,4 +1,4 @@
-"""StorySync (seed 004): pure functions on synthetic tensors, and the method end to end on a tiny FLUX (CPU)."""
+"""StorySync: pure functions on synthetic tensors, and the method end to end on a tiny FLUX (CPU)."""
 
 import json
 import math

@@ -307,7 +307,7 @@ def test_heldout_suite_is_another_suite_of_the_same_form():
 
 
 def test_story_pictures_show_a_known_character():
-    """The picture kinds (issue 15): a render of a sampled character in the identity's scene and action; offgrid: that
+    """The picture kinds: a render of a sampled character in the identity's scene and action; offgrid: that
     character 1.375x larger, off the trained positions; degraded: the readout's degradations. Deterministic."""
     from characonsist.toy import pictures
     from characonsist.toy.readout import read_batch
