@@ -277,6 +277,14 @@ def test_the_large_text_encoder_of_each_backbone_is_the_one_quantized(tmp_path):
         build(seed=1).save_pretrained(tmp_path / name)
         assert memory.quantized_components(memory.read_model_index(str(tmp_path / name))) == expected, name
     assert memory.read_model_index(str(tmp_path / "missing")) is None
+    size = memory.model_size(tmp_path / "klein")      # the estimates count the Qwen3 encoder in the format too
+    assert size.quantized == ("transformer", "text_encoder")
+    bf16 = memory.estimate_needs("none", "none", size, images=0)
+    int8 = memory.estimate_needs("none", "int8", size, images=0)
+    weights = sum(size.params.values())
+    quantized = size.params["transformer"] + size.params["text_encoder"]
+    assert bf16.gpu_gib - int8.gpu_gib == pytest.approx(quantized * (2 - 1) / memory.GIB, rel=1e-6)
+    assert quantized < weights
 
 
 @needs_torchao

@@ -160,6 +160,7 @@ class ModelSize:
     width: int = FLUX_DEV_WIDTH
     largest_block: dict[str, float] = field(default_factory=dict)   # params of the largest repeated block
     source: str = "FLUX.1-dev's parameter counts"
+    quantized: tuple[str, ...] = QUANTIZED_COMPONENTS   # the components a weight format applies to
 
 
 def flux_dev_size() -> ModelSize:
@@ -215,7 +216,8 @@ def model_size(folder: str | Path | None) -> ModelSize:
         width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return ModelSize(params, width, largest, source=f"parameter counts of {folder}")
+    return ModelSize(params, width, largest, source=f"parameter counts of {folder}",
+                     quantized=quantized_components(read_model_index(str(folder))))
 
 
 @dataclass
@@ -230,9 +232,9 @@ class Needs:
     measured: bool = False    # the memory figures are a GPU measurement of this (format, mode) (``MEASURED``)
 
 
-def _bytes(component: str, quantize: str, dtype_bytes: float) -> float:
+def _bytes(component: str, quantize: str, dtype_bytes: float, quantized=QUANTIZED_COMPONENTS) -> float:
     q = QUANTIZATIONS[quantize]
-    if component in QUANTIZED_COMPONENTS and q.bytes_per_param is not None:
+    if component in quantized and q.bytes_per_param is not None:
         return q.bytes_per_param
     return dtype_bytes
 
@@ -241,10 +243,11 @@ def _model_estimate(mode: str, quantize: str, size: ModelSize, images: int, toke
                     dtype_bytes: float, gpus: int) -> tuple[float, float]:
     """(peak allocated GiB, peak host GiB) from the model alone: weights at their format's bytes per parameter,
     activations scaled from the one-GPU bf16 measurement by the batch's tokens and the transformer's width."""
-    weights = {c: n * _bytes(c, quantize, dtype_bytes) / GIB for c, n in size.params.items()}
+    weights = {c: n * _bytes(c, quantize, dtype_bytes, size.quantized) / GIB for c, n in size.params.items()}
     total = sum(weights.values())
     act = _activations(size, images, tokens, text_len, dtype_bytes)
-    blocks = max((n * _bytes(c, quantize, dtype_bytes) / GIB for c, n in size.largest_block.items()), default=0.0)
+    blocks = max((n * _bytes(c, quantize, dtype_bytes, size.quantized) / GIB for c, n in size.largest_block.items()),
+                 default=0.0)
     if mode == "none":
         gpu, held = total + act, 0.0
     elif mode == "model-offload":
