@@ -1,10 +1,11 @@
 """`characonsist ui` on the other backbones: the UI's worker and HTTP API on a tiny random Chroma folder and tiny
 random FLUX.2 [klein] folders (distilled and base), saved like any model folder. The form starts from the model's
 own defaults (Chroma 35 steps / guidance 5; klein distilled 4 steps, base 50 steps / guidance 4), a story is
-generated with its events and images, and the identity the UI wrote is the story pipeline's own."""
+generated with its events and images, and the identity the UI wrote is the story pipeline's own; an uploaded picture becomes the identity."""
 
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from characonsist import CharaConsistPipeline, cli  # noqa: E402
 from characonsist.ui.server import create_app  # noqa: E402
 from characonsist.ui.worker import Worker  # noqa: E402
 from characonsist.ui.workspace import Workspace  # noqa: E402
-from test_ui_api import doc, events  # noqa: E402  (the story document and the event stream of test_ui_api.py)
+from test_ui_api import doc, events, picture_story, png_bytes, upload  # noqa: E402  (test_ui_api.py's helpers)
 
 SETTINGS = {"num_inference_steps": 2, "height": 32, "width": 32,
             "method_options": {"mask_step": "1"}, "save_masks": True}
@@ -99,3 +100,25 @@ def test_a_story_is_generated_through_the_ui(model, ui, tmp_path):
     assert out.settings["max_sequence_length"] == 512      # the UI has no field for it: the model's default
     with Image.open(tmp_path / "ui" / "walk" / "000_walk" / "identity.png") as written:
         assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(out.identity))
+
+
+@pytest.mark.slow
+def test_an_uploaded_picture_is_the_identity(model, ui, tmp_path):
+    """The picture's inversion runs on the backbone (a pass labelled "inversion"); the identity written is the
+    reconstruction of the fitted picture, and the gallery gives its PSNR."""
+    from characonsist.picture import fit_picture, psnr
+
+    stored = upload(ui, png_bytes()).json()
+    settings = {**SETTINGS, "inversion": "euler"}
+    response = ui.post("/api/jobs", json={"kind": "generate", "name": "walk", "story": picture_story(stored["image"]),
+                                          "settings": settings})
+    assert response.status_code == 202, response.text
+    seen = events(ui, response.json()["id"])
+    assert seen[-1]["type"] == "done", seen[-1]
+    inversion = [e["done"] for e in seen if e["type"] == "progress" and e["phase"] == "inversion"]
+    assert inversion[-1] == 2
+    picture = [e for e in seen if e["type"] == "group"][0]["gallery"]["picture"]
+    assert picture["inversion"] == "euler" and picture["fit"].startswith("96x40 downscaled to 77x32")
+    fitted, _ = fit_picture(Image.open(io.BytesIO(png_bytes())).convert("RGB"), 32, 32)
+    with Image.open(tmp_path / "ui" / "walk" / "000_walk" / "identity.png") as identity:
+        assert abs(psnr(identity, fitted) - picture["psnr"]) < 1e-6
