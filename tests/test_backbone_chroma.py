@@ -100,14 +100,6 @@ def test_shared_attention_keeps_chromas_text_mask(chroma):
     assert torch.equal(call.own(slice(1, 2)), call.attend(q[1:2], q[1:2], q[1:2], bias=stock_mask[1:2]))
 
 
-def test_a_picture_identity_is_refused_on_chroma(chroma):
-    from characonsist.inputs import InputError
-
-    story, _ = chroma
-    with pytest.raises(InputError, match="identity_image: a picture as the identity is FLUX.1 only"):
-        story(IDENTITY, FRAMES, identity_image=np.zeros((32, 32, 3), dtype=np.uint8), **KW)
-
-
 @pytest.mark.slow
 def test_cli_generates_a_story_with_a_chroma_folder(tmp_path):
     """``--model FOLDER`` of a saved ChromaPipeline: the defaults are Chroma's, the images its story pipeline's."""

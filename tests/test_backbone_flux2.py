@@ -188,14 +188,6 @@ def test_every_method_acts_on_klein(klein, method):
     assert any(np.abs(f - r).max() > 1e-4 for f, r in zip(out.frames, ref[1:], strict=True))
 
 
-def test_a_picture_identity_is_refused_on_klein(klein):
-    from characonsist.inputs import InputError
-
-    story, _ = klein
-    with pytest.raises(InputError, match="identity_image: a picture as the identity is FLUX.1 only"):
-        story(IDENTITY, FRAMES, identity_image=np.zeros((32, 32, 3), dtype=np.uint8), **KW)
-
-
 @pytest.mark.slow
 def test_cli_generates_a_story_with_a_klein_folder(tmp_path):
     """``--model FOLDER`` of a saved Flux2KleinPipeline: the defaults are klein's, the images its story pipeline's."""

@@ -28,17 +28,21 @@ method acts), before the story's passes; the story then runs as usual. How the r
   first ``eta_end`` of the run (RF-Inversion's reverse controller, ``v + eta ((x - x0) / sigma - v)``). The output
   identity is what the model made of it (a method that changes its identity changes it too).
 
+Every backbone here (FLUX.1, Chroma, FLUX.2 [klein]) is such a flow; what differs (the picture's latents, the
+sigmas, the model call and its guidance) is the backbone adapter's (``prepare_picture_row``).
+
 ``docs/API.md`` ("the identity from a picture") and docs/TOY_WORLD.md have the measurements behind the default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .engine import sampler_schedule
+from .backbones import backbone_of
 from .inputs import InputError, excerpt
 from .methods.base import check_config, parse_option
 
@@ -192,18 +196,24 @@ def inversion_calls(config: InversionConfig, num_steps: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- with a pipeline
 
+class _StockLayers:
+    """What ``Backbone.velocity`` needs of an engine for a pass with the stock attention processors (the inversion
+    runs before the engine installs its own): the pipeline, and a negative-prompt pass that is plain already."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @contextmanager
+    def plain_pass(self):
+        yield
+
+
 @torch.no_grad()
 def encode_picture(pipe, image, device) -> torch.Tensor:
-    """The packed FLUX latents ``(1, tokens, 4 * C)`` of a fitted RGB picture (the VAE posterior's mode, then
-    FLUX's shift and scale), float32."""
-    vae = pipe.vae
-    x = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
-    params = next(vae.parameters(), None)
-    vae_device = device if params is None or params.device.type in ("meta", "cpu") else params.device
-    latents = vae.encode(x.to(vae_device, vae.dtype)).latent_dist.mode()
-    latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
-    b, c, h, w = latents.shape
-    return pipe._pack_latents(latents, b, c, h, w).to(device)
+    """The packed latents ``(1, tokens, channels)`` of a fitted RGB picture, float32, by the pipeline's backbone
+    (``Backbone.encode_picture``: FLUX.1 and Chroma the VAE posterior's mode, then FLUX's shift and scale, packed
+    2x2; klein its reference-image encoding)."""
+    return backbone_of(pipe).encode_picture(pipe, image, device).float()
 
 
 @torch.no_grad()
@@ -212,25 +222,30 @@ def prepare_picture_row(pipe, image, config: InversionConfig, *, prompt: str, he
                         progress=None) -> PictureRow:
     """Encode the fitted ``image`` and, for an inversion mode, invert it with the pipeline's model (``prompt``, the
     run's guidance, plain attention); returns the ``PictureRow`` the engine follows. ``progress`` (the pipeline's
-    step bars) gets one "inversion" pass of ``num_inference_steps`` steps."""
-    from .engine import Phase, flow_velocity
+    step bars) gets one "inversion" pass of ``num_inference_steps`` steps.
 
+    Everything model-specific is the backbone adapter's (``characonsist.backbones``): the seed noise and positions
+    (``latents``), the picture's latents (``encode_picture``), the sigmas (``schedule``), the prompt (``encode``) and
+    the model call with its guidance (``velocity``; a negative-prompt pass where the model runs real guidance)."""
+    from .engine import Phase
+
+    backbone = backbone_of(pipe)
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
-    channels = pipe.transformer.config.in_channels // 4
     gen = torch.Generator("cpu").manual_seed(int(seed)) if seed is not None else None
-    noise, img_ids = pipe.prepare_latents(1, channels, height, width, dtype, device, gen)
+    noise, img_ids = backbone.latents(pipe, height, width, dtype, device, gen)
     x0 = encode_picture(pipe, image, device)
-    sched, _ = sampler_schedule(pipe.scheduler, num_inference_steps, x0.shape[1], device)
+    sched, _ = backbone.schedule(pipe.scheduler, num_inference_steps, x0.shape[1], device)
     sigmas = sched.sigmas.detach().float().cpu()
     row = PictureRow(config, x0.float(), noise.float(), sigmas)
     if config.mode == "renoise":
         return row
-    embeds, pooled, text_ids = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device,
-                                                  num_images_per_prompt=1, max_sequence_length=max_sequence_length)
+    text = backbone.encode(pipe, [prompt], max_sequence_length, device, guidance_scale)
+    layers = _StockLayers(pipe)
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return flow_velocity(pipe.transformer, x.to(dtype), sigma, embeds, pooled, text_ids, img_ids, guidance_scale)
+        t = torch.full([1], float(sigma) * 1000, device=x.device, dtype=torch.float32)   # the scheduler's timestep
+        return backbone.velocity(layers, x.to(dtype), t, text, img_ids, guidance_scale)
 
     step = None
     if progress is not None:

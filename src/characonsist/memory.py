@@ -464,7 +464,8 @@ def enable_fp8_storage(pipe, dtype, components=QUANTIZED_COMPONENTS) -> None:
     """``fp8-storage``: diffusers' layerwise casting on the large models (weights stored in float8_e4m3fn, each layer
     cast to ``dtype`` while it runs); norms, embeddings and the input/output projections stay in ``dtype``
     (diffusers' default skip list; in T5 also the embeddings and the feed-forward output ``wo``, whose input T5
-    casts to the stored weight's dtype)."""
+    casts to the stored weight's dtype; in a causal LM its output head ``lm_head``, which klein never calls and which
+    may share its weight with the token embedding (a config with ``tie_word_embeddings``))."""
     import torch
     from diffusers.hooks import apply_layerwise_casting
 
@@ -476,7 +477,8 @@ def enable_fp8_storage(pipe, dtype, components=QUANTIZED_COMPONENTS) -> None:
             module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         else:
             apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
-                                    skip_modules_pattern=("norm", "relative_attention_bias", "shared", "embed", r"\.wo$"),
+                                    skip_modules_pattern=("norm", "relative_attention_bias", "shared", "embed", r"\.wo$",
+                                                          "lm_head"),
                                     skip_modules_classes=(torch.nn.Embedding,))
 
 
@@ -495,8 +497,8 @@ def apply_memory_mode(pipe, memory: str, device, gpus: list[int] | None = None) 
     if memory == "none":
         if getattr(pipe, "hf_device_map", None) is None:
             pipe.to(device)
-    elif memory == "model-offload":
-        pipe.enable_model_cpu_offload(gpu_id=gpu)
+    elif memory == "model-offload":   # without a GPU: diffusers' hooks from the CPU to the CPU (how tests run them)
+        pipe.enable_model_cpu_offload(**({"gpu_id": gpu} if gpu is not None else {"device": torch.device(device)}))
     elif memory == "sequential-offload":
         pipe.enable_sequential_cpu_offload(gpu_id=gpu)
     elif memory == "group-offload":

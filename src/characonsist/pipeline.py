@@ -312,8 +312,8 @@ class StoryPipelineMixin:
             problems.append(f"callback_on_step_end_tensor_inputs: {', '.join(map(excerpt, unknown))} not available; "
                             f"valid: {', '.join(map(repr, CALLBACK_TENSORS))}")
         if identity_image is not None and not self.backbone.supports_picture():
-            problems.append(f"identity_image: a picture as the identity is FLUX.1 only for now ({self.backbone.name} "
-                            "has no inversion here); leave it out")
+            problems.append(f"identity_image: a picture as the identity is not available on {self.backbone.name} "
+                            "(its adapter has no picture encoding); leave it out")
         elif identity_image is not None:
             try:
                 load_picture(identity_image, "identity_image")

@@ -77,6 +77,11 @@ class Backbone:
     def schedule(self, scheduler, num_steps: int, image_seq_len: int, device):
         raise NotImplementedError
 
+    def encode_picture(self, pipe, image, device) -> torch.Tensor:
+        """A fitted RGB picture's latents (1, N, C), float32, in the layout ``latents`` gives the starting noise and
+        ``decode`` reads back (the VAE posterior's mode, then the backbone's normalisation and packing)."""
+        raise NotImplementedError
+
     def decode(self, pipe, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:
         raise NotImplementedError
 
@@ -103,5 +108,13 @@ class Backbone:
         return self.defaults(dict(transformer.config) if transformer is not None else None)
 
     def supports_picture(self) -> bool:
-        """Whether an identity picture (``identity_image``, ``characonsist.inversion``) can be used."""
+        """Whether an identity picture (``identity_image``, ``characonsist.inversion``) can be used: the inversion
+        needs ``encode_picture``, ``latents``, ``schedule``, ``encode`` and ``velocity``, nothing else."""
         return False
+
+
+def vae_device(pipe, device):
+    """Where the pipeline's VAE runs: its weights' device, or ``device`` while they wait on the host or on the meta
+    device (an offload hook moves them)."""
+    params = next(pipe.vae.parameters(), None)
+    return device if params is None or params.device.type in ("meta", "cpu") else params.device

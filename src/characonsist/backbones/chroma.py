@@ -15,6 +15,9 @@ What differs from FLUX.1, and what this adapter does about it:
   (``Engine.plain_pass``), so the guidance direction is (shared conditional) - (plain unconditional).
 - Blocks, RoPE axes (3: 0, row, col), text spans (T5 tokens, no end token) and schedule are FLUX.1's: every method
   keeps its FLUX.1 layer and step settings unchanged.
+- **Picture as identity.** The VAE (16 channels, FLUX's shift and scale) and the 2x2 packing are FLUX.1's, so the
+  picture is encoded as on FLUX.1; its inversion (``characonsist.inversion``) calls ``velocity`` with the run's
+  guidance, so with ``guidance_scale > 1`` every inversion step has the negative pass too (two model calls).
 """
 
 from __future__ import annotations
@@ -67,6 +70,3 @@ class Chroma(Flux1):
 
     def defaults(self, transformer_config):
         return dict(CHROMA_DEFAULTS)
-
-    def supports_picture(self) -> bool:
-        return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import AttnCall, sampler_schedule
-from .base import Backbone, TextBatch
+from .base import Backbone, TextBatch, vae_device
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,15 @@ class Flux1(Backbone):
         return transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
                            pooled_projections=text.pooled, encoder_hidden_states=text.embeds, txt_ids=text.ids,
                            img_ids=img_ids, return_dict=False)[0]
+
+    def encode_picture(self, pipe, image, device):
+        """FLUX's VAE latents of the picture: ``(z - shift) * scale``, packed in 2x2 patches (``_pack_latents``)."""
+        vae = pipe.vae
+        x = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+        latents = vae.encode(x.to(vae_device(pipe, device), vae.dtype)).latent_dist.mode()
+        latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        return pipe._pack_latents(latents, b, c, h, w).to(device)
 
     def decode(self, pipe, latents, height, width, output_type):
         if output_type == "latent":

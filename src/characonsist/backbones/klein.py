@@ -36,7 +36,10 @@ What differs from FLUX.1, and what this adapter does about it:
   the image tokens *and* the step count), not FLUX.1's resolution shift.
 - **Guidance.** Base models (``is_distilled`` false, ``guidance_scale`` > 1) run a second, negative-prompt pass
   (``""``) each step; the methods act on the conditional pass only (``Engine.plain_pass``), as on Chroma.
-- **Picture as identity** (``characonsist.inversion``) is FLUX.1's only: refused with a message.
+- **Picture as identity** (``characonsist.inversion``): the picture is encoded as Flux2KleinPipeline encodes its
+  reference images (the VAE posterior's mode, 2x2 patches, the VAE's batch-norm statistics, packed), the inverse of
+  ``decode``; the inversion calls ``velocity`` with the run's guidance (base: with the negative pass, two calls a
+  step). The row it follows is in the generated images' place, never a reference-image token.
 - klein's reference-image inputs (``image=``, the KV cache of ``Flux2KleinKVPipeline``) are not used.
 """
 
@@ -48,7 +51,7 @@ import numpy as np
 import torch
 
 from ..inputs import KLEIN_BASE_DEFAULTS, KLEIN_DEFAULTS, InputError, excerpt
-from .base import Backbone, TextBatch
+from .base import Backbone, TextBatch, vae_device
 from .flux1 import FluxLayerProcessor, layer_of
 
 
@@ -158,6 +161,18 @@ class Klein(Backbone):
         sched.set_begin_index(0)
         return sched, timesteps
 
+    def encode_picture(self, pipe, image, device):
+        """The picture as klein's latent tokens, as ``Flux2KleinPipeline._encode_vae_image`` encodes a reference
+        image (posterior mode, 2x2 patches, normalised by the VAE's batch-norm statistics), packed row by row."""
+        vae = pipe.vae
+        x = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
+        lat = vae.encode(x.to(vae_device(pipe, device), vae.dtype)).latent_dist.mode()
+        lat = pipe._patchify_latents(lat.float())
+        bn = vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(lat.device, lat.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(lat.device, lat.dtype)
+        return pipe._pack_latents((lat - mean) / std).to(device)
+
     def decode(self, pipe, latents, height, width, output_type):
         """As Flux2KleinPipeline ends: tokens back to the grid, the VAE's batch-norm statistics undone, 2x2 patches
         back to latent pixels; ``output_type="latent"`` gives those latents (B, C, H, W), as the stock pipeline."""
@@ -205,4 +220,4 @@ class Klein(Backbone):
         return dict(KLEIN_DEFAULTS if pipe.config.get("is_distilled", False) else KLEIN_BASE_DEFAULTS)
 
     def supports_picture(self) -> bool:
-        return False
+        return True
