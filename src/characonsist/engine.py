@@ -248,21 +248,6 @@ def sampler_schedule(scheduler, num_steps: int, image_seq_len: int, device):
     return sched, timesteps
 
 
-def flow_velocity(transformer, latents: torch.Tensor, sigma: float, embeds, pooled, text_ids, img_ids,
-                  guidance_scale: float) -> torch.Tensor:
-    """The model's velocity for packed ``latents`` (B, S, C) at noise level ``sigma``, called as the engine calls it
-    (FLUX's timestep = sigma; the guidance embedding where the model has one). For passes outside the lockstep
-    batch (a picture's inversion)."""
-    batch = latents.shape[0]
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.full([1], guidance_scale, device=latents.device, dtype=torch.float32).expand(batch)
-    timestep = torch.full([batch], float(sigma) * 1000, device=latents.device, dtype=torch.float32)
-    return transformer(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
-                       pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=img_ids,
-                       return_dict=False)[0]
-
-
 def _name(fn) -> str:
     """A callable as messages name it (its qualified name)."""
     return getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", None) or repr(fn)
