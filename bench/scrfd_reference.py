@@ -93,13 +93,13 @@ def check_detector(cv2, insightface: Path, seed: int = 0) -> bool:
     scrfd_mod = load(insightface / "model_zoo" / "scrfd.py", "insightface_scrfd")
     align_mod = load(insightface / "utils" / "face_align.py", "insightface_face_align")
     rng = np.random.default_rng(seed)
-    sizes = [(int(rng.integers(24, 1400)), int(rng.integers(24, 1400))) for _ in range(24)]
+    sizes = [(int(rng.integers(24, 1400)), int(rng.integers(24, 1400))) for _ in range(16)]
     sizes += [(1280, 720), (640, 640), (300, 900), (60, 40)]
     images = pictures(rng, sizes)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"many faces": dict(score_bias=0.0), "few faces": dict(score_bias=-7.0),
-                  "batched outputs": dict(batched=True, seed=1), "ties (scores in steps of 1/8)": dict(seed=2, score_levels=8)}
+        models = {"many faces": dict(score_bias=-1.5), "few faces": dict(seed=3, score_bias=-4.0), "some faces": dict(seed=3, score_bias=-3.3),
+                  "batched outputs": dict(batched=True, seed=1, score_bias=-1.5), "ties (scores in steps of 1/8)": dict(seed=2, score_bias=-2.0, score_levels=8)}
         for label, kw in models.items():
             file = save_tiny_scrfd(Path(tmp) / f"{label.split()[0]}.onnx", **kw)
             theirs = scrfd_mod.SCRFD(model_file=str(file))
@@ -110,7 +110,7 @@ def check_detector(cv2, insightface: Path, seed: int = 0) -> bool:
             for img in images:
                 bgr = np.ascontiguousarray(img[:, :, ::-1])
                 pil = Image.fromarray(img)
-                for t in (*face_thresholds(), 0.9, 0.05):
+                for t in (*face_thresholds(), 0.6):
                     theirs.prepare(-1, input_size=(640, 640), det_thresh=t, nms_thresh=0.4)
                     for max_num in (0, 3):
                         det, kps = theirs.detect(bgr, max_num=max_num, metric="default")
@@ -149,7 +149,7 @@ def check_detector(cv2, insightface: Path, seed: int = 0) -> bool:
                         mismatch += 1
                     warped = align_mod.norm_crop(bgr, face_theirs[2])
                     aligned_px += bool((warped[:, :, ::-1] != np.asarray(align_face(pil, face_ours.landmarks))).any())
-            print(f"{label}: {len(images)} pictures x {len(face_thresholds()) + 2} thresholds x max_num 0/3: "
+            print(f"{label}: {len(images)} pictures x {len(face_thresholds()) + 1} thresholds x max_num 0/3: "
                   f"{int(counts)} faces from theirs; shape mismatches {mismatch}; boxes and scores max abs "
                   f"difference {diff:.1e}; keypoints {kdiff:.1e}; input blobs differing {blobs}; first face found at "
                   f"det_thresh {dict(sorted(steps.items()))}; norm_crop faces differing {aligned_px}")

@@ -60,8 +60,8 @@ def resolve_checkpoint(source: str, *, aliases: dict[str, str], what: str, flag:
     by_url: dict[str, list[str]] = {}
     for alias, url in aliases.items():
         by_url.setdefault(url, []).append(repr(alias))
-    names = ", ".join(f"{' or '.join(a)} (downloads {url})" for url, a in by_url.items())
-    raise ModelUnavailable(f"{source!r}: no such {what} checkpoint; pass {names}, a URL, a local {expected}, or "
+    names = "".join(f"{' or '.join(a)} (downloads {url}), " for url, a in by_url.items())
+    raise ModelUnavailable(f"{source!r}: no such {what} checkpoint; pass {names}a URL, a local {expected}, or "
                            "owner/repo:file")
 
 

@@ -205,9 +205,13 @@ class Scrfd:
     def __init__(self, source: str = SCRFD_FILE, device: str = "auto", progress: bool = True):
         from .models import onnx_session
 
-        self.file = resolve_checkpoint(str(source), aliases={}, what="SCRFD face detector (antelopev2 "
-                                       "scrfd_10g_bnkps.onnx)", flag="--scrfd", expected="scrfd_10g_bnkps.onnx",
-                                       progress=progress)
+        try:
+            self.file = resolve_checkpoint(str(source), aliases={}, what="SCRFD face detector (antelopev2 "
+                                           "scrfd_10g_bnkps.onnx)", flag="--arcface-detector",
+                                           expected="scrfd_10g_bnkps.onnx", progress=progress)
+        except ModelUnavailable as e:
+            raise ModelUnavailable(f"{e} (--arcface-detector: a local scrfd_10g_bnkps.onnx, or retinaface for this "
+                                   "project's RetinaFace)") from None
         self.session = onnx_session(self.file, device, "SCRFD face detector")
         inp = self.session.get_inputs()[0]
         outputs = self.session.get_outputs()

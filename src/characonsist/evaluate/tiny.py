@@ -251,6 +251,7 @@ def save_tiny_scrfd(path: str | Path, seed: int = 0, batched: bool = False, size
     anchors, k) when ``batched``. ``score_gain`` spreads the random scores over (0, 1), ``score_bias`` shifts them
     (negative: few faces), ``score_levels`` rounds them to multiples of 1 / levels (equal scores)."""
     import io
+    import warnings
 
     import torch
     from torch import nn
@@ -284,7 +285,8 @@ def save_tiny_scrfd(path: str | Path, seed: int = 0, batched: bool = False, size
     side = size or 640
     names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
     buffer = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # the TorchScript exporter: no onnxscript needed
         torch.onnx.export(net, (torch.zeros(1, 3, side, side),), buffer, input_names=["input.1"], output_names=names,
                           dynamic_axes=None if size else {"input.1": {2: "height", 3: "width"}}, opset_version=13,
                           dynamo=False)
