@@ -83,6 +83,37 @@ def test_letterbox_keeps_the_aspect_at_the_top_left():
     assert b[0, 0, 0, 0] == np.float32((9 - 127.5) / 128) and b[0, 0, -1, -1] == np.float32(-127.5 / 128)
 
 
+# --------------------------------------------------------------------------------------------------- norm_crop
+
+# insightface 0.7.3's face_align.estimate_norm on two float32 landmark sets (scikit-image 0.24, numpy 1.26)
+CLUSTER = [[309.83298, 283.67459], [310.83853, 285.71497], [309.37259, 285.50467], [310.5593, 285.76532],
+           [310.03333, 285.55695]]
+FACE = [[101.5, 120.25], [160.75, 118.5], [131.0, 150.125], [108.25, 181.0], [155.5, 180.75]]
+ESTIMATE_NORM = {"cluster": [[10.963277570075482, 7.73036844829831, -5549.021520620049],
+                             [-7.73036844829831, 10.963277570075482, -657.9015263156969]],
+                 "face": [[0.6363811795185736, -0.006244794175374621, -26.65682218515235],
+                          [0.006244794175374621, 0.6363811795185736, -24.456510767633816]]}
+
+
+def test_norm_crop_matrix_is_scikit_images_float32_estimate():
+    from characonsist.evaluate.face_mix import similarity_transform
+
+    for name, points in (("cluster", CLUSTER), ("face", FACE)):
+        lmk = np.array(points, np.float32)
+        assert scrfd.norm_crop_matrix(lmk).tolist() == ESTIMATE_NORM[name]
+        # the same similarity in float64 lands elsewhere by more than rounding when the points are close together
+        exact = similarity_transform(lmk.astype(np.float64), vm.ARCFACE_DST)
+        assert np.allclose(exact, ESTIMATE_NORM[name], rtol=0, atol=1e-2)
+    assert np.abs(similarity_transform(np.array(CLUSTER), vm.ARCFACE_DST) - ESTIMATE_NORM["cluster"]).max() > 1e-5
+    # a bright spot on the nose landmark lands on the template's nose, black around (the border is black too)
+    canvas = np.zeros((300, 400, 3), np.uint8)
+    canvas[147:154, 128:135] = 255
+    face = np.asarray(scrfd.norm_crop(Image.fromarray(canvas), np.array(FACE, np.float32)))
+    assert face.shape == (112, 112, 3) and face[0, 0].tolist() == [0, 0, 0]
+    ys, xs = np.nonzero(face[..., 0] > 128)
+    assert abs(xs.mean() - vm.ARCFACE_DST[2, 0]) < 1.5 and abs(ys.mean() - vm.ARCFACE_DST[2, 1]) < 1.5
+
+
 # ---------------------------------------------------------------------------------------------------- decoding
 
 def _outputs(size: int = 64, batched: bool = False) -> list[np.ndarray]:
@@ -216,7 +247,7 @@ def test_scrfd_arcface_embeds_the_first_face_aligned(models):
     feats, valid = enc.embed(images)
     assert valid == [0, 1, 2] and feats.shape == (3, 16)
     face = enc.detector.first_face(images[1], vm.face_thresholds())
-    expected = ArcFaceOnnx(models["arcface"], "cpu").embed([vm.align_face(images[1], face.landmarks)])
+    expected = ArcFaceOnnx(models["arcface"], "cpu").embed([scrfd.norm_crop(images[1], face.landmarks)])
     assert np.allclose(feats[1], expected[0], atol=1e-6)
     assert "det_thresh [0.45, 0.35, 0.25, 0.15]" in enc.describe() and "norm_crop" in enc.describe()
     assert enc.embed([Image.new("RGB", (1000, 1))]) == (None, [])

@@ -259,7 +259,8 @@ def onnx_session(file, device: str = "auto", what: str = "the ONNX model"):
     except ImportError:
         raise ModelUnavailable(f"{what} needs onnxruntime: {EXTRA}") from None
     providers = ["CPUExecutionProvider"]
-    if pick_device(device).startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+    if device != "cpu" and pick_device(device).startswith("cuda") \
+            and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
         return onnxruntime.InferenceSession(str(file), providers=providers)

@@ -16,8 +16,8 @@ Its ``SCRFD.detect`` on a BGR crop, with ``prepare(det_size=(640, 640))``:
   largest, most central boxes.
 
 ViStoryBench's ``_get_arcface_features`` sets ``det_thresh`` to 0.45, 0.35, 0.25, 0.15 in turn and takes
-``faces[0]`` of the first threshold that finds a face; its 5 points go to ``norm_crop`` and glintr100
-(``ScrfdArcFace``). The network does not depend on the threshold, so it runs once per crop here and only the
+``faces[0]`` of the first threshold that finds a face; its 5 points go to ``norm_crop`` (``norm_crop_matrix``:
+scikit-image's float32 arithmetic) and glintr100 (``ScrfdArcFace``). The network does not depend on the threshold, so it runs once per crop here and only the
 decoding is repeated.
 """
 
@@ -26,9 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .checkpoints import resolve_checkpoint
+from .face_mix import warp_affine
+from .models import ArcFaceOnnx, onnx_session
 from .unavailable import ModelUnavailable
+from .vistory_metrics import ARCFACE_DST, face_thresholds
 
 SCRFD_FILE = "ViStoryBench/VistoryBench_pretrain:insightface/models/antelopev2/scrfd_10g_bnkps.onnx"
 DET_SIZE = (640, 640)                 # (width, height): FaceAnalysis.prepare's default det_size
@@ -187,6 +191,49 @@ def select(outputs: list[np.ndarray], det_scale: float, threshold: float, image_
     return det, kps
 
 
+# -------------------------------------------------------------------------------------------------- norm_crop
+
+def norm_crop_matrix(landmarks) -> np.ndarray:
+    """insightface's ``estimate_norm``: the 2x3 similarity taking the 5 landmarks onto ArcFace's 112x112 template,
+    computed as scikit-image's ``SimilarityTransform.estimate`` computes it (Umeyama 1991, eqs. 38-43) from
+    float32 points (SCRFD's keypoints and insightface's float32 template): means, centred points, the covariance
+    and its SVD in float32, the rotation, scale and shift in float64; the scale's ``1.0 / variance`` in float64, as
+    numpy < 2 (ViStoryBench's pin) promotes a Python float over a float32 scalar."""
+    src = np.asarray(landmarks, np.float32).reshape(-1, 2)
+    dst = ARCFACE_DST.astype(np.float32)
+    n = src.shape[0]
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / n
+    signs = np.ones(2, dtype=np.float64)
+    if np.linalg.det(cov) < 0:
+        signs[1] = -1
+    out = np.eye(3, dtype=np.float64)
+    u, sv, vt = np.linalg.svd(cov)
+    rank = np.linalg.matrix_rank(cov)
+    if rank == 0:
+        return np.full((2, 3), np.nan)
+    if rank == 1 and np.linalg.det(u) * np.linalg.det(vt) > 0:
+        out[:2, :2] = u @ vt
+    elif rank == 1:
+        out[:2, :2] = u @ np.diag([signs[0], -1.0]) @ vt
+    else:
+        out[:2, :2] = u @ np.diag(signs) @ vt
+    scale = 1.0 / float(src_c.var(axis=0).sum()) * (sv @ signs)
+    out[:2, 2] = dst_mean - scale * (out[:2, :2] @ src_mean.T)
+    out[:2, :2] *= scale
+    return out[:2]
+
+
+def norm_crop(image, landmarks, size: int = 112):
+    """insightface's ``norm_crop``: ``cv2.warpAffine(img, estimate_norm(landmarks), (112, 112), borderValue=0)``
+    (bilinear, black outside) with OpenCV's warp arithmetic (``face_mix.warp_affine``); a PIL image in and out."""
+    if size != 112:
+        raise ValueError(f"norm_crop: ArcFace's template is for 112 px faces, not {size}")
+    rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return Image.fromarray(warp_affine(rgb, norm_crop_matrix(landmarks), (size, size), border=(0, 0, 0)))
+
+
 # ------------------------------------------------------------------------------------------------------- the model
 
 @dataclass
@@ -203,8 +250,6 @@ class Scrfd:
     or ``owner/repo:file`` on the hub (default: the benchmark's copy)."""
 
     def __init__(self, source: str = SCRFD_FILE, device: str = "auto", progress: bool = True):
-        from .models import onnx_session
-
         try:
             self.file = resolve_checkpoint(str(source), aliases={}, what="SCRFD face detector (antelopev2 "
                                            "scrfd_10g_bnkps.onnx)", flag="--arcface-detector",
@@ -279,28 +324,22 @@ class ScrfdArcFace:
     ``vistory_metrics.FaceEncoder`` (``describe``, ``embed``)."""
 
     def __init__(self, arcface: str, detector: str = SCRFD_FILE, device: str = "auto", progress: bool = True):
-        from .models import ArcFaceOnnx
-
         self.embedder = ArcFaceOnnx(str(resolve_checkpoint(str(arcface), aliases={}, what="ArcFace ONNX (antelopev2 "
                                                            "glintr100.onnx)", flag="--arcface",
                                                            expected="glintr100.onnx", progress=progress)), device)
         self.detector = Scrfd(detector, device, progress)
 
     def describe(self) -> str:
-        from .vistory_metrics import face_thresholds
-
         return (f"faces: {self.detector.describe()}, det_thresh {[round(t, 2) for t in face_thresholds()]} tried in "
                 f"turn; norm_crop: 5-point similarity onto ArcFace's 112x112 template; {self.embedder.label}, "
                 "(x - 127.5) / 127.5, unit length")
 
     def embed(self, images) -> tuple[np.ndarray | None, list[int]]:
-        from .vistory_metrics import align_face, face_thresholds
-
         faces, valid = [], []
         for k, image in enumerate(images):
             face = self.detector.first_face(image, face_thresholds())
             if face is not None:
-                faces.append(align_face(image, face.landmarks))
+                faces.append(norm_crop(image, face.landmarks))
                 valid.append(k)
         if not faces:
             return None, []

@@ -14,7 +14,9 @@ defaults), ``clipseg``, ``face_detector`` (OWLv2, also SAM's box detector) and `
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -250,9 +252,6 @@ def save_tiny_scrfd(path: str | Path, seed: int = 0, batched: bool = False, size
     9 outputs in insightface's order (scores 8/16/32, boxes 8/16/32, keypoints 8/16/32), each (anchors, k), or (1,
     anchors, k) when ``batched``. ``score_gain`` spreads the random scores over (0, 1), ``score_bias`` shifts them
     (negative: few faces), ``score_levels`` rounds them to multiples of 1 / levels (equal scores)."""
-    import io
-    import warnings
-
     import torch
     from torch import nn
 
