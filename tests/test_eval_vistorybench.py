@@ -271,6 +271,7 @@ def tiny(tmp_path_factory):
         save_tiny_grounding_dino,
         save_tiny_models,
         save_tiny_retinaface,
+        save_tiny_scrfd,
     )
 
     folder = tmp_path_factory.mktemp("vistory_models")
@@ -281,6 +282,7 @@ def tiny(tmp_path_factory):
     paths["head"] = str(head)
     paths["arcface"] = str(save_tiny_arcface(folder / "arcface.onnx"))
     paths["retinaface"] = str(save_tiny_retinaface(folder / "retinaface.pth"))
+    paths["scrfd"] = str(save_tiny_scrfd(folder / "scrfd_10g_bnkps.onnx"))
     paths["adaface"] = str(save_tiny_adaface(folder / "adaface.ckpt"))
     paths["facenet"] = str(save_tiny_facenet(folder / "facenet.pt"))
     return paths
@@ -447,8 +449,8 @@ def test_suite_end_to_end_on_a_run_with_export(dataset, tiny, endpoint, tmp_path
                     {"000_01-rabbit": [(1, 1, 1), (150, 100, 50), (200, 30, 30)],
                      "001_01-ann": [(2, 2, 2), (0, 30, 0), (200, 30, 30)]})
     models = ["--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
-              "--face-detector", tiny["retinaface"], "--adaface", tiny["adaface"], "--facenet", tiny["facenet"],
-              "--csd", tiny["csd"], "--aesthetic", tiny["head"],
+              "--arcface-detector", tiny["scrfd"], "--face-detector", tiny["retinaface"], "--adaface",
+              tiny["adaface"], "--facenet", tiny["facenet"], "--csd", tiny["csd"], "--aesthetic", tiny["head"],
               "--siglip", tiny["siglip"], "--device", "cpu", "-q"]
     report = tmp_path / "report"
     code = cli.main(["eval", "--suite", "vistorybench", "--dataset", str(dataset), "--map", str(stories), str(run),
@@ -607,6 +609,7 @@ def test_cids_face_mix_end_to_end_on_the_tiny_dataset(dataset, tiny, tmp_path, c
     from characonsist.evaluate.adaface import AdaFace
     from characonsist.evaluate.face_mix import FaceMixEncoder, FacexlibFaces
     from characonsist.evaluate.facenet import FaceNet
+    from characonsist.evaluate.scrfd import ScrfdArcFace
 
     root = dataset_root(dataset)
     data = json.loads((root / "01/story.json").read_text(encoding="utf-8-sig"))
@@ -617,13 +620,13 @@ def test_cids_face_mix_end_to_end_on_the_tiny_dataset(dataset, tiny, tmp_path, c
     shots = {k: _noise(layout / f"shot_{k:02d}.png", 10 + k, (640, 480)) for k in (1, 2, 4)}
     common = ["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout.parent), "--vistory-metrics",
               "cids", "--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
-              "--face-detector", tiny["retinaface"], "--adaface", tiny["adaface"], "--facenet", tiny["facenet"],
-              "--device", "cpu", "-q"]
+              "--arcface-detector", tiny["scrfd"], "--face-detector", tiny["retinaface"], "--adaface",
+              tiny["adaface"], "--facenet", tiny["facenet"], "--device", "cpu", "-q"]
     assert cli.main([*common, "--report-dir", str(tmp_path / "mix")]) == 0, capsys.readouterr().out
     mix = json.loads((tmp_path / "mix/vistorybench.json").read_text())["stories"]["cids"]["01"]
     story = read_story(root, "01")
     assert story.characters["Ann"].tag == "realistic_human"
-    encoder = FaceMixEncoder(vm.FaceEncoder(tiny["arcface"], tiny["retinaface"], "cpu", progress=False),
+    encoder = FaceMixEncoder(ScrfdArcFace(tiny["arcface"], tiny["scrfd"], "cpu", progress=False),
                              AdaFace(tiny["adaface"], "cpu", progress=False),
                              FaceNet(tiny["facenet"], "cpu", progress=False),
                              FacexlibFaces(tiny["retinaface"], "cpu", progress=False))
@@ -684,6 +687,10 @@ def test_face_mix_without_adaface_weights_says_what_to_pass(dataset, tiny, tmp_p
     base = ["eval", "--suite", "vistorybench", "--dataset", str(dataset), str(layout.parent), "--vistory-metrics",
             "cids", "--grounding-dino", tiny["gdino"], "--cids-clip", tiny["clip"], "--arcface", tiny["arcface"],
             "--face-detector", tiny["retinaface"], "--facenet", tiny["facenet"], "--device", "cpu", "-q"]
+    assert cli.main(base) == 1           # ArcFace's default detector, SCRFD, is not in the cache either
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cids: skipped"))
+    assert "antelopev2/scrfd_10g_bnkps.onnx" in line and "--arcface-detector" in line and "retinaface" in line
+    base += ["--arcface-detector", "retinaface"]
     assert cli.main(base) == 1
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cids: skipped"))
     assert "adaface/adaface_ir101_webface12m.ckpt" in line and "--adaface none" in line

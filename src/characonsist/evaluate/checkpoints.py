@@ -29,11 +29,11 @@ def resolve_checkpoint(source: str, *, aliases: dict[str, str], what: str, flag:
     is; ``owner/repo:file`` comes from the Hugging Face hub. ``what`` names the model in messages, ``flag`` the
     option that takes a file, ``expected`` the published file name. Errors are ``ModelUnavailable`` saying what
     to do (offline: the URL and the path to put the file at)."""
-    import torch
-
     source = str(source)
     source = aliases.get(source.lower(), source)
     if source.startswith(("http://", "https://")):
+        import torch
+
         name = os.path.basename(source.split("?")[0]) or expected
         target = checkpoint_dir() / name
         for path in (target, *(Path(d) / name for d in also_look_in)):
@@ -60,8 +60,8 @@ def resolve_checkpoint(source: str, *, aliases: dict[str, str], what: str, flag:
     by_url: dict[str, list[str]] = {}
     for alias, url in aliases.items():
         by_url.setdefault(url, []).append(repr(alias))
-    names = ", ".join(f"{' or '.join(a)} (downloads {url})" for url, a in by_url.items())
-    raise ModelUnavailable(f"{source!r}: no such {what} checkpoint; pass {names}, a URL, a local {expected}, or "
+    names = "".join(f"{' or '.join(a)} (downloads {url}), " for url, a in by_url.items())
+    raise ModelUnavailable(f"{source!r}: no such {what} checkpoint; pass {names}a URL, a local {expected}, or "
                            "owner/repo:file")
 
 

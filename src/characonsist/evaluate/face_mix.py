@@ -5,8 +5,9 @@ As ``CIDSEvaluator`` (``bench/content/cids_evaluator.py``, ``config.yaml``: ``us
 ``ensemble_method: average``) with facexlib 0.3.0's ``FaceRestoreHelper(upscale_factor=1, face_size=112,
 crop_ratio=(1, 1), det_model='retinaface_resnet50')``:
 
-* **ArcFace** finds its own face in the crop (insightface's detector there; here this project's RetinaFace, see
-  ``vistory_metrics.FaceEncoder``) with the stepped thresholds 0.45, 0.35, 0.25, 0.15, and embeds it.
+* **ArcFace** finds its own face in the crop with insightface's SCRFD (``scrfd.ScrfdArcFace``; this project's
+  RetinaFace instead with ``vistory_metrics.FaceEncoder``) at the stepped thresholds 0.45, 0.35, 0.25, 0.15, aligns
+  it with ``norm_crop`` and embeds it.
 * **AdaFace and FaceNet** share facexlib's face: RetinaFace ResNet-50 on the crop at its own size (BGR minus (104,
   117, 123)), faces with probability > 0.97 (``get_face_landmarks_5`` calls ``detect_faces(img, 0.97)``), NMS at
   IoU 0.4 as torchvision's ``nms``, the best face first (equal scores, as a saturated float32 probability of 1.0,
@@ -202,7 +203,7 @@ def _unit(x) -> np.ndarray:
 
 class FaceMixEncoder:
     """CIDS's ``face_mix`` encoder: per image a dict {model: (1, d) unit feature} of the models that found a face.
-    ``arcface`` is a ``vistory_metrics.FaceEncoder`` (or None), ``adaface`` an ``adaface.AdaFace``, ``facenet`` a
+    ``arcface`` is a ``scrfd.ScrfdArcFace`` or ``vistory_metrics.FaceEncoder`` (or None), ``adaface`` an ``adaface.AdaFace``, ``facenet`` a
     ``facenet.FaceNet``, ``faces`` the ``FacexlibFaces`` AdaFace and FaceNet share; any of them may be None (left
     out of the mix, as their code does when a model fails to load)."""
 

@@ -252,22 +252,28 @@ class Owlv2FaceDetector(Owlv2Detector):
         return self.best_boxes(images, [self.QUERY] * len(images), self.threshold)
 
 
+def onnx_session(file, device: str = "auto", what: str = "the ONNX model"):
+    """An onnxruntime session of ``file`` (CUDA first when ``device`` picks a GPU and onnxruntime has it)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ModelUnavailable(f"{what} needs onnxruntime: {EXTRA}") from None
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and pick_device(device).startswith("cuda") \
+            and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return onnxruntime.InferenceSession(str(file), providers=providers)
+    except Exception as e:
+        raise ModelUnavailable(f"{file}: not a loadable ONNX model ({e})") from None
+
+
 class ArcFaceOnnx:
     """Face embeddings from an ArcFace-style ONNX model (NCHW RGB input, (x - 127.5) / 127.5)."""
 
     def __init__(self, path: str, device: str = "auto"):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise ModelUnavailable(f"face identity similarity needs onnxruntime: {EXTRA}") from None
         file = _resolve_file(path, "face embedding model", suffix=".onnx")
-        providers = ["CPUExecutionProvider"]
-        if pick_device(device).startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = onnxruntime.InferenceSession(str(file), providers=providers)
-        except Exception as e:
-            raise ModelUnavailable(f"{file}: not a loadable ONNX model ({e})") from None
+        self.session = onnx_session(file, device, "face identity similarity")
         shape = self.session.get_inputs()[0].shape
         self.size = tuple(int(d) if isinstance(d, int) else 112 for d in shape[2:4]) if len(shape) == 4 else (112, 112)
         self.file, self.margin = file, 0.2

@@ -14,7 +14,9 @@ defaults), ``clipseg``, ``face_detector`` (OWLv2, also SAM's box detector) and `
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -239,6 +241,57 @@ def save_tiny_arcface(path: str | Path, seed: int = 0, dim: int = 16) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    return path
+
+
+def save_tiny_scrfd(path: str | Path, seed: int = 0, batched: bool = False, size: int | None = None,
+                    score_gain: float = 6.0, score_bias: float = 0.0, score_levels: int = 0) -> Path:
+    """An ONNX model shaped like antelopev2's SCRFD (``scrfd.Scrfd``), exported by ``torch.onnx.export``: input
+    ``input.1`` (1, 3, H, W) (dynamic H, W unless ``size``), convolutions down to strides 8, 16, 32 and per stride a
+    score head (sigmoid, 2 anchors), a box head (4 positive distances per anchor) and a keypoint head (10 offsets);
+    9 outputs in insightface's order (scores 8/16/32, boxes 8/16/32, keypoints 8/16/32), each (anchors, k), or (1,
+    anchors, k) when ``batched``. ``score_gain`` spreads the random scores over (0, 1), ``score_bias`` shifts them
+    (negative: few faces), ``score_levels`` rounds them to multiples of 1 / levels (equal scores)."""
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 8, stride=8)
+            self.down = nn.ModuleList([nn.Conv2d(8, 8, 3, stride=2, padding=1) for _ in range(2)])
+            self.score = nn.ModuleList([nn.Conv2d(8, 2, 3, padding=1) for _ in range(3)])
+            self.box = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)])
+            self.kps = nn.ModuleList([nn.Conv2d(8, 20, 3, padding=1) for _ in range(3)])
+
+        def forward(self, x):
+            feats = [torch.relu(self.stem(x))]
+            for down in self.down:
+                feats.append(torch.relu(down(feats[-1])))
+            flat = lambda t, k: t.permute(0, 2, 3, 1).reshape(1, -1, k) if batched else \
+                t.permute(0, 2, 3, 1).reshape(-1, k)  # noqa: E731
+            scores = [torch.sigmoid(score_gain * (h(f) - h(f).mean()) + score_bias) for h, f in
+                      zip(self.score, feats, strict=True)]
+            if score_levels:
+                scores = [torch.round(s * score_levels) / score_levels for s in scores]
+            scores = [flat(s, 1) for s in scores]
+            boxes = [flat(nn.functional.softplus(h(f)) + 0.5, 4) for h, f in zip(self.box, feats, strict=True)]
+            points = [flat(h(f), 10) for h, f in zip(self.kps, feats, strict=True)]
+            return (*scores, *boxes, *points)
+
+    torch.manual_seed(seed)
+    net = Tiny().eval()
+    side = size or 640
+    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)     # the TorchScript exporter: no onnxscript needed
+        torch.onnx.export(net, (torch.zeros(1, 3, side, side),), buffer, input_names=["input.1"], output_names=names,
+                          dynamic_axes=None if size else {"input.1": {2: "height", 3: "width"}}, opset_version=13,
+                          dynamo=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
     return path
 
 

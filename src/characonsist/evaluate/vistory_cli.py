@@ -19,6 +19,7 @@ from ..app.folder import write_file
 from . import vistory_metrics as vm
 from .face_mix import FaceMixEncoder, FacexlibFaces
 from .runfolder import RunError, read_run
+from .scrfd import SCRFD_FILE, ScrfdArcFace
 from .unavailable import ModelUnavailable
 from .vistory_metrics import PromptAligner, PromptAlignError, mean_over_stories
 from .vistorybench import (
@@ -87,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                         "glintr100.onnx",
                    help="ArcFace ONNX for realistic_human characters (antelopev2's glintr100.onnx); `none`: leave "
                         "them out")
+    g.add_argument("--arcface-detector", default=SCRFD_FILE, metavar="SOURCE",
+                   help="where ArcFace's faces come from: an SCRFD ONNX (file, URL or owner/repo:file; default: "
+                        "antelopev2's scrfd_10g_bnkps.onnx in the benchmark's weights, %(default)s, the detector of "
+                        "their insightface FaceAnalysis), or `retinaface`: this project's RetinaFace (--face-detector)")
     g.add_argument("--face-encoder", choices=("mix", "arcface"), default="mix",
                    help="realistic_human characters: mix (their default use_multi_face_encoder: ArcFace, AdaFace and "
                         "FaceNet, cosines averaged) or arcface alone")
@@ -246,7 +251,11 @@ def _scorer(name: str, args, aligner):
                 from None
 
         detector = args.face_detector if is_retinaface_source(str(args.face_detector)) else "retinaface"
-        face = vm.FaceEncoder(args.arcface, detector, args.device, progress) if none(args.arcface) else None
+        face = None
+        if none(args.arcface) and str(args.arcface_detector).lower() == "retinaface":
+            face = vm.FaceEncoder(args.arcface, detector, args.device, progress)
+        elif none(args.arcface):
+            face = ScrfdArcFace(args.arcface, args.arcface_detector, args.device, progress)
         if args.face_encoder == "mix":
             face = _face_mix(face, args, detector, progress)
         models = vm.CidsModels(vm.GroundingDino(args.grounding_dino, args.device), vm.ClipEncoder(args.cids_clip,
