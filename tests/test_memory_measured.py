@@ -85,3 +85,14 @@ def test_the_issue_targets_are_what_auto_gives_small_cards():
         plan = memory.choose_plan(gpu, host, formats)
         row = table[(plan.quantize, plan.memory)]
         assert row["reserved"] <= limit and row["x_plain"] <= 1.3, plan.describe()
+
+
+def test_the_out_of_memory_advice_offers_only_modes_that_need_less():
+    """The modes are listed from the most to the least GPU memory (group offload's figure is the measured one), so
+    the advice after an out-of-memory error, which offers the modes after the failed one, never offers more."""
+    from characonsist.app.memory_plan import MEMORY_MODES
+
+    needs = [need for _, need in MEMORY_MODES.values()]
+    assert needs == sorted(needs, reverse=True)
+    assert MEMORY_MODES["group-offload"][1] == round(memory.MEASURED[("none", "group-offload")].reserved_gib
+                                                     + memory.GPU_CONTEXT_GIB)

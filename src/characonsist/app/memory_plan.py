@@ -17,12 +17,13 @@ from .model import HUB_ID, ModelRef
 from .settings import Lora, label, setting
 
 # Memory modes: name -> (what it does, GPU memory in GB for FLUX.1-dev at 1024x1024: the official README's figures,
-# group offload's from characonsist.memory.estimate_needs), from the most to the least GPU memory.
+# group offload's measured, characonsist.memory.MEASURED through estimate_needs), from the most to the least GPU
+# memory (the out-of-memory advice offers the modes after the one that failed).
 MEMORY_MODES = {
     "none": (MODES["none"].help, 37),
     "model-offload": (MODES["model-offload"].help, 26),
-    "group-offload": (MODES["group-offload"].help, round(estimate_needs("group-offload").gpu_reserved_gib)),
     "balanced": (MODES["balanced"].help + " (per-GPU memory)", 20),
+    "group-offload": (MODES["group-offload"].help, round(estimate_needs("group-offload").gpu_reserved_gib)),
     "sequential-offload": (MODES["sequential-offload"].help, 3),
 }
 
