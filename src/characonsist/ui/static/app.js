@@ -479,11 +479,7 @@ async function start() {
   $("#name").value = draft?.name || "";
   showSettings(draft?.settings || {method: "characonsist", method_options: {}, seed: info.seed, save_masks: true});
   render();
-  await listStories();
-  if ($("#name").value) openStory($("#name").value, true);
-  const live = (await api("/api/jobs")).jobs.find(j => j.state === "running" || j.state === "queued");
-  if (live) follow(live.id);     // a page reloaded while a job runs follows it again
-
+  // the form listens before anything else is awaited: what is typed once the model shows is never lost
   $("#title").addEventListener("input", e => { story.title = e.target.value; showName(); changed(); });
   $("#character").addEventListener("input", e => { story.character = e.target.value; changed(); });
   $("#line-mode").addEventListener("change", render);
@@ -502,6 +498,11 @@ async function start() {
   $$(".save-file").forEach(b => b.addEventListener("click", () => saveFile(b.dataset.format)));
   $$("#run input, #run select, #run textarea").forEach(n => n.addEventListener("change", changed));
   $("#live-previews").addEventListener("change", e => { try { localStorage.setItem(PREVIEWS_KEY, e.target.checked ? "on" : "off"); } catch (err) { /* private mode */ } });
+
+  await listStories();
+  if ($("#name").value) openStory($("#name").value, true);
+  const live = (await api("/api/jobs")).jobs.find(j => j.state === "running" || j.state === "queued");
+  if (live) follow(live.id);     // a page reloaded while a job runs follows it again
 }
 
 start().catch(e => status(`cannot start: ${e.message}`, true));
