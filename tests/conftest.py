@@ -21,6 +21,15 @@ FRAMES = ["in the park#a red cat#running", "on a beach#a red cat#jumping"]
 KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=32, output_type="np")
 
 
+def effects_off(steps: int) -> dict[str, dict]:
+    """Every method's options with its effects switched off for a run of ``steps`` steps (each method's own tests
+    check that these reproduce the plain pipeline; CharaConsist's sharing starts at the last step, i.e. never)."""
+    return {"characonsist": dict(share_start=steps, schedule_steps=None, use_token_merge=False),
+            "consistory": dict(sdsa=False, injection=False, query_blending=False),
+            "storysync": dict(share=False, rfh=False, bli=False),
+            "storydiffusion": dict(sample_rate=0.0, early_full_read=False)}
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """A tiny random FluxPipeline (shared; tests must not modify it)."""

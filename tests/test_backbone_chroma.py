@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from characonsist import CharaConsistPipeline, StoryImage
-from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, KW, effects_off  # the shared story (conftest.py)
 
-OFF = {
-    "vanilla": {},
-    "characonsist": dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False),
-    "consistory": dict(sdsa=False, injection=False, query_blending=False),
-    "storysync": dict(share=False, rfh=False, bli=False),
-    "storydiffusion": dict(sample_rate=0.0, early_full_read=False),
-}
+OFF = {"vanilla": {}, **effects_off(KW["num_inference_steps"])}
 
 
 @pytest.fixture(scope="module")

@@ -6,17 +6,11 @@ import pytest
 import torch
 
 from characonsist import CharaConsistPipeline, StoryImage
-from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, effects_off  # the shared story (conftest.py)
 
 # klein wraps each prompt in Qwen3's chat template (about 20 tokens of the tiny tokenizer): 64 text tokens
 KW = dict(height=32, width=32, num_inference_steps=6, max_sequence_length=64, output_type="np")
-OFF = {
-    "vanilla": {},
-    "characonsist": dict(share_start=KW["num_inference_steps"], schedule_steps=None, use_token_merge=False),
-    "consistory": dict(sdsa=False, injection=False, query_blending=False),
-    "storysync": dict(share=False, rfh=False, bli=False),
-    "storydiffusion": dict(sample_rate=0.0, early_full_read=False),
-}
+OFF = {"vanilla": {}, **effects_off(KW["num_inference_steps"])}
 
 
 def _load(folder):

@@ -16,20 +16,14 @@ import pytest
 import torch
 
 from characonsist import CharaConsistPipeline, memory
+from characonsist.methods import method_class
 from characonsist.methods.base import story_seeds
-from conftest import FRAMES, IDENTITY, KW  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, KW, effects_off  # the shared story (conftest.py)
 
 PROMPTS = ["in the park a red cat sitting", "in the park a red cat running", "on a beach a red cat jumping"]
 
 # every method with its effects switched off (each method's own tests check these reproduce plain FLUX)
-OFF = {
-    "characonsist": dict(share_start=6, schedule_steps=None, use_token_merge=False),
-    "consistory": dict(sdsa=False, injection=False, query_blending=False),
-    "storysync": dict(share=False, rfh=False, bli=False),
-    "storydiffusion": dict(sample_rate=0.0, early_full_read=False),
-}
-SEEDING = {"characonsist": "shared", "consistory": "per_image", "storysync": "per_image",
-           "storydiffusion": "per_image"}
+OFF = effects_off(6)
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft not installed")
@@ -52,7 +46,7 @@ def _check_every_method(ours, flux):
     vanilla = ours(IDENTITY, FRAMES, method="vanilla", seed=[1, 2, 3], **KW)
     assert np.array_equal(np.stack(vanilla.images), _plain(flux, [1, 2, 3]))
     for method, off in OFF.items():
-        seeds = story_seeds(2025, 3, SEEDING[method])
+        seeds = story_seeds(2025, 3, method_class(method).seeding)
         plain = _plain(flux, seeds)
         out = ours(IDENTITY, FRAMES, method=method, **off, **KW)
         assert out.seeds == seeds

@@ -14,21 +14,15 @@ import pytest
 import torch
 
 from characonsist import CharaConsistPipeline, StoryImage, memory
+from characonsist.methods import method_class
 from characonsist.methods.base import story_seeds
-from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, effects_off  # the shared story (conftest.py)
 
 KW = {"chroma": dict(height=32, width=32, num_inference_steps=4, max_sequence_length=32, guidance_scale=4.0,
                      output_type="np"),
       "klein": dict(height=32, width=32, num_inference_steps=4, max_sequence_length=64, guidance_scale=4.0,
                     output_type="np")}
-OFF = {
-    "characonsist": dict(share_start=4, schedule_steps=None, use_token_merge=False),
-    "consistory": dict(sdsa=False, injection=False, query_blending=False),
-    "storysync": dict(share=False, rfh=False, bli=False),
-    "storydiffusion": dict(sample_rate=0.0, early_full_read=False),
-}
-SEEDING = {"characonsist": "shared", "consistory": "per_image", "storysync": "per_image",
-           "storydiffusion": "per_image"}
+OFF = effects_off(4)
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
 
 LOADS = {   # how both pipelines are loaded (memory.load_pipeline's arguments), and what shows the mode took effect
@@ -73,7 +67,7 @@ def _check_every_method(ours, stock, kw):
     vanilla = ours(IDENTITY, FRAMES, method="vanilla", seed=[1, 2, 3], **kw)
     assert np.array_equal(np.stack(vanilla.images), _stock(stock, kw, [1, 2, 3]))
     for method, off in OFF.items():
-        seeds = story_seeds(2025, 3, SEEDING[method])
+        seeds = story_seeds(2025, 3, method_class(method).seeding)
         out = ours(IDENTITY, FRAMES, method=method, **off, **kw)
         assert out.seeds == seeds
         assert np.array_equal(np.stack(out.images), _stock(stock, kw, seeds)), method

@@ -17,7 +17,7 @@ from characonsist.inputs import InputError
 from characonsist.inversion import InversionConfig, PictureRow, encode_picture, invert, parse_inversion
 from characonsist.methods.base import story_seeds
 from characonsist.picture import describe_source, fit_picture, fit_size, load_picture, psnr
-from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, effects_off  # the shared story (conftest.py)
 
 KW = dict(height=32, width=32, num_inference_steps=8, max_sequence_length=32)
 
@@ -239,10 +239,7 @@ def test_vanilla_frames_do_not_see_the_picture_and_the_identity_is_its_reconstru
     assert "reconstruction PSNR" in out.notes[0][0] and out.settings["identity_picture"] == out.picture
 
 
-OFF = {"characonsist": dict(share_start=8, schedule_steps=None, use_token_merge=False),
-       "consistory": dict(sdsa=False, injection=False, query_blending=False),
-       "storysync": dict(share=False, rfh=False, bli=False),
-       "storydiffusion": dict(sample_rate=0.0, early_full_read=False)}
+OFF = effects_off(8)
 
 
 @pytest.mark.parametrize("method", sorted(OFF))

@@ -13,7 +13,7 @@ from characonsist import CharaConsistPipeline
 from characonsist import inversion as inv
 from characonsist.inversion import encode_picture
 from characonsist.picture import fit_picture, load_picture
-from conftest import FRAMES, IDENTITY  # the shared story (conftest.py)
+from conftest import FRAMES, IDENTITY, effects_off  # the shared story (conftest.py)
 
 # Chroma and base klein with real classifier-free guidance (the inversion's negative pass runs too); klein's chat
 # template needs 64 text tokens
@@ -134,10 +134,7 @@ def test_inversion_of_a_generated_image_round_trips(pipe, monkeypatch):
     assert not torch.equal(out.identity, start.identity)
 
 
-OFF = {"characonsist": dict(share_start=6, schedule_steps=None, use_token_merge=False),
-       "consistory": dict(sdsa=False, injection=False, query_blending=False),
-       "storysync": dict(share=False, rfh=False, bli=False),
-       "storydiffusion": dict(sample_rate=0.0, early_full_read=False)}
+OFF = effects_off(6)
 
 
 @pytest.mark.parametrize("method", ["characonsist", "consistory"])

@@ -45,21 +45,28 @@ def tiny_model(tiny_model):
     return str(tiny_model)
 
 
-@pytest.fixture()
-def ui(tiny_model, tmp_path):
-    space = Workspace(tmp_path / "ui", tiny_model, flags=cli.FLAGS)   # as `characonsist ui` makes it
-    worker = Worker(space, tiny_model)
+def running_ui(model: str, root, polls: int = 600):
+    """The UI on ``model`` with its stories in ``root``, as `characonsist ui` makes it: a test client (``.worker``
+    its worker) once the worker has loaded the model (loading another in the test's thread meanwhile would race);
+    stopped and closed after the ``yield``."""
+    space = Workspace(root, model, flags=cli.FLAGS)
+    worker = Worker(space, model)
     space.open()
     worker.start()
     client = TestClient(create_app(worker, ["testserver"]))
     client.worker = worker
-    for _ in range(600):   # the worker loads the model first; loading another in this thread meanwhile would race
+    for _ in range(polls):
         if worker.model_state in ("ready", "failed"):
             break
         time.sleep(0.05)
     yield client
     worker.stop()
     space.close()
+
+
+@pytest.fixture()
+def ui(tiny_model, tmp_path):
+    yield from running_ui(tiny_model, tmp_path / "ui")
 
 
 def events(client, job_id) -> list[dict]:

@@ -6,7 +6,6 @@ generated with its events and images, and the identity the UI wrote is the story
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -15,13 +14,9 @@ from PIL import Image
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
 
-from starlette.testclient import TestClient  # noqa: E402
 
-from characonsist import CharaConsistPipeline, cli  # noqa: E402
-from characonsist.ui.server import create_app  # noqa: E402
-from characonsist.ui.worker import Worker  # noqa: E402
-from characonsist.ui.workspace import Workspace  # noqa: E402
-from test_ui_api import doc, events, picture_story, png_bytes, upload  # noqa: E402  (test_ui_api.py's helpers)
+from characonsist import CharaConsistPipeline  # noqa: E402
+from test_ui_api import doc, events, picture_story, png_bytes, running_ui, upload  # noqa: E402  (test_ui_api.py's helpers)
 
 SETTINGS = {"num_inference_steps": 2, "height": 32, "width": 32,
             "method_options": {"mask_step": "1"}, "save_masks": True}
@@ -49,18 +44,7 @@ def model(request, tmp_path_factory):
 @pytest.fixture()
 def ui(model, tmp_path):
     _, folder = model
-    space = Workspace(tmp_path / "ui", folder, flags=cli.FLAGS)   # as `characonsist ui --model FOLDER` makes it
-    worker = Worker(space, folder)
-    space.open()
-    worker.start()
-    client = TestClient(create_app(worker, ["testserver"]))
-    for _ in range(1200):
-        if worker.model_state in ("ready", "failed"):
-            break
-        time.sleep(0.05)
-    yield client
-    worker.stop()
-    space.close()
+    yield from running_ui(folder, tmp_path / "ui", polls=1200)   # as `characonsist ui --model FOLDER` makes it
 
 
 def test_the_form_starts_from_the_backbones_defaults(model, ui):
