@@ -216,7 +216,7 @@ def model_defaults(folder: Path | None, transformer_config: dict | None = None, 
         transformer_config = read_config(Path(folder) / "transformer" / "config.json")
     if base is None and transformer_config:   # a saved config names its class: another backbone's defaults
         base = BACKBONE_DEFAULTS.get(transformer_config.get("_class_name"))
-        if folder is not None:
+        if base is KLEIN_DEFAULTS and folder is not None:
             model_index = read_config(Path(folder) / "model_index.json")
         if base is KLEIN_DEFAULTS and model_index is not None and not model_index.get("is_distilled", False):
             base = KLEIN_BASE_DEFAULTS   # a klein base model (model_index.json's is_distilled false)

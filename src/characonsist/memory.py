@@ -135,6 +135,7 @@ class Measured:
     host_gib: float       # peak RSS of the process, loading included (VmHWM)
     speed: float
     source: str
+    speed_measured: bool = True   # False: the memory was measured, the speed is the SPEED table's estimate
 
 
 # BENCHMARKS.md, "Memory modes measured": one H100 80GB, 2026-12-06, engine e113a73, weights loaded through
@@ -147,7 +148,8 @@ MEASURED: dict[tuple[str, str], Measured] = {
     ("int8", "model-offload"): Measured(14.14, 16.83, 25.93, 1.414, _H100),
     ("nf4", "model-offload"): Measured(9.27, 11.80, 19.63, 1.118, _H100),
     ("none", "group-offload"): Measured(9.91, 16.17, 58.38, 1.293, _H100),
-    ("none", "model-offload"): Measured(25.13, 27.35, 33.5, 1.3, "H100, 2026-11-22, BENCHMARKS.md (speed: estimate)"),
+    ("none", "model-offload"): Measured(25.13, 27.35, 33.5, 1.3, "H100, 2026-11-22, BENCHMARKS.md",
+                                        speed_measured=False),
     ("none", "sequential-offload"): Measured(2.72, 3.82, 33.6, 5.1, "H100, 2026-11-22, BENCHMARKS.md"),
 }
 
@@ -303,7 +305,7 @@ def estimate_needs(mode: str, quantize: str = "none", size: ModelSize | None = N
         gpu, host, speed = measured.gpu_gib + extra, measured.host_gib, measured.speed
         reserved = measured.reserved_gib + extra * RESERVED_OVER_ALLOCATED
         basis = f"memory measured ({measured.source})"
-        speed_basis = "estimate" if "speed: estimate" in measured.source else "measured"
+        speed_basis = "measured" if measured.speed_measured else "estimate"
     else:
         ratios = [(m.reserved_gib / (est[0] * RESERVED_OVER_ALLOCATED), m.host_gib / est[1])
                   for (q, md), m in MEASURED.items() if md == mode and flux_dev
